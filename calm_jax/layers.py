@@ -1,0 +1,189 @@
+"""T5 1.1 building blocks: RMS norm, relative position bias, attention, gated MLP.
+
+Every parameter carries logical axis names from `partitioning.AXES`; the rules
+that map them onto a device mesh live in `partitioning.py`.
+
+Einsum letters used in this file:
+  b batch, q query length, k key length, h heads, d head dim (kv),
+  e embed, f mlp hidden.
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Large negative number used to mask attention logits; finite so that a fully
+# masked row still gives a well defined (uniform) softmax, not NaN.
+NEG_INF = -1e10
+
+
+def _init(initializer, axes):
+  return nn.with_logical_partitioning(initializer, axes)
+
+
+def _fan_in_normal(scale: float = 1.0):
+  """Truncation-free normal init with variance scale / fan_in (t5x default)."""
+  return nn.initializers.variance_scaling(scale, 'fan_in', 'normal')
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: scale only, no bias, no mean subtraction."""
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', _init(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(variance + self.epsilon) * scale).astype(
+        self.dtype)
+
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
+                             num_buckets: int = 32,
+                             max_distance: int = 128) -> Array:
+  """T5's bucketing of (key position - query position).
+
+  Half the buckets (per direction) hold exact small distances, the rest grow
+  logarithmically up to `max_distance`; everything further shares the last
+  bucket. Works on traced positions, so one decode step can call it.
+  """
+  n = -relative_position
+  bucket = jnp.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = bucket + (n < 0).astype(n.dtype) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # Guard the log against n = 0; those positions take the `is_small` branch.
+  log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) / (
+      np.log(max_distance / max_exact))
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(n.dtype)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(nn.Module):
+  """Learned per-head scalar bias for each relative position bucket."""
+  num_heads: int
+  bidirectional: bool
+  num_buckets: int = 32
+  max_distance: int = 128
+
+  @nn.compact
+  def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+    """Returns the bias [1, heads, q, k] for the given absolute positions."""
+    table = self.param('rel_embedding',
+                       _init(nn.initializers.normal(1.0), ('heads', 'relpos')),
+                       (self.num_heads, self.num_buckets), jnp.float32)
+    relative = key_positions[None, :] - query_positions[:, None]  # [q, k]
+    buckets = relative_position_bucket(
+        relative, bidirectional=self.bidirectional,
+        num_buckets=self.num_buckets, max_distance=self.max_distance)
+    return jnp.take(table, buckets, axis=1)[None]  # [1, h, q, k]
+
+
+class MultiHeadAttention(nn.Module):
+  """Dot-product attention without 1/sqrt(d) scaling (T5 folds it into init).
+
+  Split into projections and the attention itself so that the decode loop can
+  write this position's keys/values into a cache before attending.
+  """
+  embed_dim: int
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    qkv_shape = (self.embed_dim, self.num_heads, self.head_dim)
+    qkv_axes = ('embed', 'heads', 'kv')
+    depth_scale = np.sqrt(self.head_dim)
+    # Query init is scaled down by sqrt(head_dim): the scaling T5 leaves out
+    # of the attention logits.
+    query_init = lambda *a: _fan_in_normal()(*a) / depth_scale
+    self.query = self.param('query', _init(query_init, qkv_axes), qkv_shape)
+    self.key = self.param('key', _init(_fan_in_normal(), qkv_axes), qkv_shape)
+    self.value = self.param('value', _init(_fan_in_normal(), qkv_axes),
+                            qkv_shape)
+    self.out = self.param(
+        'out', _init(nn.initializers.variance_scaling(
+            1.0, 'fan_in', 'normal', in_axis=(0, 1), out_axis=2),
+                     ('heads', 'kv', 'embed')),
+        (self.num_heads, self.head_dim, self.embed_dim))
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  def project_q(self, x: Array) -> Array:
+    """[b, q, e] -> [b, q, h, d]."""
+    return jnp.einsum('bqe,ehd->bqhd', x, self.query).astype(self.dtype)
+
+  def project_kv(self, x: Array) -> tuple[Array, Array]:
+    """[b, k, e] -> keys, values, each [b, k, h, d]."""
+    k = jnp.einsum('bke,ehd->bkhd', x, self.key)
+    v = jnp.einsum('bke,ehd->bkhd', x, self.value)
+    return k.astype(self.dtype), v.astype(self.dtype)
+
+  def attend(self, q: Array, k: Array, v: Array, *, bias: Optional[Array],
+             mask: Optional[Array], deterministic: bool) -> Array:
+    """Attention of q [b, q, h, d] over k, v [b, k, h, d] -> [b, q, e].
+
+    bias broadcasts to [b, h, q, k]; so does mask (True = may attend).
+    """
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    if bias is not None:
+      logits = logits + bias
+    if mask is not None:
+      logits = jnp.where(mask, logits, NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = self.dropout(weights, deterministic=deterministic)
+    context = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    return jnp.einsum('bqhd,hde->bqe', context, self.out)
+
+  def __call__(self, x_q: Array, x_kv: Array, *, bias: Optional[Array],
+               mask: Optional[Array], deterministic: bool) -> Array:
+    k, v = self.project_kv(x_kv)
+    return self.attend(self.project_q(x_q), k, v, bias=bias, mask=mask,
+                       deterministic=deterministic)
+
+
+class GatedMLP(nn.Module):
+  """T5 1.1 feed-forward: gelu(x W0) * (x W1) -> W_out."""
+  embed_dim: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    in_shape, in_axes = (self.embed_dim, self.mlp_dim), ('embed', 'mlp')
+    wi_0 = self.param('wi_0', _init(_fan_in_normal(), in_axes), in_shape)
+    wi_1 = self.param('wi_1', _init(_fan_in_normal(), in_axes), in_shape)
+    wo = self.param('wo', _init(_fan_in_normal(), ('mlp', 'embed')),
+                    (self.mlp_dim, self.embed_dim))
+    gate = jax.nn.gelu(jnp.einsum('bqe,ef->bqf', x, wi_0), approximate=True)
+    hidden = (gate * jnp.einsum('bqe,ef->bqf', x, wi_1)).astype(self.dtype)
+    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+    return jnp.einsum('bqf,fe->bqe', hidden, wo).astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, embed]; T5 1.1 unscaled, std 1 init."""
+  vocab_size: int
+  embed_dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> Array:
+    table = self.param('embedding',
+                       _init(nn.initializers.normal(1.0), ('vocab', 'embed')),
+                       (self.vocab_size, self.embed_dim), jnp.float32)
+    return jnp.take(table, tokens, axis=0).astype(self.dtype)

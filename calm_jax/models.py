@@ -1,0 +1,190 @@
+"""Glue between the network and the jobs: CALM's loss, prediction, scoring.
+
+No nn.Module is defined here; `CalmModel` pairs a `network.EncoderDecoder`
+with pure functions over its parameters.
+"""
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calm_jax import decoding
+from calm_jax import network
+
+Array = jax.Array
+Params = Mapping[str, Any]
+
+LOSS_WEIGHTINGS = ('linear', 'uniform', 'geometric')
+
+
+def exit_loss_weights(exit_layers: tuple[int, ...], weighting: str = 'linear'
+                      ) -> np.ndarray:
+  """Weights of the per-exit losses, summing to 1.
+
+  linear: w_i proportional to the layer index i (CALM's choice, higher layers
+  weigh more); uniform: equal; geometric: w_i proportional to 2**i.
+  """
+  layers = np.asarray(exit_layers, np.float64)
+  if weighting == 'linear':
+    raw = layers
+  elif weighting == 'uniform':
+    raw = np.ones_like(layers)
+  elif weighting == 'geometric':
+    raw = 2.0 ** (layers - layers.max())
+  else:
+    raise ValueError(f'unknown loss weighting {weighting!r}; valid: '
+                     f'{", ".join(LOSS_WEIGHTINGS)}')
+  return (raw / raw.sum()).astype(np.float32)
+
+
+def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float
+                              ) -> tuple[Array, Array]:
+  """Token cross-entropy and z-loss (z_loss * log(Z)^2), both [...]."""
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return log_z - target_logit, z_loss * jnp.square(log_z)
+
+
+def calm_loss(exit_logits: Array, targets: Array, loss_mask: Array,
+              weights: Array, z_loss: float = 1e-4
+              ) -> tuple[Array, dict[str, Array]]:
+  """CALM's weighted per-exit loss.
+
+  Args:
+    exit_logits: [x, b, l, v] logits of each exit.
+    targets: [b, l] target ids.
+    loss_mask: [b, l] 1 for real target tokens, 0 for padding.
+    weights: [x] per-exit weights summing to 1.
+    z_loss: coefficient of the log-partition penalty.
+
+  Returns:
+    (scalar loss, metrics) with per-exit `loss_i` and `accuracy_i` [x].
+  """
+  ce, z = cross_entropy_with_z_loss(exit_logits, targets[None], z_loss)
+  mask = loss_mask[None].astype(jnp.float32)  # [1, b, l]
+  num_tokens = jnp.maximum(mask.sum(), 1.0)
+  per_exit_ce = (ce * mask).sum(axis=(1, 2)) / num_tokens  # [x]
+  per_exit_z = (z * mask).sum(axis=(1, 2)) / num_tokens
+  correct = (jnp.argmax(exit_logits, axis=-1) == targets[None]) * mask
+  per_exit_accuracy = correct.sum(axis=(1, 2)) / num_tokens
+  loss = jnp.sum(weights * (per_exit_ce + per_exit_z))
+  metrics = {'loss': loss, 'cross_entropy': jnp.sum(weights * per_exit_ce),
+             'z_loss': jnp.sum(weights * per_exit_z),
+             'loss_per_exit': per_exit_ce,
+             'accuracy_per_exit': per_exit_accuracy,
+             'num_tokens': num_tokens}
+  return loss, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStepFns:
+  """`decoding.StepFns` over one model's parameters and one encoded batch."""
+  module: network.EncoderDecoder
+  params: Params
+  cross_kv: tuple[tuple[Array, Array], ...]  # layers x ([b, s, h, d],) * 2
+  encoder_mask: Array                         # [b, 1, 1, s]
+  max_length: int
+
+  @property
+  def num_layers(self) -> int:
+    return self.module.config.num_decoder_layers
+
+  def _decoder(self, method, *args, **kwargs):
+    return self.module.apply({'params': self.params}, *args, **kwargs,
+                             method=lambda m, *a, **k: method(m.decoder, *a,
+                                                              **k))
+
+  def embed(self, tokens: Array) -> Array:
+    return self._decoder(network.Decoder.embed, tokens)
+
+  def layer_kv(self, layer: int, x: Array) -> tuple[Array, Array]:
+    return self._decoder(network.Decoder.layer_kv, layer, x)
+
+  def layer_step(self, layer: int, x: Array, keys: Array, values: Array,
+                 position: Array) -> Array:
+    bias = self._decoder(network.Decoder.step_bias, position, self.max_length)
+    mask = (jnp.arange(self.max_length) <= position)[None, None, None, :]
+    cross_k, cross_v = self.cross_kv[layer]
+    return self._decoder(network.Decoder.layer_step, layer, x, keys, values,
+                         cross_k, cross_v, self_bias=bias, self_mask=mask,
+                         cross_mask=self.encoder_mask)
+
+  def logits(self, h: Array) -> Array:
+    return self._decoder(network.Decoder.logits, h)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalmModel:
+  """A multi-exit T5 and the pure functions the jobs need around it."""
+  config: network.T5Config
+  loss_weighting: str = 'linear'
+  z_loss: float = 1e-4
+
+  @property
+  def module(self) -> network.EncoderDecoder:
+    return network.EncoderDecoder(self.config)
+
+  def init_params(self, rng: Array, input_length: int = 8,
+                  target_length: int = 8) -> Params:
+    """Random parameters (plain arrays; logical axes via `param_axes`)."""
+    return nn.meta.unbox(self._init_boxed(rng, input_length, target_length))
+
+  def param_axes(self) -> Params:
+    """Logical axis names of every parameter (a PartitionSpec pytree)."""
+    boxed = jax.eval_shape(lambda: self._init_boxed(jax.random.PRNGKey(0)))
+    return nn.get_partition_spec(boxed)['params']
+
+  def _init_boxed(self, rng, input_length=8, target_length=8):
+    enc = jnp.ones((1, input_length), jnp.int32)
+    dec = jnp.ones((1, target_length), jnp.int32)
+    return self.module.init(rng, enc, dec)
+
+  def exit_weights(self) -> np.ndarray:
+    return exit_loss_weights(self.config.exit_layers, self.loss_weighting)
+
+  def loss(self, params: Params, batch: Mapping[str, Array], *,
+           dropout_rng: Array | None = None) -> tuple[Array, dict]:
+    """Weighted per-exit loss of a feature-converted EncDec batch."""
+    deterministic = dropout_rng is None
+    rngs = {} if deterministic else {'dropout': dropout_rng}
+    logits = self.module.apply(
+        {'params': params}, batch['encoder_input_tokens'],
+        batch['decoder_input_tokens'], deterministic=deterministic, rngs=rngs)
+    return calm_loss(logits, batch['decoder_target_tokens'],
+                     batch['decoder_loss_weights'], self.exit_weights(),
+                     self.z_loss)
+
+  def all_layer_logits(self, params: Params, encoder_tokens: Array,
+                       decoder_input_tokens: Array) -> Array:
+    """Teacher-forced logits of every decoder layer [L, b, l, v]."""
+    module = self.module
+    hidden = module.apply({'params': params}, encoder_tokens,
+                          decoder_input_tokens,
+                          method=network.EncoderDecoder.decoder_hidden)
+    layers = tuple(range(1, self.config.num_decoder_layers + 1))
+    return module.apply({'params': params}, hidden, layers,
+                        method=network.EncoderDecoder.exit_logits)
+
+  def step_fns(self, params: Params, encoder_tokens: Array,
+               max_length: int) -> ModelStepFns:
+    """Encodes the inputs once and returns the decode callbacks."""
+    module = self.module
+    encoded = module.apply({'params': params}, encoder_tokens,
+                           method=network.EncoderDecoder.encode)
+    cross_kv = module.apply({'params': params}, encoded,
+                            method=lambda m, e: m.decoder.cross_kv(e))
+    return ModelStepFns(module=module, params=params, cross_kv=cross_kv,
+                        encoder_mask=network.key_padding_mask(encoder_tokens),
+                        max_length=max_length)
+
+  def predict_full_depth(self, params: Params, encoder_tokens: Array,
+                         max_length: int, eos_id: int = 1) -> Array:
+    """Greedy full-depth decoding [b, s] -> [b, max_length]."""
+    fns = self.step_fns(params, encoder_tokens, max_length)
+    return decoding.static_decode(
+        fns, batch_size=encoder_tokens.shape[0], max_length=max_length,
+        cache_shape=(self.config.num_heads, self.config.head_dim),
+        cache_dtype=self.config.jnp_dtype, eos_id=eos_id)

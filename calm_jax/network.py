@@ -1,0 +1,300 @@
+"""T5 1.1 encoder-decoder whose every decoder layer is a possible exit.
+
+Training calls the whole model and gets the hidden state of every decoder
+layer; an exit's logits are `logits_dense(decoder_norm(h_i))`, the same final
+norm and untied head as the top layer, so exits add no parameters.
+
+Decoding uses the per-layer methods of `Decoder` (`layer_kv`, `layer_step`,
+`step_bias`, `logits`): the early-exit loop in `decoding.py` computes each
+layer's keys/values for the current position outside any branch, writes them
+to its cache, and runs the rest of the layer only for rows that still need it.
+
+Einsum letters: b batch, l decoder length, s encoder length, t cache length,
+h heads, d head dim, e embed, v vocab, x exits.
+"""
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax import layers
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Model dimensions and exit layout (T5 1.1 small by default).
+
+  `first_exit` and `exit_interval` pick which decoder layers (1-based) are
+  trained as exits: first_exit, first_exit + interval, ...; the top layer is
+  always an exit.
+  """
+  vocab_size: int = 32128
+  emb_dim: int = 512
+  num_heads: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  dropout_rate: float = 0.0
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  first_exit: int = 1
+  exit_interval: int = 1
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    if not 1 <= self.first_exit <= self.num_decoder_layers:
+      raise ValueError(f'first_exit={self.first_exit} must be in '
+                       f'[1, {self.num_decoder_layers}]')
+    if self.exit_interval < 1:
+      raise ValueError(f'exit_interval={self.exit_interval} must be >= 1')
+
+  @property
+  def exit_layers(self) -> tuple[int, ...]:
+    """1-based decoder layers that emit a prediction in training."""
+    layers_ = range(self.first_exit, self.num_decoder_layers + 1,
+                    self.exit_interval)
+    return tuple(sorted(set(layers_) | {self.num_decoder_layers}))
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def _attention(cfg: T5Config) -> layers.MultiHeadAttention:
+  return layers.MultiHeadAttention(
+      embed_dim=cfg.emb_dim, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+      dropout_rate=cfg.dropout_rate, dtype=cfg.jnp_dtype)
+
+
+def _norm(cfg: T5Config) -> layers.RMSNorm:
+  return layers.RMSNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.jnp_dtype)
+
+
+def _mlp(cfg: T5Config) -> layers.GatedMLP:
+  return layers.GatedMLP(embed_dim=cfg.emb_dim, mlp_dim=cfg.mlp_dim,
+                         dropout_rate=cfg.dropout_rate, dtype=cfg.jnp_dtype)
+
+
+def _relpos(cfg: T5Config, *, bidirectional: bool):
+  return layers.RelativePositionBias(
+      num_heads=cfg.num_heads, bidirectional=bidirectional,
+      num_buckets=cfg.relative_attention_num_buckets,
+      max_distance=cfg.relative_attention_max_distance)
+
+
+def key_padding_mask(tokens: Array) -> Array:
+  """[b, s] tokens -> [b, 1, 1, s] mask, True where a key is a real token."""
+  return (tokens > 0)[:, None, None, :]
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.pre_attention_norm = _norm(cfg)
+    self.attention = _attention(cfg)
+    self.pre_mlp_norm = _norm(cfg)
+    self.mlp = _mlp(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x: Array, *, bias: Array, mask: Array,
+               deterministic: bool) -> Array:
+    y = self.pre_attention_norm(x)
+    y = self.attention(y, y, bias=bias, mask=mask, deterministic=deterministic)
+    x = x + self.dropout(y, deterministic=deterministic)
+    y = self.mlp(self.pre_mlp_norm(x), deterministic=deterministic)
+    return x + self.dropout(y, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  def setup(self):
+    cfg = self.config
+    self.relpos_bias = _relpos(cfg, bidirectional=True)
+    self.layers = [EncoderLayer(cfg, name=f'layers_{i}')
+                   for i in range(cfg.num_encoder_layers)]
+    self.encoder_norm = _norm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, tokens: Array, *, deterministic: bool) -> Array:
+    """[b, s] tokens -> [b, s, e] encoded."""
+    positions = jnp.arange(tokens.shape[1])
+    bias = self.relpos_bias(positions, positions)  # [1, h, s, s]
+    mask = key_padding_mask(tokens)
+    x = self.dropout(self.shared_embedding(tokens), deterministic=deterministic)
+    for layer in self.layers:
+      x = layer(x, bias=bias, mask=mask, deterministic=deterministic)
+    return self.dropout(self.encoder_norm(x), deterministic=deterministic)
+
+
+class DecoderLayer(nn.Module):
+  """Self-attention, cross-attention, MLP; each pre-normed and residual."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.pre_self_attention_norm = _norm(cfg)
+    self.self_attention = _attention(cfg)
+    self.pre_cross_attention_norm = _norm(cfg)
+    self.encoder_decoder_attention = _attention(cfg)
+    self.pre_mlp_norm = _norm(cfg)
+    self.mlp = _mlp(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def self_kv(self, x: Array) -> tuple[Array, Array]:
+    """Self-attention keys/values of layer inputs x [b, l, e] -> [b, l, h, d].
+
+    This is all a skipped layer computes for an exited token (CALM's state
+    propagation): its K/V from the hidden state that enters it.
+    """
+    return self.self_attention.project_kv(self.pre_self_attention_norm(x))
+
+  def cross_kv(self, encoded: Array) -> tuple[Array, Array]:
+    """Cross-attention keys/values [b, s, h, d]; computed once per input."""
+    return self.encoder_decoder_attention.project_kv(encoded)
+
+  def _self_attend(self, x, keys, values, bias, mask, deterministic):
+    q = self.self_attention.project_q(self.pre_self_attention_norm(x))
+    y = self.self_attention.attend(q, keys, values, bias=bias, mask=mask,
+                                   deterministic=deterministic)
+    return x + self.dropout(y, deterministic=deterministic)
+
+  def _cross_and_mlp(self, x, cross_k, cross_v, cross_mask, deterministic):
+    attn = self.encoder_decoder_attention
+    q = attn.project_q(self.pre_cross_attention_norm(x))
+    y = attn.attend(q, cross_k, cross_v, bias=None, mask=cross_mask,
+                    deterministic=deterministic)
+    x = x + self.dropout(y, deterministic=deterministic)
+    y = self.mlp(self.pre_mlp_norm(x), deterministic=deterministic)
+    return x + self.dropout(y, deterministic=deterministic)
+
+  def __call__(self, x: Array, encoded: Array, *, self_bias: Array,
+               self_mask: Array, cross_mask: Array,
+               deterministic: bool) -> Array:
+    """Whole-sequence (teacher-forced) layer: x [b, l, e] -> [b, l, e]."""
+    keys, values = self.self_kv(x)
+    x = self._self_attend(x, keys, values, self_bias, self_mask, deterministic)
+    cross_k, cross_v = self.cross_kv(encoded)
+    return self._cross_and_mlp(x, cross_k, cross_v, cross_mask, deterministic)
+
+  def step(self, x: Array, keys: Array, values: Array, cross_k: Array,
+           cross_v: Array, *, self_bias: Array, self_mask: Array,
+           cross_mask: Array) -> Array:
+    """One decode position, x [b, 1, e] -> [b, 1, e].
+
+    keys/values [b, t, h, d] is this layer's cache, already holding this
+    position's entry (written by the caller from `self_kv`).
+    """
+    x = self._self_attend(x, keys, values, self_bias, self_mask, True)
+    return self._cross_and_mlp(x, cross_k, cross_v, cross_mask, True)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  def setup(self):
+    cfg = self.config
+    self.relpos_bias = _relpos(cfg, bidirectional=False)
+    self.layers = [DecoderLayer(cfg, name=f'layers_{i}')
+                   for i in range(cfg.num_decoder_layers)]
+    self.decoder_norm = _norm(cfg)
+    self.logits_dense = self.param(
+        'logits_dense',
+        layers._init(nn.initializers.variance_scaling(1.0, 'fan_in', 'normal'),
+                     ('embed', 'vocab')),
+        (cfg.emb_dim, cfg.vocab_size), jnp.float32)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def logits(self, h: Array) -> Array:
+    """Exit head: [..., e] raw hidden state -> [..., v] logits."""
+    return jnp.einsum('...e,ev->...v', self.decoder_norm(h),
+                      self.logits_dense).astype(jnp.float32)
+
+  def __call__(self, encoded: Array, encoder_tokens: Array,
+               decoder_input_tokens: Array, *, deterministic: bool) -> Array:
+    """Teacher-forced pass -> raw hidden state of every layer [L, b, l, e]."""
+    length = decoder_input_tokens.shape[1]
+    positions = jnp.arange(length)
+    self_bias = self.relpos_bias(positions, positions)  # [1, h, l, l]
+    self_mask = nn.make_causal_mask(decoder_input_tokens)  # [b, 1, l, l]
+    cross_mask = key_padding_mask(encoder_tokens)
+    x = self.dropout(self.shared_embedding(decoder_input_tokens),
+                     deterministic=deterministic)
+    hidden = []
+    for layer in self.layers:
+      x = layer(x, encoded, self_bias=self_bias, self_mask=self_mask,
+                cross_mask=cross_mask, deterministic=deterministic)
+      hidden.append(x)
+    return jnp.stack(hidden)
+
+  # --- Decode-time pieces, one position at a time (see decoding.py). ---
+
+  def embed(self, tokens: Array) -> Array:
+    """[b] previous tokens -> [b, 1, e] input of the first layer."""
+    return self.shared_embedding(tokens[:, None])
+
+  def cross_kv(self, encoded: Array) -> tuple[tuple[Array, Array], ...]:
+    """Per layer (keys, values) [b, s, h, d] over the encoder output."""
+    return tuple(layer.cross_kv(encoded) for layer in self.layers)
+
+  def step_bias(self, position: Array, cache_length: int) -> Array:
+    """Relative position bias of query `position` over the cache [1, h, 1, t]."""
+    return self.relpos_bias(jnp.reshape(position, (1,)),
+                            jnp.arange(cache_length))
+
+  def layer_kv(self, index: int, x: Array) -> tuple[Array, Array]:
+    return self.layers[index].self_kv(x)
+
+  def layer_step(self, index: int, x: Array, keys: Array, values: Array,
+                 cross_k: Array, cross_v: Array, *, self_bias: Array,
+                 self_mask: Array, cross_mask: Array) -> Array:
+    return self.layers[index].step(x, keys, values, cross_k, cross_v,
+                                   self_bias=self_bias, self_mask=self_mask,
+                                   cross_mask=cross_mask)
+
+
+class EncoderDecoder(nn.Module):
+  """T5 1.1 with a shared input embedding and an untied output head."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim,
+                                       dtype=cfg.jnp_dtype)
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_tokens: Array, *, deterministic: bool = True
+             ) -> Array:
+    return self.encoder(encoder_tokens, deterministic=deterministic)
+
+  def decoder_hidden(self, encoder_tokens: Array, decoder_input_tokens: Array,
+                     *, deterministic: bool = True) -> Array:
+    """Raw hidden state of every decoder layer [L, b, l, e]."""
+    encoded = self.encode(encoder_tokens, deterministic=deterministic)
+    return self.decoder(encoded, encoder_tokens, decoder_input_tokens,
+                        deterministic=deterministic)
+
+  def exit_logits(self, hidden: Array,
+                  exit_layers: Sequence[int] | None = None) -> Array:
+    """hidden [L, b, l, e] -> logits [x, b, l, v] of the given 1-based exits."""
+    exit_layers = exit_layers or self.config.exit_layers
+    chosen = hidden[jnp.asarray(exit_layers) - 1]
+    return self.decoder.logits(chosen)
+
+  def __call__(self, encoder_tokens: Array, decoder_input_tokens: Array, *,
+               deterministic: bool = True) -> Array:
+    """Training forward: logits of every configured exit [x, b, l, v]."""
+    hidden = self.decoder_hidden(encoder_tokens, decoder_input_tokens,
+                                 deterministic=deterministic)
+    return self.exit_logits(hidden)
