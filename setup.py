@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     'numpy==2.4.6',
     'protobuf==7.36.2',
     'tqdm==4.70.1',
+    'tensorboard==2.21.0',
 ]
 
 setuptools.setup(

@@ -1,0 +1,149 @@
+"""Data path of the entry points: SeqIO tasks -> numpy batches.
+
+Imports TensorFlow and SeqIO, so only entry points import this module.
+Training batches come one task at a time (a mixture samples which task each
+batch comes from, by its rates): each task keeps its own short lengths, which
+measured 35-45% faster on CPU than padding every task to the longest.
+"""
+import os
+from typing import Iterator, Mapping, Optional
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import logging  # pylint: disable=g-import-not-at-top
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+# Keep TensorFlow off any accelerator: JAX owns it.
+tf.config.set_visible_devices([], 'GPU')
+
+import tasks.synthetic_tasks  # pylint: disable=unused-import,g-bad-import-order
+
+Batch = Mapping[str, np.ndarray]
+
+
+class _DropUncachedWarning(logging.Filter):
+  """The embedded tasks are index-seeded generators: caching adds nothing."""
+
+  def filter(self, record):
+    return 'uncached FunctionDataset' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_DropUncachedWarning())
+
+
+class DataError(ValueError):
+  """A task or split that cannot feed the job (unknown, missing, empty)."""
+
+
+def get_task_or_mixture(name: str):
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError as e:
+    valid = sorted(set(seqio.TaskRegistry.names())
+                   | set(seqio.MixtureRegistry.names()))
+    raise DataError(f'unknown task or mixture {name!r}; registered: '
+                    f'{", ".join(valid)}') from e
+
+
+def task_rates(name: str) -> dict[str, float]:
+  """Task name -> sampling rate (1.0 for a single task)."""
+  provider = get_task_or_mixture(name)
+  if isinstance(provider, seqio.Mixture):
+    return {t.name: float(provider.get_rate(t)) for t in provider.tasks}
+  return {provider.name: 1.0}
+
+
+def feature_lengths(task_name: str,
+                    overrides: Optional[Mapping[str, Mapping[str, int]]] = None
+                    ) -> dict[str, int]:
+  """A task's input/target lengths: the override, else the task's own."""
+  if overrides and task_name in overrides:
+    return dict(overrides[task_name])
+  known = tasks.synthetic_tasks.FEATURE_LENGTHS
+  if task_name not in known:
+    raise DataError(f'no feature lengths for task {task_name!r}: pass '
+                    'TASK_FEATURE_LENGTHS')
+  return dict(known[task_name])
+
+
+def _task_batches(task_name: str, lengths: Mapping[str, int], split: str,
+                  batch_size: int, seed: int, shuffle: bool,
+                  num_epochs: Optional[int]) -> tf.data.Dataset:
+  converter = seqio.EncDecFeatureConverter(pack=False)
+  ds = seqio.get_dataset(task_name, lengths, converter, dataset_split=split,
+                         shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+                         verbose=False)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def train_batches(name: str, *, batch_size: int, seed: int = 0,
+                  start_step: int = 0, shuffle: bool = True,
+                  lengths_override=None) -> Iterator[Batch]:
+  """Endless deterministic training batches, resumed at `start_step`.
+
+  The whole pipeline is a function of `seed`, so skipping the first
+  `start_step` batches puts a resumed run at the same data position.
+  """
+  rates = task_rates(name)
+  per_task = [_task_batches(task, feature_lengths(task, lengths_override),
+                            'train', batch_size, seed, shuffle, None)
+              for task in rates]
+  weights = np.array(list(rates.values()), np.float64)
+  ds = (per_task[0] if len(per_task) == 1 else
+        tf.data.Dataset.sample_from_datasets(
+            per_task, weights=list(weights / weights.sum()), seed=seed))
+  ds = ds.skip(start_step).prefetch(2)
+  return ds.as_numpy_iterator()
+
+
+def eval_examples(task_name: str, split: str, *, num_examples: Optional[int],
+                  lengths_override=None) -> list[dict]:
+  """Tokenized examples with their text: inputs, targets, *_pretokenized."""
+  task = seqio.get_mixture_or_task(task_name)
+  lengths = feature_lengths(task_name, lengths_override)
+  ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1)
+  if num_examples is not None:
+    ds = ds.take(num_examples)
+  examples = list(ds.as_numpy_iterator())
+  if not examples:
+    raise DataError(f'task {task_name!r} split {split!r} has no examples')
+  return examples
+
+
+def pad_batch(rows: list[np.ndarray], length: int, batch_size: int
+              ) -> np.ndarray:
+  """Right-pads token rows with 0 to [batch_size, length]."""
+  out = np.zeros((batch_size, length), np.int32)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row[:length]
+  return out
+
+
+def decode_text(task_name: str, ids: np.ndarray) -> str:
+  """Token ids (stopping at EOS) -> text with the task's vocabulary."""
+  vocab = seqio.get_mixture_or_task(task_name).output_features[
+      'targets'].vocabulary
+  ids = list(ids)
+  if 1 in ids:
+    ids = ids[:ids.index(1)]
+  return vocab.decode([int(i) for i in ids])
+
+
+def vocabulary_path(name: str) -> str:
+  """File of the SentencePiece model that a task's targets use."""
+  provider = get_task_or_mixture(name)
+  vocab = provider.output_features['targets'].vocabulary
+  path = getattr(vocab, 'sentencepiece_model_file', None)
+  if not path:
+    raise DataError(f'{name!r} has no SentencePiece vocabulary file')
+  return path
+
+
+def check_vocab_fits(name: str, model_vocab_size: int) -> None:
+  size = get_task_or_mixture(name).output_features['targets'].vocabulary
+  if size.vocab_size > model_vocab_size:
+    raise DataError(f'vocabulary of {name!r} has {size.vocab_size} ids but '
+                    f'the model has vocab_size={model_vocab_size}')

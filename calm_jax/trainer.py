@@ -1,0 +1,141 @@
+"""The training loop: jitted step, orbax checkpoints, resume, progress.
+
+No gin and no TensorFlow: batches arrive through a callable that starts the
+(deterministic) data pipeline at a given step, which is how a resumed run
+continues at the same data position.
+"""
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from calm_jax import checkpoints
+from calm_jax import models
+
+Batch = Mapping[str, np.ndarray]
+
+
+class ScalarWriter(Protocol):
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    ...
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32: optimizer steps taken
+  params: Any
+  opt_state: Any
+
+
+def init_state(model: models.CalmModel, optimizer: optax.GradientTransformation,
+               rng: jax.Array) -> TrainState:
+  params = model.init_params(rng)['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params))
+
+
+def make_train_step(model: models.CalmModel,
+                    optimizer: optax.GradientTransformation, dropout: bool):
+  """(state, batch, rng) -> (state, metrics), jitted, state donated."""
+
+  def step(state: TrainState, batch: Batch, rng: jax.Array):
+    dropout_rng = jax.random.fold_in(rng, state.step) if dropout else None
+    grad_fn = jax.value_and_grad(model.loss, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, dropout_rng=dropout_rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    return TrainState(step=state.step + 1, params=params,
+                      opt_state=opt_state), metrics
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def restore_or_init(model, optimizer, mgr, rng) -> TrainState:
+  """The latest checkpoint's state, or a fresh one when there is none."""
+  state = init_state(model, optimizer, rng)
+  step = mgr.latest_step()
+  if step is None:
+    return state
+  restored = checkpoints.restore(mgr, step, params=state.params,
+                                 opt_state=state.opt_state)
+  return TrainState(step=jnp.asarray(step, jnp.int32),
+                    params=restored['params'],
+                    opt_state=restored['opt_state'])
+
+
+def scalar_metrics(metrics: Mapping[str, Any], exit_layers) -> dict:
+  """Flattens per-exit vectors into loss/layer_3 style scalars."""
+  out = {}
+  for name, value in metrics.items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      out[name] = float(value)
+    else:
+      for layer, v in zip(exit_layers, value):
+        out[f'{name}/layer_{layer}'] = float(v)
+  return out
+
+
+def train_loop(*, model: models.CalmModel,
+               optimizer: optax.GradientTransformation, model_dir: str,
+               batches_from: Callable[[int], Iterator[Batch]],
+               num_steps: int, checkpoint_period: int = 500,
+               keep_checkpoints: int = 3, log_every: int = 50, seed: int = 0,
+               writer: Optional[ScalarWriter] = None,
+               progress: bool = True) -> TrainState:
+  """Trains to `num_steps`, resuming from the latest checkpoint in model_dir.
+
+  Saves every `checkpoint_period` steps, at the end, and on Ctrl-C, so no
+  finished step is lost; orbax commits each checkpoint atomically.
+  """
+  mgr = checkpoints.manager(model_dir, max_to_keep=keep_checkpoints)
+  rng = jax.random.PRNGKey(seed)
+  state = restore_or_init(model, optimizer, mgr, rng)
+  start = int(state.step)
+  if start >= num_steps:
+    mgr.close()
+    return state
+  train_step = make_train_step(model, optimizer,
+                               dropout=model.config.dropout_rate > 0)
+  bar = tqdm.tqdm(total=num_steps, initial=start, disable=not progress,
+                  desc='train', unit='step', dynamic_ncols=True)
+  batches = batches_from(start)
+  step, window_start, window_steps = start, time.perf_counter(), 0
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = next(batches, None)
+      if batch is None:
+        raise ValueError(f'training data ran out at step {step}')
+      state, metrics = train_step(state, batch, rng)
+      bar.update(1)
+      window_steps += 1
+      if step % log_every == 0 or step == num_steps:
+        scalars = scalar_metrics(jax.device_get(metrics),
+                                 model.config.exit_layers)
+        elapsed = time.perf_counter() - window_start
+        scalars['steps_per_second'] = window_steps / max(elapsed, 1e-9)
+        window_start, window_steps = time.perf_counter(), 0
+        bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
+                        steps_s=f'{scalars["steps_per_second"]:.2f}')
+        if writer is not None:
+          writer.write_scalars(step, scalars)
+      if step % checkpoint_period == 0:
+        checkpoints.save(mgr, step, state.params, state.opt_state)
+  except KeyboardInterrupt:
+    step = int(state.step)
+    print(f'\ninterrupted: saving step {step}')
+    raise
+  finally:
+    bar.close()
+    if int(state.step) > start and mgr.latest_step() != int(state.step):
+      checkpoints.save(mgr, int(state.step), state.params, state.opt_state,
+                       force=True)
+    mgr.wait_until_finished()
+    mgr.close()
+  return state
