@@ -120,3 +120,18 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
 def atomic_write_json(path: str, obj: Any) -> None:
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   _atomic_write(pathlib.Path(path), json.dumps(obj, indent=2) + '\n')
+
+
+def load_params(model_dir: str, config: network.T5Config,
+                step: Optional[int] = None) -> tuple[Any, int]:
+  """Parameters of `step` (default: the latest) of a model dir, and the step."""
+  from calm_jax import models  # pylint: disable=g-import-not-at-top
+  mgr = manager(model_dir)
+  step = mgr.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f'{model_dir} holds no checkpoint')
+  target = jax.eval_shape(
+      lambda: models.CalmModel(config).init_params(jax.random.PRNGKey(0)))
+  params = restore(mgr, step, params=target['params'])['params']
+  mgr.close()
+  return params, step

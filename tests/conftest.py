@@ -1,0 +1,24 @@
+"""Test-wide guards: no network (TFDS would retry downloads for minutes)."""
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+_real_connect = socket.socket.connect
+
+
+def _local_only_connect(self, address):
+  host = address[0] if isinstance(address, tuple) else address
+  if isinstance(host, str) and (host.startswith('127.') or host in (
+      'localhost', '::1') or self.family == socket.AF_UNIX):
+    return _real_connect(self, address)
+  raise OSError(f'network disabled in tests (tried {address!r})')
+
+
+@pytest.fixture(autouse=True, scope='session')
+def no_network():
+  socket.socket.connect = _local_only_connect
+  yield
+  socket.socket.connect = _real_connect

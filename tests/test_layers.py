@@ -1,0 +1,103 @@
+"""layers.py against NumPy references."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from calm_jax import layers
+
+
+def _init_apply(module, *args, **kwargs):
+  variables = nn.meta.unbox(module.init(jax.random.PRNGKey(0), *args, **kwargs))
+  return variables['params'], module.apply(variables, *args, **kwargs)
+
+
+def _bucket_reference(relative_position, bidirectional, num_buckets,
+                      max_distance):
+  """T5's bucketing, one integer at a time."""
+  n = -relative_position
+  offset = 0
+  if bidirectional:
+    num_buckets //= 2
+    if n < 0:
+      offset = num_buckets
+    n = abs(n)
+  else:
+    n = max(n, 0)
+  max_exact = num_buckets // 2
+  if n < max_exact:
+    return offset + n
+  large = max_exact + int(math.log(n / max_exact) / math.log(
+      max_distance / max_exact) * (num_buckets - max_exact))
+  return offset + min(large, num_buckets - 1)
+
+
+@pytest.mark.parametrize('bidirectional', [True, False])
+def test_relative_position_bucket_matches_reference(bidirectional):
+  relative = np.arange(-300, 301)
+  got = np.asarray(layers.relative_position_bucket(
+      jnp.asarray(relative), bidirectional=bidirectional, num_buckets=32,
+      max_distance=128))
+  want = [_bucket_reference(int(r), bidirectional, 32, 128) for r in relative]
+  np.testing.assert_array_equal(got, want)
+  assert got.max() == 31 and got.min() == 0
+
+
+def test_rms_norm_matches_numpy():
+  x = np.random.RandomState(0).randn(2, 3, 8).astype(np.float32)
+  params, y = _init_apply(layers.RMSNorm(), jnp.asarray(x))
+  scale = np.asarray(params['scale'])
+  want = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * scale
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_attention_matches_numpy():
+  rng = np.random.RandomState(1)
+  xq = rng.randn(2, 3, 16).astype(np.float32)
+  xkv = rng.randn(2, 5, 16).astype(np.float32)
+  bias = rng.randn(1, 4, 3, 5).astype(np.float32)
+  mask = rng.rand(2, 1, 3, 5) > 0.3
+  module = layers.MultiHeadAttention(embed_dim=16, num_heads=4, head_dim=8)
+  params, y = _init_apply(module, jnp.asarray(xq), jnp.asarray(xkv),
+                          bias=jnp.asarray(bias), mask=jnp.asarray(mask),
+                          deterministic=True)
+  p = {k: np.asarray(v) for k, v in params.items()}
+  q = np.einsum('bqe,ehd->bqhd', xq, p['query'])
+  k = np.einsum('bke,ehd->bkhd', xkv, p['key'])
+  v = np.einsum('bke,ehd->bkhd', xkv, p['value'])
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) + bias
+  logits = np.where(mask, logits, -1e10)
+  context = np.einsum('bhqk,bkhd->bqhd', _softmax(logits), v)
+  want = np.einsum('bqhd,hde->bqe', context, p['out'])
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
+
+
+def test_gated_mlp_matches_numpy():
+  x = np.random.RandomState(2).randn(2, 3, 8).astype(np.float32)
+  module = layers.GatedMLP(embed_dim=8, mlp_dim=12)
+  params, y = _init_apply(module, jnp.asarray(x), deterministic=True)
+  p = {k: np.asarray(v) for k, v in params.items()}
+  h0 = x @ p['wi_0']
+  gelu = 0.5 * h0 * (1 + np.tanh(np.sqrt(2 / np.pi) * (h0 + 0.044715 * h0**3)))
+  want = (gelu * (x @ p['wi_1'])) @ p['wo']
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
+
+
+def test_relative_position_bias_looks_up_buckets():
+  module = layers.RelativePositionBias(num_heads=3, bidirectional=False)
+  q, k = jnp.arange(4), jnp.arange(6)
+  params, bias = _init_apply(module, q, k)
+  assert bias.shape == (1, 3, 4, 6)
+  table = np.asarray(params['rel_embedding'])
+  for i in range(4):
+    for j in range(6):
+      bucket = _bucket_reference(j - i, False, 32, 128)
+      np.testing.assert_allclose(bias[0, :, i, j], table[:, bucket])

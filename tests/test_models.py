@@ -1,0 +1,59 @@
+"""models.py: CALM's loss and full-depth prediction."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from calm_jax import models
+from calm_jax import network
+
+
+def test_linear_weights_sum_to_one_and_grow_with_depth():
+  w = models.exit_loss_weights((1, 2, 3, 4, 5, 6, 7, 8), 'linear')
+  np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(w, np.arange(1, 9) / 36, rtol=1e-6)
+  assert np.all(np.diff(w) > 0)
+  np.testing.assert_allclose(models.exit_loss_weights((2, 4), 'uniform'),
+                             [0.5, 0.5])
+  g = models.exit_loss_weights((1, 2, 3), 'geometric')
+  np.testing.assert_allclose(g, np.array([1, 2, 4]) / 7, rtol=1e-6)
+  with pytest.raises(ValueError, match='linear, uniform, geometric'):
+    models.exit_loss_weights((1,), 'cubic')
+
+
+def test_calm_loss_is_weighted_masked_cross_entropy():
+  rng = np.random.RandomState(0)
+  logits = rng.randn(3, 2, 4, 5).astype(np.float32)  # [x, b, l, v]
+  targets = rng.randint(0, 5, size=(2, 4))
+  mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+  weights = np.array([0.2, 0.3, 0.5], np.float32)
+  loss, metrics = models.calm_loss(jnp.asarray(logits), jnp.asarray(targets),
+                                   jnp.asarray(mask), jnp.asarray(weights),
+                                   z_loss=1e-4)
+  log_z = np.log(np.exp(logits).sum(-1))
+  target_logit = np.take_along_axis(logits, targets[None, ..., None], -1)[..., 0]
+  ce = ((log_z - target_logit) * mask).sum((1, 2)) / mask.sum()
+  z = (1e-4 * log_z ** 2 * mask).sum((1, 2)) / mask.sum()
+  np.testing.assert_allclose(metrics['loss_per_exit'], ce, rtol=1e-5)
+  np.testing.assert_allclose(loss, (weights * (ce + z)).sum(), rtol=1e-5)
+  acc = ((logits.argmax(-1) == targets[None]) * mask).sum((1, 2)) / mask.sum()
+  np.testing.assert_allclose(metrics['accuracy_per_exit'], acc, rtol=1e-6)
+
+
+def test_full_depth_prediction_is_greedy_argmax_of_the_top_layer():
+  cfg = network.T5Config(vocab_size=50, emb_dim=16, num_heads=2, head_dim=8,
+                         mlp_dim=32, num_encoder_layers=1,
+                         num_decoder_layers=3)
+  model = models.CalmModel(cfg)
+  params = model.init_params(jax.random.PRNGKey(1))['params']
+  enc = jnp.array([[5, 6, 7, 1, 0], [8, 9, 10, 11, 1]])
+  tokens = jax.jit(lambda p, e: model.predict_full_depth(p, e, 6))(params,
+                                                                   enc)
+  dec_in = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), tokens[:, :-1]], 1)
+  top = model.all_layer_logits(params, enc, dec_in)[-1]
+  expected = np.asarray(jnp.argmax(top, -1))
+  # Compare up to (and including) the first EOS of each row.
+  for row, want in zip(np.asarray(tokens), expected):
+    stop = list(row).index(1) + 1 if 1 in row else len(row)
+    np.testing.assert_array_equal(row[:stop], want[:stop])
+    assert np.all(row[stop:] == 0)
