@@ -48,7 +48,7 @@ def train(*, model_dir: str = gin.REQUIRED,
   checkpoints.write_model_files(model_dir, model_config, vocab_path,
                                 gin.operative_config_str())
   writer = metric_writers.create_default_writer(
-      os.path.join(model_dir, 'train'), just_logging=not progress,
+      os.path.join(model_dir, 'train'), just_logging=False,
       asynchronous=False)
   batches_from = lambda start: data.train_batches(
       mixture_or_task_name, batch_size=batch_size, seed=seed,

@@ -111,7 +111,8 @@ def train_loop(*, model: models.CalmModel,
     for step in range(start + 1, num_steps + 1):
       batch = next(batches, None)
       if batch is None:
-        raise ValueError(f'training data ran out at step {step}')
+        raise ValueError(f'no training data: the dataset ended after '
+                         f'{step - 1 - start} batches (at step {step})')
       state, metrics = train_step(state, batch, rng)
       bar.update(1)
       window_steps += 1

@@ -1,0 +1,80 @@
+"""The train entry point on the tiny config, and its one-line errors."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+        '--gin_file=gin/runs/train.gin',
+        "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.BATCH_SIZE=8',
+        '--gin.calm_jax.train.checkpoint_period=3',
+        '--gin.calm_jax.train.progress=False']
+
+
+def _run(module, *args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+
+
+def _steps(model_dir):
+  return sorted(int(p.name) for p in (model_dir / 'checkpoints').iterdir()
+                if p.name.isdigit())
+
+
+def test_train_writes_checkpoints_and_resumes(tmp_path):
+  model_dir = tmp_path / 'model'
+  flags = [*TINY, f"--gin.MODEL_DIR='{model_dir}'"]
+  first = _run('calm_jax.train', *flags, '--gin.TRAIN_STEPS=4')
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert _steps(model_dir) == [3, 4]
+  meta = json.loads((model_dir / 'model.json').read_text())
+  assert meta['config']['num_decoder_layers'] == 4
+  assert (model_dir / 'vocab' / meta['vocabulary']).exists()
+  assert 'TRAIN_STEPS = 4' in (model_dir /
+                                              'config.gin').read_text()
+  assert list((model_dir / 'train').glob('events.out.tfevents*'))
+
+  second = _run('calm_jax.train', *flags, '--gin.TRAIN_STEPS=7')
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert _steps(model_dir) == [4, 6, 7]  # resumed at 4: saved 6 and 7 only
+
+  # A model dir with other dims is refused, and left untouched.
+  clash = _run('calm_jax.train', *flags, '--gin.TRAIN_STEPS=9',
+               '--gin.calm_jax.T5Config.emb_dim=64')
+  assert clash.returncode == 2
+  assert clash.stderr.strip().splitlines()[-1].startswith('error: ')
+  assert 'emb_dim' in clash.stderr
+  assert _steps(model_dir) == [4, 6, 7]
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--gin.calm_jax.nope.x=1'], "No configurable matching 'calm_jax.nope'"),
+    (['--gin_file=gin/models/missing.gin'], 'gin file not found'),
+    (["--gin.MIXTURE_OR_TASK_NAME='no_such_task'"], 'unknown task'),
+    (['--bogus'], 'unknown flag'),
+])
+def test_bad_input_is_one_line_error(tmp_path, extra, message):
+  result = _run('calm_jax.train', *TINY,
+                f"--gin.MODEL_DIR='{tmp_path / 'm'}'", *extra)
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, result.stderr[-1500:]
+  assert not (tmp_path / 'm' / 'checkpoints').exists()
+
+
+def test_empty_training_data_is_an_error(tmp_path):
+  from calm_jax import models, network, optim, trainer
+  model = models.CalmModel(network.T5Config(
+      vocab_size=16, emb_dim=8, num_heads=1, head_dim=8, mlp_dim=8,
+      num_encoder_layers=1, num_decoder_layers=2))
+  with pytest.raises(ValueError, match='no training data'):
+    trainer.train_loop(model=model, optimizer=optim.make_optimizer(),
+                       model_dir=str(tmp_path), batches_from=lambda _: iter(()),
+                       num_steps=2, progress=False)
+  assert not any((tmp_path / 'checkpoints').glob('[0-9]*'))
