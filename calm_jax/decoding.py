@@ -6,17 +6,34 @@ current position, run the rest of one layer, and apply the exit head. The
 caller builds the callbacks (see `models.CalmModel.step_fns`), so the same
 loop drives any model with this shape, or a fake one in tests.
 
+Two loops share these callbacks:
+- `static_decode`: every row runs every layer (the baseline), optionally
+  recording the consistency oracle's exit layer;
+- `early_exit_decode`: CALM. The decoder layers are unrolled in Python. For
+  each layer, the K/V of the current position are computed for every row
+  outside any branch and written to the cache: for a row that already exited,
+  the state entering a skipped layer is its frozen exit state, so this write
+  IS the state propagation of CALM_SPEC section 5. Only the rest of the layer
+  runs under `lax.switch`, on the smallest static bucket of rows that holds
+  every row still climbing (gathered, run, scattered back), or not at all.
+  Keeping cache writes out of the branches avoids XLA:CPU copying the cache
+  in each branch (CALM_SPEC section 11).
+
 Conventions as in t5x: decoding starts from token 0 (pad doubles as BOS),
 stops a row at EOS, and fills positions after EOS with 0.
 
 Einsum/shape letters: b batch, t max decode length (cache length), h heads,
 d head dim, e embed, v vocab.
 """
-from typing import Protocol
+import dataclasses
+from typing import Any, Optional, Protocol
 
 import flax
 import jax
 import jax.numpy as jnp
+
+from calm_jax import confidence as confidence_lib
+from calm_jax import thresholds
 
 Array = jax.Array
 
@@ -32,8 +49,12 @@ class StepFns(Protocol):
     """Input of layer `layer` [b, 1, e] -> its self-attn K, V [b, 1, h, d]."""
 
   def layer_step(self, layer: int, x: Array, keys: Array, values: Array,
-                 position: Array) -> Array:
-    """Rest of layer `layer` for x [b, 1, e] over its cache [b, t, h, d]."""
+                 position: Array, rows: Optional[Array] = None) -> Array:
+    """Rest of layer `layer` for x [r, 1, e] over its cache [r, t, h, d].
+
+    `rows` [r] says which batch rows x holds (to pick their encoder
+    context); None means all rows in order.
+    """
 
   def logits(self, h: Array) -> Array:
     """Exit head: raw hidden state [b, e] -> logits [b, v]."""
@@ -62,14 +83,6 @@ class KVCache:
     return KVCache(keys=tuple(keys), values=tuple(values))
 
 
-@flax.struct.dataclass
-class StaticState:
-  """Loop state of the full-depth decoder."""
-  position: Array  # [] int32: index of the token being produced
-  tokens: Array    # [b, t + 1] int32: column 0 is the start token
-  done: Array      # [b] bool: row has emitted EOS
-  cache: KVCache
-
 
 def full_depth_layer(fns: StepFns, layer: int, x: Array, cache: KVCache,
                      position: Array) -> tuple[Array, KVCache]:
@@ -88,41 +101,360 @@ def finish_tokens(next_token: Array, done: Array, eos_id: int
   return next_token, done | (next_token == eos_id)
 
 
+@flax.struct.dataclass
+class DecodeOutput:
+  tokens: Array        # [b, t] int32, 0 after EOS
+  exit_layers: Array   # [b, t] int32, 1-based layer each token used; 0 = pad
+  confidences: Array   # [b, t] float32, confidence at exit (last one checked)
+  layer_evals: Array   # [] int32: (row, layer) evaluations actually run
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Token selection: greedy when temperature == 0."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+def select_tokens(logits: Array, rng: Array, sampling: Sampling) -> Array:
+  """[b, v] logits -> [b] tokens: argmax, or temperature/top-k/top-p sample."""
+  if sampling.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / sampling.temperature
+  if sampling.top_k > 0:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (at least one token).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff_index = jnp.sum(mass_before < sampling.top_p, axis=-1) - 1
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index[:, None], -1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class LoopState:
+  """Position loop state, shared by the static and early-exit decoders."""
+  position: Array      # [] int32: index of the token being produced
+  tokens: Array        # [b, t + 1] int32: column 0 is the start token
+  done: Array          # [b] bool: row has emitted EOS
+  cache: KVCache
+  exit_layers: Array   # [b, t] int32
+  confidences: Array   # [b, t] float32
+  layer_evals: Array   # [] int32
+  rng: Array
+
+  @classmethod
+  def start(cls, num_layers: int, batch_size: int, max_length: int,
+            cache_shape: tuple[int, int], cache_dtype, rng: Array
+            ) -> 'LoopState':
+    heads, head_dim = cache_shape
+    return cls(
+        position=jnp.zeros((), jnp.int32),
+        tokens=jnp.zeros((batch_size, max_length + 1), jnp.int32),
+        done=jnp.zeros((batch_size,), bool),
+        cache=KVCache.zeros(num_layers,
+                            (batch_size, max_length, heads, head_dim),
+                            cache_dtype),
+        exit_layers=jnp.zeros((batch_size, max_length), jnp.int32),
+        confidences=jnp.zeros((batch_size, max_length), jnp.float32),
+        layer_evals=jnp.zeros((), jnp.int32), rng=rng)
+
+  def advance(self, next_token: Array, cache: KVCache, exit_layer: Array,
+              confidence: Array, layer_evals: Array, eos_id: int
+              ) -> 'LoopState':
+    """Appends one position; rows that had ended get token 0 and layer 0."""
+    next_token, done = finish_tokens(next_token, self.done, eos_id)
+    put = lambda a, v: a.at[:, self.position].set(v)
+    return self.replace(
+        position=self.position + 1,
+        tokens=self.tokens.at[:, self.position + 1].set(next_token),
+        done=done, cache=cache,
+        exit_layers=put(self.exit_layers, jnp.where(self.done, 0,
+                                                    exit_layer)),
+        confidences=put(self.confidences, jnp.where(self.done, 0.0,
+                                                    confidence)),
+        layer_evals=self.layer_evals + layer_evals,
+        rng=jax.random.fold_in(self.rng, self.position))
+
+  def output(self) -> DecodeOutput:
+    return DecodeOutput(tokens=self.tokens[:, 1:],
+                        exit_layers=self.exit_layers,
+                        confidences=self.confidences,
+                        layer_evals=self.layer_evals)
+
+
+def _run_positions(step, state: LoopState, max_length: int) -> DecodeOutput:
+  running = lambda s: (s.position < max_length) & ~jnp.all(s.done)
+  return jax.lax.while_loop(running, step, state).output()
+
+
+def oracle_exit_layers(layer_logits: list[Array]) -> Array:
+  """First 1-based layer whose argmax equals the top layer's, [b]."""
+  predictions = jnp.stack([jnp.argmax(l, -1) for l in layer_logits])  # [L, b]
+  agrees = predictions == predictions[-1:]
+  return (jnp.argmax(agrees, axis=0) + 1).astype(jnp.int32)
+
+
 def static_decode(fns: StepFns, *, batch_size: int, max_length: int,
                   cache_shape: tuple[int, int], cache_dtype=jnp.float32,
-                  eos_id: int = 1) -> Array:
-  """Greedy full-depth decoding -> tokens [b, max_length].
+                  eos_id: int = 1, sampling: Sampling = Sampling(),
+                  rng: Optional[Array] = None, oracle: bool = False
+                  ) -> DecodeOutput:
+  """Full-depth decoding: every row runs every layer.
+
+  With `oracle=True` it also records, per token, the consistency oracle's
+  exit: the first layer whose argmax equals the full model's (computing every
+  layer's logits, so for analysis only). The oracle's tokens are the full
+  model's tokens, and the cache holds the true states of every layer.
+  """
+  num_layers = fns.num_layers
+  state = LoopState.start(num_layers, batch_size, max_length, cache_shape,
+                          cache_dtype,
+                          jax.random.PRNGKey(0) if rng is None else rng)
+
+  def step(s: LoopState) -> LoopState:
+    x = fns.embed(s.tokens[:, s.position])
+    cache, layer_logits = s.cache, []
+    for layer in range(num_layers):
+      x, cache = full_depth_layer(fns, layer, x, cache, s.position)
+      if oracle and layer < num_layers - 1:
+        layer_logits.append(fns.logits(x[:, 0]))
+    logits = fns.logits(x[:, 0])
+    exit_layer = (oracle_exit_layers(layer_logits + [logits]) if oracle else
+                  jnp.full((batch_size,), num_layers, jnp.int32))
+    next_token = select_tokens(logits, s.rng, sampling)
+    evals = jnp.sum(~s.done).astype(jnp.int32) * num_layers
+    return s.advance(next_token, cache, exit_layer,
+                     jnp.ones((batch_size,), jnp.float32), evals, eos_id)
+
+  return _run_positions(step, state, max_length)
+
+
+PROPAGATIONS = ('hidden', 'kv_copy', 'none')
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitConfig:
+  """Static settings of the early-exit loop (they shape the compiled code).
+
+  Attributes:
+    confidence: a name from `confidence.MEASURES`.
+    exit_layers: 1-based layers below the top at which a token may stop
+      (see `thresholds.allowed_exit_layers`).
+    tau: decay of the threshold over positions; None keeps it constant.
+    bucket_sizes: row counts a layer may run on when only some rows still
+      climb; None means the halvings of the batch (B, B/2, ..., 1). A single
+      size (B,) is the original release's min-over-batch behaviour.
+    propagation: what skipped layers' caches get for an exited token:
+      'hidden' (CALM: K/V of the exit state), 'kv_copy' (the exit layer's own
+      K/V, an ablation) or 'none' (zeros, an ablation).
+    sampling: token selection.
+  """
+  confidence: str = 'softmax'
+  exit_layers: tuple[int, ...] = ()
+  tau: Optional[float] = None
+  bucket_sizes: Optional[tuple[int, ...]] = None
+  propagation: str = 'hidden'
+  sampling: Sampling = Sampling()
+
+  def __post_init__(self):
+    confidence_lib.get(self.confidence)
+    if self.propagation not in PROPAGATIONS:
+      raise ValueError(f'unknown propagation {self.propagation!r}; valid: '
+                       f'{", ".join(PROPAGATIONS)}')
+
+  def buckets(self, batch_size: int) -> tuple[int, ...]:
+    """Ascending bucket sizes, always including the whole batch."""
+    if self.bucket_sizes is None:
+      sizes, size = {batch_size}, batch_size
+      while size > 1:
+        size = (size + 1) // 2
+        sizes.add(size)
+    else:
+      sizes = {s for s in self.bucket_sizes if 0 < s < batch_size}
+      sizes.add(batch_size)
+    return tuple(sorted(sizes))
+
+
+@flax.struct.dataclass
+class Climb:
+  """One position's rows while they climb the decoder layers."""
+  hidden: Array      # [b, 1, e] latest state; frozen at the exit once exited
+  active: Array      # [b] bool: row still climbing
+  exit_layer: Array  # [b] int32: layer it stopped at, 0 while climbing
+  confidence: Array  # [b] float32: latest confidence, frozen at the exit
+  token: Array       # [b] int32: argmax of the exit's logits if known, else -1
+  exit_kv: tuple[Array, Array]  # [b, 1, h, d] K/V of the last layer run
+  evals: Array       # [] int32: rows run so far at this position
+
+
+def _propagated_kv(climb: Climb, k: Array, v: Array, propagation: str
+                   ) -> tuple[Array, Array]:
+  """K/V written for this layer: computed ones, or an ablation for exited rows.
+
+  Under 'hidden' nothing changes: k, v were computed from the frozen exit
+  state, which is CALM's propagation.
+  """
+  if propagation == 'hidden':
+    return k, v
+  stopped = ~climb.active[:, None, None, None]
+  if propagation == 'kv_copy':
+    return (jnp.where(stopped, climb.exit_kv[0], k),
+            jnp.where(stopped, climb.exit_kv[1], v))
+  return jnp.where(stopped, 0.0, k), jnp.where(stopped, 0.0, v)
+
+
+def _layer_on_rows(fns: StepFns, cfg: ExitConfig, layer: int, check: bool,
+                   climb: Climb, cache: KVCache, position: Array,
+                   rows: Optional[Array], classifier: Any):
+  """Layer `layer` (and its confidence if `check`) on `rows` (None = all).
+
+  Returns the new states [r, 1, e], confidences [r] and exit tokens [r]
+  (-1 where the measure gives no logits).
+  """
+  take = (lambda a: a) if rows is None else (lambda a: a[rows])
+  x = take(climb.hidden)
+  out = fns.layer_step(layer, x, take(cache.keys[layer]),
+                       take(cache.values[layer]), position, rows)
+  size = x.shape[0]
+  if not check:
+    return out, jnp.zeros((size,), jnp.float32), jnp.full((size,), -1,
+                                                          jnp.int32)
+  measure = confidence_lib.get(cfg.confidence)
+  conf, logits = measure(out[:, 0], x[:, 0], fns.logits, classifier)
+  token = (jnp.full((size,), -1, jnp.int32) if logits is None else
+           jnp.argmax(logits, -1).astype(jnp.int32))
+  return out, conf.astype(jnp.float32), token
+
+
+def _bucketed_layer(fns: StepFns, cfg: ExitConfig, layer: int, check: bool,
+                    climb: Climb, cache: KVCache, position: Array,
+                    classifier: Any):
+  """Runs the layer on the smallest bucket holding every climbing row.
+
+  Branch 0 skips the layer (no row climbs). A full-batch bucket runs in
+  place; smaller ones gather the climbing rows first (stable order), run,
+  and scatter back. Rows outside `active` come back unchanged or as filler.
+  """
+  batch = climb.hidden.shape[0]
+  sizes = cfg.buckets(batch)
+  num_active = jnp.sum(climb.active)
+  order = jnp.argsort(~climb.active, stable=True)  # climbing rows first
+
+  def skip():
+    return (climb.hidden, jnp.zeros((batch,), jnp.float32),
+            jnp.full((batch,), -1, jnp.int32))
+
+  def bucket(size):
+    def run():
+      rows = None if size == batch else order[:size]
+      out, conf, token = _layer_on_rows(fns, cfg, layer, check, climb, cache,
+                                        position, rows, classifier)
+      if rows is None:
+        return out, conf, token
+      full_conf, full_token = skip()[1:]
+      return (climb.hidden.at[rows].set(out), full_conf.at[rows].set(conf),
+              full_token.at[rows].set(token))
+    return run
+
+  index = jnp.where(num_active == 0, 0,
+                    1 + jnp.sum(jnp.asarray(sizes) < num_active))
+  return jax.lax.switch(index, [skip] + [bucket(s) for s in sizes])
+
+
+def _climb_layer(fns: StepFns, cfg: ExitConfig, layer: int, climb: Climb,
+                 cache: KVCache, position: Array, threshold: Array,
+                 classifier: Any) -> tuple[Climb, KVCache]:
+  """K/V write for every row, then the layer on climbing rows, then exits."""
+  k, v = fns.layer_kv(layer, climb.hidden)
+  k, v = _propagated_kv(climb, k, v, cfg.propagation)
+  cache = cache.write(layer, position, k, v)
+  check = (layer + 1) in cfg.exit_layers
+  out, conf, token = _bucketed_layer(fns, cfg, layer, check, climb, cache,
+                                     position, classifier)
+  active = climb.active
+  ran = active[:, None, None]
+  exits = active & (conf >= threshold) if check else jnp.zeros_like(active)
+  climb = climb.replace(
+      hidden=jnp.where(ran, out, climb.hidden),
+      active=active & ~exits,
+      exit_layer=jnp.where(exits, layer + 1, climb.exit_layer),
+      confidence=jnp.where(active, conf, climb.confidence) if check else
+      climb.confidence,
+      token=jnp.where(exits, token, climb.token),
+      exit_kv=(jnp.where(ran[..., None], k, climb.exit_kv[0]),
+               jnp.where(ran[..., None], v, climb.exit_kv[1])),
+      evals=climb.evals + jnp.sum(active).astype(jnp.int32))
+  return climb, cache
+
+
+def _emit_tokens(fns: StepFns, cfg: ExitConfig, climb: Climb, rng: Array
+                 ) -> Array:
+  """Next tokens: reused exit argmaxes where known, else the exit-state head.
+
+  Every row's `hidden` is its exit state, so one head evaluation gives each
+  row its own exit layer's prediction; it is skipped when every row already
+  has its token from the softmax measure.
+  """
+  head = lambda: select_tokens(fns.logits(climb.hidden[:, 0]), rng,
+                               cfg.sampling)
+  if not cfg.sampling.greedy:
+    return head()
+  known = climb.token >= 0
+  return jnp.where(known, climb.token,
+                   jax.lax.cond(jnp.all(known), lambda: climb.token, head))
+
+
+def early_exit_decode(fns: StepFns, cfg: ExitConfig, *, threshold: Array,
+                      batch_size: int, max_length: int,
+                      cache_shape: tuple[int, int], cache_dtype=jnp.float32,
+                      eos_id: int = 1, classifier: Any = None,
+                      rng: Optional[Array] = None) -> DecodeOutput:
+  """CALM decoding: each row of each position stops at its own exit layer.
 
   Args:
     fns: the model's step callbacks.
-    batch_size: rows decoded together.
-    max_length: number of output tokens (the cache length t).
-    cache_shape: (heads, head_dim) of one cache entry.
-    cache_dtype: cache dtype.
-    eos_id: end-of-sequence id; rows stop there and are padded with 0.
+    cfg: static exit settings.
+    threshold: base threshold lambda (a traced scalar: changing it does not
+      recompile); above 1.0 disables exits.
+    batch_size, max_length, cache_shape, cache_dtype, eos_id: as in
+      `static_decode`.
+    classifier: parameters of the learned exit classifier, if used.
+    rng: PRNG key for sampling.
   """
-  heads, head_dim = cache_shape
-  state = StaticState(
-      position=jnp.zeros((), jnp.int32),
-      tokens=jnp.zeros((batch_size, max_length + 1), jnp.int32),
-      done=jnp.zeros((batch_size,), bool),
-      cache=KVCache.zeros(fns.num_layers,
-                          (batch_size, max_length, heads, head_dim),
-                          cache_dtype))
+  num_layers = fns.num_layers
+  state = LoopState.start(num_layers, batch_size, max_length, cache_shape,
+                          cache_dtype,
+                          jax.random.PRNGKey(0) if rng is None else rng)
+  threshold = jnp.asarray(threshold, jnp.float32)
 
-  def running(s: StaticState) -> Array:
-    return (s.position < max_length) & ~jnp.all(s.done)
-
-  def step(s: StaticState) -> StaticState:
+  def step(s: LoopState) -> LoopState:
     x = fns.embed(s.tokens[:, s.position])
+    zeros_kv = jnp.zeros((batch_size, 1, *cache_shape), cache_dtype)
+    climb = Climb(hidden=x, active=~s.done,
+                  exit_layer=jnp.zeros((batch_size,), jnp.int32),
+                  confidence=jnp.zeros((batch_size,), jnp.float32),
+                  token=jnp.full((batch_size,), -1, jnp.int32),
+                  exit_kv=(zeros_kv, zeros_kv), evals=jnp.zeros((), jnp.int32))
+    bound = thresholds.threshold_at(threshold, s.position, max_length,
+                                    cfg.tau)
     cache = s.cache
-    for layer in range(fns.num_layers):
-      x, cache = full_depth_layer(fns, layer, x, cache, s.position)
-    next_token = jnp.argmax(fns.logits(x[:, 0]), axis=-1).astype(jnp.int32)
-    next_token, done = finish_tokens(next_token, s.done, eos_id)
-    tokens = s.tokens.at[:, s.position + 1].set(next_token)
-    return StaticState(position=s.position + 1, tokens=tokens, done=done,
-                       cache=cache)
+    for layer in range(num_layers):
+      climb, cache = _climb_layer(fns, cfg, layer, climb, cache, s.position,
+                                  bound, classifier)
+    exit_layer = jnp.where(climb.exit_layer == 0, num_layers,
+                           climb.exit_layer)
+    next_token = _emit_tokens(fns, cfg, climb, s.rng)
+    return s.advance(next_token, cache, exit_layer, climb.confidence,
+                     climb.evals, eos_id)
 
-  final = jax.lax.while_loop(running, step, state)
-  return final.tokens[:, 1:]
+  return _run_positions(step, state, max_length)

@@ -104,13 +104,17 @@ class ModelStepFns:
     return self._decoder(network.Decoder.layer_kv, layer, x)
 
   def layer_step(self, layer: int, x: Array, keys: Array, values: Array,
-                 position: Array) -> Array:
+                 position: Array, rows: Array | None = None) -> Array:
     bias = self._decoder(network.Decoder.step_bias, position, self.max_length)
     mask = (jnp.arange(self.max_length) <= position)[None, None, None, :]
     cross_k, cross_v = self.cross_kv[layer]
+    cross_mask = self.encoder_mask
+    if rows is not None:  # a bucket of rows: gather their encoder context
+      cross_k, cross_v, cross_mask = (cross_k[rows], cross_v[rows],
+                                      cross_mask[rows])
     return self._decoder(network.Decoder.layer_step, layer, x, keys, values,
                          cross_k, cross_v, self_bias=bias, self_mask=mask,
-                         cross_mask=self.encoder_mask)
+                         cross_mask=cross_mask)
 
   def logits(self, h: Array) -> Array:
     return self._decoder(network.Decoder.logits, h)
@@ -180,11 +184,36 @@ class CalmModel:
                         encoder_mask=network.key_padding_mask(encoder_tokens),
                         max_length=max_length)
 
-  def predict_full_depth(self, params: Params, encoder_tokens: Array,
-                         max_length: int, eos_id: int = 1) -> Array:
-    """Greedy full-depth decoding [b, s] -> [b, max_length]."""
+  def _cache_args(self) -> dict:
+    return dict(cache_shape=(self.config.num_heads, self.config.head_dim),
+                cache_dtype=self.config.jnp_dtype)
+
+  def decode_static(self, params: Params, encoder_tokens: Array,
+                    max_length: int, *, eos_id: int = 1,
+                    sampling: decoding.Sampling = decoding.Sampling(),
+                    rng: Array | None = None, oracle: bool = False
+                    ) -> decoding.DecodeOutput:
+    """Full-depth decode (optionally with the oracle's exit layers)."""
     fns = self.step_fns(params, encoder_tokens, max_length)
     return decoding.static_decode(
         fns, batch_size=encoder_tokens.shape[0], max_length=max_length,
-        cache_shape=(self.config.num_heads, self.config.head_dim),
-        cache_dtype=self.config.jnp_dtype, eos_id=eos_id)
+        eos_id=eos_id, sampling=sampling, rng=rng, oracle=oracle,
+        **self._cache_args())
+
+  def decode_early_exit(self, params: Params, encoder_tokens: Array,
+                        max_length: int, *, exit_config: decoding.ExitConfig,
+                        threshold: Array, eos_id: int = 1,
+                        classifier: Params | None = None,
+                        rng: Array | None = None) -> decoding.DecodeOutput:
+    """CALM decode of [b, s] inputs (jit it with exit_config static)."""
+    fns = self.step_fns(params, encoder_tokens, max_length)
+    return decoding.early_exit_decode(
+        fns, exit_config, threshold=threshold,
+        batch_size=encoder_tokens.shape[0], max_length=max_length,
+        eos_id=eos_id, classifier=classifier, rng=rng, **self._cache_args())
+
+  def predict_full_depth(self, params: Params, encoder_tokens: Array,
+                         max_length: int, eos_id: int = 1) -> Array:
+    """Greedy full-depth decoding [b, s] -> [b, max_length]."""
+    return self.decode_static(params, encoder_tokens, max_length,
+                              eos_id=eos_id).tokens
