@@ -272,6 +272,16 @@ class ExitConfig:
       raise ValueError(f'unknown propagation {self.propagation!r}; valid: '
                        f'{", ".join(PROPAGATIONS)}')
 
+  @classmethod
+  def create(cls, num_layers: int, *, confidence: str, first_exit: int = 1,
+             exit_interval: int = 1, min_exit: int = 1, **kwargs
+             ) -> 'ExitConfig':
+    """Config whose exit layers follow the grid and the measure's floor."""
+    layers = thresholds.allowed_exit_layers(
+        num_layers, first_exit=first_exit, exit_interval=exit_interval,
+        min_exit=max(min_exit, confidence_lib.lowest_exit_layer(confidence)))
+    return cls(confidence=confidence, exit_layers=layers, **kwargs)
+
   def buckets(self, batch_size: int) -> tuple[int, ...]:
     """Ascending bucket sizes, always including the whole batch."""
     if self.bucket_sizes is None:
@@ -373,8 +383,14 @@ def _bucketed_layer(fns: StepFns, cfg: ExitConfig, layer: int, check: bool,
 
 def _climb_layer(fns: StepFns, cfg: ExitConfig, layer: int, climb: Climb,
                  cache: KVCache, position: Array, threshold: Array,
-                 classifier: Any) -> tuple[Climb, KVCache]:
-  """K/V write for every row, then the layer on climbing rows, then exits."""
+                 classifier: Any, forced: Optional[Array] = None
+                 ) -> tuple[Climb, KVCache]:
+  """K/V write for every row, then the layer on climbing rows, then exits.
+
+  `forced` [b] (benchmarks only) replaces the confidence test: a row exits
+  at the first checked layer >= its forced layer; confidences are still
+  computed, so the cost is the real one.
+  """
   k, v = fns.layer_kv(layer, climb.hidden)
   k, v = _propagated_kv(climb, k, v, cfg.propagation)
   cache = cache.write(layer, position, k, v)
@@ -383,7 +399,8 @@ def _climb_layer(fns: StepFns, cfg: ExitConfig, layer: int, climb: Climb,
                                      position, classifier)
   active = climb.active
   ran = active[:, None, None]
-  exits = active & (conf >= threshold) if check else jnp.zeros_like(active)
+  passes = conf >= threshold if forced is None else layer + 1 >= forced
+  exits = active & passes if check else jnp.zeros_like(active)
   climb = climb.replace(
       hidden=jnp.where(ran, out, climb.hidden),
       active=active & ~exits,
@@ -418,7 +435,9 @@ def early_exit_decode(fns: StepFns, cfg: ExitConfig, *, threshold: Array,
                       batch_size: int, max_length: int,
                       cache_shape: tuple[int, int], cache_dtype=jnp.float32,
                       eos_id: int = 1, classifier: Any = None,
-                      rng: Optional[Array] = None) -> DecodeOutput:
+                      rng: Optional[Array] = None,
+                      forced_exit_layers: Optional[Array] = None
+                      ) -> DecodeOutput:
   """CALM decoding: each row of each position stops at its own exit layer.
 
   Args:
@@ -430,6 +449,8 @@ def early_exit_decode(fns: StepFns, cfg: ExitConfig, *, threshold: Array,
       `static_decode`.
     classifier: parameters of the learned exit classifier, if used.
     rng: PRNG key for sampling.
+    forced_exit_layers: [b, t] exit layer per token, overriding the
+      confidence test (for benchmarks of fixed exit patterns).
   """
   num_layers = fns.num_layers
   state = LoopState.start(num_layers, batch_size, max_length, cache_shape,
@@ -447,10 +468,12 @@ def early_exit_decode(fns: StepFns, cfg: ExitConfig, *, threshold: Array,
                   exit_kv=(zeros_kv, zeros_kv), evals=jnp.zeros((), jnp.int32))
     bound = thresholds.threshold_at(threshold, s.position, max_length,
                                     cfg.tau)
+    forced = (None if forced_exit_layers is None else
+              forced_exit_layers[:, s.position])
     cache = s.cache
     for layer in range(num_layers):
       climb, cache = _climb_layer(fns, cfg, layer, climb, cache, s.position,
-                                  bound, classifier)
+                                  bound, classifier, forced)
     exit_layer = jnp.where(climb.exit_layer == 0, num_layers,
                            climb.exit_layer)
     next_token = _emit_tokens(fns, cfg, climb, s.rng)

@@ -204,13 +204,16 @@ class CalmModel:
                         max_length: int, *, exit_config: decoding.ExitConfig,
                         threshold: Array, eos_id: int = 1,
                         classifier: Params | None = None,
-                        rng: Array | None = None) -> decoding.DecodeOutput:
+                        rng: Array | None = None,
+                        forced_exit_layers: Array | None = None
+                        ) -> decoding.DecodeOutput:
     """CALM decode of [b, s] inputs (jit it with exit_config static)."""
     fns = self.step_fns(params, encoder_tokens, max_length)
     return decoding.early_exit_decode(
         fns, exit_config, threshold=threshold,
         batch_size=encoder_tokens.shape[0], max_length=max_length,
-        eos_id=eos_id, classifier=classifier, rng=rng, **self._cache_args())
+        eos_id=eos_id, classifier=classifier, rng=rng,
+        forced_exit_layers=forced_exit_layers, **self._cache_args())
 
   def predict_full_depth(self, params: Params, encoder_tokens: Array,
                          max_length: int, eos_id: int = 1) -> Array:

@@ -44,3 +44,30 @@ def test_top2_compiles_without_a_vocabulary_sort():
   hlo = jax.jit(lambda x: confidence.top2(x)).lower(
       jnp.ones((1, 32128))).compile().as_text()
   assert 'sort(' not in hlo
+
+
+def test_flops_accounting_by_hand():
+  from calm_jax import flops, network
+  cfg = network.T5Config(vocab_size=10, emb_dim=4, num_heads=1, head_dim=2,
+                         mlp_dim=3, num_encoder_layers=1, num_decoder_layers=2)
+  c = flops.layer_costs(cfg, input_length=5, cache_length=6)
+  assert c.kv == 2 * 2 * 4 * 2                                   # 32
+  assert c.rest == ((2 * 4 * 2 + 2 * 2 * 2 * 6 + 2 * 2 * 4)      # self: 80
+                    + (2 * 4 * 2 + 2 * 2 * 2 * 5 + 2 * 2 * 4)   # cross: 72
+                    + 3 * 2 * 4 * 3)                             # mlp: 72
+  assert c.head == 2 * 4 * 10
+  assert c.encoder == 5 * ((4 * 2 * 4 * 2 + 2 * 2 * 2 * 5 + 72) + 2 * 32)
+  static = flops.static_flops(cfg, batch_size=1, num_tokens=3,
+                              input_length=5, cache_length=6)
+  assert static == c.encoder + 3 * (2 * (32 + 224) + 80)
+  # Tokens exiting at layers 1, 2, 1 with softmax checked at layer 1 only:
+  # every token fills both layers' K/V; two reuse their exit logits.
+  early = flops.early_exit_flops(cfg, [1, 2, 1], measure='softmax',
+                                 allowed_exits=[1], batch_size=1,
+                                 input_length=5, cache_length=6)
+  softmax = 2 * 4 * 10 + 3 * 10
+  assert early == c.encoder + (3 * 2 * 32 + 4 * 224 + 3 * softmax + 1 * 80)
+  state = flops.early_exit_flops(cfg, [2, 2, 2], measure='state',
+                                 allowed_exits=[1], batch_size=1,
+                                 input_length=5, cache_length=6)
+  assert state == static + 3 * 3 * 2 * 4

@@ -1,0 +1,121 @@
+"""Python API for notebooks and services.
+
+  model = calm_jax.load('runs/demo/model')
+  results = model.generate(['translate English to French: the cat sees a dog .'],
+                           threshold=0.9, confidence='softmax')
+  results[0].text, results[0].exit_layers, results[0].confidences
+
+Tokenizes with the SentencePiece model kept in the model dir (no TensorFlow).
+"""
+import dataclasses
+import functools
+import glob
+import json
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import sentencepiece as spm
+
+from calm_jax import checkpoints
+from calm_jax import decoding
+from calm_jax import models
+
+EOS_ID = 1
+FULL_DEPTH = 1.5  # any threshold above 1 disables exits
+CALIBRATION_SUBDIR = 'calibration'
+
+
+@dataclasses.dataclass
+class Generation:
+  """One decoded input."""
+  text: str
+  exit_layers: list[int]    # 1-based decoder layer per output token
+  confidences: list[float]  # confidence at each token's exit
+  tokens: list[int]
+
+
+def newest_calibration(model_dir: str, confidence: str) -> Optional[dict]:
+  """The newest calibration record for `confidence` in the model dir."""
+  records = []
+  for path in glob.glob(os.path.join(model_dir, CALIBRATION_SUBDIR, '*.json')):
+    with open(path) as f:
+      record = json.load(f)
+    if record.get('confidence') == confidence:
+      records.append((record.get('created', 0), path, record))
+  return max(records)[2] if records else None
+
+
+def _pad_to(length: int, multiple: int = 16) -> int:
+  """Rounds input lengths up so that few shapes get compiled."""
+  return max(multiple, -(-length // multiple) * multiple)
+
+
+class CalmLM:
+  """A trained CALM model dir, ready to generate with early exit."""
+
+  def __init__(self, model_dir: str, step: Optional[int] = None):
+    self.model_dir = model_dir
+    self.config, vocab_path = checkpoints.read_model_config(model_dir)
+    self.params, self.step = checkpoints.load_params(model_dir, self.config,
+                                                     step)
+    self.model = models.CalmModel(self.config)
+    self.vocab = spm.SentencePieceProcessor(model_file=vocab_path)
+
+  def resolve_threshold(self, threshold: Optional[float], confidence: str
+                        ) -> tuple[float, str]:
+    """(threshold, where it came from): given, calibrated, or full depth."""
+    if threshold is not None:
+      return float(threshold), 'given'
+    record = newest_calibration(self.model_dir, confidence)
+    if record is None:
+      return FULL_DEPTH, 'no calibration record: full depth'
+    return float(record['threshold']), f'calibration record {record["name"]}'
+
+  @functools.lru_cache(maxsize=16)
+  def _decoder(self, exit_config: decoding.ExitConfig, max_length: int):
+    return jax.jit(lambda p, enc, t, rng: self.model.decode_early_exit(
+        p, enc, max_length, exit_config=exit_config, threshold=t, rng=rng))
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    ids = [self.vocab.encode(t) + [EOS_ID] for t in texts]
+    out = np.zeros((len(ids), _pad_to(max(map(len, ids)))), np.int32)
+    for row, seq in enumerate(ids):
+      out[row, :len(seq)] = seq
+    return out
+
+  def generate(self, texts: Sequence[str], *, threshold: Optional[float] = None,
+               confidence: str = 'softmax', batch_size: int = 8,
+               max_length: int = 32, tau: Optional[float] = None,
+               min_exit: int = 1, sampling=decoding.Sampling(),
+               seed: int = 0) -> list[Generation]:
+    """Decodes each text with early exit; one `Generation` per input."""
+    value, _ = self.resolve_threshold(threshold, confidence)
+    cfg = decoding.ExitConfig.create(
+        self.config.num_decoder_layers, confidence=confidence,
+        first_exit=self.config.first_exit,
+        exit_interval=self.config.exit_interval, min_exit=min_exit, tau=tau,
+        sampling=sampling)
+    decode = self._decoder(cfg, max_length)
+    results = []
+    for start in range(0, len(texts), batch_size):
+      chunk = list(texts[start:start + batch_size])
+      enc = self.encode(chunk + [''] * (batch_size - len(chunk)))
+      out = jax.device_get(decode(self.params, jnp.asarray(enc), value,
+                                  jax.random.PRNGKey(seed + start)))
+      results += [self._result(out, row) for row in range(len(chunk))]
+    return results
+
+  def _result(self, out: decoding.DecodeOutput, row: int) -> Generation:
+    tokens = [int(t) for t in out.tokens[row]]
+    length = tokens.index(EOS_ID) + 1 if EOS_ID in tokens else len(tokens)
+    text_ids = [t for t in tokens[:length] if t != EOS_ID]
+    return Generation(
+        text=self.vocab.decode(text_ids),
+        exit_layers=[int(l) for l in out.exit_layers[row, :length]],
+        confidences=[round(float(c), 4) for c in out.confidences[row,
+                                                                 :length]],
+        tokens=tokens[:length])
+

@@ -1,0 +1,252 @@
+"""Wall-clock benchmark: early-exit decoding vs the static full-depth decoder.
+
+  python -m calm_jax.bench [--output runs/bench/bench.json] [--repeats 5]
+
+For each model (the paper's small dims with random weights; the trained demo
+model when runs/demo/model exists), batch size, confidence measure and exit
+pattern, it decodes the same inputs with the static decoder and with the
+early-exit decoder, alternating runs after compiling both, and reports
+medians, the layer-ideal and FLOPs-ideal speed-ups and the efficiency
+(measured / FLOPs-ideal). Patterns: `exit@k` forces every token to stop at
+layer k (confidences are still computed, so their cost is real), `mixed`
+draws each token's exit layer from the demo model's measured distribution,
+`disabled` runs with exits off (threshold > 1): the loop's overhead.
+Outputs have a fixed length (EOS is ignored) so both decoders do the same
+number of positions.
+"""
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calm_jax import checkpoints
+from calm_jax import decoding
+from calm_jax import flops
+from calm_jax import models
+from calm_jax import network
+
+NO_EOS = -1
+MEASURES = ('softmax', 'state', 'classifier')
+PAPER_SMALL = network.T5Config()  # 8+8 layers, d_model 512, vocab 32,128
+DEMO_DIR = 'runs/demo/model'
+# Used when no demo model exists to measure a distribution from.
+FALLBACK_MIX = (0.45, 0.2, 0.1, 0.08, 0.06, 0.04, 0.03, 0.04)
+
+
+@dataclasses.dataclass
+class BenchModel:
+  name: str
+  model: models.CalmModel
+  params: object
+  inputs: np.ndarray        # [max batch, s] encoder tokens
+  output_length: int
+  exit_distribution: tuple  # P(exit at layer k), k = 1..L
+  distribution_source: str
+
+
+def time_alternating(static: Callable, early: Callable, repeats: int
+                     ) -> tuple[list[float], list[float]]:
+  """Alternates the two (already compiled) calls; returns their times."""
+  static_times, early_times = [], []
+  for _ in range(repeats):
+    for fn, times in ((static, static_times), (early, early_times)):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - start)
+  return static_times, early_times
+
+
+def compile_seconds(fn: Callable) -> tuple[float, object]:
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return time.perf_counter() - start, out
+
+
+def random_classifier(cfg: network.T5Config) -> dict:
+  key = jax.random.PRNGKey(1)
+  return {'kernel': jax.random.normal(key, (cfg.emb_dim, 1)) * 0.01,
+          'bias': jnp.zeros((1,))}
+
+
+def forced_pattern(pattern: str, bench: BenchModel, batch: int,
+                   seed: int = 0) -> Optional[np.ndarray]:
+  """[b, t] exit layer of every token for a forced pattern, None if not."""
+  shape = (batch, bench.output_length)
+  if pattern.startswith('exit@'):
+    return np.full(shape, int(pattern[5:]), np.int32)
+  if pattern == 'mixed':
+    layers = np.arange(1, len(bench.exit_distribution) + 1)
+    return np.random.RandomState(seed).choice(
+        layers, size=shape, p=bench.exit_distribution).astype(np.int32)
+  return None
+
+
+def case_flops(bench: BenchModel, out: decoding.DecodeOutput, measure: str,
+               exit_config: decoding.ExitConfig, batch: int) -> dict:
+  cfg = bench.model.config
+  sizes = dict(input_length=bench.inputs.shape[1],
+               cache_length=bench.output_length, batch_size=batch)
+  layers = np.asarray(out.exit_layers).reshape(-1)
+  static = flops.static_flops(cfg, num_tokens=layers.size, **sizes)
+  early = flops.early_exit_flops(cfg, layers, measure=measure,
+                                 allowed_exits=exit_config.exit_layers,
+                                 **sizes)
+  return {'avg_layers': float(layers.mean()),
+          'flops_ideal_speedup': static / early}
+
+
+def run_case(bench: BenchModel, batch: int, measure: str, pattern: str,
+             static_fn, static_compile: float, repeats: int,
+             bucket_sizes=None) -> dict:
+  """Times one case against the (compiled) static decode of the same inputs."""
+  cfg = bench.model.config
+  exit_config = decoding.ExitConfig(
+      confidence=measure, bucket_sizes=bucket_sizes,
+      exit_layers=tuple(range(1, cfg.num_decoder_layers)))
+  enc = jnp.asarray(bench.inputs[:batch])
+  forced = forced_pattern(pattern, bench, batch)
+  classifier = random_classifier(cfg) if measure == 'classifier' else None
+  threshold = 1.5 if pattern == 'disabled' else 0.0
+  early = jax.jit(lambda p, e, f: bench.model.decode_early_exit(
+      p, e, bench.output_length, exit_config=exit_config, threshold=threshold,
+      eos_id=NO_EOS, classifier=classifier, forced_exit_layers=f))
+  early_call = lambda: early(bench.params, enc, forced)
+  compile_early, out = compile_seconds(early_call)
+  static_times, early_times = time_alternating(
+      lambda: static_fn(bench.params, enc), early_call, repeats)
+  stats = case_flops(bench, out, measure, exit_config, batch)
+  measured = statistics.median(static_times) / statistics.median(early_times)
+  return {
+      'model': bench.name, 'batch_size': batch, 'pattern': pattern,
+      'confidence': measure,
+      'buckets': list(exit_config.buckets(batch)),
+      'avg_layers': round(stats['avg_layers'], 3),
+      'layer_ideal_speedup': round(cfg.num_decoder_layers
+                                   / stats['avg_layers'], 3),
+      'flops_ideal_speedup': round(stats['flops_ideal_speedup'], 3),
+      'measured_speedup': round(measured, 3),
+      'efficiency': round(measured / stats['flops_ideal_speedup'], 3),
+      'static_median_s': round(statistics.median(static_times), 5),
+      'early_median_s': round(statistics.median(early_times), 5),
+      'compile_s_static': round(static_compile, 2),
+      'compile_s_early': round(compile_early, 2),
+      'repeats': repeats,
+  }
+
+
+def paper_small_model(max_batch: int, length: int) -> BenchModel:
+  model = models.CalmModel(PAPER_SMALL)
+  params = model.init_params(jax.random.PRNGKey(0))['params']
+  inputs = np.random.RandomState(0).randint(
+      3, PAPER_SMALL.vocab_size, size=(max_batch, length)).astype(np.int32)
+  mix, source = demo_exit_distribution()
+  return BenchModel('paper_small_random', model, params, inputs, length, mix,
+                    source)
+
+
+def demo_exit_distribution(threshold: float = 0.9, examples: int = 48
+                           ) -> tuple[tuple, str]:
+  """Exit-layer distribution of the demo model (softmax at `threshold`)."""
+  if not os.path.exists(os.path.join(DEMO_DIR, checkpoints.MODEL_JSON)):
+    return FALLBACK_MIX, 'fallback (no demo model)'
+  from calm_jax import api  # pylint: disable=g-import-not-at-top
+  from tasks import synthetic  # pylint: disable=g-import-not-at-top
+  lm = api.CalmLM(DEMO_DIR)
+  texts = [synthetic.generate(task, 'validation', i)['inputs']
+           for task in synthetic.GENERATORS for i in range(examples // 3)]
+  results = lm.generate(texts, threshold=threshold, batch_size=16)
+  layers = np.concatenate([r.exit_layers for r in results])
+  counts = np.bincount(layers, minlength=lm.config.num_decoder_layers + 1)[1:]
+  return (tuple((counts / counts.sum()).round(4).tolist()),
+          f'demo model, softmax threshold {threshold}, {len(layers)} tokens')
+
+
+def demo_model(max_batch: int, length: int) -> Optional[BenchModel]:
+  if not os.path.exists(os.path.join(DEMO_DIR, checkpoints.MODEL_JSON)):
+    return None
+  from calm_jax import api  # pylint: disable=g-import-not-at-top
+  from tasks import synthetic  # pylint: disable=g-import-not-at-top
+  lm = api.CalmLM(DEMO_DIR)
+  texts = [synthetic.generate('summarize', 'validation', i)['inputs']
+           for i in range(max_batch)]
+  mix, source = demo_exit_distribution()
+  return BenchModel('demo', lm.model, lm.params, lm.encode(texts), length,
+                    mix, source)
+
+
+def bench_model(bench: BenchModel, batches, measures, patterns, repeats,
+                log) -> list[dict]:
+  cases = []
+  for batch in batches:
+    static = jax.jit(lambda p, e: bench.model.decode_static(
+        p, e, bench.output_length, eos_id=NO_EOS).tokens)
+    enc = jnp.asarray(bench.inputs[:batch])
+    compile_static, _ = compile_seconds(lambda: static(bench.params, enc))
+    for measure in measures:
+      for pattern in patterns:
+        case = run_case(bench, batch, measure, pattern, static,
+                        compile_static, repeats)
+        cases.append(case)
+        log(case)
+      if batch > 1 and 'mixed' in patterns:  # the original's min-over-batch
+        case = run_case(bench, batch, measure, 'mixed', static,
+                        compile_static, repeats, bucket_sizes=(batch,))
+        case['pattern'] = 'mixed_min_over_batch'
+        cases.append(case)
+        log(case)
+  return cases
+
+
+def format_row(case: dict) -> str:
+  return (f"{case['model']:>18} b={case['batch_size']:<3}"
+          f"{case['confidence']:>10} {case['pattern']:>21} "
+          f"layers={case['avg_layers']:<5} ideal={case['flops_ideal_speedup']:<6}"
+          f"measured={case['measured_speedup']:<6} "
+          f"eff={case['efficiency']}")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--output', default='runs/bench/bench.json')
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--batch_sizes', default='1,16')
+  parser.add_argument('--measures', default=','.join(MEASURES))
+  parser.add_argument('--patterns',
+                      default='exit@1,exit@2,exit@4,exit@8,mixed,disabled')
+  parser.add_argument('--models', default='paper_small,demo')
+  parser.add_argument('--length', type=int, default=64,
+                      help='input and output length of the paper-size model')
+  args = parser.parse_args(argv)
+  batches = [int(b) for b in args.batch_sizes.split(',')]
+  builders = {'paper_small': lambda: paper_small_model(max(batches),
+                                                       args.length),
+              'demo': lambda: demo_model(max(batches), 16)}
+  cases, sources = [], {}
+  for name in args.models.split(','):
+    if name not in builders:
+      sys.exit(f'error: unknown model {name!r}; valid: {", ".join(builders)}')
+    bench = builders[name]()
+    if bench is None:
+      print(f'skipping {name}: no trained model in {DEMO_DIR} (make demo)')
+      continue
+    sources[bench.name] = {'mixed_distribution': bench.exit_distribution,
+                           'source': bench.distribution_source}
+    cases += bench_model(bench, batches, args.measures.split(','),
+                         args.patterns.split(','), args.repeats,
+                         lambda c: print(format_row(c), flush=True))
+  checkpoints.atomic_write_json(args.output, {
+      'cases': cases, 'mixed_pattern': sources,
+      'devices': [str(d) for d in jax.devices()],
+      'note': 'ratios from one run on this machine; absolute times are noise'})
+  print(f'wrote {args.output}')
+
+
+if __name__ == '__main__':
+  main()

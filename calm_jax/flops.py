@@ -1,0 +1,80 @@
+"""FLOPs of static and early-exit decoding (2 FLOPs per multiply-add).
+
+One accounting for the benchmark's `flops_ideal_speedup`: embedding lookups
+cost nothing; the encoder and the per-layer cross-attention K/V are the same
+for both decoders; per output token and row, a static decoder runs every
+layer and one output head, while an early-exit decoder runs
+- the K/V projection of every layer (run layers and skipped layers' fills),
+- the rest of each layer up to the exit,
+- a confidence head at every allowed exit layer it reaches below the top,
+- the output head, unless the confidence measure already computed the exit's
+  logits (softmax measures reuse them for the emitted token).
+Attention is counted over the whole cache length, as the jitted loop runs it.
+"""
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from calm_jax import network
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCosts:
+  """FLOPs of the pieces of one decode step for one row."""
+  kv: float            # self-attention K/V projections of one layer
+  rest: float          # the rest of one layer (q, attention, out, cross, MLP)
+  head: float          # final norm + vocabulary projection
+  encoder: float       # encoder + cross K/V for one input row
+
+
+def layer_costs(cfg: network.T5Config, *, input_length: int,
+                cache_length: int) -> LayerCosts:
+  e, h, d, f = cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+  hd = h * d
+  kv = 2 * 2 * e * hd
+  self_attention = 2 * e * hd + 2 * 2 * hd * cache_length + 2 * hd * e
+  cross_attention = 2 * e * hd + 2 * 2 * hd * input_length + 2 * hd * e
+  mlp = 3 * 2 * e * f
+  encoder_layer = (4 * 2 * e * hd + 2 * 2 * hd * input_length + mlp)
+  encoder = input_length * (cfg.num_encoder_layers * encoder_layer
+                            + cfg.num_decoder_layers * kv)
+  return LayerCosts(kv=kv, rest=self_attention + cross_attention + mlp,
+                    head=2 * e * cfg.vocab_size, encoder=encoder)
+
+
+def confidence_cost(measure: str, cfg: network.T5Config) -> float:
+  """FLOPs of one confidence evaluation for one row."""
+  if measure in ('softmax', 'softmax_max'):
+    return 2 * cfg.emb_dim * cfg.vocab_size + 3 * cfg.vocab_size
+  if measure == 'state':
+    return 3 * 2 * cfg.emb_dim
+  if measure == 'classifier':
+    return 2 * cfg.emb_dim
+  raise ValueError(f'no cost for confidence measure {measure!r}')
+
+
+def static_flops(cfg: network.T5Config, *, batch_size: int, num_tokens: int,
+                 input_length: int, cache_length: int) -> float:
+  """Full-depth decode of `num_tokens` (row, position) pairs."""
+  c = layer_costs(cfg, input_length=input_length, cache_length=cache_length)
+  per_token = cfg.num_decoder_layers * (c.kv + c.rest) + c.head
+  return batch_size * c.encoder + num_tokens * per_token
+
+
+def early_exit_flops(cfg: network.T5Config, exit_layers: Sequence[int], *,
+                     measure: str, allowed_exits: Sequence[int],
+                     batch_size: int, input_length: int,
+                     cache_length: int) -> float:
+  """Early-exit decode where token j stopped at 1-based `exit_layers[j]`."""
+  c = layer_costs(cfg, input_length=input_length, cache_length=cache_length)
+  layers = np.asarray(exit_layers, np.int64)
+  allowed = np.asarray(sorted(allowed_exits), np.int64)
+  top = cfg.num_decoder_layers
+  checks = (allowed[None, :] <= layers[:, None]).sum(-1)  # [tokens]
+  reuses_logits = measure in ('softmax', 'softmax_max')
+  heads = np.where((layers < top) & reuses_logits, 0, 1)
+  total = (len(layers) * top * c.kv + layers.sum() * c.rest
+           + checks.sum() * confidence_cost(measure, cfg)
+           + heads.sum() * c.head)
+  return batch_size * c.encoder + float(total)
