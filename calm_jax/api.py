@@ -63,6 +63,7 @@ class CalmLM:
                                                      step)
     self.model = models.CalmModel(self.config)
     self.vocab = spm.SentencePieceProcessor(model_file=vocab_path)
+    self.classifier = checkpoints.load_classifier(model_dir, self.config)
 
   def resolve_threshold(self, threshold: Optional[float], confidence: str
                         ) -> tuple[float, str]:
@@ -74,10 +75,21 @@ class CalmLM:
       return FULL_DEPTH, 'no calibration record: full depth'
     return float(record['threshold']), f'calibration record {record["name"]}'
 
+  def classifier_for(self, confidence: str):
+    """The classifier's parameters when the measure needs them."""
+    if confidence != 'classifier':
+      return None
+    if self.classifier is None:
+      raise checkpoints.CheckpointError(
+          f'{self.model_dir} has no exit classifier: train one with '
+          'gin/runs/train_classifier.gin')
+    return self.classifier
+
   @functools.lru_cache(maxsize=16)
   def _decoder(self, exit_config: decoding.ExitConfig, max_length: int):
-    return jax.jit(lambda p, enc, t, rng: self.model.decode_early_exit(
-        p, enc, max_length, exit_config=exit_config, threshold=t, rng=rng))
+    return jax.jit(lambda p, c, enc, t, rng: self.model.decode_early_exit(
+        p, enc, max_length, exit_config=exit_config, threshold=t,
+        classifier=c, rng=rng))
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     ids = [self.vocab.encode(t) + [EOS_ID] for t in texts]
@@ -99,12 +111,13 @@ class CalmLM:
         exit_interval=self.config.exit_interval, min_exit=min_exit, tau=tau,
         sampling=sampling)
     decode = self._decoder(cfg, max_length)
+    classifier = self.classifier_for(confidence)
     results = []
     for start in range(0, len(texts), batch_size):
       chunk = list(texts[start:start + batch_size])
       enc = self.encode(chunk + [''] * (batch_size - len(chunk)))
-      out = jax.device_get(decode(self.params, jnp.asarray(enc), value,
-                                  jax.random.PRNGKey(seed + start)))
+      out = jax.device_get(decode(self.params, classifier, jnp.asarray(enc),
+                                  value, jax.random.PRNGKey(seed + start)))
       results += [self._result(out, row) for row in range(len(chunk))]
     return results
 

@@ -2,6 +2,7 @@
 
 A model dir is self-contained:
   MODEL_DIR/checkpoints/<step>/{params,opt_state}   orbax (atomic commits)
+  MODEL_DIR/classifier/<step>/{params,opt_state}    exit classifier, if any
   MODEL_DIR/model.json       T5Config and the vocabulary file name
   MODEL_DIR/config.gin       the operative gin config of the training run
   MODEL_DIR/vocab/<name>     the SentencePiece model the tokens refer to
@@ -19,6 +20,7 @@ import orbax.checkpoint as ocp
 from calm_jax import network
 
 CHECKPOINT_SUBDIR = 'checkpoints'
+CLASSIFIER_SUBDIR = 'classifier'  # stage-2 exit classifier checkpoints
 MODEL_JSON = 'model.json'
 
 
@@ -32,12 +34,13 @@ def first_line(error: BaseException) -> str:
 
 
 def manager(model_dir: str, *, max_to_keep: Optional[int] = None,
-            save_interval_steps: int = 1) -> ocp.CheckpointManager:
+            save_interval_steps: int = 1,
+            subdir: str = CHECKPOINT_SUBDIR) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
       create=True)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(model_dir), CHECKPOINT_SUBDIR),
+      os.path.join(os.path.abspath(model_dir), subdir),
       options=options)
 
 
@@ -135,3 +138,19 @@ def load_params(model_dir: str, config: network.T5Config,
   params = restore(mgr, step, params=target['params'])['params']
   mgr.close()
   return params, step
+
+
+def load_classifier(model_dir: str, config: network.T5Config
+                    ) -> Optional[Any]:
+  """The latest exit classifier of a model dir, or None if never trained."""
+  from calm_jax import confidence  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.join(model_dir, CLASSIFIER_SUBDIR)):
+    return None
+  mgr = manager(model_dir, subdir=CLASSIFIER_SUBDIR)
+  step = mgr.latest_step()
+  if step is None:
+    return None
+  target = jax.eval_shape(lambda: confidence.init_classifier(config.emb_dim))
+  params = restore(mgr, step, params=target)['params']
+  mgr.close()
+  return params

@@ -57,10 +57,21 @@ def state_saturation(hidden, previous_hidden, logits_fn=None, classifier=None):
   return dot / jnp.maximum(norms, 1e-12), None
 
 
-def classifier_head(params: Any, hidden: Array) -> Array:
-  """Learned exit classifier: sigmoid(h W + b) on the raw state, [b, e] -> [b]."""
+def init_classifier(embed_dim: int) -> dict[str, Array]:
+  """Parameters of the exit classifier: a linear head [e] -> 1 logit."""
+  return {'kernel': jnp.zeros((embed_dim, 1), jnp.float32),
+          'bias': jnp.zeros((1,), jnp.float32)}
+
+
+def classifier_logit(params: Any, hidden: Array) -> Array:
+  """Logit of the learned exit classifier on the raw state, [..., e] -> [...]."""
   logit = hidden.astype(jnp.float32) @ params['kernel'] + params['bias']
-  return jax.nn.sigmoid(logit[..., 0])
+  return logit[..., 0]
+
+
+def classifier_head(params: Any, hidden: Array) -> Array:
+  """Learned exit classifier probability sigmoid(h W + b), [..., e] -> [...]."""
+  return jax.nn.sigmoid(classifier_logit(params, hidden))
 
 
 def learned_classifier(hidden, previous_hidden, logits_fn=None,

@@ -47,20 +47,22 @@ def _example_records(batch, out: decoding.DecodeOutput, task: str
 def decode_task(model: models.CalmModel, params, task: str, *, split: str,
                 num_examples: Optional[int], batch_size: int,
                 exit_config: decoding.ExitConfig, threshold: float,
-                seed: int) -> tuple[list[dict], float]:
+                seed: int, classifier=None) -> tuple[list[dict], float]:
   """Decodes a task split; returns the records and the decode seconds."""
   from calm_jax import data  # pylint: disable=g-import-not-at-top
   from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
   max_length = data.feature_lengths(task)['targets']
-  fn = jax.jit(lambda p, e, t, r: model.decode_early_exit(
-      p, e, max_length, exit_config=exit_config, threshold=t, rng=r))
+  fn = jax.jit(lambda p, c, e, t, r: model.decode_early_exit(
+      p, e, max_length, exit_config=exit_config, threshold=t, rng=r,
+      classifier=c))
   batches = list(evaluation.eval_batches(task, split, batch_size=batch_size,
                                          num_examples=num_examples))
   records, seconds = [], 0.0
   for index, batch in enumerate(tqdm.tqdm(batches, desc=task, unit='batch')):
     start = time.perf_counter()
-    out = jax.device_get(fn(params, jnp.asarray(batch.encoder_tokens),
-                            threshold, jax.random.PRNGKey(seed + index)))
+    out = jax.device_get(fn(params, classifier,
+                            jnp.asarray(batch.encoder_tokens), threshold,
+                            jax.random.PRNGKey(seed + index)))
     if index > 0:  # the first batch includes compilation
       seconds += time.perf_counter() - start
     records += _example_records(batch, out, task)
@@ -120,7 +122,7 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
     records, seconds = decode_task(
         lm.model, lm.params, task, split=split, num_examples=num_examples,
         batch_size=batch_size, exit_config=exit_config, threshold=value,
-        seed=seed)
+        seed=seed, classifier=lm.classifier_for(confidence))
     _write_jsonl(os.path.join(output_dir, f'{task}.jsonl'), records)
     timed = 1 - min(batch_size, len(records)) / max(len(records), 1)
     summary['tasks'][task] = summarize(task, records, seconds, timed)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calm_jax import confidence
 from calm_jax import decoding
 from calm_jax import network
 
@@ -77,6 +78,37 @@ def calm_loss(exit_logits: Array, targets: Array, loss_mask: Array,
              'accuracy_per_exit': per_exit_accuracy,
              'num_tokens': num_tokens}
   return loss, metrics
+
+
+def exit_classifier_loss(classifier: Params, hidden: Array,
+                         predictions: Array, loss_mask: Array
+                         ) -> tuple[Array, dict[str, Array]]:
+  """Class-balanced BCE of the exit classifier, averaged over exit layers.
+
+  Args:
+    classifier: the classifier's parameters.
+    hidden: [x, b, l, e] raw states of the layers that may exit.
+    predictions: [x + 1, b, l] argmax of those layers and, last, the top's.
+    loss_mask: [b, l] real target tokens.
+
+  Label: 1 where a layer's argmax equals the top layer's. Positives and
+  negatives weigh half each within every layer, whatever their counts.
+  """
+  labels = (predictions[:-1] == predictions[-1:]).astype(jnp.float32)
+  mask = loss_mask[None].astype(jnp.float32)
+  num_tokens = jnp.maximum(mask.sum(), 1.0)
+  positive_rate = (labels * mask).sum((1, 2)) / num_tokens  # [x]
+  w_pos = 0.5 / jnp.clip(positive_rate, 1e-3, None)[:, None, None]
+  w_neg = 0.5 / jnp.clip(1 - positive_rate, 1e-3, None)[:, None, None]
+  logit = confidence.classifier_logit(classifier, hidden)  # [x, b, l]
+  bce = -(w_pos * labels * jax.nn.log_sigmoid(logit)
+          + w_neg * (1 - labels) * jax.nn.log_sigmoid(-logit))
+  per_layer = (bce * mask).sum((1, 2)) / num_tokens
+  correct = ((logit > 0) == (labels > 0.5)) * mask
+  return per_layer.mean(), {
+      'loss': per_layer.mean(), 'loss_per_exit': per_layer,
+      'accuracy_per_exit': correct.sum((1, 2)) / num_tokens,
+      'positive_rate_per_exit': positive_rate}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +192,27 @@ class CalmModel:
     return calm_loss(logits, batch['decoder_target_tokens'],
                      batch['decoder_loss_weights'], self.exit_weights(),
                      self.z_loss)
+
+  def classifier_loss(self, classifier: Params, params: Params,
+                      batch: Mapping[str, Array]) -> tuple[Array, dict]:
+    """Stage 2: the exit classifier's loss; the backbone gets no gradient."""
+    module = self.module
+    hidden = jax.lax.stop_gradient(module.apply(
+        {'params': params}, batch['encoder_input_tokens'],
+        batch['decoder_input_tokens'],
+        method=network.EncoderDecoder.decoder_hidden))  # [L, b, l, e]
+    exits = self.classifier_exit_layers()
+    with_top = (*exits, self.config.num_decoder_layers)
+    logits = module.apply({'params': params}, hidden, with_top,
+                          method=network.EncoderDecoder.exit_logits)
+    predictions = jnp.argmax(logits, -1)
+    return exit_classifier_loss(classifier, hidden[jnp.asarray(exits) - 1],
+                                predictions, batch['decoder_loss_weights'])
+
+  def classifier_exit_layers(self) -> tuple[int, ...]:
+    """Exits below the top: where the classifier is trained and used."""
+    return tuple(l for l in self.config.exit_layers
+                 if l < self.config.num_decoder_layers)
 
   def all_layer_logits(self, params: Params, encoder_tokens: Array,
                        decoder_input_tokens: Array) -> Array:

@@ -24,42 +24,77 @@ make_optimizer = gin.external_configurable(optim.make_optimizer,
                                            module='calm_jax')
 
 
+STAGES = ('model', 'classifier')
+
+
 @gin.configurable(module='calm_jax')
 def train(*, model_dir: str = gin.REQUIRED,
           mixture_or_task_name: str = gin.REQUIRED,
-          model_config: network.T5Config = gin.REQUIRED,
-          optimizer=gin.REQUIRED,
+          model_config: Optional[network.T5Config] = None,
+          optimizer=gin.REQUIRED, stage: str = 'model',
           batch_size: int = 64, num_train_steps: int = 1000,
           checkpoint_period: int = 500, keep_checkpoints: int = 3,
           log_every: int = 50, seed: int = 0,
           loss_weighting: str = 'linear', z_loss: float = 1e-4,
           task_feature_lengths: Optional[Mapping[str, Mapping[str, int]]] = None,
           progress: bool = True) -> trainer.TrainState:
-  """Trains a CALM model on a SeqIO task or mixture into `model_dir`."""
+  """Trains into `model_dir` on a SeqIO task or mixture.
+
+  stage 'model' trains the CALM network (model_config required); stage
+  'classifier' trains the exit classifier of the model already in
+  `model_dir`, backbone frozen, into MODEL_DIR/classifier.
+  """
   from calm_jax import data  # TensorFlow only on the data path.
   from clu import metric_writers
 
-  checkpoints.check_compatible(model_dir, model_config)
-  vocab_path = data.vocabulary_path(mixture_or_task_name)
-  data.check_vocab_fits(mixture_or_task_name, model_config.vocab_size)
-  model = models.CalmModel(model_config, loss_weighting=loss_weighting,
-                           z_loss=z_loss)
-  os.makedirs(model_dir, exist_ok=True)
-  checkpoints.write_model_files(model_dir, model_config, vocab_path,
-                                gin.operative_config_str())
+  if stage not in STAGES:
+    raise ValueError(f'unknown stage {stage!r}; valid: {", ".join(STAGES)}')
+  if stage == 'model':
+    objective = _model_stage(model_dir, mixture_or_task_name, model_config,
+                             loss_weighting, z_loss)
+    subdir = checkpoints.CHECKPOINT_SUBDIR
+  else:
+    objective = _classifier_stage(model_dir)
+    subdir = checkpoints.CLASSIFIER_SUBDIR
   writer = metric_writers.create_default_writer(
-      os.path.join(model_dir, 'train'), just_logging=False,
-      asynchronous=False)
+      os.path.join(model_dir, 'train' if stage == 'model' else subdir),
+      just_logging=False, asynchronous=False)
   batches_from = lambda start: data.train_batches(
       mixture_or_task_name, batch_size=batch_size, seed=seed,
       start_step=start, lengths_override=task_feature_lengths)
   state = trainer.train_loop(
-      model=model, optimizer=optimizer, model_dir=model_dir,
+      objective=objective, optimizer=optimizer, model_dir=model_dir,
       batches_from=batches_from, num_steps=num_train_steps,
       checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
-      log_every=log_every, seed=seed, writer=writer, progress=progress)
+      log_every=log_every, seed=seed, writer=writer, progress=progress,
+      checkpoint_subdir=subdir)
   writer.flush()
   return state
+
+
+def _model_stage(model_dir, task, model_config, loss_weighting, z_loss):
+  """Checks and writes the model dir's files; the stage-1 objective."""
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  if model_config is None:
+    raise ValueError('stage "model" needs a model config: add a '
+                     'gin/models/*.gin file')
+  checkpoints.check_compatible(model_dir, model_config)
+  data.check_vocab_fits(task, model_config.vocab_size)
+  os.makedirs(model_dir, exist_ok=True)
+  checkpoints.write_model_files(model_dir, model_config,
+                                data.vocabulary_path(task),
+                                gin.operative_config_str())
+  model = models.CalmModel(model_config, loss_weighting=loss_weighting,
+                           z_loss=z_loss)
+  return trainer.model_objective(model)
+
+
+def _classifier_stage(model_dir):
+  """The stage-2 objective over the latest backbone in `model_dir`."""
+  config, _ = checkpoints.read_model_config(model_dir)
+  backbone, step = checkpoints.load_params(model_dir, config)
+  print(f'training the exit classifier on the frozen model of step {step}')
+  return trainer.classifier_objective(models.CalmModel(config), backbone)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -4,6 +4,7 @@ No gin and no TensorFlow: batches arrive through a callable that starts the
 (deterministic) data pipeline at a given step, which is how a resumed run
 continues at the same data position.
 """
+import dataclasses
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
 
@@ -15,6 +16,7 @@ import optax
 import tqdm
 
 from calm_jax import checkpoints
+from calm_jax import confidence
 from calm_jax import models
 
 Batch = Mapping[str, np.ndarray]
@@ -25,6 +27,41 @@ class ScalarWriter(Protocol):
     ...
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a training run optimizes.
+
+  Attributes:
+    init: rng -> initial trainable parameters.
+    loss: (params, batch, dropout_rng or None) -> (loss, metrics).
+    exit_layers: names of the entries of per-exit metric vectors.
+    dropout: whether the loss wants a dropout rng.
+  """
+  init: Callable[[jax.Array], Any]
+  loss: Callable[..., tuple[jax.Array, dict]]
+  exit_layers: tuple[int, ...]
+  dropout: bool = False
+
+
+def model_objective(model: models.CalmModel) -> Objective:
+  """Stage 1: the whole network with CALM's weighted per-exit loss."""
+  return Objective(
+      init=lambda rng: model.init_params(rng)['params'],
+      loss=lambda p, batch, rng: model.loss(p, batch, dropout_rng=rng),
+      exit_layers=model.config.exit_layers,
+      dropout=model.config.dropout_rate > 0)
+
+
+def classifier_objective(model: models.CalmModel, backbone: Any) -> Objective:
+  """Stage 2: the exit classifier alone; the trained backbone stays frozen
+  (it is a constant of the loss, so neither gradients nor optimizer state
+  touch it)."""
+  return Objective(
+      init=lambda rng: confidence.init_classifier(model.config.emb_dim),
+      loss=lambda c, batch, rng: model.classifier_loss(c, backbone, batch),
+      exit_layers=model.classifier_exit_layers())
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # [] int32: optimizer steps taken
@@ -32,21 +69,22 @@ class TrainState:
   opt_state: Any
 
 
-def init_state(model: models.CalmModel, optimizer: optax.GradientTransformation,
+def init_state(objective: Objective, optimizer: optax.GradientTransformation,
                rng: jax.Array) -> TrainState:
-  params = model.init_params(rng)['params']
+  params = objective.init(rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params))
 
 
-def make_train_step(model: models.CalmModel,
-                    optimizer: optax.GradientTransformation, dropout: bool):
+def make_train_step(objective: Objective,
+                    optimizer: optax.GradientTransformation):
   """(state, batch, rng) -> (state, metrics), jitted, state donated."""
 
   def step(state: TrainState, batch: Batch, rng: jax.Array):
-    dropout_rng = jax.random.fold_in(rng, state.step) if dropout else None
-    grad_fn = jax.value_and_grad(model.loss, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, dropout_rng=dropout_rng)
+    dropout_rng = (jax.random.fold_in(rng, state.step) if objective.dropout
+                   else None)
+    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, dropout_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
@@ -56,9 +94,9 @@ def make_train_step(model: models.CalmModel,
   return jax.jit(step, donate_argnums=(0,))
 
 
-def restore_or_init(model, optimizer, mgr, rng) -> TrainState:
+def restore_or_init(objective, optimizer, mgr, rng) -> TrainState:
   """The latest checkpoint's state, or a fresh one when there is none."""
-  state = init_state(model, optimizer, rng)
+  state = init_state(objective, optimizer, rng)
   step = mgr.latest_step()
   if step is None:
     return state
@@ -82,27 +120,29 @@ def scalar_metrics(metrics: Mapping[str, Any], exit_layers) -> dict:
   return out
 
 
-def train_loop(*, model: models.CalmModel,
+def train_loop(*, objective: Objective,
                optimizer: optax.GradientTransformation, model_dir: str,
                batches_from: Callable[[int], Iterator[Batch]],
                num_steps: int, checkpoint_period: int = 500,
                keep_checkpoints: int = 3, log_every: int = 50, seed: int = 0,
                writer: Optional[ScalarWriter] = None,
-               progress: bool = True) -> TrainState:
+               progress: bool = True,
+               checkpoint_subdir: str = checkpoints.CHECKPOINT_SUBDIR
+               ) -> TrainState:
   """Trains to `num_steps`, resuming from the latest checkpoint in model_dir.
 
   Saves every `checkpoint_period` steps, at the end, and on Ctrl-C, so no
   finished step is lost; orbax commits each checkpoint atomically.
   """
-  mgr = checkpoints.manager(model_dir, max_to_keep=keep_checkpoints)
+  mgr = checkpoints.manager(model_dir, max_to_keep=keep_checkpoints,
+                            subdir=checkpoint_subdir)
   rng = jax.random.PRNGKey(seed)
-  state = restore_or_init(model, optimizer, mgr, rng)
+  state = restore_or_init(objective, optimizer, mgr, rng)
   start = int(state.step)
   if start >= num_steps:
     mgr.close()
     return state
-  train_step = make_train_step(model, optimizer,
-                               dropout=model.config.dropout_rate > 0)
+  train_step = make_train_step(objective, optimizer)
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not progress,
                   desc='train', unit='step', dynamic_ncols=True)
   batches = batches_from(start)
@@ -118,7 +158,7 @@ def train_loop(*, model: models.CalmModel,
       window_steps += 1
       if step % log_every == 0 or step == num_steps:
         scalars = scalar_metrics(jax.device_get(metrics),
-                                 model.config.exit_layers)
+                                 objective.exit_layers)
         elapsed = time.perf_counter() - window_start
         scalars['steps_per_second'] = window_steps / max(elapsed, 1e-9)
         window_start, window_steps = time.perf_counter(), 0

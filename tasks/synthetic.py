@@ -13,8 +13,9 @@ model shows a spread of exit layers:
   translate  (WMT EN-FR stand-in): sentences of a small English grammar ->
              pseudo-French (lexicon, noun-adjective reordering, gender and
              number agreement of articles, adjectives and verbs).
-  qa         (SQuAD stand-in): a question about one of three boxes and a
-             context paragraph -> the answer span copied from the context.
+  qa         (SQuAD stand-in): a question about one of three people and a
+             context of facts about them -> the answer span copied from the
+             context.
 """
 import hashlib
 import random
@@ -82,12 +83,27 @@ _VERBS = {
 _PREPOSITIONS = {'near': 'près de', 'behind': 'derrière', 'in': 'dans',
                  'under': 'sous', 'with': 'avec'}
 
+_JOBS = ('baker teacher pilot farmer doctor painter nurse miner tailor '
+         'sailor').split()
+_PETS = 'cats dogs horses goats sheep rabbits hens ducks'.split()
+_FOODS = 'rice soup bread cheese apples pears fish honey'.split()
+# Relation -> (sentence template around the answer, answer generator).
+_RELATIONS = {
+    'lives': lambda rng: ('lives in {}', rng.choice(_CITIES)),
+    'works': lambda rng: ('works as a {}', rng.choice(_JOBS)),
+    'owns': lambda rng: ('owns {}', f'{rng.randint(2, 20)} '
+                         f'{rng.choice(_PETS)}'),
+    'likes': lambda rng: ('likes {}', rng.choice(_FOODS)),
+    'drives': lambda rng: ('drives a {}', f'{rng.choice(_COLORS)} '
+                           f'{rng.choice(["car", "van", "truck", "bus"])}'),
+}
+_QUESTIONS = {
+    'lives': 'where does {} live ?', 'works': 'what is the job of {} ?',
+    'owns': 'what does {} own ?', 'likes': 'what does {} like ?',
+    'drives': 'what does {} drive ?',
+}
 _COLORS = ('red blue green yellow black white orange purple brown grey '
            'pink golden').split()
-_ITEMS = ('apples pears eggs coins keys stones shells buttons candles '
-          'marbles spoons rings lemons plums nails beads').split()
-_CONTAINERS = 'box bag jar basket crate'.split()
-
 
 def example_rng(task: str, split: str, index: int, seed: int = 0
                 ) -> random.Random:
@@ -173,17 +189,26 @@ def translate_example(rng: random.Random) -> dict[str, str]:
 
 
 def qa_example(rng: random.Random) -> dict[str, str]:
-  """Three boxes of distinct colours; ask what one holds -> copy the span."""
-  colors = rng.sample(_COLORS, 3)
-  items = rng.sample(_ITEMS, 3)
-  container = rng.choice(_CONTAINERS)
-  counts = [rng.randint(2, 20) for _ in colors]
-  facts = [f'the {c} {container} holds {n} {item} .'
-           for c, n, item in zip(colors, counts, items)]
+  """Facts about different people, one relation each; ask one, copy its span.
+
+  The relation word (lives / works / owns / likes) finds the fact, as a
+  question's wording finds a SQuAD paragraph's sentence; the answer is the
+  span after it (1 to 3 tokens).
+  """
+  relations = rng.sample(sorted(_RELATIONS), 3)
+  people = rng.sample(_FIRST, 3)
+  facts, answers = [], []
+  for person, relation in zip(people, relations):
+    template, answer = _RELATIONS[relation](rng)
+    facts.append(f'{person} {template.format(answer)} .')
+    answers.append(answer)
   asked = rng.randrange(3)
-  question = f'what does the {colors[asked]} {container} hold ?'
-  return {'inputs': f'question: {question} context: {" ".join(facts)}',
-          'targets': f'{counts[asked]} {items[asked]}'}
+  question = _QUESTIONS[relations[asked]].format(people[asked])
+  order = list(range(3))
+  rng.shuffle(order)
+  context = ' '.join(facts[i] for i in order)
+  return {'inputs': f'question: {question} context: {context}',
+          'targets': answers[asked]}
 
 
 GENERATORS: dict[str, Callable[[random.Random], dict[str, str]]] = {

@@ -31,8 +31,8 @@ MIXTURE = 'synth_mix'
 # Lengths that hold every example of each task (EOS included).
 FEATURE_LENGTHS = {
     'synth_summarize': {'inputs': 56, 'targets': 16},
-    'synth_translate': {'inputs': 20, 'targets': 16},
-    'synth_qa': {'inputs': 36, 'targets': 4},
+    'synth_translate': {'inputs': 24, 'targets': 20},
+    'synth_qa': {'inputs': 32, 'targets': 4},
 }
 
 

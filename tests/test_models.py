@@ -57,3 +57,42 @@ def test_full_depth_prediction_is_greedy_argmax_of_the_top_layer():
     stop = list(row).index(1) + 1 if 1 in row else len(row)
     np.testing.assert_array_equal(row[:stop], want[:stop])
     assert np.all(row[stop:] == 0)
+
+
+def test_exit_classifier_loss_is_class_balanced_per_layer():
+  hidden = jnp.array([[[[1.0], [2.0], [-1.0], [0.5]]]])  # [x=1, b=1, l=4, e=1]
+  # Layer argmax vs top argmax: agree at tokens 0 and 1 only.
+  predictions = jnp.array([[[3, 4, 5, 6]], [[3, 4, 0, 0]]])
+  mask = jnp.array([[1, 1, 1, 0]])
+  classifier = {'kernel': jnp.array([[2.0]]), 'bias': jnp.array([0.0])}
+  loss, metrics = models.exit_classifier_loss(classifier, hidden,
+                                              predictions, mask)
+  logits = np.array([2.0, 4.0, -2.0])
+  labels = np.array([1.0, 1.0, 0.0])
+  w_pos, w_neg = 0.5 / (2 / 3), 0.5 / (1 / 3)
+  log_sig = lambda z: -np.log1p(np.exp(-z))
+  bce = -(w_pos * labels * log_sig(logits)
+          + w_neg * (1 - labels) * log_sig(-logits))
+  np.testing.assert_allclose(loss, bce.sum() / 3, rtol=1e-5)
+  np.testing.assert_allclose(metrics['positive_rate_per_exit'], [2 / 3],
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics['accuracy_per_exit'], [1.0])
+
+
+def test_classifier_loss_leaves_the_backbone_without_gradient():
+  cfg = network.T5Config(vocab_size=30, emb_dim=8, num_heads=1, head_dim=8,
+                         mlp_dim=8, num_encoder_layers=1,
+                         num_decoder_layers=3)
+  model = models.CalmModel(cfg)
+  params = model.init_params(jax.random.PRNGKey(0))['params']
+  batch = {'encoder_input_tokens': jnp.array([[4, 5, 1]]),
+           'decoder_input_tokens': jnp.array([[0, 6, 7]]),
+           'decoder_loss_weights': jnp.array([[1, 1, 1]])}
+  from calm_jax import confidence
+  classifier = confidence.init_classifier(8)
+  grads = jax.grad(lambda c, p: model.classifier_loss(c, p, batch)[0],
+                   argnums=(0, 1))(classifier, params)
+  assert float(jnp.abs(grads[0]['kernel']).sum()) > 0
+  assert all(float(jnp.abs(g).sum()) == 0
+             for g in jax.tree_util.tree_leaves(grads[1]))
+  assert model.classifier_exit_layers() == (1, 2)

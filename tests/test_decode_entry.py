@@ -1,0 +1,95 @@
+"""Decode entry point, classifier stage and Python API on a tiny model."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run(module, *args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('tiny') / 'model'
+  result = _run('calm_jax.train',
+                '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+                '--gin_file=gin/runs/train.gin',
+                f"--gin.MODEL_DIR='{path}'",
+                "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+                '--gin.BATCH_SIZE=8', '--gin.TRAIN_STEPS=3',
+                '--gin.calm_jax.train.progress=False')
+  assert result.returncode == 0, result.stderr[-2000:]
+  result = _run('calm_jax.train', '--gin_file=gin/runs/train_classifier.gin',
+                f"--gin.MODEL_DIR='{path}'",
+                "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+                '--gin.BATCH_SIZE=8', '--gin.TRAIN_STEPS=2',
+                '--gin.calm_jax.train.progress=False')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (path / 'classifier' / '2').is_dir()
+  assert sorted(p.name for p in (path / 'checkpoints').iterdir()) == ['3']
+  return path
+
+
+def test_decode_writes_jsonl_and_summary(model_dir, tmp_path):
+  out = tmp_path / 'decode'
+  result = _run('calm_jax.decode', '--gin_file=gin/runs/decode.gin',
+                f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+                "--gin.CONFIDENCE='classifier'", '--gin.THRESHOLD=0.5',
+                '--gin.calm_jax.decode.num_examples=6',
+                '--gin.calm_jax.decode.batch_size=4',
+                f"--gin.calm_jax.decode.output_dir='{out}'")
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = (out / 'synth_qa.jsonl').read_text().splitlines()
+  assert len(lines) == 6
+  record = json.loads(lines[0])
+  assert set(record) == {'inputs', 'targets', 'prediction', 'exit_layers',
+                         'confidences'}
+  assert record['inputs'].startswith('question: ')
+  assert len(record['exit_layers']) == len(record['confidences']) >= 1
+  assert all(1 <= l <= 4 for l in record['exit_layers'])
+  summary = json.loads((out / 'summary.json').read_text())
+  task = summary['tasks']['synth_qa']
+  assert task['metric'] == 'f1' and 0 <= task['value'] <= 100
+  assert 1 <= task['avg_decoder_layers'] <= 4
+  assert summary['threshold'] == 0.5 and summary['threshold_source'] == 'given'
+
+
+def test_decode_rejects_unknown_measure(model_dir):
+  result = _run('calm_jax.decode', '--gin_file=gin/runs/decode.gin',
+                f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+                "--gin.CONFIDENCE='entropy'")
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: unknown confidence measure'), last
+  assert 'softmax, softmax_max, state, classifier, oracle' in last
+
+
+def test_python_api_generate(model_dir):
+  import calm_jax  # pylint: disable=g-import-not-at-top
+  from tasks import synthetic  # pylint: disable=g-import-not-at-top
+  lm = calm_jax.load(str(model_dir))
+  texts = [synthetic.generate('qa', 'test', i)['inputs'] for i in range(3)]
+  full = lm.generate(texts, batch_size=2, max_length=4)
+  assert len(full) == 3
+  for result in full:  # no calibration record: full depth
+    assert result.exit_layers and set(result.exit_layers) == {4}
+    assert isinstance(result.text, str)
+  early = lm.generate(texts, threshold=0.0, confidence='state', batch_size=2,
+                      max_length=4)
+  assert all(set(r.exit_layers) == {2} for r in early)
+  clf = lm.generate(texts, threshold=0.0, confidence='classifier',
+                    batch_size=4, max_length=4)
+  assert all(set(r.exit_layers) == {1} for r in clf)
+  assert np.all([0 <= c <= 1 for r in clf for c in r.confidences])
