@@ -181,6 +181,12 @@ def demo_model(max_batch: int, length: int) -> Optional[BenchModel]:
                     mix, source)
 
 
+def bucket_variants(batch: int) -> dict[str, Optional[tuple]]:
+  """Bucket sets compared on the mixed pattern at batch > 1."""
+  return {'halvings': None, 'b_b4_1': (batch, max(batch // 4, 1), 1),
+          'min_over_batch': (batch,)}
+
+
 def bench_model(bench: BenchModel, batches, measures, patterns, repeats,
                 log) -> list[dict]:
   cases = []
@@ -191,22 +197,21 @@ def bench_model(bench: BenchModel, batches, measures, patterns, repeats,
     compile_static, _ = compile_seconds(lambda: static(bench.params, enc))
     for measure in measures:
       for pattern in patterns:
-        case = run_case(bench, batch, measure, pattern, static,
-                        compile_static, repeats)
-        cases.append(case)
-        log(case)
-      if batch > 1 and 'mixed' in patterns:  # the original's min-over-batch
-        case = run_case(bench, batch, measure, 'mixed', static,
-                        compile_static, repeats, bucket_sizes=(batch,))
-        case['pattern'] = 'mixed_min_over_batch'
-        cases.append(case)
-        log(case)
+        variants = (bucket_variants(batch) if batch > 1 and pattern == 'mixed'
+                    else {'halvings': None})
+        for name, sizes in variants.items():
+          case = run_case(bench, batch, measure, pattern, static,
+                          compile_static, repeats, bucket_sizes=sizes)
+          case['bucket_set'] = name
+          cases.append(case)
+          log(case)
   return cases
 
 
 def format_row(case: dict) -> str:
   return (f"{case['model']:>18} b={case['batch_size']:<3}"
-          f"{case['confidence']:>10} {case['pattern']:>21} "
+          f"{case['confidence']:>10} {case['pattern']:>8} "
+          f"{case['bucket_set']:>14} "
           f"layers={case['avg_layers']:<5} ideal={case['flops_ideal_speedup']:<6}"
           f"measured={case['measured_speedup']:<6} "
           f"eff={case['efficiency']}")

@@ -120,6 +120,31 @@ def scalar_metrics(metrics: Mapping[str, Any], exit_layers) -> dict:
   return out
 
 
+class _Progress:
+  """Progress bar plus periodic scalar logging with a steps/s window."""
+
+  def __init__(self, *, start: int, total: int, exit_layers, writer,
+               enabled: bool):
+    self.bar = tqdm.tqdm(total=total, initial=start, disable=not enabled,
+                         desc='train', unit='step', dynamic_ncols=True)
+    self.exit_layers, self.writer = exit_layers, writer
+    self.window_start, self.window_steps = time.perf_counter(), 0
+
+  def step(self, step: int, metrics, log: bool) -> None:
+    self.bar.update(1)
+    self.window_steps += 1
+    if not log:
+      return
+    scalars = scalar_metrics(jax.device_get(metrics), self.exit_layers)
+    elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+    scalars['steps_per_second'] = self.window_steps / elapsed
+    self.window_start, self.window_steps = time.perf_counter(), 0
+    self.bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
+                         steps_s=f'{scalars["steps_per_second"]:.2f}')
+    if self.writer is not None:
+      self.writer.write_scalars(step, scalars)
+
+
 def train_loop(*, objective: Objective,
                optimizer: optax.GradientTransformation, model_dir: str,
                batches_from: Callable[[int], Iterator[Batch]],
@@ -143,10 +168,9 @@ def train_loop(*, objective: Objective,
     mgr.close()
     return state
   train_step = make_train_step(objective, optimizer)
-  bar = tqdm.tqdm(total=num_steps, initial=start, disable=not progress,
-                  desc='train', unit='step', dynamic_ncols=True)
+  bar = _Progress(start=start, total=num_steps, writer=writer,
+                  exit_layers=objective.exit_layers, enabled=progress)
   batches = batches_from(start)
-  step, window_start, window_steps = start, time.perf_counter(), 0
   try:
     for step in range(start + 1, num_steps + 1):
       batch = next(batches, None)
@@ -154,26 +178,14 @@ def train_loop(*, objective: Objective,
         raise ValueError(f'no training data: the dataset ended after '
                          f'{step - 1 - start} batches (at step {step})')
       state, metrics = train_step(state, batch, rng)
-      bar.update(1)
-      window_steps += 1
-      if step % log_every == 0 or step == num_steps:
-        scalars = scalar_metrics(jax.device_get(metrics),
-                                 objective.exit_layers)
-        elapsed = time.perf_counter() - window_start
-        scalars['steps_per_second'] = window_steps / max(elapsed, 1e-9)
-        window_start, window_steps = time.perf_counter(), 0
-        bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
-                        steps_s=f'{scalars["steps_per_second"]:.2f}')
-        if writer is not None:
-          writer.write_scalars(step, scalars)
+      bar.step(step, metrics, step % log_every == 0 or step == num_steps)
       if step % checkpoint_period == 0:
         checkpoints.save(mgr, step, state.params, state.opt_state)
   except KeyboardInterrupt:
-    step = int(state.step)
-    print(f'\ninterrupted: saving step {step}')
+    print(f'\ninterrupted: saving step {int(state.step)}')
     raise
   finally:
-    bar.close()
+    bar.bar.close()
     if int(state.step) > start and mgr.latest_step() != int(state.step):
       checkpoints.save(mgr, int(state.step), state.params, state.opt_state,
                        force=True)

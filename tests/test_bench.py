@@ -1,0 +1,48 @@
+"""bench.py: one case end to end on a tiny random model (fields and sense)."""
+import jax
+import numpy as np
+
+from calm_jax import bench
+from calm_jax import models
+from calm_jax import network
+
+
+def _tiny_bench():
+  cfg = network.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8,
+                         mlp_dim=32, num_encoder_layers=1,
+                         num_decoder_layers=4)
+  model = models.CalmModel(cfg)
+  params = model.init_params(jax.random.PRNGKey(0))['params']
+  inputs = np.random.RandomState(0).randint(3, 64, (4, 6)).astype(np.int32)
+  return bench.BenchModel('tiny', model, params, inputs, 5,
+                          (0.5, 0.25, 0.125, 0.125), 'test')
+
+
+def test_forced_patterns():
+  tiny = _tiny_bench()
+  np.testing.assert_array_equal(bench.forced_pattern('exit@2', tiny, 2),
+                                np.full((2, 5), 2))
+  mixed = bench.forced_pattern('mixed', tiny, 4)
+  assert mixed.shape == (4, 5) and set(mixed.ravel()) <= {1, 2, 3, 4}
+  assert bench.forced_pattern('disabled', tiny, 1) is None
+
+
+def test_run_case_reports_every_field():
+  tiny = _tiny_bench()
+  static = jax.jit(lambda p, e: tiny.model.decode_static(
+      p, e, tiny.output_length, eos_id=bench.NO_EOS).tokens)
+  case = bench.run_case(tiny, 4, 'softmax', 'exit@2', static, 0.0, repeats=1)
+  assert case['avg_layers'] == 2.0
+  assert case['layer_ideal_speedup'] == 2.0
+  assert 1.0 < case['flops_ideal_speedup'] < 2.0
+  assert case['buckets'] == [1, 2, 4]
+  for key in ('model', 'batch_size', 'pattern', 'confidence',
+              'measured_speedup', 'efficiency', 'compile_s_static',
+              'compile_s_early'):
+    assert key in case
+  assert abs(case['efficiency'] - case['measured_speedup']
+             / case['flops_ideal_speedup']) < 0.01
+  disabled = bench.run_case(tiny, 1, 'state', 'disabled', static, 0.0,
+                            repeats=1)
+  assert disabled['avg_layers'] == 4.0
+  assert disabled['flops_ideal_speedup'] < 1.0  # the checks cost something
