@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-slow demo vocab clean
+.PHONY: install test test-slow demo bench validity vocab clean
 
 install: $(STAMP)
 
@@ -24,6 +24,13 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m calm_jax.demo --gin_file=gin/experiments/demo.gin
+
+bench: $(STAMP)
+	$(PY) -m calm_jax.bench --output runs/bench/bench.json
+
+validity: $(STAMP)
+	test -f runs/demo/model/model.json || $(MAKE) demo
+	$(PY) -m calm_jax.validity --output_dir runs/validity
 
 vocab: $(STAMP)
 	$(PY) -m tasks.build_vocab

@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     'protobuf==7.36.2',
     'tqdm==4.70.1',
     'tensorboard==2.21.0',
+    'matplotlib==3.11.2',
 ]
 
 setuptools.setup(

@@ -65,15 +65,24 @@ class CalmLM:
     self.vocab = spm.SentencePieceProcessor(model_file=vocab_path)
     self.classifier = checkpoints.load_classifier(model_dir, self.config)
 
-  def resolve_threshold(self, threshold: Optional[float], confidence: str
-                        ) -> tuple[float, str]:
-    """(threshold, where it came from): given, calibrated, or full depth."""
+  def resolve_threshold(self, threshold: Optional[float], confidence: str,
+                        tau: Optional[float] = None
+                        ) -> tuple[float, Optional[float], str]:
+    """(threshold, tau, where they came from): given, calibrated, or full.
+
+    Without a threshold, the newest calibration record for the measure
+    gives both (its base lambda and the tau it was calibrated with); a
+    record that certified no threshold, or none at all, means full depth.
+    """
     if threshold is not None:
-      return float(threshold), 'given'
+      return float(threshold), tau, 'given'
     record = newest_calibration(self.model_dir, confidence)
     if record is None:
-      return FULL_DEPTH, 'no calibration record: full depth'
-    return float(record['threshold']), f'calibration record {record["name"]}'
+      return FULL_DEPTH, tau, 'no calibration record: full depth'
+    source = f'calibration record {record["name"]}: {record["message"]}'
+    if record['threshold'] is None:
+      return FULL_DEPTH, tau, source + '; full depth'
+    return float(record['threshold']), record.get('tau'), source
 
   def classifier_for(self, confidence: str):
     """The classifier's parameters when the measure needs them."""
@@ -104,7 +113,7 @@ class CalmLM:
                min_exit: int = 1, sampling=decoding.Sampling(),
                seed: int = 0) -> list[Generation]:
     """Decodes each text with early exit; one `Generation` per input."""
-    value, _ = self.resolve_threshold(threshold, confidence)
+    value, tau, _ = self.resolve_threshold(threshold, confidence, tau)
     cfg = decoding.ExitConfig.create(
         self.config.num_decoder_layers, confidence=confidence,
         first_exit=self.config.first_exit,

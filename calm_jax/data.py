@@ -102,7 +102,10 @@ def train_batches(name: str, *, batch_size: int, seed: int = 0,
 def eval_examples(task_name: str, split: str, *, num_examples: Optional[int],
                   lengths_override=None) -> list[dict]:
   """Tokenized examples with their text: inputs, targets, *_pretokenized."""
-  task = seqio.get_mixture_or_task(task_name)
+  task = get_task_or_mixture(task_name)
+  if split not in task.splits:
+    raise DataError(f'task {task_name!r} has no split {split!r}; it has: '
+                    f'{", ".join(task.splits)}')
   lengths = feature_lengths(task_name, lengths_override)
   ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1)
   if num_examples is not None:
@@ -155,3 +158,11 @@ def headline_metric(task_name: str, scores: Mapping[str, float]) -> str:
   if known and known[1] in scores:
     return known[1]
   return next(iter(scores))
+
+
+def per_example_metric(task_name: str) -> str:
+  """Name in `metrics.PER_EXAMPLE` of the metric a task calibrates with."""
+  known = tasks.synthetic_tasks.TASKS.get(task_name)
+  if known is None:
+    raise DataError(f'no per-example metric known for task {task_name!r}')
+  return known[1]

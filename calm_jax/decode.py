@@ -105,8 +105,9 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
   """Decodes every task of a mixture with early exit; returns the summary."""
   from calm_jax import data  # pylint: disable=g-import-not-at-top
   lm = api.CalmLM(checkpoint_path)
-  value, source = lm.resolve_threshold(threshold, confidence)
-  print(f'threshold {value} ({source}), confidence {confidence!r}')
+  value, tau, source = lm.resolve_threshold(threshold, confidence, tau)
+  print(f'threshold {value} ({source}), confidence {confidence!r}, '
+        f'tau {tau}')
   exit_config = decoding.ExitConfig.create(
       lm.config.num_decoder_layers, confidence=confidence,
       first_exit=lm.config.first_exit, exit_interval=lm.config.exit_interval,

@@ -93,3 +93,65 @@ def test_python_api_generate(model_dir):
                     batch_size=4, max_length=4)
   assert all(set(r.exit_layers) == {1} for r in clf)
   assert np.all([0 <= c <= 1 for r in clf for c in r.confidences])
+
+
+def _calibrate(model_dir, *extra):
+  return _run('calm_jax.calibrate', '--gin_file=gin/runs/calibrate.gin',
+              f"--gin.CHECKPOINT_PATH='{model_dir}'",
+              "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+              '--gin.calm_jax.calibrate.num_examples=12',
+              '--gin.calm_jax.calibrate.grid_step=0.25', *extra)
+
+
+def test_calibrate_writes_a_record_that_decode_uses(model_dir, tmp_path):
+  result = _calibrate(model_dir, '--gin.DELTA=0.3', '--gin.EPSILON=0.2',
+                      "--gin.CONFIDENCE='state'")
+  assert result.returncode == 0, result.stderr[-2000:]
+  calibration_dir = model_dir / 'calibration'
+  record = json.loads((calibration_dir /
+                       'synth_qa_state_textual_delta0.3_eps0.2.json')
+                      .read_text())
+  assert record['n'] == 12 and record['confidence'] == 'state'
+  table = record['table']
+  assert table[0]['threshold'] == 1.0 and table[0]['empirical_risk'] == 0.0
+  certified = [row['threshold'] for row in table if row['rejected']]
+  assert record['threshold'] == (certified[-1] if certified else None)
+  cached = list((calibration_dir / 'cache').glob('*.json'))
+  assert len(cached) == 1 + len(table)  # full depth + each tested threshold
+
+  # A second delta reuses every cached decode.
+  before = {p: p.stat().st_mtime for p in cached}
+  again = _calibrate(model_dir, '--gin.DELTA=0.5', '--gin.EPSILON=0.2',
+                     "--gin.CONFIDENCE='state'")
+  assert again.returncode == 0, again.stderr[-2000:]
+  for path, mtime in before.items():
+    assert path.stat().st_mtime == mtime
+
+  out = tmp_path / 'decode'
+  decoded = _run('calm_jax.decode', '--gin_file=gin/runs/decode.gin',
+                 f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                 "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+                 "--gin.CONFIDENCE='state'",
+                 '--gin.calm_jax.decode.num_examples=4',
+                 f"--gin.calm_jax.decode.output_dir='{out}'")
+  assert decoded.returncode == 0, decoded.stderr[-2000:]
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['threshold_source'].startswith(
+      'calibration record synth_qa_state_textual_delta0.5_eps0.2')
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--gin.DELTA=1.5'], 'delta must be in (0, 1)'),
+    (['--gin.DELTA=0.2', '--gin.EPSILON=0'], 'epsilon must be in (0, 1)'),
+    (['--gin.DELTA=0.2', "--gin.calm_jax.calibrate.split='nope'"],
+     "has no split 'nope'"),
+    (['--gin.DELTA=0.2', "--gin.CONSISTENCY='bleurt'"],
+     'unknown consistency'),
+])
+def test_calibrate_bad_input_changes_nothing(model_dir, extra, message):
+  before = sorted(str(p) for p in model_dir.rglob('*'))
+  result = _calibrate(model_dir, *extra)
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, last
+  assert sorted(str(p) for p in model_dir.rglob('*')) == before

@@ -1,0 +1,154 @@
+"""Calibration entry point: the fastest threshold certified by Learn then Test.
+
+  python -m calm_jax.calibrate --gin_file=gin/runs/calibrate.gin \
+    --gin.CHECKPOINT_PATH="'runs/demo/model'" \
+    --gin.MIXTURE_OR_TASK_NAME="'synth_mix'" --gin.DELTA=0.25 \
+    --gin.EPSILON=0.05 --gin.CONSISTENCY="'textual'" --gin.CONFIDENCE="'softmax'"
+
+Decodes the calibration split at full depth, then at each threshold of a
+descending grid, stopping where fixed-sequence testing stops. Decodes are
+cached in MODEL_DIR/calibration/cache keyed by (checkpoint step, measure,
+tau, threshold, split, examples), so another delta or epsilon reuses them.
+Writes MODEL_DIR/calibration/<name>.json, which `calm_jax.decode` and
+`calm_jax.load(...).generate` use when no threshold is given.
+"""
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import gin
+import numpy as np
+
+from calm_jax import api
+from calm_jax import calibration
+from calm_jax import checkpoints
+from calm_jax import confidence as confidence_lib
+from calm_jax import decoding
+from calm_jax import gin_utils
+
+FULL = 'full'
+
+
+class DecodeCache:
+  """Decoded predictions per task and threshold, as JSON files."""
+
+  def __init__(self, lm: api.CalmLM, *, measure: str, tau, split: str,
+               num_examples: Optional[int], batch_size: int, min_exit: int):
+    self.lm, self.measure, self.tau, self.split = lm, measure, tau, split
+    self.num_examples, self.batch_size = num_examples, batch_size
+    self.min_exit = min_exit
+    self.root = os.path.join(lm.model_dir, api.CALIBRATION_SUBDIR, 'cache')
+
+  def _path(self, task: str, threshold) -> str:
+    measure = 'full' if threshold == FULL else self.measure
+    key = (f'step{self.lm.step}_{task}_{self.split}_n{self.num_examples}_'
+           f'{measure}_tau{self.tau}_min{self.min_exit}_{threshold}')
+    return os.path.join(self.root, key + '.json')
+
+  def get(self, task: str, threshold) -> dict:
+    """{'predictions', 'targets', 'exit_layers'} for one task, decoded once."""
+    path = self._path(task, threshold)
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+    records, seconds = self._decode(task, threshold)
+    entry = {'predictions': [r['prediction'] for r in records],
+             'targets': [r['targets'] for r in records],
+             'exit_layers': [r['exit_layers'] for r in records],
+             'seconds_after_compile': seconds}
+    checkpoints.atomic_write_json(path, entry)
+    return entry
+
+  def _decode(self, task: str, threshold) -> tuple[list[dict], float]:
+    from calm_jax import decode  # pylint: disable=g-import-not-at-top
+    cfg = self.lm.config
+    measure = 'softmax' if threshold == FULL else self.measure
+    exit_config = decoding.ExitConfig.create(
+        cfg.num_decoder_layers, confidence=measure,
+        first_exit=cfg.first_exit, exit_interval=cfg.exit_interval,
+        min_exit=self.min_exit, tau=self.tau)
+    return decode.decode_task(
+        self.lm.model, self.lm.params, task, split=self.split,
+        num_examples=self.num_examples, batch_size=self.batch_size,
+        exit_config=exit_config,
+        threshold=api.FULL_DEPTH if threshold == FULL else threshold,
+        seed=0, classifier=None if threshold == FULL else
+        self.lm.classifier_for(measure))
+
+
+def losses_at_threshold(cache: DecodeCache, task_names: Sequence[str],
+                        consistency: str, threshold: float
+                        ) -> tuple[np.ndarray, float]:
+  """Per-example losses over all tasks, and the average decoder layers."""
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  losses, layers = [], []
+  for task in task_names:
+    full, early = cache.get(task, FULL), cache.get(task, threshold)
+    losses.append(calibration.consistency_losses(
+        consistency, data.per_example_metric(task), early['predictions'],
+        full['predictions'], references=full['targets']))
+    layers += [l for row in early['exit_layers'] for l in row]
+  return np.concatenate(losses), float(np.mean(layers))
+
+
+def _validate(delta: float, epsilon: float, consistency: str,
+              confidence: str) -> None:
+  for name, value in (('delta', delta), ('epsilon', epsilon)):
+    if not 0 < value < 1:
+      raise ValueError(f'{name} must be in (0, 1), got {value}')
+  if consistency not in calibration.CONSISTENCIES:
+    raise ValueError(f'unknown consistency {consistency!r}; valid: '
+                     f'{", ".join(calibration.CONSISTENCIES)}')
+  confidence_lib.get(confidence)
+
+
+def record_name(confidence, consistency, delta, epsilon, task) -> str:
+  return f'{task}_{confidence}_{consistency}_delta{delta:g}_eps{epsilon:g}'
+
+
+@gin.configurable(module='calm_jax')
+def calibrate(*, checkpoint_path: str = gin.REQUIRED,
+              mixture_or_task_name: str = gin.REQUIRED,
+              delta: float = gin.REQUIRED, epsilon: float = 0.05,
+              consistency: str = 'textual', confidence: str = 'softmax',
+              split: str = 'validation', num_examples: Optional[int] = None,
+              batch_size: int = 32, tau: Optional[float] = None,
+              min_exit: int = 1, grid_step: float = 0.05) -> dict:
+  """Certifies a threshold and writes the calibration record; returns it."""
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  _validate(delta, epsilon, consistency, confidence)
+  lm = api.CalmLM(checkpoint_path)
+  lm.classifier_for(confidence)  # fails early without a classifier
+  task_names = list(data.task_rates(mixture_or_task_name))
+  cache = DecodeCache(lm, measure=confidence, tau=tau, split=split,
+                      num_examples=num_examples, batch_size=batch_size,
+                      min_exit=min_exit)
+  result = calibration.fixed_sequence_test(
+      calibration.descending_grid(1.0, 0.0, grid_step),
+      lambda t: losses_at_threshold(cache, task_names, consistency, t),
+      delta=delta, epsilon=epsilon)
+  name = record_name(confidence, consistency, delta, epsilon,
+                     mixture_or_task_name)
+  record = {
+      'name': name, 'created': time.time(), 'threshold': result.threshold,
+      'certified': result.threshold is not None, 'message': result.message,
+      'delta': delta, 'epsilon': epsilon, 'consistency': consistency,
+      'confidence': confidence, 'tau': tau, 'min_exit': min_exit,
+      'n': result.n, 'split': split, 'task': mixture_or_task_name,
+      'checkpoint_step': lm.step,
+      'table': [row.as_dict() for row in result.table]}
+  path = os.path.join(checkpoint_path, api.CALIBRATION_SUBDIR, name + '.json')
+  checkpoints.atomic_write_json(path, record)
+  print(result.message)
+  print(f'wrote {path}')
+  return record
+
+
+def main() -> None:
+  from calm_jax import train  # pylint: disable=g-import-not-at-top
+  gin_utils.run(calibrate, user_errors=train.user_errors())
+
+
+if __name__ == '__main__':
+  main()
