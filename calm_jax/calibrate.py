@@ -61,14 +61,14 @@ class DecodeCache:
     return entry
 
   def _decode(self, task: str, threshold) -> tuple[list[dict], float]:
-    from calm_jax import decode  # pylint: disable=g-import-not-at-top
+    from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
     cfg = self.lm.config
     measure = 'softmax' if threshold == FULL else self.measure
     exit_config = decoding.ExitConfig.create(
         cfg.num_decoder_layers, confidence=measure,
         first_exit=cfg.first_exit, exit_interval=cfg.exit_interval,
         min_exit=self.min_exit, tau=self.tau)
-    return decode.decode_task(
+    return evaluation.decode_task(
         self.lm.model, self.lm.params, task, split=self.split,
         num_examples=self.num_examples, batch_size=self.batch_size,
         exit_config=exit_config,

@@ -1,104 +1,181 @@
-"""The demo job: train the demo model on the embedded mixture, then evaluate.
+"""The demo job: train, evaluate, calibrate and early-exit decode.
 
   python -m calm_jax.demo --gin_file=gin/experiments/demo.gin
 
-Trains (or resumes, or reuses a finished) model in MODEL_DIR, evaluates the
-full model and every exit layer on the validation split of each task, and
-writes REPORT_PATH (JSON) with the full-depth task metrics and the per-layer
-token accuracies.
+1. Trains (or resumes, or reuses a finished) demo model in MODEL_DIR.
+2. Evaluates the full model and every exit layer on the validation split of
+   each task (task metric of greedy full-depth decoding, per-layer token
+   accuracy).
+3. Per task, certifies a softmax threshold with Learn then Test on the
+   validation split (textual consistency, delta 0.25, epsilon 0.05 by
+   default), then decodes the test split at full depth and with early exit
+   at that threshold, alternating timed runs, and reports both metrics, the
+   test risk, the average decoder layers and the wall-clock speed-up.
+Writes REPORT_PATH (JSON).
 """
 import dataclasses
+import statistics
 import time
 
 import gin
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from calm_jax import api
+from calm_jax import calibrate
+from calm_jax import calibration
 from calm_jax import checkpoints
 from calm_jax import decoding
 from calm_jax import gin_utils
-from calm_jax import models
 from calm_jax import train as train_lib
+
+
+def full_depth_eval(model, params, task: str, split: str, num_examples: int,
+                    batch_size: int) -> tuple[dict, np.ndarray]:
+  """Task metric of greedy full-depth decoding, and per-layer accuracy."""
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
+  batches = list(evaluation.eval_batches(task, split, batch_size=batch_size,
+                                         num_examples=num_examples))
+  accuracy = evaluation.per_layer_accuracy(model, params, batches)
+  predictions = evaluation.full_depth_predictions(model, params, task,
+                                                  batches)
+  targets = [t for b in batches for t in b.targets]
+  scores = evaluation.task_metric_fn(task)(targets, predictions)
+  headline = data.headline_metric(task, scores)
+  return {'metric': headline, 'value': scores[headline], 'scores': scores,
+          'num_examples': len(targets),
+          'samples': [{'inputs': i, 'targets': t, 'prediction': p}
+                      for i, t, p in zip(batches[0].inputs, targets,
+                                         predictions[:3])]}, accuracy
+
+
+def _timed_alternating(fns: dict, repeats: int) -> dict:
+  """Median seconds of each (compiled) callable, run in alternation."""
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def early_exit_test(lm: api.CalmLM, task: str, threshold: float, *,
+                    confidence: str, num_examples: int, batch_size: int,
+                    repeats: int) -> dict:
+  """Full-depth vs early-exit decode of the test split, same inputs."""
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
+  batches = list(evaluation.eval_batches(task, 'test', batch_size=batch_size,
+                                         num_examples=num_examples))
+  length = data.feature_lengths(task)['targets']
+  cfg = lm.config
+  exit_config = decoding.ExitConfig.create(
+      cfg.num_decoder_layers, confidence=confidence,
+      first_exit=cfg.first_exit, exit_interval=cfg.exit_interval)
+  static = jax.jit(lambda p, e: lm.model.decode_static(p, e, length))
+  early = jax.jit(lambda p, e: lm.model.decode_early_exit(
+      p, e, length, exit_config=exit_config, threshold=threshold,
+      classifier=lm.classifier_for(confidence)))
+  inputs = [jnp.asarray(b.encoder_tokens) for b in batches]
+  run = lambda fn: lambda: [fn(lm.params, e) for e in inputs]
+  outputs = {'full': jax.device_get(run(static)()),
+             'early': jax.device_get(run(early)())}  # also compiles
+  seconds = _timed_alternating({'full': run(static), 'early': run(early)},
+                               repeats)
+  return _compare(task, batches, outputs, seconds)
+
+
+def _compare(task, batches, outputs, seconds) -> dict:
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
+  texts, layers = {}, []
+  for name, outs in outputs.items():
+    texts[name] = [data.decode_text(task, out.tokens[row])
+                   for b, out in zip(batches, outs)
+                   for row in range(b.num_real)]
+  for b, out in zip(batches, outputs['early']):
+    mask = np.asarray(out.exit_layers[:b.num_real]) > 0
+    layers += np.asarray(out.exit_layers[:b.num_real])[mask].tolist()
+  targets = [t for b in batches for t in b.targets]
+  metric_fn = evaluation.task_metric_fn(task)
+  headline = data.headline_metric(task, metric_fn(targets, texts['full']))
+  losses = calibration.consistency_losses(
+      'textual', data.per_example_metric(task), texts['early'], texts['full'])
+  return {'full_depth_metric': metric_fn(targets, texts['full'])[headline],
+          'early_exit_metric': metric_fn(targets, texts['early'])[headline],
+          'test_textual_risk': float(losses.mean()),
+          'avg_decoder_layers': float(np.mean(layers)),
+          'speedup_vs_full_depth': seconds['full'] / seconds['early'],
+          'median_seconds': seconds, 'num_examples': len(targets)}
 
 
 @gin.configurable(module='calm_jax')
 def demo(*, model_dir: str = gin.REQUIRED,
          mixture_or_task_name: str = gin.REQUIRED,
-         report_path: str = gin.REQUIRED, eval_split: str = 'validation',
-         eval_examples: int = 200, eval_batch_size: int = 50,
-         early_exit_confidence: str = 'softmax',
-         early_exit_threshold: float = 0.9) -> dict:
-  """Trains (resumable) and writes the evaluation report; returns it."""
+         report_path: str = gin.REQUIRED, eval_examples: int = 200,
+         eval_batch_size: int = 50, delta: float = 0.25,
+         epsilon: float = 0.05, consistency: str = 'textual',
+         confidence: str = 'softmax', timing_repeats: int = 3) -> dict:
+  """Runs the whole main job and writes the report; returns it."""
   from calm_jax import data  # pylint: disable=g-import-not-at-top
-  from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
-
   start = time.perf_counter()
   train_lib.train()
   train_seconds = time.perf_counter() - start
-  config, _ = checkpoints.read_model_config(model_dir)
-  params, step = checkpoints.load_params(model_dir, config)
-  model = models.CalmModel(config)
+  lm = api.CalmLM(model_dir)
   report = {'tasks': {}, 'per_layer_accuracy_by_task': {},
-            'train_steps': step, 'model': dataclasses.asdict(config),
-            'eval_split': eval_split, 'eval_examples_per_task': eval_examples}
-  accuracies = []
+            'train_steps': lm.step, 'model': dataclasses.asdict(lm.config),
+            'eval_examples_per_task': eval_examples,
+            'calibration': {'delta': delta, 'epsilon': epsilon,
+                            'consistency': consistency,
+                            'confidence': confidence}}
   for task in data.task_rates(mixture_or_task_name):
-    batches = list(evaluation.eval_batches(
-        task, eval_split, batch_size=eval_batch_size,
-        num_examples=eval_examples))
-    accuracy = evaluation.per_layer_accuracy(model, params, batches)
-    predictions = evaluation.full_depth_predictions(model, params, task,
-                                                    batches)
-    targets = [t for b in batches for t in b.targets]
-    scores = evaluation.task_metric_fn(task)(targets, predictions)
-    headline = data.headline_metric(task, scores)
-    report['tasks'][task] = {
-        'metric': headline, 'value': scores[headline], 'scores': scores,
-        'num_examples': len(targets),
-        'samples': [{'inputs': i, 'targets': t, 'prediction': p}
-                    for i, t, p in zip(batches[0].inputs, targets,
-                                       predictions[:3])]}
+    summary, accuracy = full_depth_eval(lm.model, lm.params, task,
+                                        'validation', eval_examples,
+                                        eval_batch_size)
+    record = calibrate.calibrate(
+        checkpoint_path=model_dir, mixture_or_task_name=task, delta=delta,
+        epsilon=epsilon, consistency=consistency, confidence=confidence,
+        num_examples=eval_examples, batch_size=eval_batch_size)
+    threshold = (record['threshold'] if record['threshold'] is not None
+                 else api.FULL_DEPTH)
+    summary['early_exit'] = {
+        'certified_threshold': record['threshold'],
+        'calibration': record['message'],
+        **early_exit_test(lm, task, threshold, confidence=confidence,
+                          num_examples=eval_examples,
+                          batch_size=eval_batch_size,
+                          repeats=timing_repeats)}
+    report['tasks'][task] = summary
     report['per_layer_accuracy_by_task'][task] = accuracy.round(4).tolist()
-    report['tasks'][task]['early_exit'] = _early_exit_summary(
-        model, params, task, eval_split, eval_examples, eval_batch_size,
-        early_exit_confidence, early_exit_threshold)
-    accuracies.append(accuracy)
-    print(f'{task}: {headline} = {scores[headline]:.2f}; per-layer accuracy '
-          f'{" ".join(f"{a:.3f}" for a in accuracy)}')
-  report['per_layer_accuracy'] = np.mean(accuracies, 0).round(4).tolist()
-  report['seconds'] = {'train_and_restore': round(train_seconds, 1),
+    _print_task(task, summary, accuracy)
+  report['per_layer_accuracy'] = np.mean(
+      list(report['per_layer_accuracy_by_task'].values()), 0).round(4).tolist()
+  report['seconds'] = {'train_or_restore': round(train_seconds, 1),
                        'total': round(time.perf_counter() - start, 1)}
   checkpoints.atomic_write_json(report_path, report)
   print(f'wrote {report_path}')
   return report
 
 
-def _early_exit_summary(model, params, task, split, num_examples, batch_size,
-                        confidence, threshold) -> dict:
-  """Task metric and average layers of an (uncalibrated) early-exit decode."""
-  from calm_jax import decode  # pylint: disable=g-import-not-at-top
-  exit_config = decoding.ExitConfig.create(
-      model.config.num_decoder_layers, confidence=confidence,
-      first_exit=model.config.first_exit,
-      exit_interval=model.config.exit_interval)
-  records, seconds = decode.decode_task(
-      model, params, task, split=split, num_examples=num_examples,
-      batch_size=batch_size, exit_config=exit_config, threshold=threshold,
-      seed=0)
-  summary = decode.summarize(task, records, seconds, 1.0)
-  layers = np.concatenate([r['exit_layers'] for r in records])
-  print(f'{task}: early exit ({confidence} >= {threshold}): '
-        f'{summary["metric"]} = {summary["value"]:.2f}, average layers '
-        f'{summary["avg_decoder_layers"]:.2f}')
-  return {'confidence': confidence, 'threshold': threshold,
-          'value': summary['value'],
-          'avg_decoder_layers': round(summary['avg_decoder_layers'], 3),
-          'exit_layer_histogram': np.bincount(
-              layers, minlength=model.config.num_decoder_layers + 1)[1:]
-                                  .tolist()}
+def _print_task(task: str, summary: dict, accuracy: np.ndarray) -> None:
+  early = summary['early_exit']
+  print(f'{task}: full depth {summary["metric"]} = {summary["value"]:.2f}; '
+        f'per-layer accuracy {" ".join(f"{a:.3f}" for a in accuracy)}\n'
+        f'  {early["calibration"]}; test: {summary["metric"]} '
+        f'{early["full_depth_metric"]:.2f} -> {early["early_exit_metric"]:.2f}'
+        f', risk {early["test_textual_risk"]:.3f}, layers '
+        f'{early["avg_decoder_layers"]:.2f}, speed-up '
+        f'x{early["speedup_vs_full_depth"]:.2f}')
 
 
 def main() -> None:
-  gin_utils.run(demo, user_errors=train_lib.user_errors())
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  gin_utils.run(demo, user_errors=(*train_lib.user_errors(),
+                                   checkpoints.CheckpointError,
+                                   data.DataError))
 
 
 if __name__ == '__main__':

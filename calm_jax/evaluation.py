@@ -1,16 +1,20 @@
 """Evaluation on SeqIO splits: per-layer token accuracy and task metrics.
 
-Used by the demo and by decode jobs; imports the data path (TensorFlow).
+Used by the demo, decode, calibrate and validity jobs; imports the data path
+(TensorFlow). No gin: entry points configure, this module computes.
 """
 import dataclasses
-from typing import Any, Callable, Iterator, Sequence
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
+import tqdm
 
 from calm_jax import data
+from calm_jax import decoding
 from calm_jax import models
 
 
@@ -83,3 +87,55 @@ def full_depth_predictions(model: models.CalmModel, params: Any,
     predictions += [data.decode_text(task_name, row)
                     for row in tokens[:batch.num_real]]
   return predictions
+
+
+def _example_records(batch, out: decoding.DecodeOutput, task: str
+                     ) -> list[dict]:
+  records = []
+  for row in range(batch.num_real):
+    tokens = list(np.asarray(out.tokens[row]))
+    length = tokens.index(1) + 1 if 1 in tokens else len(tokens)
+    records.append({
+        'inputs': batch.inputs[row], 'targets': batch.targets[row],
+        'prediction': data.decode_text(task, np.asarray(tokens)),
+        'exit_layers': [int(l) for l in out.exit_layers[row, :length]],
+        'confidences': [round(float(c), 4)
+                        for c in out.confidences[row, :length]]})
+  return records
+
+
+def decode_task(model: models.CalmModel, params, task: str, *, split: str,
+                num_examples: Optional[int], batch_size: int,
+                exit_config: decoding.ExitConfig, threshold: float,
+                seed: int, classifier=None) -> tuple[list[dict], float]:
+  """Decodes a task split; returns the records and the decode seconds."""
+  max_length = data.feature_lengths(task)['targets']
+  fn = jax.jit(lambda p, c, e, t, r: model.decode_early_exit(
+      p, e, max_length, exit_config=exit_config, threshold=t, rng=r,
+      classifier=c))
+  batches = list(eval_batches(task, split, batch_size=batch_size,
+                                         num_examples=num_examples))
+  records, seconds = [], 0.0
+  for index, batch in enumerate(tqdm.tqdm(batches, desc=task, unit='batch')):
+    start = time.perf_counter()
+    out = jax.device_get(fn(params, classifier,
+                            jnp.asarray(batch.encoder_tokens), threshold,
+                            jax.random.PRNGKey(seed + index)))
+    if index > 0:  # the first batch includes compilation
+      seconds += time.perf_counter() - start
+    records += _example_records(batch, out, task)
+  return records, seconds
+
+
+def summarize_decode(task: str, records: list[dict], seconds: float,
+              timed_fraction: float) -> dict:
+  scores = task_metric_fn(task)(
+      [r['targets'] for r in records], [r['prediction'] for r in records])
+  layers = np.concatenate([r['exit_layers'] for r in records])
+  headline = data.headline_metric(task, scores)
+  return {'metric': headline, 'value': scores[headline], 'scores': scores,
+          'num_examples': len(records),
+          'avg_decoder_layers': float(layers.mean()),
+          'tokens_per_second': (layers.size * timed_fraction / seconds
+                                if seconds else None),
+          'decode_seconds_after_compile': round(seconds, 3)}
