@@ -4,6 +4,7 @@ Used by the demo, decode, calibrate and validity jobs; imports the data path
 (TensorFlow). No gin: entry points configure, this module computes.
 """
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -89,6 +90,16 @@ def full_depth_predictions(model: models.CalmModel, params: Any,
   return predictions
 
 
+@functools.lru_cache(maxsize=32)
+def early_exit_fn(model: models.CalmModel, exit_config: decoding.ExitConfig,
+                  max_length: int):
+  """One jitted early-exit decode per (model, config, length): the threshold
+  is an argument, so a threshold sweep compiles once."""
+  return jax.jit(lambda p, c, e, t, r: model.decode_early_exit(
+      p, e, max_length, exit_config=exit_config, threshold=t, rng=r,
+      classifier=c))
+
+
 def _example_records(batch, out: decoding.DecodeOutput, task: str
                      ) -> list[dict]:
   records = []
@@ -110,9 +121,7 @@ def decode_task(model: models.CalmModel, params, task: str, *, split: str,
                 seed: int, classifier=None) -> tuple[list[dict], float]:
   """Decodes a task split; returns the records and the decode seconds."""
   max_length = data.feature_lengths(task)['targets']
-  fn = jax.jit(lambda p, c, e, t, r: model.decode_early_exit(
-      p, e, max_length, exit_config=exit_config, threshold=t, rng=r,
-      classifier=c))
+  fn = early_exit_fn(model, exit_config, max_length)
   batches = list(eval_batches(task, split, batch_size=batch_size,
                                          num_examples=num_examples))
   records, seconds = [], 0.0
