@@ -9,7 +9,8 @@ model shows a spread of exit layers:
 
   summarize  (CNN/DailyMail stand-in): a shuffled multi-sentence report with
              distractor sentences -> a one-line summary that copies the key
-             city, numbers, product and manager into fixed phrasing.
+             city, product and manager into fixed phrasing, writes the order
+             count in words and the sales change as up / down.
   translate  (WMT EN-FR stand-in): sentences of a small English grammar ->
              pseudo-French (lexicon, noun-adjective reordering, gender and
              number agreement of articles, adjectives and verbs).
@@ -116,18 +117,38 @@ def _sentence(words: list[str]) -> str:
   return ' '.join(words) + ' .'
 
 
+_UNITS = ('zero one two three four five six seven eight nine ten eleven '
+          'twelve thirteen fourteen fifteen sixteen seventeen eighteen '
+          'nineteen').split()
+_TENS = 'twenty thirty forty fifty sixty seventy eighty ninety'.split()
+
+
+def number_words(n: int) -> str:
+  """2 -> 'two', 40 -> 'forty', 69 -> 'sixty nine' (0 <= n < 100)."""
+  if n < 20:
+    return _UNITS[n]
+  tens, units = divmod(n, 10)
+  return _TENS[tens - 2] + ('' if units == 0 else ' ' + _UNITS[units])
+
+
 def summarize_example(rng: random.Random) -> dict[str, str]:
-  """Report with three key facts and 1-3 distractors -> fixed-form summary."""
+  """Report with three key facts and 1-3 distractors -> fixed-form summary.
+
+  Beyond copying, the summary rewrites: the order count in words, and the
+  sales change as up / down.
+  """
   city, other_city = rng.sample(_CITIES, 2)
   first, other_first = rng.sample(_FIRST, 2)
   last, other_last = rng.sample(_LAST, 2)
   orders, percent = rng.randint(2, 99), rng.randint(2, 60)
   product, mood = rng.choice(_PRODUCTS), rng.choice(_MOODS)
+  rose = rng.random() < 0.5
   key = [
       f'the {city} office reported {orders} new orders on '
       f'{rng.choice(_WEEKDAYS)} .',
       f'manager {first} {last} said the results were {mood} .',
-      f'sales of the {product} rose by {percent} percent .',
+      f'sales of the {product} {"rose" if rose else "fell"} by {percent} '
+      'percent .',
   ]
   distractors = [
       f'the weather in {other_city} was {rng.choice(_WEATHER)} .',
@@ -137,8 +158,9 @@ def summarize_example(rng: random.Random) -> dict[str, str]:
   ]
   sentences = key + rng.sample(distractors, rng.randint(1, 3))
   rng.shuffle(sentences)
-  summary = (f'{city} : {orders} orders , {product} up {percent} percent , '
-             f'{mood} says {first} {last} .')
+  summary = (f'{city} : {number_words(orders)} orders , {product} '
+             f'{"up" if rose else "down"} {percent} percent , {mood} says '
+             f'{first} {last} .')
   return {'inputs': ' '.join(sentences), 'targets': summary}
 
 

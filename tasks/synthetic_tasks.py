@@ -30,7 +30,7 @@ MIXTURE = 'synth_mix'
 
 # Lengths that hold every example of each task (EOS included).
 FEATURE_LENGTHS = {
-    'synth_summarize': {'inputs': 56, 'targets': 16},
+    'synth_summarize': {'inputs': 56, 'targets': 20},
     'synth_translate': {'inputs': 24, 'targets': 20},
     'synth_qa': {'inputs': 32, 'targets': 4},
 }
