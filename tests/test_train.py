@@ -74,7 +74,8 @@ def test_empty_training_data_is_an_error(tmp_path):
       vocab_size=16, emb_dim=8, num_heads=1, head_dim=8, mlp_dim=8,
       num_encoder_layers=1, num_decoder_layers=2))
   with pytest.raises(ValueError, match='no training data'):
-    trainer.train_loop(model=model, optimizer=optim.make_optimizer(),
+    trainer.train_loop(objective=trainer.model_objective(model),
+                       optimizer=optim.make_optimizer(),
                        model_dir=str(tmp_path), batches_from=lambda _: iter(()),
                        num_steps=2, progress=False)
   assert not any((tmp_path / 'checkpoints').glob('[0-9]*'))
