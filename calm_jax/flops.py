@@ -10,6 +10,9 @@ layer and one output head, while an early-exit decoder runs
 - the output head, unless the confidence measure already computed the exit's
   logits (softmax measures reuse them for the emitted token).
 Attention is counted over the whole cache length, as the jitted loop runs it.
+The encoder is left out unless asked for (`include_encoder`): it is the same
+work for both decoders and runs as batched matmuls, not per-token matvecs,
+so its FLOPs would say nothing about the decode loop's time.
 """
 import dataclasses
 from typing import Sequence
@@ -55,17 +58,20 @@ def confidence_cost(measure: str, cfg: network.T5Config) -> float:
 
 
 def static_flops(cfg: network.T5Config, *, batch_size: int, num_tokens: int,
-                 input_length: int, cache_length: int) -> float:
+                 input_length: int, cache_length: int,
+                 include_encoder: bool = False) -> float:
   """Full-depth decode of `num_tokens` (row, position) pairs."""
   c = layer_costs(cfg, input_length=input_length, cache_length=cache_length)
   per_token = cfg.num_decoder_layers * (c.kv + c.rest) + c.head
-  return batch_size * c.encoder + num_tokens * per_token
+  encoder = batch_size * c.encoder if include_encoder else 0.0
+  return encoder + num_tokens * per_token
 
 
 def early_exit_flops(cfg: network.T5Config, exit_layers: Sequence[int], *,
                      measure: str, allowed_exits: Sequence[int],
                      batch_size: int, input_length: int,
-                     cache_length: int) -> float:
+                     cache_length: int, include_encoder: bool = False
+                     ) -> float:
   """Early-exit decode where token j stopped at 1-based `exit_layers[j]`."""
   c = layer_costs(cfg, input_length=input_length, cache_length=cache_length)
   layers = np.asarray(exit_layers, np.int64)
@@ -77,4 +83,5 @@ def early_exit_flops(cfg: network.T5Config, exit_layers: Sequence[int], *,
   total = (len(layers) * top * c.kv + layers.sum() * c.rest
            + checks.sum() * confidence_cost(measure, cfg)
            + heads.sum() * c.head)
-  return batch_size * c.encoder + float(total)
+  encoder = batch_size * c.encoder if include_encoder else 0.0
+  return encoder + float(total)

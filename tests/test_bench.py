@@ -29,10 +29,10 @@ def test_forced_patterns():
 
 def test_run_case_reports_every_field():
   tiny = _tiny_bench()
-  static = jax.jit(lambda p, e: tiny.model.decode_static(
-      p, e, tiny.output_length, eos_id=bench.NO_EOS).tokens)
+  static = bench.static_decoder(tiny)
+  context = bench.encoded_context(tiny, tiny.inputs[:4])
   compile_s, _ = bench.compile_seconds(
-      lambda: static(tiny.params, tiny.inputs[:4]))
+      lambda: static(tiny.params, tiny.inputs[:4], context))
   case = bench.run_case(tiny, 4, 'softmax', 'exit@2', static, compile_s,
                         repeats=1)
   assert case['avg_layers'] == 2.0
@@ -46,7 +46,8 @@ def test_run_case_reports_every_field():
   ratio = case['measured_speedup'] / case['flops_ideal_speedup']
   assert abs(case['efficiency'] - ratio) <= 0.01 * ratio
   assert 0.05 < case['measured_speedup'] < 20
-  bench.compile_seconds(lambda: static(tiny.params, tiny.inputs[:1]))
+  context = bench.encoded_context(tiny, tiny.inputs[:1])
+  bench.compile_seconds(lambda: static(tiny.params, tiny.inputs[:1], context))
   disabled = bench.run_case(tiny, 1, 'state', 'disabled', static, 0.0,
                             repeats=1)
   assert disabled['avg_layers'] == 4.0

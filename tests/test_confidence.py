@@ -58,16 +58,21 @@ def test_flops_accounting_by_hand():
   assert c.head == 2 * 4 * 10
   assert c.encoder == 5 * ((4 * 2 * 4 * 2 + 2 * 2 * 2 * 5 + 72) + 2 * 32)
   static = flops.static_flops(cfg, batch_size=1, num_tokens=3,
-                              input_length=5, cache_length=6)
+                              input_length=5, cache_length=6,
+                              include_encoder=True)
   assert static == c.encoder + 3 * (2 * (32 + 224) + 80)
+  assert flops.static_flops(cfg, batch_size=1, num_tokens=3, input_length=5,
+                            cache_length=6) == static - c.encoder
   # Tokens exiting at layers 1, 2, 1 with softmax checked at layer 1 only:
   # every token fills both layers' K/V; two reuse their exit logits.
   early = flops.early_exit_flops(cfg, [1, 2, 1], measure='softmax',
                                  allowed_exits=[1], batch_size=1,
-                                 input_length=5, cache_length=6)
+                                 input_length=5, cache_length=6,
+                                 include_encoder=True)
   softmax = 2 * 4 * 10 + 3 * 10
   assert early == c.encoder + (3 * 2 * 32 + 4 * 224 + 3 * softmax + 1 * 80)
   state = flops.early_exit_flops(cfg, [2, 2, 2], measure='state',
                                  allowed_exits=[1], batch_size=1,
-                                 input_length=5, cache_length=6)
+                                 input_length=5, cache_length=6,
+                                 include_encoder=True)
   assert state == static + 3 * 3 * 2 * 4
