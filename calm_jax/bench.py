@@ -18,6 +18,7 @@ decoders; the demo's speed-ups include them).
 """
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -251,9 +252,24 @@ def format_row(case: dict) -> str:
           f"eff={case['efficiency']}")
 
 
+def markdown_table(cases: list[dict]) -> str:
+  """The README's table of a bench.json."""
+  head = ('| model | batch | measure | pattern | buckets | avg layers | '
+          'layer ideal | FLOPs ideal | measured | efficiency | '
+          'vs best full depth |\n' + '|---' * 11 + '|')
+  rows = [f"| {c['model']} | {c['batch_size']} | {c['confidence']} | "
+          f"{c['pattern']} | {c.get('bucket_set', '')} | {c['avg_layers']} | "
+          f"x{c['layer_ideal_speedup']} | x{c['flops_ideal_speedup']} | "
+          f"x{c['measured_speedup']} | {c['efficiency']} | "
+          f"x{c.get('speedup_vs_best_full_depth', '')} |" for c in cases]
+  return '\n'.join([head, *rows])
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--output', default='runs/bench/bench.json')
+  parser.add_argument('--table', metavar='BENCH_JSON',
+                      help='print the markdown table of a bench.json; no run')
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--batch_sizes', default='1,16')
   parser.add_argument('--measures', default=','.join(MEASURES))
@@ -263,6 +279,10 @@ def main(argv=None) -> None:
   parser.add_argument('--length', type=int, default=64,
                       help='input and output length of the paper-size model')
   args = parser.parse_args(argv)
+  if args.table:
+    with open(args.table) as f:
+      print(markdown_table(json.load(f)['cases']))
+    return
   batches = [int(b) for b in args.batch_sizes.split(',')]
   builders = {'paper_small': lambda: paper_small_model(max(batches),
                                                        args.length),
