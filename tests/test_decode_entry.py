@@ -155,3 +155,16 @@ def test_calibrate_bad_input_changes_nothing(model_dir, extra, message):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and message in last, last
   assert sorted(str(p) for p in model_dir.rglob('*')) == before
+
+
+def test_calibrate_refuses_a_measure_the_model_lacks(model_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  bare = tmp_path / 'bare'
+  shutil.copytree(model_dir, bare,
+                  ignore=shutil.ignore_patterns('classifier', 'calibration'))
+  before = sorted(str(p) for p in bare.rglob('*'))
+  result = _calibrate(bare, '--gin.DELTA=0.2', "--gin.CONFIDENCE='classifier'")
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'has no exit classifier' in last, last
+  assert sorted(str(p) for p in bare.rglob('*')) == before
