@@ -108,7 +108,9 @@ def test_param_axes_cover_every_param(model_and_params):
 
 def test_core_modules_import_without_tensorflow_or_gin():
   code = ('import sys; import calm_jax.network, calm_jax.models, '
-          'calm_jax.decoding, calm_jax.layers, calm_jax.trainer; '
+          'calm_jax.decoding, calm_jax.layers, calm_jax.trainer, '
+          'calm_jax.confidence, calm_jax.thresholds, calm_jax.calibration, '
+          'calm_jax.api; '
           'bad = [m for m in ("tensorflow", "gin", "seqio") if m in sys.modules];'
           'print(bad); sys.exit(1 if bad else 0)')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True,
