@@ -119,7 +119,7 @@ class CalmLM:
         first_exit=self.config.first_exit,
         exit_interval=self.config.exit_interval, min_exit=min_exit, tau=tau,
         sampling=sampling)
-    decode = self._decoder(cfg, max_length)
+    decode = self._decoder(cfg.for_threshold(value), max_length)
     classifier = self.classifier_for(confidence)
     results = []
     for start in range(0, len(texts), batch_size):

@@ -282,6 +282,14 @@ class ExitConfig:
         min_exit=max(min_exit, confidence_lib.lowest_exit_layer(confidence)))
     return cls(confidence=confidence, exit_layers=layers, **kwargs)
 
+  def for_threshold(self, threshold: float) -> 'ExitConfig':
+    """No confidence checks when the threshold disables exits: they could
+    never pass, and the softmax measure would pay a vocabulary head at every
+    layer for nothing."""
+    if thresholds.exits_disabled(threshold):
+      return dataclasses.replace(self, exit_layers=())
+    return self
+
   def buckets(self, batch_size: int) -> tuple[int, ...]:
     """Ascending bucket sizes, always including the whole batch."""
     if self.bucket_sizes is None:

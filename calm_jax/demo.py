@@ -77,7 +77,8 @@ def early_exit_test(lm: api.CalmLM, task: str, threshold: float, *,
       first_exit=cfg.first_exit, exit_interval=cfg.exit_interval)
   static = jax.jit(lambda p, e: lm.model.decode_static(p, e, length))
   early = jax.jit(lambda p, e: lm.model.decode_early_exit(
-      p, e, length, exit_config=exit_config, threshold=threshold,
+      p, e, length, exit_config=exit_config.for_threshold(threshold),
+      threshold=threshold,
       classifier=lm.classifier_for(confidence)))
   inputs = [jnp.asarray(b.encoder_tokens) for b in batches]
   run = lambda fn: lambda: [fn(lm.params, e) for e in inputs]

@@ -121,7 +121,7 @@ def decode_task(model: models.CalmModel, params, task: str, *, split: str,
                 seed: int, classifier=None) -> tuple[list[dict], float]:
   """Decodes a task split; returns the records and the decode seconds."""
   max_length = data.feature_lengths(task)['targets']
-  fn = early_exit_fn(model, exit_config, max_length)
+  fn = early_exit_fn(model, exit_config.for_threshold(threshold), max_length)
   batches = list(eval_batches(task, split, batch_size=batch_size,
                                          num_examples=num_examples))
   records, seconds = [], 0.0

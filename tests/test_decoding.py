@@ -257,3 +257,16 @@ def test_sampling_modes():
       logits, k, decoding.Sampling(1.0)))(jax.random.split(rng, 2000))
   np.testing.assert_allclose((np.asarray(draws)[:, 0] == 1).mean(), 0.6,
                              atol=0.04)
+
+
+def test_disabled_threshold_drops_the_confidence_checks():
+  cfg = decoding.ExitConfig(confidence='softmax', exit_layers=(1, 2, 3))
+  assert cfg.for_threshold(1.5).exit_layers == ()
+  assert cfg.for_threshold(0.9) is cfg
+  out = _fake_decode(1.01)  # checks or not, the same tokens and layers
+  cfg_none = decoding.ExitConfig(exit_layers=())
+  none = jax.jit(lambda t: decoding.early_exit_decode(
+      FakeFns(), cfg_none, threshold=t, batch_size=2, max_length=6,
+      cache_shape=(1, 2 * VOCAB), eos_id=EOS))(1.01)
+  np.testing.assert_array_equal(out.tokens, none.tokens)
+  np.testing.assert_array_equal(out.exit_layers, none.exit_layers)
