@@ -108,7 +108,3 @@ def get(name: str) -> Callable:
     raise ValueError(f'unknown confidence measure {name!r}; valid: '
                      f'{", ".join(NAMES)}')
   return MEASURES[name]
-
-
-def needs_logits(name: str) -> bool:
-  return name in ('softmax', 'softmax_max')
