@@ -48,6 +48,20 @@ def newest_calibration(model_dir: str, confidence: str) -> Optional[dict]:
   return max(records)[2] if records else None
 
 
+def named_calibration(model_dir: str, name: str) -> dict:
+  """The calibration record `name` of a model dir (a ValueError naming the
+  available ones if there is no such record)."""
+  root = os.path.join(model_dir, CALIBRATION_SUBDIR)
+  path = os.path.join(root, name + '.json')
+  if not os.path.isfile(path):
+    names = sorted(os.path.basename(p)[:-len('.json')]
+                   for p in glob.glob(os.path.join(root, '*.json')))
+    raise ValueError(f'no calibration record {name!r} in {root}; there are: '
+                     f'{", ".join(names) or "none"}')
+  with open(path) as f:
+    return json.load(f)
+
+
 def _pad_to(length: int, multiple: int = 16) -> int:
   """Rounds input lengths up so that few shapes get compiled."""
   return max(multiple, -(-length // multiple) * multiple)
@@ -66,17 +80,25 @@ class CalmLM:
     self.classifier = checkpoints.load_classifier(model_dir, self.config)
 
   def resolve_threshold(self, threshold: Optional[float], confidence: str,
-                        tau: Optional[float] = None
+                        tau: Optional[float] = None,
+                        record_name: Optional[str] = None
                         ) -> tuple[float, Optional[float], str]:
     """(threshold, tau, where they came from): given, calibrated, or full.
 
-    Without a threshold, the newest calibration record for the measure
-    gives both (its base lambda and the tau it was calibrated with); a
-    record that certified no threshold, or none at all, means full depth.
+    Without a threshold, the calibration record `record_name` (default: the
+    newest one for the measure) gives both (its base lambda and the tau it
+    was calibrated with); a record that certified no threshold, or none at
+    all, means full depth.
     """
     if threshold is not None:
       return float(threshold), tau, 'given'
-    record = newest_calibration(self.model_dir, confidence)
+    if record_name:
+      record = named_calibration(self.model_dir, record_name)
+      if record.get('confidence') != confidence:
+        raise ValueError(f'calibration record {record_name!r} is for '
+                         f'{record.get("confidence")!r}, not {confidence!r}')
+    else:
+      record = newest_calibration(self.model_dir, confidence)
     if record is None:
       return FULL_DEPTH, tau, 'no calibration record: full depth'
     source = f'calibration record {record["name"]}: {record["message"]}'

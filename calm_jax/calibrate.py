@@ -47,14 +47,15 @@ class DecodeCache:
     return os.path.join(self.root, key + '.json')
 
   def get(self, task: str, threshold) -> dict:
-    """{'predictions', 'targets', 'exit_layers'} for one task, decoded once."""
+    """{'predictions', 'targets' (references), 'exit_layers'}, decoded once."""
     path = self._path(task, threshold)
     if os.path.exists(path):
       with open(path) as f:
         return json.load(f)
+    from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
     records, seconds = self._decode(task, threshold)
     entry = {'predictions': [r['prediction'] for r in records],
-             'targets': [r['targets'] for r in records],
+             'targets': evaluation.references(records),
              'exit_layers': [r['exit_layers'] for r in records],
              'seconds_after_compile': seconds}
     checkpoints.atomic_write_json(path, entry)
@@ -110,39 +111,50 @@ def record_name(confidence, consistency, delta, epsilon, task) -> str:
 @gin.configurable(module='calm_jax')
 def calibrate(*, checkpoint_path: str = gin.REQUIRED,
               mixture_or_task_name: str = gin.REQUIRED,
-              delta: float = gin.REQUIRED, epsilon: float = 0.05,
+              delta=gin.REQUIRED, epsilon: float = 0.05,
               consistency: str = 'textual', confidence: str = 'softmax',
               split: str = 'validation', num_examples: Optional[int] = None,
               batch_size: int = 32, tau: Optional[float] = None,
-              min_exit: int = 1, grid_step: float = 0.05) -> dict:
-  """Certifies a threshold and writes the calibration record; returns it."""
+              min_exit: int = 1, grid_step: float = 0.05):
+  """Certifies a threshold per delta and writes the calibration records.
+
+  `delta` is one tolerance or a list of them (a paper-style sweep); the
+  decodes are shared, so each further delta costs only the thresholds it
+  reaches beyond the others. Returns the record, or the list of records.
+  """
   from calm_jax import data  # pylint: disable=g-import-not-at-top
-  _validate(delta, epsilon, consistency, confidence)
+  deltas = list(delta) if isinstance(delta, (list, tuple)) else [delta]
+  for value in deltas:
+    _validate(value, epsilon, consistency, confidence)
   lm = api.CalmLM(checkpoint_path)
   lm.classifier_for(confidence)  # fails early without a classifier
   task_names = list(data.task_rates(mixture_or_task_name))
   cache = DecodeCache(lm, measure=confidence, tau=tau, split=split,
                       num_examples=num_examples, batch_size=batch_size,
                       min_exit=min_exit)
-  result = calibration.fixed_sequence_test(
-      calibration.descending_grid(1.0, 0.0, grid_step),
-      lambda t: losses_at_threshold(cache, task_names, consistency, t),
-      delta=delta, epsilon=epsilon)
-  name = record_name(confidence, consistency, delta, epsilon,
-                     mixture_or_task_name)
-  record = {
-      'name': name, 'created': time.time(), 'threshold': result.threshold,
-      'certified': result.threshold is not None, 'message': result.message,
-      'delta': delta, 'epsilon': epsilon, 'consistency': consistency,
-      'confidence': confidence, 'tau': tau, 'min_exit': min_exit,
-      'n': result.n, 'split': split, 'task': mixture_or_task_name,
-      'checkpoint_step': lm.step,
-      'table': [row.as_dict() for row in result.table]}
-  path = os.path.join(checkpoint_path, api.CALIBRATION_SUBDIR, name + '.json')
-  checkpoints.atomic_write_json(path, record)
-  print(result.message)
-  print(f'wrote {path}')
-  return record
+  records = []
+  for value in deltas:
+    result = calibration.fixed_sequence_test(
+        calibration.descending_grid(1.0, 0.0, grid_step),
+        lambda t: losses_at_threshold(cache, task_names, consistency, t),
+        delta=value, epsilon=epsilon)
+    name = record_name(confidence, consistency, value, epsilon,
+                       mixture_or_task_name)
+    record = {
+        'name': name, 'created': time.time(), 'threshold': result.threshold,
+        'certified': result.threshold is not None, 'message': result.message,
+        'delta': value, 'epsilon': epsilon, 'consistency': consistency,
+        'confidence': confidence, 'tau': tau, 'min_exit': min_exit,
+        'n': result.n, 'split': split, 'task': mixture_or_task_name,
+        'checkpoint_step': lm.step,
+        'table': [row.as_dict() for row in result.table]}
+    path = os.path.join(checkpoint_path, api.CALIBRATION_SUBDIR,
+                        name + '.json')
+    checkpoints.atomic_write_json(path, record)
+    print(f'delta {value:g}: {result.message}')
+    print(f'wrote {path}')
+    records.append(record)
+  return records if isinstance(delta, (list, tuple)) else records[0]
 
 
 def main() -> None:

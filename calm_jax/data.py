@@ -11,6 +11,7 @@ from typing import Iterator, Mapping, Optional
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import logging  # pylint: disable=g-import-not-at-top
+import tempfile
 
 import numpy as np
 import seqio
@@ -19,7 +20,11 @@ import tensorflow as tf
 # Keep TensorFlow off any accelerator: JAX owns it.
 tf.config.set_visible_devices([], 'GPU')
 
-import tasks.synthetic_tasks  # pylint: disable=unused-import,g-bad-import-order
+# pylint: disable=g-bad-import-order
+from tasks import data_settings
+from tasks import paper_tasks
+from tasks import synthetic_tasks
+# pylint: enable=g-bad-import-order
 
 Batch = Mapping[str, np.ndarray]
 
@@ -36,6 +41,14 @@ logging.getLogger('absl').addFilter(_DropUncachedWarning())
 
 class DataError(ValueError):
   """A task or split that cannot feed the job (unknown, missing, empty)."""
+
+
+# Known tasks' default lengths and the metric each is judged and calibrated by.
+FEATURE_LENGTHS = {**synthetic_tasks.FEATURE_LENGTHS,
+                   **paper_tasks.FEATURE_LENGTHS}
+HEADLINE_METRICS = {**{name: spec[1] for name, spec
+                       in synthetic_tasks.TASKS.items()},
+                    **paper_tasks.HEADLINE_METRICS}
 
 
 def get_task_or_mixture(name: str):
@@ -56,39 +69,65 @@ def task_rates(name: str) -> dict[str, float]:
   return {provider.name: 1.0}
 
 
-def feature_lengths(task_name: str,
-                    overrides: Optional[Mapping[str, Mapping[str, int]]] = None
-                    ) -> dict[str, int]:
-  """A task's input/target lengths: the override, else the task's own."""
-  if overrides and task_name in overrides:
-    return dict(overrides[task_name])
-  known = tasks.synthetic_tasks.FEATURE_LENGTHS
-  if task_name not in known:
-    raise DataError(f'no feature lengths for task {task_name!r}: pass '
-                    'TASK_FEATURE_LENGTHS')
-  return dict(known[task_name])
+def feature_lengths(task_name: str) -> dict[str, int]:
+  """A task's input/target lengths: the run's override, else the task's."""
+  override = data_settings.feature_lengths_override(task_name)
+  if override:
+    return override
+  if task_name not in FEATURE_LENGTHS:
+    raise DataError(f'no feature lengths for task {task_name!r}: bind '
+                    'calm_jax.data_settings.task_feature_lengths')
+  return dict(FEATURE_LENGTHS[task_name])
+
+
+def _check_tfds_data(task: seqio.Task, split: str) -> None:
+  """Fails in about a second when a TFDS-backed task's data is not built."""
+  source = task.source
+  if not isinstance(source, seqio.TfdsDataSource):
+    return
+  try:
+    source.get_dataset(split=split, shuffle=False)
+  except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
+    name = source.tfds_dataset.name
+    where = data_settings.tfds_data_dir() or '~/tensorflow_datasets'
+    raise DataError(
+        f'no TFDS data for task {task.name!r} ({name}) in {where}: run '
+        f'`tfds build {name.split(":")[0]} --data_dir=DIR` on a machine with '
+        f'network access, then set {data_settings.TFDS_DATA_DIR_ENV}=DIR or '
+        '--gin.calm_jax.data_settings.tfds_data_dir="\'DIR\'"') from e
+
+
+def check_ready(name: str, split: str) -> None:
+  """Checks that every task of `name` can be read: its vocabulary and its
+  data. Errors are one-line DataErrors or VocabularyErrors."""
+  seqio.set_tfds_data_dir_override(data_settings.tfds_data_dir())
+  for task_name in task_rates(name):
+    task = seqio.get_mixture_or_task(task_name)
+    task.output_features['targets'].vocabulary.vocab_size  # loads it
+    _check_tfds_data(task, split)
 
 
 def _task_batches(task_name: str, lengths: Mapping[str, int], split: str,
                   batch_size: int, seed: int, shuffle: bool,
                   num_epochs: Optional[int]) -> tf.data.Dataset:
-  converter = seqio.EncDecFeatureConverter(pack=False)
-  ds = seqio.get_dataset(task_name, lengths, converter, dataset_split=split,
-                         shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                         verbose=False)
+  ds = seqio.get_mixture_or_task(task_name).get_dataset(
+      lengths, split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+      try_in_mem_cache=False)  # see eval_examples
+  ds = seqio.EncDecFeatureConverter(pack=False)(ds, lengths)
   return ds.batch(batch_size, drop_remainder=True)
 
 
 def train_batches(name: str, *, batch_size: int, seed: int = 0,
-                  start_step: int = 0, shuffle: bool = True,
-                  lengths_override=None) -> Iterator[Batch]:
+                  start_step: int = 0, shuffle: bool = True
+                  ) -> Iterator[Batch]:
   """Endless deterministic training batches, resumed at `start_step`.
 
   The whole pipeline is a function of `seed`, so skipping the first
   `start_step` batches puts a resumed run at the same data position.
   """
   rates = task_rates(name)
-  per_task = [_task_batches(task, feature_lengths(task, lengths_override),
+  check_ready(name, 'train')
+  per_task = [_task_batches(task, feature_lengths(task),
                             'train', batch_size, seed, shuffle, None)
               for task in rates]
   weights = np.array(list(rates.values()), np.float64)
@@ -99,15 +138,19 @@ def train_batches(name: str, *, batch_size: int, seed: int = 0,
   return ds.as_numpy_iterator()
 
 
-def eval_examples(task_name: str, split: str, *, num_examples: Optional[int],
-                  lengths_override=None) -> list[dict]:
+def eval_examples(task_name: str, split: str, *, num_examples: Optional[int]
+                  ) -> list[dict]:
   """Tokenized examples with their text: inputs, targets, *_pretokenized."""
   task = get_task_or_mixture(task_name)
   if split not in task.splits:
     raise DataError(f'task {task_name!r} has no split {split!r}; it has: '
                     f'{", ".join(task.splits)}')
-  lengths = feature_lengths(task_name, lengths_override)
-  ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1)
+  check_ready(task_name, split)
+  lengths = feature_lengths(task_name)
+  # No in-memory cache: it asks the source for its size, which TFDS mocks
+  # (and sources without metadata) cannot answer.
+  ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1,
+                        try_in_mem_cache=False)
   if num_examples is not None:
     ds = ds.take(num_examples)
   examples = list(ds.as_numpy_iterator())
@@ -136,12 +179,18 @@ def decode_text(task_name: str, ids: np.ndarray) -> str:
 
 
 def vocabulary_path(name: str) -> str:
-  """File of the SentencePiece model that a task's targets use."""
+  """Local file of the SentencePiece model that a task's targets use (a
+  remote one is copied to a temporary file)."""
   provider = get_task_or_mixture(name)
   vocab = provider.output_features['targets'].vocabulary
-  path = getattr(vocab, 'sentencepiece_model_file', None)
-  if not path:
+  if not isinstance(vocab, seqio.SentencePieceVocabulary):
     raise DataError(f'{name!r} has no SentencePiece vocabulary file')
+  vocab.vocab_size  # loads it: an unreadable vocabulary fails here
+  path = vocab.sentencepiece_model_file
+  if '://' in path:
+    local = os.path.join(tempfile.mkdtemp(), os.path.basename(path))
+    tf.io.gfile.copy(path, local)
+    path = local
   return path
 
 
@@ -154,15 +203,12 @@ def check_vocab_fits(name: str, model_vocab_size: int) -> None:
 
 def headline_metric(task_name: str, scores: Mapping[str, float]) -> str:
   """The metric a task is judged by (its registered one, else the first)."""
-  known = tasks.synthetic_tasks.TASKS.get(task_name)
-  if known and known[1] in scores:
-    return known[1]
-  return next(iter(scores))
+  known = HEADLINE_METRICS.get(task_name)
+  return known if known in scores else next(iter(scores))
 
 
 def per_example_metric(task_name: str) -> str:
   """Name in `metrics.PER_EXAMPLE` of the metric a task calibrates with."""
-  known = tasks.synthetic_tasks.TASKS.get(task_name)
-  if known is None:
+  if task_name not in HEADLINE_METRICS:
     raise DataError(f'no per-example metric known for task {task_name!r}')
-  return known[1]
+  return HEADLINE_METRICS[task_name]

@@ -36,14 +36,20 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
            output_dir: Optional[str] = None, split: str = 'validation',
            num_examples: Optional[int] = None, batch_size: int = 16,
            confidence: str = 'softmax', threshold: Optional[float] = None,
-           tau: Optional[float] = None, min_exit: int = 1,
+           tau: Optional[float] = None,
+           calibration_record: Optional[str] = None, min_exit: int = 1,
            propagation: str = 'hidden', temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict:
-  """Decodes every task of a mixture with early exit; returns the summary."""
+  """Decodes every task of a mixture with early exit; returns the summary.
+
+  Without a threshold, the calibration record named `calibration_record`
+  (default: the newest for the measure) sets it.
+  """
   from calm_jax import data  # pylint: disable=g-import-not-at-top
   from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
   lm = api.CalmLM(checkpoint_path)
-  value, tau, source = lm.resolve_threshold(threshold, confidence, tau)
+  value, tau, source = lm.resolve_threshold(threshold, confidence, tau,
+                                            calibration_record)
   print(f'threshold {value} ({source}), confidence {confidence!r}, '
         f'tau {tau}')
   exit_config = decoding.ExitConfig.create(

@@ -41,7 +41,7 @@ def full_depth_eval(model, params, task: str, split: str, num_examples: int,
   accuracy = evaluation.per_layer_accuracy(model, params, batches)
   predictions = evaluation.full_depth_predictions(model, params, task,
                                                   batches)
-  targets = [t for b in batches for t in b.targets]
+  targets = [t for b in batches for t in b.references]
   scores = evaluation.task_metric_fn(task)(targets, predictions)
   headline = data.headline_metric(task, scores)
   return {'metric': headline, 'value': scores[headline], 'scores': scores,
@@ -100,7 +100,7 @@ def _compare(task, batches, outputs, seconds) -> dict:
   for b, out in zip(batches, outputs['early']):
     mask = np.asarray(out.exit_layers[:b.num_real]) > 0
     layers += np.asarray(out.exit_layers[:b.num_real])[mask].tolist()
-  targets = [t for b in batches for t in b.targets]
+  targets = [t for b in batches for t in b.references]
   metric_fn = evaluation.task_metric_fn(task)
   headline = data.headline_metric(task, metric_fn(targets, texts['full']))
   losses = calibration.consistency_losses(

@@ -27,6 +27,15 @@ class EvalBatch:
   num_real: int                # rows that are real examples (rest padding)
   inputs: list[str]
   targets: list[str]
+  # What the metric scores against: the target text, or every reference
+  # answer for tasks that keep them (SQuAD).
+  references: list
+
+
+def _references(example: dict):
+  if 'answers' in example:
+    return [a.decode() for a in example['answers']]
+  return example['targets_pretokenized'].decode()
 
 
 def eval_batches(task_name: str, split: str, *, batch_size: int,
@@ -43,7 +52,8 @@ def eval_batches(task_name: str, split: str, *, batch_size: int,
         target_tokens=data.pad_batch([ex['targets'] for ex in chunk],
                                      lengths['targets'], batch_size),
         num_real=len(chunk), inputs=text('inputs_pretokenized'),
-        targets=text('targets_pretokenized'))
+        targets=text('targets_pretokenized'),
+        references=[_references(ex) for ex in chunk])
 
 
 def shift_right(tokens: np.ndarray) -> np.ndarray:
@@ -106,13 +116,21 @@ def _example_records(batch, out: decoding.DecodeOutput, task: str
   for row in range(batch.num_real):
     tokens = list(np.asarray(out.tokens[row]))
     length = tokens.index(1) + 1 if 1 in tokens else len(tokens)
-    records.append({
+    record = {
         'inputs': batch.inputs[row], 'targets': batch.targets[row],
         'prediction': data.decode_text(task, np.asarray(tokens)),
         'exit_layers': [int(l) for l in out.exit_layers[row, :length]],
         'confidences': [round(float(c), 4)
-                        for c in out.confidences[row, :length]]})
+                        for c in out.confidences[row, :length]]}
+    if isinstance(batch.references[row], list):
+      record['references'] = batch.references[row]
+    records.append(record)
   return records
+
+
+def references(records: Sequence[dict]) -> list:
+  """What each record's prediction is scored against (see EvalBatch)."""
+  return [r.get('references', r['targets']) for r in records]
 
 
 def decode_task(model: models.CalmModel, params, task: str, *, split: str,
@@ -139,7 +157,7 @@ def decode_task(model: models.CalmModel, params, task: str, *, split: str,
 def summarize_decode(task: str, records: list[dict], seconds: float,
               timed_fraction: float) -> dict:
   scores = task_metric_fn(task)(
-      [r['targets'] for r in records], [r['prediction'] for r in records])
+      references(records), [r['prediction'] for r in records])
   layers = np.concatenate([r['exit_layers'] for r in records])
   headline = data.headline_metric(task, scores)
   return {'metric': headline, 'value': scores[headline], 'scores': scores,

@@ -4,8 +4,12 @@
   --gin.NAME=VALUE       (repeatable) bindings, e.g. --gin.MODEL_DIR="'runs/x'"
   --gin_search_paths=A,B where `include` and --gin_file look for files
 
-Every user error ends as one line on stderr and a non-zero exit.
+Every user error ends as one line on stderr and a non-zero exit. Any entry
+point accepts any config: the configurables of all of them are registered
+before parsing, so one experiment file can hold a task's training, decoding
+and calibration settings.
 """
+import importlib
 import os
 import pathlib
 import sys
@@ -13,7 +17,27 @@ from typing import Callable, Sequence
 
 import gin
 
+from tasks import data_settings as settings
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The jobs' configurables (none of these imports TensorFlow, or another
+# entry module at import time). calm_jax.demo is left out: it imports
+# calm_jax.train, which must not happen while train runs as __main__.
+CONFIGURABLE_MODULES = ('calm_jax.train', 'calm_jax.decode',
+                        'calm_jax.calibrate')
+
+
+@gin.configurable(module='calm_jax')
+def data_settings(t5_vocabulary: str | None = None,
+                  tfds_data_dir: str | None = None,
+                  task_feature_lengths: dict | None = None) -> None:
+  """Run-wide data settings (see tasks/data_settings.py): where the paper
+  tasks read T5's vocabulary and TFDS data (None: the CALM_T5_VOCAB /
+  TFDS_DATA_DIR environment, else T5's defaults), and per-task lengths,
+  e.g. {'cnn_dailymail_v3': {'inputs': 1024, 'targets': 128}}."""
+  settings.set_overrides(t5_vocabulary=t5_vocabulary,
+                         tfds_data_dir=tfds_data_dir,
+                         task_feature_lengths=task_feature_lengths)
 
 
 class UsageError(ValueError):
@@ -48,6 +72,16 @@ def _resolve(path: str, search_paths: Sequence[str]) -> str:
                    f'{", ".join(["."] + list(search_paths))})')
 
 
+def _register_configurables() -> None:
+  """Imports every configurable module, except the one running as
+  __main__ (`python -m calm_jax.train`): importing it again would register
+  its configurables a second time."""
+  main_spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  for module in CONFIGURABLE_MODULES:
+    if main_spec is None or main_spec.name != module:
+      importlib.import_module(module)
+
+
 def parse(argv: Sequence[str]) -> None:
   """Parses gin files and bindings from argv (program name excluded)."""
   files, bindings, paths = split_flags(argv)
@@ -55,6 +89,7 @@ def parse(argv: Sequence[str]) -> None:
   for path in paths:
     gin.add_config_file_search_path(path)
   files = [_resolve(f, paths) for f in files]
+  _register_configurables()
   try:
     gin.parse_config_files_and_bindings(files, bindings,
                                         finalize_config=True)
@@ -69,6 +104,7 @@ def run(main: Callable[[], object], argv: Sequence[str] | None = None,
   argv = sys.argv[1:] if argv is None else argv
   try:
     parse(argv)
+    data_settings()
     main()
   except (UsageError, *user_errors) as e:
     text = str(e).strip().splitlines()

@@ -32,18 +32,38 @@ def rouge(targets: Sequence[str], predictions: Sequence[str]
           for name in ('rouge1', 'rouge2', 'rougeL')}
 
 
+def split_summary_sentences(summary: str) -> str:
+  """T5's sentence split for ROUGE-Lsum: a newline after each " . "."""
+  return summary.replace(' . ', ' .\n')
+
+
+def summarization_rouge(targets: Sequence[str], predictions: Sequence[str]
+                        ) -> dict[str, float]:
+  """ROUGE-1/2/L and ROUGE-Lsum (sentences split as T5 does), x100."""
+  scores = rouge(targets, predictions)
+  scores['rougeLsum'] = 100 * float(np.mean(rouge_per_example(
+      [split_summary_sentences(t) for t in targets],
+      [split_summary_sentences(p) for p in predictions], 'rougeLsum')))
+  return scores
+
+
+# t5.evaluation's BLEU settings: the international tokenizer, exp smoothing.
+BLEU_TOKENIZER = 'intl'
+
+
 def bleu(targets: Sequence[str], predictions: Sequence[str]
          ) -> dict[str, float]:
-  """sacrebleu corpus BLEU (13a tokenizer, exp smoothing) as t5.evaluation."""
+  """sacrebleu corpus BLEU with t5.evaluation's settings, 0-100."""
   result = sacrebleu.corpus_bleu(list(predictions), [list(targets)],
-                                 smooth_method='exp', tokenize='13a')
+                                 smooth_method='exp', tokenize=BLEU_TOKENIZER)
   return {'bleu': float(result.score)}
 
 
 def bleu_per_example(targets: Sequence[str], predictions: Sequence[str]
                      ) -> np.ndarray:
   """Sentence BLEU in [0, 1] (exp smoothing so short outputs are not 0)."""
-  return np.array([sacrebleu.sentence_bleu(p, [t], smooth_method='exp').score
+  return np.array([sacrebleu.sentence_bleu(p, [t], smooth_method='exp',
+                                           tokenize=BLEU_TOKENIZER).score
                    / 100 for t, p in zip(targets, predictions)], np.float64)
 
 

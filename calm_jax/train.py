@@ -5,10 +5,14 @@
     --gin.MODEL_DIR="'runs/x'" --gin.MIXTURE_OR_TASK_NAME="'synth_mix'"
 
 Running the same command again resumes from the latest checkpoint at the same
-data position; a finished run returns at once.
+data position; a finished run returns at once. With
+`calm_jax.train.initial_checkpoint_path` (gin/runs/finetune.gin) a new run
+starts from another model dir's latest parameters (a pre-trained or imported
+T5) instead of a random init, with a fresh optimizer and step 0.
 """
+import dataclasses
 import os
-from typing import Mapping, Optional
+from typing import Optional
 
 import gin
 
@@ -36,7 +40,7 @@ def train(*, model_dir: str = gin.REQUIRED,
           checkpoint_period: int = 500, keep_checkpoints: int = 3,
           log_every: int = 50, seed: int = 0,
           loss_weighting: str = 'linear', z_loss: float = 1e-4,
-          task_feature_lengths: Optional[Mapping[str, Mapping[str, int]]] = None,
+          initial_checkpoint_path: Optional[str] = None,
           progress: bool = True) -> trainer.TrainState:
   """Trains into `model_dir` on a SeqIO task or mixture.
 
@@ -51,7 +55,7 @@ def train(*, model_dir: str = gin.REQUIRED,
     raise ValueError(f'unknown stage {stage!r}; valid: {", ".join(STAGES)}')
   if stage == 'model':
     objective = _model_stage(model_dir, mixture_or_task_name, model_config,
-                             loss_weighting, z_loss)
+                             loss_weighting, z_loss, initial_checkpoint_path)
     subdir = checkpoints.CHECKPOINT_SUBDIR
   else:
     objective = _classifier_stage(model_dir)
@@ -61,7 +65,7 @@ def train(*, model_dir: str = gin.REQUIRED,
       just_logging=False, asynchronous=False)
   batches_from = lambda start: data.train_batches(
       mixture_or_task_name, batch_size=batch_size, seed=seed,
-      start_step=start, lengths_override=task_feature_lengths)
+      start_step=start)
   state = trainer.train_loop(
       objective=objective, optimizer=optimizer, model_dir=model_dir,
       batches_from=batches_from, num_steps=num_train_steps,
@@ -72,13 +76,37 @@ def train(*, model_dir: str = gin.REQUIRED,
   return state
 
 
-def _model_stage(model_dir, task, model_config, loss_weighting, z_loss):
+def initial_params_config(initial_checkpoint_path: str,
+                          model_config: Optional[network.T5Config]
+                          ) -> network.T5Config:
+  """The config to fine-tune with: the initial model's, with the requested
+  dropout; other differences (dims, exits) are errors."""
+  initial, _ = checkpoints.read_model_config(initial_checkpoint_path)
+  if model_config is None:
+    return initial
+  if dataclasses.replace(initial, dropout_rate=model_config.dropout_rate
+                         ) != model_config:
+    diff = {k: (v, getattr(model_config, k))
+            for k, v in dataclasses.asdict(initial).items()
+            if k != 'dropout_rate' and getattr(model_config, k) != v}
+    raise checkpoints.CheckpointError(
+        f'{initial_checkpoint_path} holds another architecture than the '
+        f'model config (initial, requested): {diff}')
+  return model_config
+
+
+def _model_stage(model_dir, task, model_config, loss_weighting, z_loss,
+                 initial_checkpoint_path=None):
   """Checks and writes the model dir's files; the stage-1 objective."""
   from calm_jax import data  # pylint: disable=g-import-not-at-top
+  if initial_checkpoint_path:
+    model_config = initial_params_config(initial_checkpoint_path,
+                                         model_config)
   if model_config is None:
     raise ValueError('stage "model" needs a model config: add a '
                      'gin/models/*.gin file')
   checkpoints.check_compatible(model_dir, model_config)
+  data.check_ready(task, 'train')  # before anything is written
   data.check_vocab_fits(task, model_config.vocab_size)
   os.makedirs(model_dir, exist_ok=True)
   checkpoints.write_model_files(model_dir, model_config,
@@ -86,7 +114,14 @@ def _model_stage(model_dir, task, model_config, loss_weighting, z_loss):
                                 gin.operative_config_str())
   model = models.CalmModel(model_config, loss_weighting=loss_weighting,
                            z_loss=z_loss)
-  return trainer.model_objective(model)
+  objective = trainer.model_objective(model)
+  if not initial_checkpoint_path:
+    return objective
+  # Used only when model_dir holds no checkpoint yet: a resumed fine-tune
+  # restores its own latest step instead.
+  load = lambda rng: checkpoints.load_params(initial_checkpoint_path,
+                                             model_config)[0]
+  return dataclasses.replace(objective, init=load)
 
 
 def _classifier_stage(model_dir):
