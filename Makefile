@@ -1,5 +1,6 @@
 # Set-up is two commands: `make demo` and `make test`. Each creates .venv and
-# installs the package (editable, with test extras) when it is missing.
+# installs the package (editable, with the test and hf extras: the HF
+# equality tests run by default) when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ install: $(STAMP)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,hf]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -23,6 +23,15 @@ INSTALL_REQUIRES = [
     'tqdm==4.70.1',
     'tensorboard==2.21.0',
     'matplotlib==3.11.2',
+    'safetensors==0.8.0',
+]
+
+# Hugging Face interop: the reference implementation for the equality tests,
+# and torch for pytorch_model.bin files. torch is pinned to the CPU build
+# (a range could pull a multi-GB CUDA one).
+HF_REQUIRES = [
+    'transformers==5.24.0',
+    'torch==2.13.0',
 ]
 
 setuptools.setup(
@@ -34,5 +43,5 @@ setuptools.setup(
     package_data={'tasks': ['vocab/*.model', 'vocab/*.vocab']},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': ['pytest==9.2.0']},
+    extras_require={'test': ['pytest==9.2.0'], 'hf': HF_REQUIRES},
 )

@@ -59,6 +59,12 @@ def save(mgr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
       opt_state=ocp.args.StandardSave(opt_state)), force=force)
 
 
+def params_only_save_args(params: Any) -> ocp.args.Composite:
+  """Save args of a checkpoint without optimizer state (an imported model:
+  fine-tuning starts a fresh optimizer in another model dir)."""
+  return ocp.args.Composite(params=ocp.args.StandardSave(params))
+
+
 def restore(mgr: ocp.CheckpointManager, step: int, *, params: Any,
             opt_state: Any = None) -> dict[str, Any]:
   """Restores `step` onto the structure/shapes/shardings of the targets.
@@ -118,6 +124,11 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
   tmp = path.with_suffix(path.suffix + '.tmp')
   tmp.write_text(text)
   os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  _atomic_write(pathlib.Path(path), text)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

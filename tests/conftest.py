@@ -5,6 +5,8 @@ import socket
 import pytest
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# transformers must never look for files on the Hub.
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 _real_connect = socket.socket.connect
 
