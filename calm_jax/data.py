@@ -178,6 +178,16 @@ def decode_text(task_name: str, ids: np.ndarray) -> str:
   return vocab.decode([int(i) for i in ids])
 
 
+def token_pieces(task_name: str, ids: np.ndarray) -> list[str]:
+  """The SentencePiece piece of each id (ids past the model: sentinels)."""
+  vocab = seqio.get_mixture_or_task(task_name).output_features[
+      'targets'].vocabulary
+  tokenizer = vocab.tokenizer
+  size = tokenizer.GetPieceSize()
+  return [tokenizer.id_to_piece(int(i)) if int(i) < size
+          else f'<extra_id_{int(i) - size}>' for i in ids]
+
+
 def vocabulary_path(name: str) -> str:
   """Local file of the SentencePiece model that a task's targets use (a
   remote one is copied to a temporary file)."""

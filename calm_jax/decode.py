@@ -30,6 +30,16 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
   os.replace(tmp, path)
 
 
+def _write_exit_map(directory: str, task: str, records: list[dict],
+                    num_layers: int, confidence: str, threshold: float) -> None:
+  from calm_jax import plots  # pylint: disable=g-import-not-at-top
+  title = f'{task}: exit layer per token ({confidence}, threshold {threshold:g})'
+  paths = plots.write_exit_map(
+      records, num_layers, title, os.path.join(directory, f'{task}.html'),
+      os.path.join(directory, f'{task}.png'))
+  print(f'wrote {" and ".join(paths)}')
+
+
 @gin.configurable(module='calm_jax')
 def decode(*, checkpoint_path: str = gin.REQUIRED,
            mixture_or_task_name: str = gin.REQUIRED,
@@ -39,11 +49,15 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
            tau: Optional[float] = None,
            calibration_record: Optional[str] = None, min_exit: int = 1,
            propagation: str = 'hidden', temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict:
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+           exit_map: Optional[str] = None, exit_map_examples: int = 10
+           ) -> dict:
   """Decodes every task of a mixture with early exit; returns the summary.
 
   Without a threshold, the calibration record named `calibration_record`
-  (default: the newest for the measure) sets it.
+  (default: the newest for the measure) sets it. With `exit_map` (a
+  directory), the first `exit_map_examples` examples of each task are also
+  drawn as exit maps: <exit_map>/<task>.html and .png.
   """
   from calm_jax import data  # pylint: disable=g-import-not-at-top
   from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
@@ -69,6 +83,9 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
         batch_size=batch_size, exit_config=exit_config, threshold=value,
         seed=seed, classifier=lm.classifier_for(confidence))
     _write_jsonl(os.path.join(output_dir, f'{task}.jsonl'), records)
+    if exit_map:
+      _write_exit_map(exit_map, task, records[:exit_map_examples],
+                      lm.config.num_decoder_layers, confidence, value)
     timed = 1 - min(batch_size, len(records)) / max(len(records), 1)
     summary['tasks'][task] = evaluation.summarize_decode(task, records,
                                                          seconds, timed)

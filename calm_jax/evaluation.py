@@ -119,6 +119,7 @@ def _example_records(batch, out: decoding.DecodeOutput, task: str
     record = {
         'inputs': batch.inputs[row], 'targets': batch.targets[row],
         'prediction': data.decode_text(task, np.asarray(tokens)),
+        'tokens': data.token_pieces(task, tokens[:length]),
         'exit_layers': [int(l) for l in out.exit_layers[row, :length]],
         'confidences': [round(float(c), 4)
                         for c in out.confidences[row, :length]]}

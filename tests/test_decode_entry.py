@@ -48,13 +48,21 @@ def test_decode_writes_jsonl_and_summary(model_dir, tmp_path):
                 "--gin.CONFIDENCE='classifier'", '--gin.THRESHOLD=0.5',
                 '--gin.calm_jax.decode.num_examples=6',
                 '--gin.calm_jax.decode.batch_size=4',
-                f"--gin.calm_jax.decode.output_dir='{out}'")
+                f"--gin.calm_jax.decode.output_dir='{out}'",
+                f"--gin.EXIT_MAP='{tmp_path / 'maps'}'",
+                '--gin.calm_jax.decode.exit_map_examples=3')
   assert result.returncode == 0, result.stderr[-2000:]
   lines = (out / 'synth_qa.jsonl').read_text().splitlines()
   assert len(lines) == 6
   record = json.loads(lines[0])
-  assert set(record) == {'inputs', 'targets', 'prediction', 'exit_layers',
-                         'confidences'}
+  assert set(record) == {'inputs', 'targets', 'prediction', 'tokens',
+                         'exit_layers', 'confidences'}
+  assert len(record['tokens']) == len(record['exit_layers'])
+  assert record['tokens'][-1] == '</s>' or len(record['tokens']) == 4
+  records = [json.loads(line) for line in lines[:3]]
+  page = (tmp_path / 'maps' / 'synth_qa.html').read_text()
+  assert page.count('data-layer=') == sum(len(r['tokens']) for r in records)
+  assert (tmp_path / 'maps' / 'synth_qa.png').stat().st_size > 1000
   assert record['inputs'].startswith('question: ')
   assert len(record['exit_layers']) == len(record['confidences']) >= 1
   assert all(1 <= l <= 4 for l in record['exit_layers'])

@@ -1,0 +1,213 @@
+"""Pictures of early exit: PNG plots (matplotlib, Agg) and HTML exit maps.
+
+Each function takes plain rows (lists of dicts) and writes one file, so the
+report, the decode job and tests call them alike. No TensorFlow, no gin.
+"""
+import html
+import os
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+DPI = 100
+# Exit layer -> colour, shared by the PNG and HTML exit maps and histograms.
+_CMAP = matplotlib.colormaps['viridis']
+
+
+def layer_colour(layer: int, num_layers: int) -> str:
+  """Hex colour of an exit layer (dark: layer 1, light: the top)."""
+  return matplotlib.colors.to_hex(
+      _CMAP((layer - 1) / max(num_layers - 1, 1)))
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=DPI)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
+def _tasks(rows: Sequence[Mapping]) -> list[str]:
+  return sorted({row['task'] for row in rows})
+
+
+def layers_and_speedup_vs_delta(rows: Sequence[Mapping], path: str) -> str:
+  """Rows: task, measure, delta, avg_layers, speedup. One row of panels per
+  task: average decoder layers and measured speed-up against delta, one
+  line per confidence measure."""
+  tasks = _tasks(rows)
+  fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3 * len(tasks)),
+                           squeeze=False)
+  for ax_row, task in zip(axes, tasks):
+    task_rows = [r for r in rows if r['task'] == task]
+    for measure in sorted({r['measure'] for r in task_rows}):
+      line = sorted((r['delta'], r['avg_layers'], r['speedup'])
+                    for r in task_rows if r['measure'] == measure)
+      deltas, layers, speedups = zip(*line)
+      ax_row[0].plot(deltas, layers, 'o-', label=measure)
+      ax_row[1].plot(deltas, speedups, 'o-', label=measure)
+    ax_row[0].set_ylabel(f'{task}\navg decoder layers')
+    ax_row[1].set_ylabel('speed-up (x)')
+    ax_row[1].axhline(1.0, color='grey', lw=0.8, ls=':')
+    for ax in ax_row:
+      ax.set_xlabel('delta')
+      ax.grid(alpha=0.3)
+    ax_row[0].legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def risk_vs_delta(rows: Sequence[Mapping], path: str) -> str:
+  """Rows: consistency, delta, mean_test_risk, violation_rate. Test risk
+  against delta with the line risk = delta that calibration promises."""
+  fig, (risk_ax, rate_ax) = plt.subplots(1, 2, figsize=(10, 4))
+  for consistency in sorted({r['consistency'] for r in rows}):
+    line = sorted((r['delta'], r['mean_test_risk'], r['violation_rate'])
+                  for r in rows if r['consistency'] == consistency)
+    deltas, risks, rates = zip(*line)
+    risk_ax.plot(deltas, risks, 'o-', label=f'{consistency}: mean test risk')
+    rate_ax.plot(deltas, rates, 'o-', label=consistency)
+  top = max(r['delta'] for r in rows)
+  risk_ax.plot([0, top], [0, top], 'k--', lw=1, label='risk = delta')
+  rate_ax.axhline(rows[0].get('epsilon', 0.05), color='k', ls='--', lw=1,
+                  label='epsilon')
+  risk_ax.set(xlabel='delta', ylabel='test risk')
+  rate_ax.set(xlabel='delta', ylabel='violation rate (test risk > delta)')
+  for ax in (risk_ax, rate_ax):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def quality_vs_layers(curves: Sequence[Mapping], path: str) -> str:
+  """Curves: task, kind ('static' or a measure), metric, points [(avg
+  layers, quality)]. One panel per task: early exit against static models
+  truncated at layer k."""
+  tasks = _tasks(curves)
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4),
+                           squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    for curve in (c for c in curves if c['task'] == task):
+      layers, quality = zip(*sorted(curve['points']))
+      if curve['kind'] == 'static':
+        ax.plot(layers, quality, 's--', color='k', ms=4,
+                label='static, exit at layer k')
+      else:
+        ax.plot(layers, quality, 'o-', ms=4,
+                label=f'early exit ({curve["kind"]})')
+      ax.set_ylabel(curve['metric'])
+    ax.set(title=task, xlabel='avg decoder layers per token')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def exit_histogram(exit_layers: Mapping[str, Sequence[int]], num_layers: int,
+                   path: str) -> str:
+  """Share of tokens exiting at each layer, one panel per task."""
+  tasks = sorted(exit_layers)
+  fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3),
+                           squeeze=False)
+  bins = np.arange(1, num_layers + 1)
+  for ax, task in zip(axes[0], tasks):
+    layers = np.asarray(exit_layers[task])
+    share = np.array([(layers == b).mean() for b in bins]) if len(layers) \
+        else np.zeros(len(bins))
+    ax.bar(bins, share, color=[layer_colour(b, num_layers) for b in bins])
+    ax.set(title=f'{task} (avg {layers.mean():.2f})' if len(layers)
+           else task, xlabel='exit layer', ylabel='share of tokens',
+           xticks=bins)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def _token_text(piece: str) -> str:
+  """A SentencePiece piece as display text ('▁' marks a word start)."""
+  return piece.replace('\u2581', ' ')
+
+
+def exit_map_html(examples: Sequence[Mapping], num_layers: int,
+                  title: str) -> str:
+  """An HTML page: each example's output tokens shaded by exit layer, with
+  the layer and confidence on hover. Examples: inputs, tokens,
+  exit_layers, confidences."""
+  legend = ''.join(
+      f'<span class="tok" style="background:{layer_colour(l, num_layers)}">'
+      f'{l}</span>' for l in range(1, num_layers + 1))
+  body = []
+  for ex in examples:
+    spans = ''.join(
+        f'<span class="tok" data-layer="{layer}" data-confidence="{conf}" '
+        f'style="background:{layer_colour(layer, num_layers)}" '
+        f'title="layer {layer}, confidence {conf}">'
+        f'{html.escape(_token_text(piece))}</span>'
+        for piece, layer, conf in zip(ex['tokens'], ex['exit_layers'],
+                                      ex['confidences']))
+    body.append(f'<div class="ex"><div class="in">{html.escape(ex["inputs"])}'
+                f'</div><div class="out">{spans}</div></div>')
+  return ('<!DOCTYPE html><html><head><meta charset="utf-8">'
+          f'<title>{html.escape(title)}</title><style>'
+          'body{font-family:sans-serif;max-width:60em;margin:auto}'
+          '.tok{color:#fff;padding:2px 1px;margin:0 1px;border-radius:3px;'
+          'white-space:pre}.in{color:#555;font-size:90%;margin:1em 0 .3em}'
+          '.ex{border-bottom:1px solid #ddd;padding-bottom:.6em}'
+          f'</style></head><body><h2>{html.escape(title)}</h2>'
+          f'<p>Exit layer (1 = first): <span class="legend">{legend}</span>'
+          '; hover a token for its layer and confidence.</p>'
+          + ''.join(body) + '</body></html>\n')
+
+
+def write_exit_map(examples: Sequence[Mapping], num_layers: int, title: str,
+                   html_path: str, png_path: str) -> tuple[str, str]:
+  """The HTML exit map and a PNG rendering of it."""
+  os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
+  tmp = html_path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(exit_map_html(examples, num_layers, title))
+  os.replace(tmp, html_path)
+  return html_path, exit_map_png(examples, num_layers, title, png_path)
+
+
+def exit_map_png(examples: Sequence[Mapping], num_layers: int, title: str,
+                 path: str, width_chars: int = 90) -> str:
+  """The exit map drawn with matplotlib: one shaded box per token."""
+  lines = [_wrap(ex, width_chars) for ex in examples]
+  rows = sum(len(l) for l in lines) + len(lines)
+  fig = plt.figure(figsize=(10, 0.6 + 0.28 * rows))
+  ax = fig.add_axes((0, 0, 1, 1))
+  ax.set_xlim(0, width_chars)
+  ax.set_ylim(rows + 1.5, 0)
+  ax.axis('off')
+  ax.text(0.5, 0.8, title, fontsize=10, weight='bold')
+  y = 2.0
+  for example_lines in lines:
+    for line in example_lines:
+      for x, text, layer in line:
+        ax.text(x + 0.5, y, text, fontsize=8, family='monospace',
+                color='white', va='center',
+                bbox=dict(boxstyle='round,pad=0.15', lw=0,
+                          fc=layer_colour(layer, num_layers)))
+      y += 1
+    y += 1
+  return _save(fig, path)
+
+
+def _wrap(example: Mapping, width: int) -> list[list[tuple[int, str, int]]]:
+  """Tokens placed on lines of `width` characters: [(x, text, layer)]."""
+  lines, line, x = [], [], 0
+  for piece, layer in zip(example['tokens'], example['exit_layers']):
+    text = _token_text(piece).strip() or '_'
+    if x + len(text) + 1 > width and line:
+      lines.append(line)
+      line, x = [], 0
+    line.append((x, text, layer))
+    x += len(text) + 1.3
+  return lines + [line] if line else lines
