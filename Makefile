@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-slow demo bench validity vocab clean
+.PHONY: install test test-slow demo bench validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -32,6 +32,15 @@ bench: $(STAMP)
 validity: $(STAMP)
 	test -f runs/demo/model/model.json || $(MAKE) demo
 	$(PY) -m calm_jax.validity --output_dir runs/validity
+
+# The reproduction report: trains the demo model and its exit classifier if
+# they are not there yet (both resume, and return at once when finished),
+# then re-measures everything into docs/REPRODUCTION.md.
+reproduce: $(STAMP)
+	$(PY) -m calm_jax.train --gin_file=gin/experiments/demo_train.gin
+	$(PY) -m calm_jax.train --gin_file=gin/runs/train_classifier.gin \
+	  --gin.MODEL_DIR="'runs/demo/model'" --gin.MIXTURE_OR_TASK_NAME="'synth_mix'"
+	$(PY) -m calm_jax.report --model_dir runs/demo/model --output docs/REPRODUCTION.md
 
 vocab: $(STAMP)
 	$(PY) -m tasks.build_vocab

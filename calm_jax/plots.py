@@ -177,7 +177,7 @@ def write_exit_map(examples: Sequence[Mapping], num_layers: int, title: str,
 
 
 def exit_map_png(examples: Sequence[Mapping], num_layers: int, title: str,
-                 path: str, width_chars: int = 90) -> str:
+                 path: str, width_chars: int = 150) -> str:
   """The exit map drawn with matplotlib: one shaded box per token."""
   lines = [_wrap(ex, width_chars) for ex in examples]
   rows = sum(len(l) for l in lines) + len(lines)
@@ -200,14 +200,17 @@ def exit_map_png(examples: Sequence[Mapping], num_layers: int, title: str,
   return _save(fig, path)
 
 
-def _wrap(example: Mapping, width: int) -> list[list[tuple[int, str, int]]]:
-  """Tokens placed on lines of `width` characters: [(x, text, layer)]."""
-  lines, line, x = [], [], 0
+def _wrap(example: Mapping, width: int) -> list[list[tuple[float, str, int]]]:
+  """Tokens placed on lines of `width` monospace characters: [(x, text,
+  layer)]; pieces that continue a word sit closer than new words."""
+  lines, line, x = [], [], 0.0
   for piece, layer in zip(example['tokens'], example['exit_layers']):
     text = _token_text(piece).strip() or '_'
-    if x + len(text) + 1 > width and line:
+    new_word = piece.startswith('\u2581') or piece.startswith('<')
+    x += (1.5 if new_word else 0.6) if line else 0.0
+    if x + len(text) > width and line:
       lines.append(line)
-      line, x = [], 0
+      line, x = [], 0.0
     line.append((x, text, layer))
-    x += len(text) + 1.3
+    x += len(text)
   return lines + [line] if line else lines

@@ -1,0 +1,53 @@
+"""report_doc.py: the findings and tables say what the numbers say."""
+from calm_jax import report_doc
+
+
+def _row(measure, consistency, delta, layers, quality, threshold=0.5):
+  return {'task': 't', 'measure': measure, 'consistency': consistency,
+          'delta': delta, 'threshold': threshold, 'metric': 'bleu',
+          'quality': quality, 'full_quality': 100.0, 'test_risk': 0.1,
+          'avg_layers': layers, 'flops_ratio': 2.5, 'speedup': 2.0}
+
+
+def _results(violation_rate=0.04, kv_agreement=0.6):
+  table = [_row(m, c, d, 1.5, 80.0) for m in report_doc.MEASURE_NAMES
+           for c, d in (('textual', 0.1), ('textual', 0.25), ('risk', 0.02),
+                        ('risk', 0.05))]
+  mode = lambda agreement: {'quality': 90.0, 'agreement_with_full': agreement,
+                            'avg_layers': 1.4, 'metric': 'bleu'}
+  return {
+      'tasks': ['t'], 'table': table, 'settings': {'epsilon': 0.05},
+      'validity': [{'consistency': 'textual', 'delta': 0.1, 'splits': 50,
+                    'violation_rate': violation_rate, 'mean_test_risk': 0.05,
+                    'mean_avg_layers': 1.2, 'certified_fraction': 1.0}],
+      'decay': {'task': 't', 'mean_output_tokens': 12.0,
+                'constant': _row('softmax', 'textual', 0.25, 1.5, 80.0),
+                'decaying_tau4': _row('softmax', 'textual', 0.25, 1.3, 78.0)},
+      'analyses': {
+          'oracle': {'t': {'avg_layers': 1.25, 'quality': 100.0,
+                           'metric': 'bleu'}},
+          'ablation': {'t': {'oracle_exits': {
+              'hidden': mode(0.99), 'kv_copy': mode(kv_agreement),
+              'none': mode(0.7)}}},
+          'curves': [{'task': 't', 'kind': 'static', 'metric': 'bleu',
+                      'points': [(1.0, 40.0), (2.0, 90.0), (3.0, 100.0)]}]}}
+
+
+def test_findings_follow_the_numbers():
+  text = report_doc.findings(_results())
+  # 80 at 1.5 layers against the static curve interpolated at 1.5: 65.
+  assert 'quality 80.0 against 65.0' in text and '-> early exit beat' in text
+  # 0.05 + 2 * sqrt(0.05 * 0.95 / 50) = 0.112
+  assert 'allows up to 0.11): worst violation rate 0.04 -> held' in text
+  assert 'the K/V copy degrades the output, as the paper found' in text
+  assert 'The oracle needs 1.25-1.25 layers' in text
+  text = report_doc.findings(_results(violation_rate=0.2, kv_agreement=0.99))
+  assert 'worst violation rate 0.20 -> did not hold' in text
+  assert 'the K/V copy does not degrade it here' in text
+
+
+def test_table2_has_a_cell_per_measure_and_setting():
+  text = report_doc.table2(_results())
+  assert text.count('1.50 · x2.50 · x2.00') == 3 * 4
+  assert '| t | classifier | 80.0 (0.100); λ 0.50 |' in text
+  assert 'textual δ=0.1 | textual δ=0.25 | risk δ=0.02 | risk δ=0.05' in text
