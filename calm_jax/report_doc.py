@@ -194,14 +194,8 @@ def _figure(path: str, docs: str, caption: str) -> str:
   return f'![{caption}]({os.path.relpath(path, docs)})\n\n*{caption}*'
 
 
-def render(results: dict, docs: str) -> str:
-  """The whole markdown document."""
+def _introduction(results: dict) -> str:
   s = results['settings']
-  figs = results['figures']
-  maps = '\n\n'.join(
-      _figure(png, docs, f'Exit map, {task} (interactive: '
-              f'{os.path.relpath(html, docs)})')
-      for task, (html, png) in results['exit_maps'].items())
   today = datetime.date.today().isoformat()
   return f'''# CALM reproduction report (embedded stand-in tasks)
 
@@ -225,50 +219,44 @@ quality, layers and FLOPs measured on {s["test_examples"]} test examples;
 speed-ups are medians of {s["timing_repeats"]} alternating timed runs of the
 full-depth and the early-exit decode of the same {s["timing_examples"]} test
 inputs at batch 1, after compile (2-core CPU). FLOPs count the decoder
-only (the encoder is the same work for both).
+only (the encoder is the same work for both).'''
 
-## The paper's findings, re-measured
 
-{findings(results)}
+def _figures(results: dict, docs: str) -> str:
+  figs = results['figures']
+  captions = (
+      ('layers_speedup', 'Average decoder layers and measured speed-up vs '
+       'delta (textual consistency), per confidence measure'),
+      ('risk', 'Test risk vs delta with the line risk = delta, and the '
+       'violation rate vs epsilon'),
+      ('quality', 'Quality vs average layers: early exit (threshold sweep) '
+       'against static models truncated at layer k'),
+      ('histogram', 'Exit layers per task (softmax, textual delta 0.25)'))
+  parts = [_figure(figs[name], docs, caption) for name, caption in captions]
+  parts += [_figure(png, docs, f'Exit map, {task} (interactive: '
+                    f'{os.path.relpath(html, docs)})')
+            for task, (html, png) in results['exit_maps'].items()]
+  return '## Figures\n\n' + '\n\n'.join(parts)
 
-## Table 2, in the paper's shape
 
-{table2(results)}
-
-## Full model and oracle
-
-The oracle exits each token at the first layer whose prediction equals the
-full model's, so its outputs are the full model's.
-
-{full_depth_table(results)}
-
-## State propagation (quality / agreement with the full model)
-
-Every mode decodes with the same exit layers per token (forced): the
-oracle's (a mix of layers) and the calibrated softmax run's (δ = 0.25).
-Skipped layers' caches get the exit state's K/V (CALM), the K/V of the last
-computed layer copied (the ablation the paper found to collapse), or
-nothing. Agreement = 1 - textual consistency loss.
-
-{ablation_table(results)}
-
-## Decaying versus constant threshold
-
-{decay_table(results)}
-
-## Calibration validity (50 random 80/20 splits of the pooled validation data, softmax)
-
-{validity_table(results)}
-
-## Figures
-
-{_figure(figs["layers_speedup"], docs, "Average decoder layers and measured speed-up vs delta (textual consistency), per confidence measure")}
-
-{_figure(figs["risk"], docs, "Test risk vs delta with the line risk = delta, and the violation rate vs epsilon")}
-
-{_figure(figs["quality"], docs, "Quality vs average layers: early exit (threshold sweep) against static models truncated at layer k")}
-
-{_figure(figs["histogram"], docs, "Exit layers per task (softmax, textual delta 0.25)")}
-
-{maps}
-'''
+def render(results: dict, docs: str) -> str:
+  """The whole markdown document."""
+  sections = [
+      _introduction(results),
+      "## The paper's findings, re-measured\n\n" + findings(results),
+      "## Table 2, in the paper's shape\n\n" + table2(results),
+      '## Full model and oracle\n\nThe oracle exits each token at the '
+      'first layer whose prediction equals the\nfull model\'s, so its '
+      'outputs are the full model\'s.\n\n' + full_depth_table(results),
+      '## State propagation (quality / agreement with the full model)\n\n'
+      'Every mode decodes with the same exit layers per token (forced): the\n'
+      'oracle\'s (a mix of layers) and the calibrated softmax run\'s '
+      '(δ = 0.25).\nSkipped layers\' caches get the exit state\'s K/V '
+      '(CALM), the K/V of the last\ncomputed layer copied (the ablation the '
+      'paper found to collapse), or\nnothing. Agreement = 1 - textual '
+      'consistency loss.\n\n' + ablation_table(results),
+      '## Decaying versus constant threshold\n\n' + decay_table(results),
+      '## Calibration validity (50 random 80/20 splits of the pooled '
+      'validation data, softmax)\n\n' + validity_table(results),
+      _figures(results, docs)]
+  return '\n\n'.join(sections) + '\n'
