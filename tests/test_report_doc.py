@@ -20,9 +20,10 @@ def _results(violation_rate=0.04, kv_agreement=0.6):
       'validity': [{'consistency': 'textual', 'delta': 0.1, 'splits': 50,
                     'violation_rate': violation_rate, 'mean_test_risk': 0.05,
                     'mean_avg_layers': 1.2, 'certified_fraction': 1.0}],
-      'decay': {'task': 't', 'mean_output_tokens': 12.0,
-                'constant': _row('softmax', 'textual', 0.25, 1.5, 80.0),
-                'decaying_tau4': _row('softmax', 'textual', 0.25, 1.3, 78.0)},
+      'decay': [{'task': 't', 'mean_output_tokens': 12.0,
+                 'constant': _row('softmax', 'textual', 0.25, 1.5, 80.0),
+                 'decaying_tau4': _row('softmax', 'textual', 0.25, 1.3,
+                                       78.0)}],
       'analyses': {
           'oracle': {'t': {'avg_layers': 1.25, 'quality': 100.0,
                            'metric': 'bleu'}},
@@ -41,6 +42,10 @@ def test_findings_follow_the_numbers():
   assert 'allows up to 0.11): worst violation rate 0.04 -> held' in text
   assert 'the K/V copy degrades the output, as the paper found' in text
   assert 'The oracle needs 1.25-1.25 layers' in text
+  assert ('(12.0 output tokens): 1.30 layers, quality 78.0, x2.00 vs 1.50, '
+          '80.0, x2.00 with a constant threshold') in text
+  table = report_doc.decay_table(_results())
+  assert '| t (12.0) | decaying tau4 | 0.50 | 1.30 | 78.0 | 0.100 | x2.00 |' in table
   text = report_doc.findings(_results(violation_rate=0.2, kv_agreement=0.99))
   assert 'worst violation rate 0.20 -> did not hold' in text
   assert 'the K/V copy does not degrade it here' in text
