@@ -218,9 +218,9 @@ report on the paper's tasks, train and calibrate a model with a
 Protocol: thresholds certified by Learn then Test (ε = {s["epsilon"]:g},
 grid 1.0, 0.95, ..., 0) on {s["cal_examples"]} validation examples per task;
 quality, layers and FLOPs measured on {s["test_examples"]} test examples;
-speed-ups are medians of {s["timing_repeats"]} alternating timed runs of the
-full-depth and the early-exit decode of the same {s["timing_examples"]} test
-inputs at batch 1, after compile (2-core CPU). FLOPs count the decoder
+speed-ups compare the full-depth and the early-exit decode of the same
+{s["timing_examples"]} test inputs at batch 1 after compile, alternating on
+every input, medians over {s["timing_repeats"]} passes (2-core CPU). FLOPs count the decoder
 only (the encoder is the same work for both).'''
 
 

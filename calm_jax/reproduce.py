@@ -4,9 +4,10 @@ Each function measures one of the paper's findings on a trained model dir and
 returns plain dicts. Calibration uses the validation split; every reported
 quality, layer count, FLOPs ratio and speed-up comes from the test split.
 Decodes go through the calibration cache (MODEL_DIR/calibration/cache), so a
-rerun after an interruption redoes only what is missing. Speed-ups are
-medians of alternating timed runs of the full-depth and the early-exit
-decode of the same test inputs, at batch 1 as in the paper, after compile.
+rerun after an interruption redoes only what is missing. Speed-ups compare
+the full-depth and the early-exit decode of the same test inputs at batch 1
+as in the paper, after compile, alternating on every input; medians over
+repeated passes.
 Imports the data path (TensorFlow): entry points only.
 """
 import dataclasses
@@ -40,7 +41,7 @@ class Setup:
   timing_examples: int
   batch_size: int = 32
   epsilon: float = 0.05
-  repeats: int = 3
+  repeats: int = 5
 
   def cache(self, measure: str, split: str, tau=None
             ) -> calibrate.DecodeCache:
@@ -143,12 +144,19 @@ def _exit_config(setup: Setup, measure: str, tau=None,
       exit_interval=cfg.exit_interval, tau=tau, propagation=propagation)
 
 
-def _run_seconds(fn, inputs, repeats: int) -> list[float]:
-  times = []
+def _interleaved_seconds(runs: dict, inputs, repeats: int) -> dict:
+  """Seconds per pass over `inputs` for each callable, the callables
+  alternating on every input (so drifts of a shared machine hit both)."""
+  times = {name: [] for name in runs}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready([fn(e) for e in inputs])
-    times.append(time.perf_counter() - start)
+    total = dict.fromkeys(runs, 0.0)
+    for e in inputs:
+      for name, fn in runs.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(e))
+        total[name] += time.perf_counter() - start
+    for name, seconds in total.items():
+      times[name].append(seconds)
   return times
 
 
@@ -156,7 +164,7 @@ def _run_seconds(fn, inputs, repeats: int) -> list[float]:
 def speedup(setup: Setup, task: str, measure: str, threshold: float,
             tau=None) -> float:
   """Full-depth seconds over early-exit seconds, same test inputs at batch
-  1, alternating runs after compile, medians."""
+  1, alternating on every input after compile, medians over repeats."""
   lm = setup.lm
   length = data.feature_lengths(task)['targets']
   inputs = _timing_inputs(setup, task)
@@ -170,10 +178,7 @@ def speedup(setup: Setup, task: str, measure: str, threshold: float,
           'early': lambda e: early(lm.params, classifier, e, threshold, key)}
   for fn in runs.values():  # compile
     jax.block_until_ready(fn(inputs[0]))
-  times = {name: [] for name in runs}
-  for _ in range(setup.repeats):
-    for name, fn in runs.items():
-      times[name] += _run_seconds(fn, inputs, 1)
+  times = _interleaved_seconds(runs, inputs, setup.repeats)
   return statistics.median(times['full']) / statistics.median(times['early'])
 
 
