@@ -116,9 +116,15 @@ def test_outcome(setup: Setup, task: str, measure: str, consistency: str,
       'avg_layers': float(np.mean(layers)),
       'flops_ratio': (1.0 if threshold is None else flops_ratio(
           setup, task, measure, full['exit_layers'], early['exit_layers'])),
-      'speedup': (1.0 if threshold is None else
-                  speedup(setup, task, measure, threshold, tau)),
+      **_speed_fields(setup, task, measure, threshold, tau),
       'exit_layers': layers}
+
+
+def _speed_fields(setup, task, measure, threshold, tau) -> dict:
+  if threshold is None:  # the full model itself
+    return {'speedup': 1.0, 'speedup_range': [1.0, 1.0]}
+  median, low, high = speedup(setup, task, measure, threshold, tau)
+  return {'speedup': median, 'speedup_range': [low, high]}
 
 
 # --- wall-clock speed ------------------------------------------------------
@@ -162,9 +168,10 @@ def _interleaved_seconds(runs: dict, inputs, repeats: int) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def speedup(setup: Setup, task: str, measure: str, threshold: float,
-            tau=None) -> float:
+            tau=None) -> tuple[float, float, float]:
   """Full-depth seconds over early-exit seconds, same test inputs at batch
-  1, alternating on every input after compile, medians over repeats."""
+  1, alternating on every input after compile: the ratio of the medians
+  over repeated passes, and the lowest and highest per-pass ratio."""
   lm = setup.lm
   length = data.feature_lengths(task)['targets']
   inputs = _timing_inputs(setup, task)
@@ -179,7 +186,9 @@ def speedup(setup: Setup, task: str, measure: str, threshold: float,
   for fn in runs.values():  # compile
     jax.block_until_ready(fn(inputs[0]))
   times = _interleaved_seconds(runs, inputs, setup.repeats)
-  return statistics.median(times['full']) / statistics.median(times['early'])
+  per_pass = [f / e for f, e in zip(times['full'], times['early'])]
+  return (statistics.median(times['full']) / statistics.median(times['early']),
+          min(per_pass), max(per_pass))
 
 
 # --- oracle, truncated models and state propagation ----------------------

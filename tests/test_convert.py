@@ -206,6 +206,20 @@ def test_finetune_from_hf_gin_trains_the_imported_model(untied, tmp_path):
   assert 0 < change < 0.05
 
 
+def test_bfloat16_checkpoint_imports_as_float32(untied, tmp_path):
+  hf_dir = untied[0]
+  model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir)
+  model.to(torch.bfloat16).save_pretrained(str(tmp_path / 'bf16'),
+                                           safe_serialization=True)
+  shutil.copyfile(VOCAB, tmp_path / 'bf16' / convert.HF_VOCAB)
+  config = convert.import_hf(str(tmp_path / 'bf16'), str(tmp_path / 'm'))
+  params, _ = checkpoints.load_params(str(tmp_path / 'm'), config)
+  shared = model.shared.weight.float().detach().numpy()
+  embedding = np.asarray(params['token_embedder']['embedding'])
+  assert embedding.dtype == np.float32
+  np.testing.assert_array_equal(embedding, shared)
+
+
 def test_relu_t5_is_refused():
   with pytest.raises(convert.ConversionError, match='gated-gelu'):
     convert.config_from_hf({**DIMS, 'feed_forward_proj': 'relu'})

@@ -45,7 +45,8 @@ def test_findings_follow_the_numbers():
   assert ('(12.0 output tokens): 1.30 layers, quality 78.0, x2.00 vs 1.50, '
           '80.0, x2.00 with a constant threshold') in text
   table = report_doc.decay_table(_results())
-  assert '| t (12.0) | decaying tau4 | 0.50 | 1.30 | 78.0 | 0.100 | x2.00 |' in table
+  assert ('| t (12.0) | decaying tau4 | 0.50 | 1.30 | 78.0 | 0.100 | '
+          'x2.00 (2.00-2.00) |') in table
   text = report_doc.findings(_results(violation_rate=0.2, kv_agreement=0.99))
   assert 'worst violation rate 0.20 -> did not hold' in text
   assert 'the K/V copy does not degrade it here' in text
