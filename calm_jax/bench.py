@@ -34,6 +34,7 @@ from calm_jax import decoding
 from calm_jax import flops
 from calm_jax import models
 from calm_jax import network
+from calm_jax import timing
 
 NO_EOS = -1
 MEASURES = ('softmax', 'state', 'classifier')
@@ -57,13 +58,10 @@ class BenchModel:
 def time_alternating(static: Callable, early: Callable, repeats: int
                      ) -> tuple[list[float], list[float]]:
   """Alternates the two (already compiled) calls; returns their times."""
-  static_times, early_times = [], []
-  for _ in range(repeats):
-    for fn, times in ((static, static_times), (early, early_times)):
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times.append(time.perf_counter() - start)
-  return static_times, early_times
+  times = timing.alternating_seconds(
+      {'static': lambda _: static(), 'early': lambda _: early()}, [None],
+      repeats)
+  return times['static'], times['early']
 
 
 def compile_seconds(fn: Callable) -> tuple[float, object]:

@@ -28,6 +28,7 @@ from calm_jax import calibration
 from calm_jax import checkpoints
 from calm_jax import decoding
 from calm_jax import gin_utils
+from calm_jax import timing
 from calm_jax import train as train_lib
 
 
@@ -53,12 +54,9 @@ def full_depth_eval(model, params, task: str, split: str, num_examples: int,
 
 def _timed_alternating(fns: dict, repeats: int) -> dict:
   """Median seconds of each (compiled) callable, run in alternation."""
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
+  times = timing.alternating_seconds(
+      {name: (lambda _, fn=fn: fn()) for name, fn in fns.items()}, [None],
+      repeats)
   return {name: statistics.median(t) for name, t in times.items()}
 
 

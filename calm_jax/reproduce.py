@@ -13,7 +13,6 @@ Imports the data path (TensorFlow): entry points only.
 import dataclasses
 import functools
 import statistics
-import time
 from typing import Optional, Sequence
 
 import jax
@@ -27,6 +26,7 @@ from calm_jax import data
 from calm_jax import decoding
 from calm_jax import evaluation
 from calm_jax import flops
+from calm_jax import timing
 
 FULL = calibrate.FULL
 GRID = calibration.descending_grid(1.0, 0.0, 0.05)
@@ -150,22 +150,6 @@ def _exit_config(setup: Setup, measure: str, tau=None,
       exit_interval=cfg.exit_interval, tau=tau, propagation=propagation)
 
 
-def _interleaved_seconds(runs: dict, inputs, repeats: int) -> dict:
-  """Seconds per pass over `inputs` for each callable, the callables
-  alternating on every input (so drifts of a shared machine hit both)."""
-  times = {name: [] for name in runs}
-  for _ in range(repeats):
-    total = dict.fromkeys(runs, 0.0)
-    for e in inputs:
-      for name, fn in runs.items():
-        start = time.perf_counter()
-        jax.block_until_ready(fn(e))
-        total[name] += time.perf_counter() - start
-    for name, seconds in total.items():
-      times[name].append(seconds)
-  return times
-
-
 @functools.lru_cache(maxsize=None)
 def speedup(setup: Setup, task: str, measure: str, threshold: float,
             tau=None) -> tuple[float, float, float]:
@@ -185,7 +169,7 @@ def speedup(setup: Setup, task: str, measure: str, threshold: float,
           'early': lambda e: early(lm.params, classifier, e, threshold, key)}
   for fn in runs.values():  # compile
     jax.block_until_ready(fn(inputs[0]))
-  times = _interleaved_seconds(runs, inputs, setup.repeats)
+  times = timing.alternating_seconds(runs, inputs, setup.repeats)
   per_pass = [f / e for f, e in zip(times['full'], times['early'])]
   return (statistics.median(times['full']) / statistics.median(times['early']),
           min(per_pass), max(per_pass))

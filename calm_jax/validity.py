@@ -9,7 +9,8 @@ threshold on the 80% with Learn then Test and measures on the 20%: the
 fraction of splits whose test risk exceeds delta (LTT promises <= epsilon),
 the mean test risk, the mean average layers and the mean speed-up (full-depth
 decode time over early-exit decode time of the same examples). Writes
-runs/validity/validity.json and validity.png.
+runs/validity/validity.json and validity.png (test risk and violation rate
+vs delta, drawn by plots.risk_vs_delta).
 """
 import argparse
 import os
@@ -20,6 +21,7 @@ import numpy as np
 from calm_jax import api
 from calm_jax import calibration
 from calm_jax import checkpoints
+from calm_jax import plots
 
 DELTAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 
@@ -82,34 +84,6 @@ def run_splits(losses, layer_sums, tokens, grid, *, delta, epsilon, splits,
                if o['threshold'] is not None] or [np.nan]))}
 
 
-def plot(results: list[dict], path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for consistency, marker in (('textual', 'o'), ('risk', 's')):
-    rows = [r for r in results if r['consistency'] == consistency]
-    deltas = [r['delta'] for r in rows]
-    axes[0].plot(deltas, [r['mean_test_risk'] for r in rows], marker=marker,
-                 label=f'{consistency}: mean test risk')
-    axes[1].plot(deltas, [r['mean_avg_layers'] for r in rows], marker=marker,
-                 label=consistency)
-  lims = [0, max(DELTAS)]
-  axes[0].plot(lims, lims, 'k--', label='risk = delta')
-  axes[0].set(xlabel='delta', ylabel='test risk',
-              title='Calibration validity (80/20 splits)')
-  axes[1].set(xlabel='delta', ylabel='average decoder layers',
-              title='Layers at the certified threshold')
-  for ax in axes:
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
-
-
 def decode_speedups(cache, task_names, grid) -> dict:
   """Full-depth seconds / early-exit seconds per threshold (same examples;
   measured once each while filling the cache, so sequential, not
@@ -166,7 +140,7 @@ def main(argv=None) -> None:
       'model_dir': args.model_dir, 'checkpoint_step': lm.step,
       'confidence': args.confidence, 'n': int(losses.shape[1]),
       'grid': grid, 'speedup_by_threshold': speedups, 'results': results})
-  plot(results, os.path.join(args.output_dir, 'validity.png'))
+  plots.risk_vs_delta(results, os.path.join(args.output_dir, 'validity.png'))
   print(f'wrote {args.output_dir}/validity.json and validity.png')
 
 

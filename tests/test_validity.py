@@ -32,13 +32,3 @@ def test_run_splits_keeps_test_risk_below_delta():
                               epsilon=0.05, splits=10, seed=0, num_layers=8,
                               speedups=speedups)
   assert tight['violation_rate'] == 0.0 and tight['mean_test_risk'] == 0.0
-
-
-def test_plot_writes_png(tmp_path):
-  rows = [{'consistency': c, 'delta': d, 'mean_test_risk': d / 2,
-           'mean_avg_layers': 8 - 10 * d}
-          for c in ('textual', 'risk') for d in validity.DELTAS]
-  path = tmp_path / 'v.png'
-  validity.plot(rows, str(path))
-  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  assert path.stat().st_size > 10_000
