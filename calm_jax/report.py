@@ -175,7 +175,6 @@ def exit_maps(setup, tasks: Sequence[str], table: Sequence[dict],
 
 def figures(results: dict, figures_dir: str, num_layers: int) -> dict:
   """Writes the PNG plots; returns their paths by name."""
-  sweep = [{**r, 'delta': r['delta']} for r in results['sweep']]
   table = results['table']
   histogram = {r['task']: r['exit_layers'] for r in table
                if r['measure'] == 'softmax' and r['consistency'] == 'textual'
@@ -183,7 +182,7 @@ def figures(results: dict, figures_dir: str, num_layers: int) -> dict:
   path = lambda name: os.path.join(figures_dir, name)
   return {
       'layers_speedup': plots.layers_and_speedup_vs_delta(
-          sweep, path('layers_speedup_vs_delta.png')),
+          results['sweep'], path('layers_speedup_vs_delta.png')),
       'risk': plots.risk_vs_delta(results['validity'],
                                   path('risk_vs_delta.png')),
       'quality': plots.quality_vs_layers(results['analyses']['curves'],
