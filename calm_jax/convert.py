@@ -96,13 +96,19 @@ def _norm_map(hf_name: str, path: tuple[str, ...]) -> TensorMap:
   return TensorMap(hf_name, path + ('scale',), _same, _same)
 
 
-def _encoder_maps(config: network.T5Config) -> list[TensorMap]:
-  maps = [TensorMap('encoder.block.0.layer.0.SelfAttention.'
+def _stack_maps(stack: str) -> list[TensorMap]:
+  """A stack's relative position bias (held by block 0 in HF, once per
+  stack here) and its final norm."""
+  return [TensorMap(f'{stack}.block.0.layer.0.SelfAttention.'
                     'relative_attention_bias.weight',
-                    ('encoder', 'relpos_bias', 'rel_embedding'), _transpose,
+                    (stack, 'relpos_bias', 'rel_embedding'), _transpose,
                     _transpose),
-          _norm_map('encoder.final_layer_norm.weight',
-                    ('encoder', 'encoder_norm'))]
+          _norm_map(f'{stack}.final_layer_norm.weight',
+                    (stack, f'{stack}_norm'))]
+
+
+def _encoder_maps(config: network.T5Config) -> list[TensorMap]:
+  maps = _stack_maps('encoder')
   for i in range(config.num_encoder_layers):
     hf, ours = f'encoder.block.{i}.layer', ('encoder', f'layers_{i}')
     maps += _attention_maps(f'{hf}.0.SelfAttention', ours + ('attention',),
@@ -115,12 +121,7 @@ def _encoder_maps(config: network.T5Config) -> list[TensorMap]:
 
 
 def _decoder_maps(config: network.T5Config) -> list[TensorMap]:
-  maps = [TensorMap('decoder.block.0.layer.0.SelfAttention.'
-                    'relative_attention_bias.weight',
-                    ('decoder', 'relpos_bias', 'rel_embedding'), _transpose,
-                    _transpose),
-          _norm_map('decoder.final_layer_norm.weight',
-                    ('decoder', 'decoder_norm'))]
+  maps = _stack_maps('decoder')
   for i in range(config.num_decoder_layers):
     hf, ours = f'decoder.block.{i}.layer', ('decoder', f'layers_{i}')
     maps += _attention_maps(f'{hf}.0.SelfAttention',
