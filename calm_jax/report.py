@@ -16,7 +16,6 @@ Decodes are cached in MODEL_DIR/calibration/cache, so an interrupted run
 resumes; running it again rewrites every file.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -148,8 +147,8 @@ def exit_maps(setup, tasks: Sequence[str], table: Sequence[dict],
               figures: str) -> dict:
   """HTML + PNG exit maps of the first test examples (softmax, textual
   delta 0.25)."""
-  from calm_jax import decoding  # pylint: disable=g-import-not-at-top
   from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from calm_jax import reproduce  # pylint: disable=g-import-not-at-top
   lm, cfg, paths = setup.lm, setup.lm.config, {}
   for task in tasks:
     row = next(r for r in table if r['task'] == task and r[
@@ -157,13 +156,10 @@ def exit_maps(setup, tasks: Sequence[str], table: Sequence[dict],
             'delta'] == 0.25)
     threshold = api.FULL_DEPTH if row['threshold'] is None else row[
         'threshold']
-    exit_config = decoding.ExitConfig.create(
-        cfg.num_decoder_layers, confidence='softmax',
-        first_exit=cfg.first_exit, exit_interval=cfg.exit_interval)
     records, _ = evaluation.decode_task(
         lm.model, lm.params, task, split='test',
         num_examples=EXIT_MAP_EXAMPLES, batch_size=EXIT_MAP_EXAMPLES,
-        exit_config=exit_config, threshold=threshold, seed=0)
+        exit_config=reproduce.exit_config(setup, 'softmax'), threshold=threshold, seed=0)
     title = (f'{task}: exit layer per token (softmax, textual delta 0.25, '
              f'threshold {threshold:g})')
     paths[task] = plots.write_exit_map(

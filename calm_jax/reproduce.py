@@ -87,9 +87,7 @@ def flops_ratio(setup: Setup, task: str, measure: str,
                cache_length=lengths['targets'])
   static = flops.static_flops(cfg, num_tokens=sum(map(len, full_exits)),
                               **shape)
-  allowed = decoding.ExitConfig.create(
-      cfg.num_decoder_layers, confidence=measure, first_exit=cfg.first_exit,
-      exit_interval=cfg.exit_interval).exit_layers
+  allowed = exit_config(setup, measure).exit_layers
   early = flops.early_exit_flops(
       cfg, [l for row in early_exits for l in row], measure=measure,
       allowed_exits=allowed, **shape)
@@ -142,8 +140,9 @@ def _static_fn(setup: Setup, max_length: int):
   return jax.jit(lambda p, e: model.decode_static(p, e, max_length).tokens)
 
 
-def _exit_config(setup: Setup, measure: str, tau=None,
-                 propagation: str = 'hidden') -> decoding.ExitConfig:
+def exit_config(setup: Setup, measure: str, tau=None,
+                propagation: str = 'hidden') -> decoding.ExitConfig:
+  """The exit settings of the model dir for a measure (and tau, propagation)."""
   cfg = setup.lm.config
   return decoding.ExitConfig.create(
       cfg.num_decoder_layers, confidence=measure, first_exit=cfg.first_exit,
@@ -161,7 +160,7 @@ def speedup(setup: Setup, task: str, measure: str, threshold: float,
   inputs = _timing_inputs(setup, task)
   static = _static_fn(setup, length)
   early = evaluation.early_exit_fn(
-      lm.model, _exit_config(setup, measure, tau).for_threshold(threshold),
+      lm.model, exit_config(setup, measure, tau).for_threshold(threshold),
       length)
   classifier = lm.classifier_for(measure)
   key = jax.random.PRNGKey(0)
@@ -217,9 +216,9 @@ def oracle(setup: Setup, task: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def _forced_fn(setup: Setup, length: int, propagation: str):
   model = setup.lm.model
-  exit_config = _exit_config(setup, 'softmax', propagation=propagation)
+  settings = exit_config(setup, 'softmax', propagation=propagation)
   return jax.jit(lambda p, e, forced: model.decode_early_exit(
-      p, e, length, exit_config=exit_config, threshold=0.0,
+      p, e, length, exit_config=settings, threshold=0.0,
       forced_exit_layers=forced))
 
 
