@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
+from jax.sharding import Mesh
 
 from calm_jax import checkpoints
 from calm_jax import decoding
 from calm_jax import models
+from calm_jax import partitioning
 
 EOS_ID = 1
 FULL_DEPTH = 1.5  # any threshold above 1 disables exits
@@ -70,14 +72,24 @@ def _pad_to(length: int, multiple: int = 16) -> int:
 class CalmLM:
   """A trained CALM model dir, ready to generate with early exit."""
 
-  def __init__(self, model_dir: str, step: Optional[int] = None):
-    self.model_dir = model_dir
+  def __init__(self, model_dir: str, step: Optional[int] = None,
+               mesh: Optional[Mesh] = None):
+    """Loads the model dir; with a mesh of several devices, straight into
+    its shards (the decode and calibrate jobs' batch decodes then run over
+    it; `generate` wants the default, mesh None)."""
+    self.model_dir, self.mesh = model_dir, mesh
     self.config, vocab_path = checkpoints.read_model_config(model_dir)
-    self.params, self.step = checkpoints.load_params(model_dir, self.config,
-                                                     step)
     self.model = models.CalmModel(self.config)
+    sharded = mesh is not None and mesh.size > 1
+    shardings = (partitioning.param_shardings(self.model.param_axes(), mesh)
+                 if sharded else None)
+    self.params, self.step = checkpoints.load_params(model_dir, self.config,
+                                                     step, shardings)
     self.vocab = spm.SentencePieceProcessor(model_file=vocab_path)
     self.classifier = checkpoints.load_classifier(model_dir, self.config)
+    if sharded and self.classifier is not None:
+      self.classifier = partitioning.replicate(
+          jax.device_get(self.classifier), mesh)
 
   def resolve_threshold(self, threshold: Optional[float], confidence: str,
                         tau: Optional[float] = None,

@@ -26,6 +26,8 @@ from calm_jax import checkpoints
 from calm_jax import confidence as confidence_lib
 from calm_jax import decoding
 from calm_jax import gin_utils
+from calm_jax import multihost
+from calm_jax import partitioning
 
 FULL = 'full'
 
@@ -35,6 +37,8 @@ class DecodeCache:
 
   def __init__(self, lm: api.CalmLM, *, measure: str, tau, split: str,
                num_examples: Optional[int], batch_size: int, min_exit: int):
+    # lm.mesh: decodes run over it; with several processes all of them
+    # decode, and the primary one reads and writes the files.
     self.lm, self.measure, self.tau, self.split = lm, measure, tau, split
     self.num_examples, self.batch_size = num_examples, batch_size
     self.min_exit = min_exit
@@ -49,16 +53,17 @@ class DecodeCache:
   def get(self, task: str, threshold) -> dict:
     """{'predictions', 'targets' (references), 'exit_layers'}, decoded once."""
     path = self._path(task, threshold)
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
+    # Every process must take the same branch: a decode is collective.
+    if multihost.agree(os.path.exists(path)):
+      return multihost.from_primary(lambda: _read_json(path))
     from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
     records, seconds = self._decode(task, threshold)
     entry = {'predictions': [r['prediction'] for r in records],
              'targets': evaluation.references(records),
              'exit_layers': [r['exit_layers'] for r in records],
              'seconds_after_compile': seconds}
-    checkpoints.atomic_write_json(path, entry)
+    if multihost.is_primary():
+      checkpoints.atomic_write_json(path, entry)
     return entry
 
   def _decode(self, task: str, threshold) -> tuple[list[dict], float]:
@@ -75,7 +80,12 @@ class DecodeCache:
         exit_config=exit_config,
         threshold=api.FULL_DEPTH if threshold == FULL else threshold,
         seed=0, classifier=None if threshold == FULL else
-        self.lm.classifier_for(measure))
+        self.lm.classifier_for(measure), mesh=self.lm.mesh)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
 
 
 def losses_at_threshold(cache: DecodeCache, task_names: Sequence[str],
@@ -115,18 +125,21 @@ def calibrate(*, checkpoint_path: str = gin.REQUIRED,
               consistency: str = 'textual', confidence: str = 'softmax',
               split: str = 'validation', num_examples: Optional[int] = None,
               batch_size: int = 32, tau: Optional[float] = None,
-              min_exit: int = 1, grid_step: float = 0.05):
+              min_exit: int = 1, grid_step: float = 0.05,
+              mesh_shape: Optional[Sequence[int]] = None):
   """Certifies a threshold per delta and writes the calibration records.
 
   `delta` is one tolerance or a list of them (a paper-style sweep); the
   decodes are shared, so each further delta costs only the thresholds it
   reaches beyond the others. Returns the record, or the list of records.
+  Decodes run on a (data, model) mesh of `mesh_shape` (default: every
+  device on 'data'), over every process; the primary one writes.
   """
   from calm_jax import data  # pylint: disable=g-import-not-at-top
   deltas = list(delta) if isinstance(delta, (list, tuple)) else [delta]
   for value in deltas:
     _validate(value, epsilon, consistency, confidence)
-  lm = api.CalmLM(checkpoint_path)
+  lm = api.CalmLM(checkpoint_path, mesh=partitioning.make_mesh(mesh_shape))
   lm.classifier_for(confidence)  # fails early without a classifier
   task_names = list(data.task_rates(mixture_or_task_name))
   cache = DecodeCache(lm, measure=confidence, tau=tau, split=split,
@@ -150,9 +163,10 @@ def calibrate(*, checkpoint_path: str = gin.REQUIRED,
         'table': [row.as_dict() for row in result.table]}
     path = os.path.join(checkpoint_path, api.CALIBRATION_SUBDIR,
                         name + '.json')
-    checkpoints.atomic_write_json(path, record)
-    print(f'delta {value:g}: {result.message}')
-    print(f'wrote {path}')
+    if multihost.is_primary():
+      checkpoints.atomic_write_json(path, record)
+      print(f'delta {value:g}: {result.message}')
+      print(f'wrote {path}')
     records.append(record)
   return records if isinstance(delta, (list, tuple)) else records[0]
 

@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from calm_jax import network
+from calm_jax import partitioning
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 CLASSIFIER_SUBDIR = 'classifier'  # stage-2 exit classifier checkpoints
@@ -137,8 +138,15 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def load_params(model_dir: str, config: network.T5Config,
-                step: Optional[int] = None) -> tuple[Any, int]:
-  """Parameters of `step` (default: the latest) of a model dir, and the step."""
+                step: Optional[int] = None, shardings: Any = None
+                ) -> tuple[Any, int]:
+  """Parameters of `step` (default: the latest) of a model dir, and the step.
+
+  With `shardings` (a tree of NamedShardings, e.g. from
+  `partitioning.param_shardings`) they are restored straight into those
+  shards, whatever mesh the checkpoint was saved from; else onto the
+  default device.
+  """
   from calm_jax import models  # pylint: disable=g-import-not-at-top
   mgr = manager(model_dir)
   step = mgr.latest_step() if step is None else step
@@ -146,7 +154,10 @@ def load_params(model_dir: str, config: network.T5Config,
     raise CheckpointError(f'{model_dir} holds no checkpoint')
   target = jax.eval_shape(
       lambda: models.CalmModel(config).init_params(jax.random.PRNGKey(0)))
-  params = restore(mgr, step, params=target['params'])['params']
+  target = target['params']
+  if shardings is not None:
+    target = partitioning.with_shardings(target, shardings)
+  params = restore(mgr, step, params=target)['params']
   mgr.close()
   return params, step
 

@@ -13,6 +13,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import logging  # pylint: disable=g-import-not-at-top
 import tempfile
 
+import jax
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -107,28 +108,39 @@ def check_ready(name: str, split: str) -> None:
     _check_tfds_data(task, split)
 
 
+def process_shard() -> seqio.ShardInfo:
+  """This process's share of every dataset: 1 of `jax.process_count()`."""
+  return seqio.ShardInfo(index=jax.process_index(),
+                         num_shards=jax.process_count())
+
+
 def _task_batches(task_name: str, lengths: Mapping[str, int], split: str,
                   batch_size: int, seed: int, shuffle: bool,
-                  num_epochs: Optional[int]) -> tf.data.Dataset:
+                  num_epochs: Optional[int],
+                  shard: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
   ds = seqio.get_mixture_or_task(task_name).get_dataset(
       lengths, split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-      try_in_mem_cache=False)  # see eval_examples
+      shard_info=shard, try_in_mem_cache=False)  # see eval_examples
   ds = seqio.EncDecFeatureConverter(pack=False)(ds, lengths)
   return ds.batch(batch_size, drop_remainder=True)
 
 
 def train_batches(name: str, *, batch_size: int, seed: int = 0,
-                  start_step: int = 0, shuffle: bool = True
+                  start_step: int = 0, shuffle: bool = True,
+                  shard: Optional[seqio.ShardInfo] = None
                   ) -> Iterator[Batch]:
   """Endless deterministic training batches, resumed at `start_step`.
 
   The whole pipeline is a function of `seed`, so skipping the first
-  `start_step` batches puts a resumed run at the same data position.
+  `start_step` batches puts a resumed run at the same data position. With
+  `shard`, the batches hold that shard's examples only (each process feeds
+  its `batch_size` rows of the global batch); every shard picks the same task
+  for a given step, since the mixture sampling depends only on `seed`.
   """
   rates = task_rates(name)
   check_ready(name, 'train')
   per_task = [_task_batches(task, feature_lengths(task),
-                            'train', batch_size, seed, shuffle, None)
+                            'train', batch_size, seed, shuffle, None, shard)
               for task in rates]
   weights = np.array(list(rates.values()), np.float64)
   ds = (per_task[0] if len(per_task) == 1 else
@@ -138,9 +150,15 @@ def train_batches(name: str, *, batch_size: int, seed: int = 0,
   return ds.as_numpy_iterator()
 
 
-def eval_examples(task_name: str, split: str, *, num_examples: Optional[int]
-                  ) -> list[dict]:
-  """Tokenized examples with their text: inputs, targets, *_pretokenized."""
+def eval_examples(task_name: str, split: str, *, num_examples: Optional[int],
+                  shard: Optional[seqio.ShardInfo] = None) -> list[dict]:
+  """Tokenized examples with their text: inputs, targets, *_pretokenized.
+
+  With `shard` (index i of n), only examples k*n + i of the first
+  `num_examples`. Evaluation shards at the examples, not at the source
+  (TFDS files), so that every example's position is known and per-example
+  outputs can be merged back in input order (`multihost.interleave`).
+  """
   task = get_task_or_mixture(task_name)
   if split not in task.splits:
     raise DataError(f'task {task_name!r} has no split {split!r}; it has: '
@@ -153,8 +171,10 @@ def eval_examples(task_name: str, split: str, *, num_examples: Optional[int]
                         try_in_mem_cache=False)
   if num_examples is not None:
     ds = ds.take(num_examples)
+  if shard is not None and shard.num_shards > 1:
+    ds = ds.shard(shard.num_shards, shard.index)
   examples = list(ds.as_numpy_iterator())
-  if not examples:
+  if not examples and (shard is None or shard.index == 0):  # 0 gets the most
     raise DataError(f'task {task_name!r} split {split!r} has no examples')
   return examples
 

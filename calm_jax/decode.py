@@ -12,7 +12,7 @@ threshold used with where it came from). Files appear whole or not at all.
 """
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import gin
 
@@ -20,6 +20,8 @@ from calm_jax import api
 from calm_jax import checkpoints
 from calm_jax import decoding
 from calm_jax import gin_utils
+from calm_jax import multihost
+from calm_jax import partitioning
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
@@ -50,18 +52,24 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
            calibration_record: Optional[str] = None, min_exit: int = 1,
            propagation: str = 'hidden', temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-           exit_map: Optional[str] = None, exit_map_examples: int = 10
-           ) -> dict:
+           exit_map: Optional[str] = None, exit_map_examples: int = 10,
+           mesh_shape: Optional[Sequence[int]] = None) -> dict:
   """Decodes every task of a mixture with early exit; returns the summary.
 
   Without a threshold, the calibration record named `calibration_record`
   (default: the newest for the measure) sets it. With `exit_map` (a
   directory), the first `exit_map_examples` examples of each task are also
   drawn as exit maps: <exit_map>/<task>.html and .png.
+
+  Runs on a (data, model) mesh of `mesh_shape` (default: every device on
+  'data'); `batch_size` is global. With several processes, each decodes its
+  shard and the primary process writes everyone's records in input order.
   """
   from calm_jax import data  # pylint: disable=g-import-not-at-top
   from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
-  lm = api.CalmLM(checkpoint_path)
+  mesh = partitioning.make_mesh(mesh_shape)
+  lm = api.CalmLM(checkpoint_path, mesh=mesh)
+  primary = multihost.is_primary()
   value, tau, source = lm.resolve_threshold(threshold, confidence, tau,
                                             calibration_record)
   print(f'threshold {value} ({source}), confidence {confidence!r}, '
@@ -73,7 +81,8 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
       sampling=decoding.Sampling(temperature, top_k, top_p))
   output_dir = output_dir or os.path.join(
       checkpoint_path, 'decode', f'{split}_{confidence}_{value:g}')
-  os.makedirs(output_dir, exist_ok=True)
+  if primary:
+    os.makedirs(output_dir, exist_ok=True)
   summary = {'checkpoint_step': lm.step, 'confidence': confidence,
              'threshold': value, 'threshold_source': source, 'tau': tau,
              'split': split, 'tasks': {}}
@@ -81,9 +90,10 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
     records, seconds = evaluation.decode_task(
         lm.model, lm.params, task, split=split, num_examples=num_examples,
         batch_size=batch_size, exit_config=exit_config, threshold=value,
-        seed=seed, classifier=lm.classifier_for(confidence))
-    _write_jsonl(os.path.join(output_dir, f'{task}.jsonl'), records)
-    if exit_map:
+        seed=seed, classifier=lm.classifier_for(confidence), mesh=mesh)
+    if primary:
+      _write_jsonl(os.path.join(output_dir, f'{task}.jsonl'), records)
+    if exit_map and primary:
       _write_exit_map(exit_map, task, records[:exit_map_examples],
                       lm.config.num_decoder_layers, confidence, value)
     timed = 1 - min(batch_size, len(records)) / max(len(records), 1)
@@ -92,9 +102,10 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
     print(f"{task}: {summary['tasks'][task]['metric']} = "
           f"{summary['tasks'][task]['value']:.2f}, average layers "
           f"{summary['tasks'][task]['avg_decoder_layers']:.2f}")
-  checkpoints.atomic_write_json(os.path.join(output_dir, 'summary.json'),
-                                summary)
-  print(f'wrote {output_dir}')
+  if primary:
+    checkpoints.atomic_write_json(os.path.join(output_dir, 'summary.json'),
+                                  summary)
+    print(f'wrote {output_dir}')
   return summary
 
 

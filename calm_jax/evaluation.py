@@ -13,10 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 import tqdm
+from jax.sharding import Mesh, PartitionSpec as P
 
 from calm_jax import data
 from calm_jax import decoding
 from calm_jax import models
+from calm_jax import multihost
+from calm_jax import partitioning
 
 
 @dataclasses.dataclass
@@ -39,11 +42,14 @@ def _references(example: dict):
 
 
 def eval_batches(task_name: str, split: str, *, batch_size: int,
-                 num_examples: int | None) -> Iterator[EvalBatch]:
-  """Fixed-shape batches (last one padded with empty rows)."""
-  examples = data.eval_examples(task_name, split, num_examples=num_examples)
+                 num_examples: int | None, shard=None) -> Iterator[EvalBatch]:
+  """Fixed-shape batches (last one padded with empty rows) of the examples,
+  or of `shard`'s examples (a seqio.ShardInfo; an empty shard gives one
+  empty batch)."""
+  examples = data.eval_examples(task_name, split, num_examples=num_examples,
+                                shard=shard)
   lengths = data.feature_lengths(task_name)
-  for start in range(0, len(examples), batch_size):
+  for start in range(0, max(len(examples), 1), batch_size):
     chunk = examples[start:start + batch_size]
     text = lambda key: [ex[key].decode() for ex in chunk]
     yield EvalBatch(
@@ -100,14 +106,40 @@ def full_depth_predictions(model: models.CalmModel, params: Any,
   return predictions
 
 
+# Per 'data' shard: the decode's rows, and the summed evaluation count.
+_SHARDED_OUTPUT = decoding.DecodeOutput(
+    tokens=P('data'), exit_layers=P('data'), confidences=P('data'),
+    layer_evals=P())
+
+
 @functools.lru_cache(maxsize=32)
 def early_exit_fn(model: models.CalmModel, exit_config: decoding.ExitConfig,
-                  max_length: int):
-  """One jitted early-exit decode per (model, config, length): the threshold
-  is an argument, so a threshold sweep compiles once."""
-  return jax.jit(lambda p, c, e, t, r: model.decode_early_exit(
-      p, e, max_length, exit_config=exit_config, threshold=t, rng=r,
-      classifier=c))
+                  max_length: int, mesh: Optional[Mesh] = None):
+  """One jitted early-exit decode per (model, config, length, mesh): the
+  threshold is an argument, so a threshold sweep compiles once.
+
+  (params, classifier, encoder tokens [b, s], threshold, rng) -> output.
+  On a mesh of several devices every 'data' shard runs its own loop over
+  its rows (params replicated over 'data', split over 'model' by the rules);
+  greedy results equal the one-device decode, while sampling folds the shard
+  index into the rng.
+  """
+  def decode(params, classifier, encoder_tokens, threshold, rng):
+    return model.decode_early_exit(
+        params, encoder_tokens, max_length, exit_config=exit_config,
+        threshold=threshold, rng=rng, classifier=classifier)
+
+  if mesh is None or mesh.size == 1:
+    return jax.jit(decode)
+
+  def decode_shard(params, classifier, encoder_tokens, threshold, rng):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index('data'))
+    out = decode(params, classifier, encoder_tokens, threshold, rng)
+    return out.replace(layer_evals=jax.lax.psum(out.layer_evals, 'data'))
+
+  return partitioning.per_data_shard(
+      decode_shard, mesh, in_specs=(P(), P(), P('data'), P(), P()),
+      out_specs=_SHARDED_OUTPUT)
 
 
 def _example_records(batch, out: decoding.DecodeOutput, task: str
@@ -134,25 +166,63 @@ def references(records: Sequence[dict]) -> list:
   return [r.get('references', r['targets']) for r in records]
 
 
+def _empty_batch(like: EvalBatch) -> EvalBatch:
+  return EvalBatch(np.zeros_like(like.encoder_tokens),
+                   np.zeros_like(like.target_tokens), 0, [], [], [])
+
+
+def process_batches(task: str, split: str, *, num_examples: Optional[int],
+                    batch_size: int) -> list[EvalBatch]:
+  """This process's batches of a split: `batch_size` is the global batch,
+  each process holds batch_size / processes rows of it, and every process
+  gets the same number of batches (padded with empty ones) because each
+  batch is one collective program."""
+  processes = jax.process_count()
+  if batch_size % processes:
+    raise ValueError(f'batch size {batch_size} does not split over '
+                     f'{processes} processes')
+  batches = list(eval_batches(task, split, batch_size=batch_size // processes,
+                              num_examples=num_examples,
+                              shard=data.process_shard()))
+  total = multihost.process_max(len(batches))
+  return batches + [_empty_batch(batches[0])] * (total - len(batches))
+
+
 def decode_task(model: models.CalmModel, params, task: str, *, split: str,
                 num_examples: Optional[int], batch_size: int,
                 exit_config: decoding.ExitConfig, threshold: float,
-                seed: int, classifier=None) -> tuple[list[dict], float]:
-  """Decodes a task split; returns the records and the decode seconds."""
+                seed: int, classifier=None, mesh: Optional[Mesh] = None
+                ) -> tuple[list[dict], float]:
+  """Decodes a task split; returns the records, in input order, and the
+  decode seconds (this process's, compilation excluded).
+
+  On a mesh, `params` and `classifier` must already be placed on it
+  (`partitioning.param_shardings`), and the batches go over 'data'.
+  """
   max_length = data.feature_lengths(task)['targets']
-  fn = early_exit_fn(model, exit_config.for_threshold(threshold), max_length)
-  batches = list(eval_batches(task, split, batch_size=batch_size,
-                                         num_examples=num_examples))
+  sharded = mesh is not None and mesh.size > 1
+  if sharded:
+    partitioning.check_batch_fits(batch_size, mesh)
+  fn = early_exit_fn(model, exit_config.for_threshold(threshold), max_length,
+                     mesh if sharded else None)
+  place = ((lambda x: partitioning.global_batch(x, mesh)) if sharded
+           else jnp.asarray)
+  put = (lambda x: partitioning.replicate(x, mesh)) if sharded else (
+      lambda x: x)
+  fetch = multihost.host_rows if sharded else np.asarray
+  batches = process_batches(task, split, num_examples=num_examples,
+                            batch_size=batch_size)
   records, seconds = [], 0.0
-  for index, batch in enumerate(tqdm.tqdm(batches, desc=task, unit='batch')):
+  for index, batch in enumerate(tqdm.tqdm(
+      batches, desc=task, unit='batch', disable=not multihost.is_primary())):
     start = time.perf_counter()
-    out = jax.device_get(fn(params, classifier,
-                            jnp.asarray(batch.encoder_tokens), threshold,
-                            jax.random.PRNGKey(seed + index)))
+    out = fn(params, classifier, place(batch.encoder_tokens),
+             put(np.float32(threshold)), put(jax.random.PRNGKey(seed + index)))
+    out = jax.tree_util.tree_map(fetch, out)
     if index > 0:  # the first batch includes compilation
       seconds += time.perf_counter() - start
     records += _example_records(batch, out, task)
-  return records, seconds
+  return multihost.gather_in_input_order(records), seconds
 
 
 def summarize_decode(task: str, records: list[dict], seconds: float,

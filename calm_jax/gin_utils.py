@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import gin
 
+from calm_jax import multihost
 from tasks import data_settings as settings
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -38,6 +39,20 @@ def data_settings(t5_vocabulary: str | None = None,
   settings.set_overrides(t5_vocabulary=t5_vocabulary,
                          tfds_data_dir=tfds_data_dir,
                          task_feature_lengths=task_feature_lengths)
+
+
+@gin.configurable(module='calm_jax')
+def distributed(coordinator_address: str | None = None,
+                num_processes: int | None = None,
+                process_id: int | None = None,
+                coordinator_bind_address: str | None = None,
+                auto: bool = False) -> bool:
+  """Joins a multi-process run before anything touches a device (see
+  multihost.initialize): from these bindings, else the CALM_COORDINATOR_*
+  / CALM_NUM_PROCESSES / CALM_PROCESS_ID environment, else one process.
+  `auto=True` lets JAX find a TPU pod slice or a SLURM / MPI cluster."""
+  return multihost.initialize(coordinator_address, num_processes, process_id,
+                              coordinator_bind_address, auto)
 
 
 class UsageError(ValueError):
@@ -104,6 +119,7 @@ def run(main: Callable[[], object], argv: Sequence[str] | None = None,
   argv = sys.argv[1:] if argv is None else argv
   try:
     parse(argv)
+    distributed()
     data_settings()
     main()
   except (UsageError, *user_errors) as e:

@@ -12,15 +12,18 @@ T5) instead of a random init, with a fresh optimizer and step 0.
 """
 import dataclasses
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import gin
+import jax
 
 from calm_jax import checkpoints
 from calm_jax import gin_utils
 from calm_jax import models
+from calm_jax import multihost
 from calm_jax import network
 from calm_jax import optim
+from calm_jax import partitioning
 from calm_jax import trainer
 
 T5Config = gin.external_configurable(network.T5Config, module='calm_jax')
@@ -41,39 +44,57 @@ def train(*, model_dir: str = gin.REQUIRED,
           log_every: int = 50, seed: int = 0,
           loss_weighting: str = 'linear', z_loss: float = 1e-4,
           initial_checkpoint_path: Optional[str] = None,
-          progress: bool = True) -> trainer.TrainState:
+          progress: bool = True, shuffle: bool = True,
+          mesh_shape: Optional[Sequence[int]] = None) -> trainer.TrainState:
   """Trains into `model_dir` on a SeqIO task or mixture.
 
   stage 'model' trains the CALM network (model_config required); stage
   'classifier' trains the exit classifier of the model already in
   `model_dir`, backbone frozen, into MODEL_DIR/classifier.
+
+  The run uses a (data, model) mesh of `mesh_shape` (default: every device
+  on 'data'). `batch_size` is the global batch: with several processes each
+  reads batch_size / processes rows from its own shard of the data.
   """
   from calm_jax import data  # TensorFlow only on the data path.
   from clu import metric_writers
 
   if stage not in STAGES:
     raise ValueError(f'unknown stage {stage!r}; valid: {", ".join(STAGES)}')
+  mesh = partitioning.make_mesh(mesh_shape)
+  local_batch = _local_batch_size(batch_size, mesh)
   if stage == 'model':
     objective = _model_stage(model_dir, mixture_or_task_name, model_config,
                              loss_weighting, z_loss, initial_checkpoint_path)
     subdir = checkpoints.CHECKPOINT_SUBDIR
   else:
-    objective = _classifier_stage(model_dir)
+    objective = _classifier_stage(model_dir, mesh)
     subdir = checkpoints.CLASSIFIER_SUBDIR
   writer = metric_writers.create_default_writer(
       os.path.join(model_dir, 'train' if stage == 'model' else subdir),
-      just_logging=False, asynchronous=False)
+      just_logging=not multihost.is_primary(), asynchronous=False)
+  shard = data.process_shard() if jax.process_count() > 1 else None
   batches_from = lambda start: data.train_batches(
-      mixture_or_task_name, batch_size=batch_size, seed=seed,
-      start_step=start)
+      mixture_or_task_name, batch_size=local_batch, seed=seed,
+      start_step=start, shuffle=shuffle, shard=shard)
   state = trainer.train_loop(
       objective=objective, optimizer=optimizer, model_dir=model_dir,
       batches_from=batches_from, num_steps=num_train_steps,
       checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
       log_every=log_every, seed=seed, writer=writer, progress=progress,
-      checkpoint_subdir=subdir)
+      checkpoint_subdir=subdir, mesh=mesh)
   writer.flush()
   return state
+
+
+def _local_batch_size(batch_size: int, mesh) -> int:
+  """This process's rows of each global batch."""
+  partitioning.check_batch_fits(batch_size, mesh)
+  processes = jax.process_count()
+  if batch_size % processes:
+    raise ValueError(f'batch size {batch_size} does not split over '
+                     f'{processes} processes')
+  return batch_size // processes
 
 
 def initial_params_config(initial_checkpoint_path: str,
@@ -108,10 +129,11 @@ def _model_stage(model_dir, task, model_config, loss_weighting, z_loss,
   checkpoints.check_compatible(model_dir, model_config)
   data.check_ready(task, 'train')  # before anything is written
   data.check_vocab_fits(task, model_config.vocab_size)
-  os.makedirs(model_dir, exist_ok=True)
-  checkpoints.write_model_files(model_dir, model_config,
-                                data.vocabulary_path(task),
-                                gin.operative_config_str())
+  if multihost.is_primary():
+    os.makedirs(model_dir, exist_ok=True)
+    checkpoints.write_model_files(model_dir, model_config,
+                                  data.vocabulary_path(task),
+                                  gin.operative_config_str())
   model = models.CalmModel(model_config, loss_weighting=loss_weighting,
                            z_loss=z_loss)
   objective = trainer.model_objective(model)
@@ -119,17 +141,21 @@ def _model_stage(model_dir, task, model_config, loss_weighting, z_loss,
     return objective
   # Used only when model_dir holds no checkpoint yet: a resumed fine-tune
   # restores its own latest step instead.
-  load = lambda rng: checkpoints.load_params(initial_checkpoint_path,
-                                             model_config)[0]
-  return dataclasses.replace(objective, init=load)
+  load = lambda shardings: checkpoints.load_params(
+      initial_checkpoint_path, model_config, shardings=shardings)[0]
+  return dataclasses.replace(objective, load=load)
 
 
-def _classifier_stage(model_dir):
-  """The stage-2 objective over the latest backbone in `model_dir`."""
+def _classifier_stage(model_dir, mesh):
+  """The stage-2 objective over the latest backbone in `model_dir`, placed
+  on the mesh like a stage-1 run's parameters."""
   config, _ = checkpoints.read_model_config(model_dir)
-  backbone, step = checkpoints.load_params(model_dir, config)
+  model = models.CalmModel(config)
+  backbone, step = checkpoints.load_params(
+      model_dir, config,
+      shardings=partitioning.param_shardings(model.param_axes(), mesh))
   print(f'training the exit classifier on the frozen model of step {step}')
-  return trainer.classifier_objective(models.CalmModel(config), backbone)
+  return trainer.classifier_objective(model, backbone)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

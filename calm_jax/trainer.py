@@ -1,8 +1,15 @@
-"""The training loop: jitted step, orbax checkpoints, resume, progress.
+"""The training loop: sharded jitted step, orbax checkpoints, resume, progress.
+
+The state lives on a ('data', 'model') mesh (partitioning.py): parameters
+and optimizer state sharded by the logical axis rules, batches split over
+'data', and the step jitted with those in/out shardings. Checkpoints are
+saved sharded and restored onto whatever mesh the run has, so a run may
+resume on another mesh shape.
 
 No gin and no TensorFlow: batches arrive through a callable that starts the
 (deterministic) data pipeline at a given step, which is how a resumed run
-continues at the same data position.
+continues at the same data position. With several processes, each process
+yields its own rows of every global batch.
 """
 import dataclasses
 import time
@@ -14,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from jax.sharding import Mesh, NamedSharding
 
 from calm_jax import checkpoints
 from calm_jax import confidence
 from calm_jax import models
+from calm_jax import partitioning
 
 Batch = Mapping[str, np.ndarray]
 
@@ -36,11 +45,17 @@ class Objective:
     loss: (params, batch, dropout_rng or None) -> (loss, metrics).
     exit_layers: names of the entries of per-exit metric vectors.
     dropout: whether the loss wants a dropout rng.
+    param_axes: logical PartitionSpecs of the parameters (None: replicate).
+    load: optional param shardings -> parameters read from elsewhere (a
+      fine-tune's starting point), used instead of `init` for a new run;
+      `init` still gives the shapes.
   """
   init: Callable[[jax.Array], Any]
   loss: Callable[..., tuple[jax.Array, dict]]
   exit_layers: tuple[int, ...]
   dropout: bool = False
+  param_axes: Any = None
+  load: Optional[Callable[[Any], Any]] = None
 
 
 def model_objective(model: models.CalmModel) -> Objective:
@@ -49,7 +64,8 @@ def model_objective(model: models.CalmModel) -> Objective:
       init=lambda rng: model.init_params(rng)['params'],
       loss=lambda p, batch, rng: model.loss(p, batch, dropout_rng=rng),
       exit_layers=model.config.exit_layers,
-      dropout=model.config.dropout_rate > 0)
+      dropout=model.config.dropout_rate > 0,
+      param_axes=model.param_axes())
 
 
 def classifier_objective(model: models.CalmModel, backbone: Any) -> Objective:
@@ -76,9 +92,47 @@ def init_state(objective: Objective, optimizer: optax.GradientTransformation,
                     opt_state=optimizer.init(params))
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a run's arrays live on the mesh."""
+  mesh: Mesh
+  state: TrainState          # of NamedShardings
+  abstract_state: TrainState  # of ShapeDtypeStructs carrying those shardings
+
+  @property
+  def batch(self) -> NamedSharding:
+    return partitioning.batch_sharding(self.mesh)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return partitioning.replicated(self.mesh)
+
+
+def placement(objective: Objective, optimizer: optax.GradientTransformation,
+              mesh: Mesh) -> Placement:
+  """Shardings of the train state: parameters by the rules, optimizer state
+  like the parameters it mirrors, the step replicated."""
+  shapes = jax.eval_shape(
+      lambda: init_state(objective, optimizer, jax.random.PRNGKey(0)))
+  replicated = partitioning.replicated(mesh)
+  if objective.param_axes is None:
+    params = jax.tree_util.tree_map(lambda _: replicated, shapes.params)
+  else:
+    params = partitioning.param_shardings(objective.param_axes, mesh)
+  shardings = TrainState(
+      step=replicated, params=params,
+      opt_state=partitioning.shardings_like_params(
+          shapes.opt_state, shapes.params, params, mesh))
+  return Placement(mesh=mesh, state=shardings,
+                   abstract_state=partitioning.with_shardings(shapes,
+                                                              shardings))
+
+
 def make_train_step(objective: Objective,
-                    optimizer: optax.GradientTransformation):
-  """(state, batch, rng) -> (state, metrics), jitted, state donated."""
+                    optimizer: optax.GradientTransformation,
+                    place: Placement):
+  """(state, batch, rng) -> (state, metrics), jitted over the mesh with the
+  placement's shardings, state donated."""
 
   def step(state: TrainState, batch: Batch, rng: jax.Array):
     dropout_rng = (jax.random.fold_in(rng, state.step) if objective.dropout
@@ -91,20 +145,37 @@ def make_train_step(objective: Objective,
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), metrics
 
-  return jax.jit(step, donate_argnums=(0,))
+  jitted = jax.jit(step, donate_argnums=(0,),
+                   in_shardings=(place.state, place.batch, place.replicated),
+                   out_shardings=(place.state, place.replicated))
+
+  def sharded_step(state: TrainState, batch: Batch, rng: jax.Array):
+    with partitioning.activation_rules(place.mesh):  # traced in here
+      return jitted(state, batch, rng)
+
+  return sharded_step
 
 
-def restore_or_init(objective, optimizer, mgr, rng) -> TrainState:
-  """The latest checkpoint's state, or a fresh one when there is none."""
-  state = init_state(objective, optimizer, rng)
+def restore_or_init(objective, optimizer, mgr, rng, place: Placement
+                    ) -> TrainState:
+  """The latest checkpoint's state (resharded onto this run's mesh), or a
+  fresh one, created directly in its shards."""
   step = mgr.latest_step()
-  if step is None:
-    return state
-  restored = checkpoints.restore(mgr, step, params=state.params,
-                                 opt_state=state.opt_state)
-  return TrainState(step=jnp.asarray(step, jnp.int32),
-                    params=restored['params'],
-                    opt_state=restored['opt_state'])
+  target = place.abstract_state
+  if step is not None:
+    restored = checkpoints.restore(mgr, step, params=target.params,
+                                   opt_state=target.opt_state)
+    return TrainState(
+        step=partitioning.replicate(np.int32(step), place.mesh),
+        params=restored['params'], opt_state=restored['opt_state'])
+  if objective.load is None:
+    return jax.jit(lambda r: init_state(objective, optimizer, r),
+                   out_shardings=place.state)(rng)
+  params = objective.load(place.state.params)
+  return TrainState(
+      step=partitioning.replicate(np.int32(0), place.mesh), params=params,
+      opt_state=jax.jit(optimizer.init,
+                        out_shardings=place.state.opt_state)(params))
 
 
 def scalar_metrics(metrics: Mapping[str, Any], exit_layers) -> dict:
@@ -152,24 +223,28 @@ def train_loop(*, objective: Objective,
                keep_checkpoints: int = 3, log_every: int = 50, seed: int = 0,
                writer: Optional[ScalarWriter] = None,
                progress: bool = True,
-               checkpoint_subdir: str = checkpoints.CHECKPOINT_SUBDIR
-               ) -> TrainState:
+               checkpoint_subdir: str = checkpoints.CHECKPOINT_SUBDIR,
+               mesh: Optional[Mesh] = None) -> TrainState:
   """Trains to `num_steps`, resuming from the latest checkpoint in model_dir.
 
-  Saves every `checkpoint_period` steps, at the end, and on Ctrl-C, so no
-  finished step is lost; orbax commits each checkpoint atomically.
+  Runs on `mesh` (default: every device on 'data'). Saves every
+  `checkpoint_period` steps, at the end, and on Ctrl-C, so no finished step
+  is lost; orbax commits each checkpoint atomically.
   """
+  mesh = mesh or partitioning.make_mesh()
+  place = placement(objective, optimizer, mesh)
   mgr = checkpoints.manager(model_dir, max_to_keep=keep_checkpoints,
                             subdir=checkpoint_subdir)
-  rng = jax.random.PRNGKey(seed)
-  state = restore_or_init(objective, optimizer, mgr, rng)
+  rng = partitioning.replicate(jax.random.PRNGKey(seed), mesh)
+  state = restore_or_init(objective, optimizer, mgr, rng, place)
   start = int(state.step)
   if start >= num_steps:
     mgr.close()
     return state
-  train_step = make_train_step(objective, optimizer)
+  train_step = make_train_step(objective, optimizer, place)
   bar = _Progress(start=start, total=num_steps, writer=writer,
-                  exit_layers=objective.exit_layers, enabled=progress)
+                  exit_layers=objective.exit_layers,
+                  enabled=progress and jax.process_index() == 0)
   batches = batches_from(start)
   try:
     for step in range(start + 1, num_steps + 1):
@@ -177,7 +252,8 @@ def train_loop(*, objective: Objective,
       if batch is None:
         raise ValueError(f'no training data: the dataset ended after '
                          f'{step - 1 - start} batches (at step {step})')
-      state, metrics = train_step(state, batch, rng)
+      state, metrics = train_step(
+          state, partitioning.global_batch(batch, mesh), rng)
       bar.step(step, metrics, step % log_every == 0 or step == num_steps)
       if step % checkpoint_period == 0:
         checkpoints.save(mgr, step, state.params, state.opt_state)
