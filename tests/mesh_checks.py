@@ -1,0 +1,177 @@
+"""Sharded training, checkpointing and decoding on 8 simulated CPU devices.
+
+Run by tests/test_scale_out.py in a subprocess (the device count is fixed
+when JAX starts): XLA_FLAGS=--xla_force_host_platform_device_count=8.
+Prints one JSON line of measurements; the tests assert on them.
+"""
+import json
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+from calm_jax import checkpoints
+from calm_jax import decoding
+from calm_jax import evaluation
+from calm_jax import models
+from calm_jax import network
+from calm_jax import optim
+from calm_jax import partitioning
+from calm_jax import trainer
+
+MESHES = ((8, 1), (4, 2), (2, 4))
+STEPS = 3
+CONFIG = network.T5Config(vocab_size=256, emb_dim=32, num_heads=4,
+                          head_dim=8, mlp_dim=64, num_encoder_layers=2,
+                          num_decoder_layers=4)
+
+
+def batches_from(start):
+  """Deterministic [8, ...] batches; the same stream for every mesh."""
+  rng = np.random.default_rng(start)
+  while True:
+    targets = rng.integers(2, CONFIG.vocab_size, (8, 6)).astype(np.int32)
+    yield {'encoder_input_tokens': rng.integers(
+               2, CONFIG.vocab_size, (8, 10)).astype(np.int32),
+           'decoder_target_tokens': targets,
+           'decoder_input_tokens': np.concatenate(
+               [np.zeros((8, 1), np.int32), targets[:, :-1]], 1),
+           'decoder_loss_weights': np.ones((8, 6), np.float32)}
+
+
+class Losses:
+  def __init__(self):
+    self.values = []
+
+  def write_scalars(self, step, scalars):
+    self.values.append(scalars['loss'])
+
+
+def train(mesh, model_dir):
+  losses = Losses()
+  state = trainer.train_loop(
+      objective=trainer.model_objective(models.CalmModel(CONFIG)),
+      optimizer=optim.make_optimizer('adafactor', learning_rate=1e-2),
+      model_dir=model_dir, batches_from=batches_from, num_steps=STEPS,
+      log_every=1, progress=False, writer=losses, mesh=mesh)
+  return state, losses.values
+
+
+def max_difference(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree_util.tree_leaves(a),
+                             jax.tree_util.tree_leaves(b)))
+
+
+def spec(array):
+  """The array's PartitionSpec and the shape of one device's shard."""
+  return {'spec': [None if a is None else str(a) for a in array.sharding.spec],
+          'shard_shape': list(array.addressable_shards[0].data.shape)}
+
+
+def training_checks(one_device):
+  reference, reference_losses = train(one_device, tempfile.mkdtemp())
+  out = {'reference_losses': reference_losses, 'meshes': {}}
+  dirs = {}
+  for shape in MESHES:
+    dirs[shape] = tempfile.mkdtemp()
+    state, losses = train(partitioning.make_mesh(shape), dirs[shape])
+    attention = state.params['decoder']['layers_0']['self_attention']
+    out['meshes'][str(shape)] = {
+        'losses': losses,
+        'params_difference': max_difference(state.params, reference.params),
+        'opt_state_difference': max_difference(state.opt_state,
+                                               reference.opt_state),
+        'specs': {
+            'query': spec(attention['query']),
+            'out': spec(attention['out']),
+            'wi_0': spec(state.params['encoder']['layers_0']['mlp']['wi_0']),
+            'embedding': spec(state.params['token_embedder']['embedding']),
+            'norm': spec(state.params['encoder']['encoder_norm']['scale']),
+        },
+        # Shard shapes of the optimizer state leaves shaped like the query.
+        'opt_state_query_shards': sorted({
+            str(spec(x)['shard_shape'])
+            for x in jax.tree_util.tree_leaves(state.opt_state)
+            if x.shape == attention['query'].shape}),
+    }
+  return out, dirs, reference
+
+
+def restore_checks(dirs, one_device):
+  """The (4, 2) run's checkpoint onto (8, 1) and onto one device."""
+  saved, _ = checkpoints.load_params(dirs[(4, 2)], CONFIG)
+  out = {}
+  model = models.CalmModel(CONFIG)
+  for name, mesh in (('(8, 1)', partitioning.make_mesh((8, 1))),
+                     ('one device', one_device)):
+    shardings = partitioning.param_shardings(model.param_axes(), mesh)
+    params, step = checkpoints.load_params(dirs[(4, 2)], CONFIG,
+                                           shardings=shardings)
+    # The whole train state too, as a resumed run restores it.
+    objective = trainer.model_objective(model)
+    optimizer = optim.make_optimizer('adafactor', learning_rate=1e-2)
+    place = trainer.placement(objective, optimizer, mesh)
+    mgr = checkpoints.manager(dirs[(4, 2)])
+    state = trainer.restore_or_init(objective, optimizer, mgr,
+                                    jax.random.PRNGKey(0), place)
+    mgr.close()
+    query = params['decoder']['layers_0']['self_attention']['query']
+    out[name] = {'step': step, 'resumed_step': int(state.step),
+                 'difference': max_difference(params, saved),
+                 'state_difference': max_difference(state.params, saved),
+                 'query': spec(query),
+                 'query_devices': len(query.sharding.device_set)}
+  return out
+
+
+def decode_checks(params):
+  """Early exit on (4, 2) against one device, at a threshold that makes
+  the exits differ between tokens."""
+  model = models.CalmModel(CONFIG)
+  exit_config = decoding.ExitConfig.create(4, confidence='softmax')
+  tokens = np.random.default_rng(1).integers(2, CONFIG.vocab_size, (16, 12))
+  tokens[3, 6:] = 0  # a padded row
+  tokens = tokens.astype(np.int32)
+  params = jax.device_get(params)
+  single = evaluation.early_exit_fn(model, exit_config, 10)
+  full = jax.device_get(single(params, None, tokens, np.float32(2.0),
+                               jax.random.PRNGKey(0)))
+  threshold = float(np.quantile(full.confidences[full.exit_layers > 0], 0.5))
+  reference = jax.device_get(single(params, None, tokens,
+                                    np.float32(threshold),
+                                    jax.random.PRNGKey(0)))
+  mesh = partitioning.make_mesh((4, 2))
+  sharded = evaluation.early_exit_fn(model, exit_config, 10, mesh)
+  placed = jax.device_put(params, partitioning.param_shardings(
+      model.param_axes(), mesh))
+  out = sharded(placed, None, partitioning.global_batch(tokens, mesh),
+                partitioning.replicate(np.float32(threshold), mesh),
+                partitioning.replicate(jax.random.PRNGKey(0), mesh))
+  exits = reference.exit_layers[reference.exit_layers > 0]
+  return {
+      'threshold': threshold,
+      'distinct_exit_layers': sorted({int(l) for l in exits}),
+      'same_tokens': bool(np.array_equal(np.asarray(out.tokens),
+                                         reference.tokens)),
+      'same_exit_layers': bool(np.array_equal(np.asarray(out.exit_layers),
+                                              reference.exit_layers)),
+      'confidence_difference': float(np.max(np.abs(
+          np.asarray(out.confidences) - reference.confidences))),
+      'layer_evals': [int(reference.layer_evals), int(out.layer_evals)],
+      'tokens': spec(out.tokens),
+  }
+
+
+def main():
+  assert jax.device_count() == 8, jax.device_count()
+  one_device = partitioning.make_mesh((1, 1), jax.devices()[:1])
+  results, dirs, reference = training_checks(one_device)
+  results['restore'] = restore_checks(dirs, one_device)
+  results['decode'] = decode_checks(reference.params)
+  print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  sys.exit(main())
