@@ -46,9 +46,13 @@ def manager(model_dir: str, *, max_to_keep: Optional[int] = None,
 
 
 def _abstract(tree: Any) -> Any:
+  """Restore targets: the leaves' shardings, or this process's first device
+  for leaves without one (orbax will not guess a layout for a checkpoint
+  saved on another mesh)."""
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=getattr(x, 'sharding', None)),
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=getattr(x, 'sharding', None) or default),
       tree)
 
 

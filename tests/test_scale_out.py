@@ -4,6 +4,7 @@ multi-process helpers."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -144,3 +145,109 @@ def test_distributed_settings_are_checked(monkeypatch):
   monkeypatch.setenv(multihost.PROCESS_ID_ENV, '2')
   with pytest.raises(ValueError, match=r'process id 2 is not in \[0, 2\)'):
     multihost.initialize('127.0.0.1:1234')
+
+
+# Two processes on this machine, 4 simulated devices each, against one
+# process with 8: the train and decode entry points as users run them.
+TRAIN = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+         '--gin_file=gin/runs/train.gin',
+         "--gin.MIXTURE_OR_TASK_NAME='synth_mix'", '--gin.BATCH_SIZE=16',
+         '--gin.TRAIN_STEPS=3', '--gin.calm_jax.train.shuffle=False',
+         '--gin.calm_jax.train.progress=False', '--gin.MESH_SHAPE=(4, 2)']
+DECODE = ['--gin_file=gin/runs/decode.gin',
+          "--gin.MIXTURE_OR_TASK_NAME='synth_translate'",
+          '--gin.calm_jax.decode.num_examples=9',  # shards of 5 and 4
+          '--gin.calm_jax.decode.batch_size=8', '--gin.MESH_SHAPE=(4, 2)']
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def run_job(module: str, flags: list, processes: int) -> None:
+  """Runs an entry point as `processes` processes sharing 8 devices."""
+  port = _free_port()
+  jobs = []
+  for index in range(processes):
+    env = device_env(8 // processes)
+    if processes > 1:
+      env.update({multihost.COORDINATOR_ENV: f'127.0.0.1:{port}',
+                  multihost.BIND_ENV: f'127.0.0.1:{port}',
+                  multihost.NUM_PROCESSES_ENV: str(processes),
+                  multihost.PROCESS_ID_ENV: str(index)})
+    jobs.append(subprocess.Popen(
+        [sys.executable, '-m', module, *flags], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  for job in jobs:
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
+
+
+def _records(path: pathlib.Path) -> list:
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow  # about 90 s: four jobs, each importing TF and compiling
+def test_two_processes_train_and_decode_like_one(tmp_path):
+  from calm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  for processes in (1, 2):
+    model_dir = tmp_path / f'model_{processes}'
+    run_job('calm_jax.train', [*TRAIN, f"--gin.MODEL_DIR='{model_dir}'"],
+            processes)
+    run_job('calm_jax.decode', [
+        *DECODE, f"--gin.CHECKPOINT_PATH='{tmp_path / 'model_1'}'",
+        '--gin.THRESHOLD=0.02',
+        f"--gin.calm_jax.decode.output_dir='{tmp_path / f'decode_{processes}'}'"
+    ], processes)
+  config, _ = checkpoints.read_model_config(str(tmp_path / 'model_1'))
+  one, step = checkpoints.load_params(str(tmp_path / 'model_1'), config)
+  two, step_two = checkpoints.load_params(str(tmp_path / 'model_2'), config)
+  assert step == step_two == 3
+  difference = max(float(np.max(np.abs(a - b))) for a, b in zip(
+      jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)))
+  assert difference < 1e-5
+
+  single = _records(tmp_path / 'decode_1' / 'synth_translate.jsonl')
+  double = _records(tmp_path / 'decode_2' / 'synth_translate.jsonl')
+  assert len(single) == len(double) == 9
+  for a, b in zip(single, double):
+    assert (a['inputs'], a['prediction'], a['exit_layers']) == (
+        b['inputs'], b['prediction'], b['exit_layers'])
+    np.testing.assert_allclose(a['confidences'], b['confidences'], atol=2e-4)
+  layers = {l for r in single for l in r['exit_layers']}
+  assert len(layers) > 1, layers  # the threshold makes exits differ
+
+
+@pytest.mark.slow  # about a minute: three calibration jobs
+def test_two_processes_calibrate_like_one(tmp_path):
+  """Calibration decodes on two processes certify what one process does;
+  a second two-process run takes every decode from the cache."""
+  model_dir = tmp_path / 'model'
+  run_job('calm_jax.train', [*TRAIN, f"--gin.MODEL_DIR='{model_dir}'",
+                             '--gin.MESH_SHAPE=None'], 1)
+  shutil.copytree(model_dir, tmp_path / 'copy')
+  flags = ['--gin_file=gin/runs/calibrate.gin',
+           "--gin.MIXTURE_OR_TASK_NAME='synth_translate'",
+           '--gin.DELTA=0.25', '--gin.calm_jax.calibrate.num_examples=9',
+           '--gin.calm_jax.calibrate.batch_size=8',
+           '--gin.calm_jax.calibrate.grid_step=0.25', '--gin.EPSILON=0.2',
+           '--gin.MESH_SHAPE=(4, 2)']
+  name = 'synth_translate_softmax_textual_delta0.25_eps0.2.json'
+  records = []
+  for processes, directory in ((1, model_dir), (2, tmp_path / 'copy'),
+                               (2, tmp_path / 'copy')):
+    run_job('calm_jax.calibrate',
+            [*flags, f"--gin.CHECKPOINT_PATH='{directory}'"], processes)
+    records.append(json.loads(
+        (directory / 'calibration' / name).read_text()))
+  cache = sorted(p.name for p in (tmp_path / 'copy' / 'calibration' /
+                                  'cache').iterdir())
+  assert cache == sorted(p.name for p in (model_dir / 'calibration' /
+                                          'cache').iterdir())
+  for record in records[1:]:
+    assert record['threshold'] == records[0]['threshold']
+    assert record['table'] == records[0]['table']
+  assert len(records[0]['table']) > 1  # the fixed-sequence test went on
