@@ -25,6 +25,12 @@ def _init(initializer, axes):
   return nn.with_logical_partitioning(initializer, axes)
 
 
+def constrain(x: Array, axes: tuple[str, ...]) -> Array:
+  """Pins an activation's layout by logical axis names; a no-op unless a
+  job traces under `partitioning.activation_rules` (training on a mesh)."""
+  return nn.with_logical_constraint(x, axes)
+
+
 def _fan_in_normal(scale: float = 1.0):
   """Truncation-free normal init with variance scale / fan_in (t5x default)."""
   return nn.initializers.variance_scaling(scale, 'fan_in', 'normal')
@@ -124,12 +130,14 @@ class MultiHeadAttention(nn.Module):
 
   def project_q(self, x: Array) -> Array:
     """[b, q, e] -> [b, q, h, d]."""
-    return jnp.einsum('bqe,ehd->bqhd', x, self.query).astype(self.dtype)
+    q = jnp.einsum('bqe,ehd->bqhd', x, self.query).astype(self.dtype)
+    return constrain(q, ('batch', 'length', 'heads', 'kv'))
 
   def project_kv(self, x: Array) -> tuple[Array, Array]:
     """[b, k, e] -> keys, values, each [b, k, h, d]."""
-    k = jnp.einsum('bke,ehd->bkhd', x, self.key)
-    v = jnp.einsum('bke,ehd->bkhd', x, self.value)
+    axes = ('batch', 'length', 'heads', 'kv')
+    k = constrain(jnp.einsum('bke,ehd->bkhd', x, self.key), axes)
+    v = constrain(jnp.einsum('bke,ehd->bkhd', x, self.value), axes)
     return k.astype(self.dtype), v.astype(self.dtype)
 
   def attend(self, q: Array, k: Array, v: Array, *, bias: Optional[Array],
@@ -171,6 +179,7 @@ class GatedMLP(nn.Module):
                     (self.mlp_dim, self.embed_dim))
     gate = jax.nn.gelu(jnp.einsum('bqe,ef->bqf', x, wi_0), approximate=True)
     hidden = (gate * jnp.einsum('bqe,ef->bqf', x, wi_1)).astype(self.dtype)
+    hidden = constrain(hidden, ('batch', 'length', 'mlp'))
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
     return jnp.einsum('bqf,fe->bqe', hidden, wo).astype(self.dtype)
 

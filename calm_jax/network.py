@@ -133,6 +133,7 @@ class Encoder(nn.Module):
     x = self.dropout(self.shared_embedding(tokens), deterministic=deterministic)
     for layer in self.layers:
       x = layer(x, bias=bias, mask=mask, deterministic=deterministic)
+      x = layers.constrain(x, ('batch', 'length', 'embed'))
     return self.dropout(self.encoder_norm(x), deterministic=deterministic)
 
 
@@ -234,6 +235,7 @@ class Decoder(nn.Module):
     for layer in self.layers:
       x = layer(x, encoded, self_bias=self_bias, self_mask=self_mask,
                 cross_mask=cross_mask, deterministic=deterministic)
+      x = layers.constrain(x, ('batch', 'length', 'embed'))
       hidden.append(x)
     return jnp.stack(hidden)
 

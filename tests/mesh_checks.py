@@ -126,6 +126,24 @@ def restore_checks(dirs, one_device):
   return out
 
 
+def constraint_checks(params):
+  """How many activation sharding constraints the loss carries, traced
+  with and without the rules (the layers' `constrain` calls)."""
+  model = models.CalmModel(CONFIG)
+  batch = next(batches_from(0))
+  mesh = partitioning.make_mesh((4, 2))
+  loss = lambda p, b: model.loss(p, b)[0]
+  count = lambda text: text.count('sdy.sharding_constraint')  # Shardy
+  plain = jax.jit(loss).lower(params, batch).as_text()
+  with partitioning.activation_rules(mesh):
+    ruled = jax.jit(loss).lower(params, batch).as_text()
+  return {'without_rules': count(plain), 'with_rules': count(ruled),
+          # [batch, length, heads, kv]: batch on 'data', heads on 'model'.
+          'heads_layout': ruled.count('[{"data"}, {}, {"model"}, {}]'),
+          # [batch, length, embed] after each layer.
+          'embed_layout': ruled.count('[{"data"}, {}, {}]')}
+
+
 def decode_checks(params):
   """Early exit on (4, 2) against one device, at a threshold that makes
   the exits differ between tokens."""
@@ -170,6 +188,7 @@ def main():
   results, dirs, reference = training_checks(one_device)
   results['restore'] = restore_checks(dirs, one_device)
   results['decode'] = decode_checks(reference.params)
+  results['constraints'] = constraint_checks(jax.device_get(reference.params))
   print(json.dumps(results))
 
 

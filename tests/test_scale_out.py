@@ -68,6 +68,14 @@ def test_parameters_are_sharded_by_the_rules(mesh_results, shape,
       str([32, 4 // model_shards, 8])]
 
 
+def test_activations_carry_the_rules_only_under_them(mesh_results):
+  # 2 encoder + 4 decoder layers: q, k, v of each attention (6 + 24), the
+  # MLP hidden units of each layer (6), each layer's output (6).
+  assert mesh_results['constraints'] == {
+      'without_rules': 0, 'with_rules': 42, 'heads_layout': 30,
+      'embed_layout': 6}
+
+
 def test_checkpoint_saved_on_4x2_restores_on_8x1_and_one_device(
     mesh_results):
   for name, devices, model_shards in (('(8, 1)', 8, 1), ('one device', 1, 1)):
