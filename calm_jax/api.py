@@ -128,6 +128,14 @@ class CalmLM:
           'gin/runs/train_classifier.gin')
     return self.classifier
 
+  def exit_config(self, confidence: str, **options) -> decoding.ExitConfig:
+    """This model's exit layers with a measure and `ExitConfig.create`'s
+    options (min_exit, tau, propagation, sampling)."""
+    return decoding.ExitConfig.create(
+        self.config.num_decoder_layers, confidence=confidence,
+        first_exit=self.config.first_exit,
+        exit_interval=self.config.exit_interval, **options)
+
   @functools.lru_cache(maxsize=16)
   def _decoder(self, exit_config: decoding.ExitConfig, max_length: int):
     return jax.jit(lambda p, c, enc, t, rng: self.model.decode_early_exit(
@@ -148,11 +156,8 @@ class CalmLM:
                seed: int = 0) -> list[Generation]:
     """Decodes each text with early exit; one `Generation` per input."""
     value, tau, _ = self.resolve_threshold(threshold, confidence, tau)
-    cfg = decoding.ExitConfig.create(
-        self.config.num_decoder_layers, confidence=confidence,
-        first_exit=self.config.first_exit,
-        exit_interval=self.config.exit_interval, min_exit=min_exit, tau=tau,
-        sampling=sampling)
+    cfg = self.exit_config(confidence, min_exit=min_exit, tau=tau,
+                           sampling=sampling)
     decode = self._decoder(cfg.for_threshold(value), max_length)
     classifier = self.classifier_for(confidence)
     results = []

@@ -24,7 +24,6 @@ from calm_jax import api
 from calm_jax import calibration
 from calm_jax import checkpoints
 from calm_jax import confidence as confidence_lib
-from calm_jax import decoding
 from calm_jax import gin_utils
 from calm_jax import multihost
 from calm_jax import partitioning
@@ -68,12 +67,9 @@ class DecodeCache:
 
   def _decode(self, task: str, threshold) -> tuple[list[dict], float]:
     from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
-    cfg = self.lm.config
     measure = 'softmax' if threshold == FULL else self.measure
-    exit_config = decoding.ExitConfig.create(
-        cfg.num_decoder_layers, confidence=measure,
-        first_exit=cfg.first_exit, exit_interval=cfg.exit_interval,
-        min_exit=self.min_exit, tau=self.tau)
+    exit_config = self.lm.exit_config(measure, min_exit=self.min_exit,
+                                      tau=self.tau)
     return evaluation.decode_task(
         self.lm.model, self.lm.params, task, split=self.split,
         num_examples=self.num_examples, batch_size=self.batch_size,

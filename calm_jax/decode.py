@@ -42,6 +42,16 @@ def _write_exit_map(directory: str, task: str, records: list[dict],
   print(f'wrote {" and ".join(paths)}')
 
 
+def _write_task_outputs(output_dir: str, task: str, records: list[dict],
+                        exit_map: Optional[str], exit_map_examples: int,
+                        num_layers: int, confidence: str, threshold: float
+                        ) -> None:
+  _write_jsonl(os.path.join(output_dir, f'{task}.jsonl'), records)
+  if exit_map:
+    _write_exit_map(exit_map, task, records[:exit_map_examples], num_layers,
+                    confidence, threshold)
+
+
 @gin.configurable(module='calm_jax')
 def decode(*, checkpoint_path: str = gin.REQUIRED,
            mixture_or_task_name: str = gin.REQUIRED,
@@ -72,16 +82,14 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
   primary = multihost.is_primary()
   value, tau, source = lm.resolve_threshold(threshold, confidence, tau,
                                             calibration_record)
-  print(f'threshold {value} ({source}), confidence {confidence!r}, '
-        f'tau {tau}')
-  exit_config = decoding.ExitConfig.create(
-      lm.config.num_decoder_layers, confidence=confidence,
-      first_exit=lm.config.first_exit, exit_interval=lm.config.exit_interval,
-      min_exit=min_exit, tau=tau, propagation=propagation,
+  exit_config = lm.exit_config(
+      confidence, min_exit=min_exit, tau=tau, propagation=propagation,
       sampling=decoding.Sampling(temperature, top_k, top_p))
   output_dir = output_dir or os.path.join(
       checkpoint_path, 'decode', f'{split}_{confidence}_{value:g}')
   if primary:
+    print(f'threshold {value} ({source}), confidence {confidence!r}, '
+          f'tau {tau}')
     os.makedirs(output_dir, exist_ok=True)
   summary = {'checkpoint_step': lm.step, 'confidence': confidence,
              'threshold': value, 'threshold_source': source, 'tau': tau,
@@ -92,16 +100,14 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
         batch_size=batch_size, exit_config=exit_config, threshold=value,
         seed=seed, classifier=lm.classifier_for(confidence), mesh=mesh)
     if primary:
-      _write_jsonl(os.path.join(output_dir, f'{task}.jsonl'), records)
-    if exit_map and primary:
-      _write_exit_map(exit_map, task, records[:exit_map_examples],
-                      lm.config.num_decoder_layers, confidence, value)
+      _write_task_outputs(output_dir, task, records, exit_map,
+                          exit_map_examples, lm.config.num_decoder_layers,
+                          confidence, value)
     timed = 1 - min(batch_size, len(records)) / max(len(records), 1)
-    summary['tasks'][task] = evaluation.summarize_decode(task, records,
-                                                         seconds, timed)
-    print(f"{task}: {summary['tasks'][task]['metric']} = "
-          f"{summary['tasks'][task]['value']:.2f}, average layers "
-          f"{summary['tasks'][task]['avg_decoder_layers']:.2f}")
+    result = evaluation.summarize_decode(task, records, seconds, timed)
+    summary['tasks'][task] = result
+    print(f"{task}: {result['metric']} = {result['value']:.2f}, average "
+          f"layers {result['avg_decoder_layers']:.2f}")
   if primary:
     checkpoints.atomic_write_json(os.path.join(output_dir, 'summary.json'),
                                   summary)

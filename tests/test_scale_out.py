@@ -259,3 +259,27 @@ def test_two_processes_calibrate_like_one(tmp_path):
     assert record['threshold'] == records[0]['threshold']
     assert record['table'] == records[0]['table']
   assert len(records[0]['table']) > 1  # the fixed-sequence test went on
+
+
+def test_process_shards_of_a_split_interleave_back_to_it():
+  import seqio  # pylint: disable=g-import-not-at-top
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  whole = data.eval_examples('synth_qa', 'validation', num_examples=7)
+  shards = [data.eval_examples('synth_qa', 'validation', num_examples=7,
+                               shard=seqio.ShardInfo(i, 3)) for i in range(3)]
+  assert [len(s) for s in shards] == [3, 2, 2]
+  assert [ex['inputs_pretokenized'] for ex in multihost.interleave(shards)
+          ] == [ex['inputs_pretokenized'] for ex in whole]
+
+
+def test_training_shards_split_each_global_batch():
+  """Unshuffled, the processes' rows of a step are the one-process batch."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  whole = next(data.train_batches('synth_qa', batch_size=8, shuffle=False))
+  halves = [next(data.train_batches('synth_qa', batch_size=4, shuffle=False,
+                                    shard=seqio.ShardInfo(i, 2)))
+            for i in range(2)]
+  rows = lambda b: sorted(map(tuple, b['encoder_input_tokens'].tolist()))
+  assert rows(whole) == sorted(rows(halves[0]) + rows(halves[1]))
+  assert rows(halves[0]) != rows(halves[1])
