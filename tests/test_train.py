@@ -58,6 +58,7 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
     (['--gin_file=gin/models/missing.gin'], 'gin file not found'),
     (["--gin.MIXTURE_OR_TASK_NAME='no_such_task'"], 'unknown task'),
     (['--bogus'], 'unknown flag'),
+    (['--gin.MESH_SHAPE=(2, 1)'], 'mesh shape (2, 1) does not hold 1 devices'),
 ])
 def test_bad_input_is_one_line_error(tmp_path, extra, message):
   result = _run('calm_jax.train', *TINY,
