@@ -93,13 +93,13 @@ def allgather_json(obj: Any) -> list[Any]:
   if jax.process_count() == 1:
     return [obj]
   payload = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  length = process_max(payload.size)
-  padded = np.zeros(length, np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(
+      np.asarray(payload.size, np.int64)))  # [processes]
+  padded = np.zeros(int(sizes.max()), np.uint8)
   padded[:payload.size] = payload
-  sizes = multihost_utils.process_allgather(np.asarray(payload.size))
   rows = multihost_utils.process_allgather(padded)  # [processes, length]
   return [json.loads(bytes(row[:size]).decode())
-          for row, size in zip(np.asarray(rows), np.asarray(sizes))]
+          for row, size in zip(np.asarray(rows), sizes)]
 
 
 def from_primary(read: Callable[[], Any]) -> Any:
