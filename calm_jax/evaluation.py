@@ -177,11 +177,8 @@ def process_batches(task: str, split: str, *, num_examples: Optional[int],
   each process holds batch_size / processes rows of it, and every process
   gets the same number of batches (padded with empty ones) because each
   batch is one collective program."""
-  processes = jax.process_count()
-  if batch_size % processes:
-    raise ValueError(f'batch size {batch_size} does not split over '
-                     f'{processes} processes')
-  batches = list(eval_batches(task, split, batch_size=batch_size // processes,
+  batches = list(eval_batches(task, split,
+                              batch_size=multihost.local_batch_size(batch_size),
                               num_examples=num_examples,
                               shard=data.process_shard()))
   total = multihost.process_max(len(batches))

@@ -72,6 +72,15 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def local_batch_size(global_batch_size: int) -> int:
+  """This process's rows of each global batch (processes split it evenly)."""
+  processes = jax.process_count()
+  if global_batch_size % processes:
+    raise ValueError(f'batch size {global_batch_size} does not split over '
+                     f'{processes} processes')
+  return global_batch_size // processes
+
+
 def process_max(value: int) -> int:
   """The largest of every process's `value` (all processes get it)."""
   if jax.process_count() == 1:

@@ -90,11 +90,7 @@ def train(*, model_dir: str = gin.REQUIRED,
 def _local_batch_size(batch_size: int, mesh) -> int:
   """This process's rows of each global batch."""
   partitioning.check_batch_fits(batch_size, mesh)
-  processes = jax.process_count()
-  if batch_size % processes:
-    raise ValueError(f'batch size {batch_size} does not split over '
-                     f'{processes} processes')
-  return batch_size // processes
+  return multihost.local_batch_size(batch_size)
 
 
 def initial_params_config(initial_checkpoint_path: str,
