@@ -49,8 +49,11 @@ def softmax_max(hidden, previous_hidden, logits_fn, classifier=None):
 
 
 def state_saturation(hidden, previous_hidden, logits_fn=None, classifier=None):
-  """Cosine similarity of h_i and h_{i-1}, per row (not over the batch)."""
+  """Cosine similarity of h_i and h_{i-1}, per row (not over the batch),
+  computed in float32 whatever the activation dtype."""
   del logits_fn, classifier
+  hidden = hidden.astype(jnp.float32)
+  previous_hidden = previous_hidden.astype(jnp.float32)
   dot = jnp.sum(hidden * previous_hidden, axis=-1)
   norms = (jnp.linalg.norm(hidden, axis=-1)
            * jnp.linalg.norm(previous_hidden, axis=-1))

@@ -31,6 +31,15 @@ def constrain(x: Array, axes: tuple[str, ...]) -> Array:
   return nn.with_logical_constraint(x, axes)
 
 
+def dense(spec: str, x: Array, kernel: Array, dtype) -> Array:
+  """einsum of activations and a kernel as t5x runs it: both operands in the
+  activation dtype (bfloat16 on accelerators), accumulated in float32. The
+  float32 result is the caller's to cast; with dtype float32 this is a plain
+  float32 einsum."""
+  return jnp.einsum(spec, x.astype(dtype), jnp.asarray(kernel, dtype),
+                    preferred_element_type=jnp.float32)
+
+
 def _fan_in_normal(scale: float = 1.0):
   """Truncation-free normal init with variance scale / fan_in (t5x default)."""
   return nn.initializers.variance_scaling(scale, 'fan_in', 'normal')
@@ -130,14 +139,14 @@ class MultiHeadAttention(nn.Module):
 
   def project_q(self, x: Array) -> Array:
     """[b, q, e] -> [b, q, h, d]."""
-    q = jnp.einsum('bqe,ehd->bqhd', x, self.query).astype(self.dtype)
+    q = dense('bqe,ehd->bqhd', x, self.query, self.dtype).astype(self.dtype)
     return constrain(q, ('batch', 'length', 'heads', 'kv'))
 
   def project_kv(self, x: Array) -> tuple[Array, Array]:
     """[b, k, e] -> keys, values, each [b, k, h, d]."""
     axes = ('batch', 'length', 'heads', 'kv')
-    k = constrain(jnp.einsum('bke,ehd->bkhd', x, self.key), axes)
-    v = constrain(jnp.einsum('bke,ehd->bkhd', x, self.value), axes)
+    k = constrain(dense('bke,ehd->bkhd', x, self.key, self.dtype), axes)
+    v = constrain(dense('bke,ehd->bkhd', x, self.value, self.dtype), axes)
     return k.astype(self.dtype), v.astype(self.dtype)
 
   def attend(self, q: Array, k: Array, v: Array, *, bias: Optional[Array],
@@ -146,15 +155,18 @@ class MultiHeadAttention(nn.Module):
 
     bias broadcasts to [b, h, q, k]; so does mask (True = may attend).
     """
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                        preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias
     if mask is not None:
       logits = jnp.where(mask, logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = self.dropout(weights, deterministic=deterministic)
-    context = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
-    return jnp.einsum('bqhd,hde->bqe', context, self.out)
+    context = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+    return dense('bqhd,hde->bqe', context, self.out, self.dtype).astype(
+        self.dtype)
 
   def __call__(self, x_q: Array, x_kv: Array, *, bias: Optional[Array],
                mask: Optional[Array], deterministic: bool) -> Array:
@@ -177,11 +189,13 @@ class GatedMLP(nn.Module):
     wi_1 = self.param('wi_1', _init(_fan_in_normal(), in_axes), in_shape)
     wo = self.param('wo', _init(_fan_in_normal(), ('mlp', 'embed')),
                     (self.mlp_dim, self.embed_dim))
-    gate = jax.nn.gelu(jnp.einsum('bqe,ef->bqf', x, wi_0), approximate=True)
-    hidden = (gate * jnp.einsum('bqe,ef->bqf', x, wi_1)).astype(self.dtype)
+    gate = jax.nn.gelu(dense('bqe,ef->bqf', x, wi_0, self.dtype),
+                       approximate=True)
+    hidden = (gate * dense('bqe,ef->bqf', x, wi_1, self.dtype)).astype(
+        self.dtype)
     hidden = constrain(hidden, ('batch', 'length', 'mlp'))
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    return jnp.einsum('bqf,fe->bqe', hidden, wo).astype(self.dtype)
+    return dense('bqf,fe->bqe', hidden, wo, self.dtype).astype(self.dtype)
 
 
 class Embed(nn.Module):

@@ -5,6 +5,8 @@ calibration example); corpus scores are what tasks report (0-100 as T5 does).
 No TensorFlow here.
 """
 import collections
+import contextlib
+import functools
 import re
 import string
 from typing import Sequence
@@ -12,24 +14,33 @@ from typing import Sequence
 import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
+from rouge_score import scoring
 
-_ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeLsum', 'rougeL')
-_SCORER = rouge_scorer.RougeScorer(list(_ROUGE_TYPES), use_stemmer=True)
+# T5's three keys first, in T5's order, so that the seeded bootstrap draws
+# the same resamples for them as t5.evaluation.metrics.rouge does; ROUGE-L
+# (the paper's CNN/DM metric) last.
+ROUGE_KEYS = ('rouge1', 'rouge2', 'rougeLsum', 'rougeL')
+BOOTSTRAP_SEED = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _scorer(rouge_types: tuple[str, ...], use_stemmer: bool
+            ) -> rouge_scorer.RougeScorer:
+  return rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
 
 
 def rouge_per_example(targets: Sequence[str], predictions: Sequence[str],
-                      rouge_type: str = 'rougeL') -> np.ndarray:
-  """F-measure of `rouge_type` for each (target, prediction) pair, in [0, 1]."""
-  return np.array([_SCORER.score(t, p)[rouge_type].fmeasure
+                      rouge_type: str = 'rougeL', *, use_stemmer: bool = False
+                      ) -> np.ndarray:
+  """F-measure of `rouge_type` for each (target, prediction) pair, in [0, 1].
+
+  Summaries are split into sentences as T5 does (`split_summary_sentences`),
+  which only ROUGE-Lsum reads.
+  """
+  scorer = _scorer((rouge_type,), use_stemmer)
+  return np.array([scorer.score(split_summary_sentences(t),
+                                split_summary_sentences(p))[rouge_type].fmeasure
                    for t, p in zip(targets, predictions)], np.float64)
-
-
-def rouge(targets: Sequence[str], predictions: Sequence[str]
-          ) -> dict[str, float]:
-  """Mean ROUGE-1/2/L F-measures, x100 (T5's reporting)."""
-  return {name: 100 * float(np.mean(rouge_per_example(targets, predictions,
-                                                      name)))
-          for name in ('rouge1', 'rouge2', 'rougeL')}
 
 
 def split_summary_sentences(summary: str) -> str:
@@ -37,14 +48,47 @@ def split_summary_sentences(summary: str) -> str:
   return summary.replace(' . ', ' .\n')
 
 
-def summarization_rouge(targets: Sequence[str], predictions: Sequence[str]
-                        ) -> dict[str, float]:
-  """ROUGE-1/2/L and ROUGE-Lsum (sentences split as T5 does), x100."""
-  scores = rouge(targets, predictions)
-  scores['rougeLsum'] = 100 * float(np.mean(rouge_per_example(
-      [split_summary_sentences(t) for t in targets],
-      [split_summary_sentences(p) for p in predictions], 'rougeLsum')))
-  return scores
+@contextlib.contextmanager
+def _seeded_global_numpy(seed: int):
+  """rouge_score's bootstrap draws from numpy's global generator: seed it
+  for a reproducible score and put the caller's state back afterwards."""
+  state = np.random.get_state()
+  np.random.seed(seed)
+  try:
+    yield
+  finally:
+    np.random.set_state(state)
+
+
+def rouge(targets: Sequence[str], predictions: Sequence[str], *,
+          rouge_types: Sequence[str] = ROUGE_KEYS, use_stemmer: bool = False,
+          bootstrap: bool = True, seed: int = BOOTSTRAP_SEED
+          ) -> dict[str, float]:
+  """Corpus ROUGE F-measures x100, as t5.evaluation.metrics.rouge reports.
+
+  Defaults are T5's: no stemming, summaries split into sentences at " . "
+  (newlines already in a reference, as in CNN/DM 3.4.0, split it too), and
+  the median of 1,000 bootstrap resamples of the mean. The bootstrap is
+  seeded (T5's is not), so a score is reproducible; with seed s, rouge1/2/Lsum
+  equal T5's after `np.random.seed(s)`. `use_stemmer=True` gives the
+  stemmed ROUGE that some summarisation papers report; `bootstrap=False` the
+  plain mean.
+  """
+  scorer = _scorer(tuple(rouge_types), use_stemmer)
+  aggregator = scoring.BootstrapAggregator()
+  per_example = collections.defaultdict(list)
+  for target, prediction in zip(targets, predictions):
+    scores = scorer.score(split_summary_sentences(target),
+                          split_summary_sentences(prediction))
+    aggregator.add_scores(scores)
+    for key, score in scores.items():
+      per_example[key].append(score.fmeasure)
+  if not bootstrap:
+    return {key: 100 * float(np.mean(per_example[key]))
+            for key in rouge_types}
+  with _seeded_global_numpy(seed):
+    result = aggregator.aggregate()
+  return {key: 100 * float(result[key].mid.fmeasure) for key in rouge_types}
 
 
 # t5.evaluation's BLEU settings: the international tokenizer, exp smoothing.
@@ -53,15 +97,20 @@ BLEU_TOKENIZER = 'intl'
 
 def bleu(targets: Sequence[str], predictions: Sequence[str]
          ) -> dict[str, float]:
-  """sacrebleu corpus BLEU with t5.evaluation's settings, 0-100."""
+  """sacrebleu corpus BLEU with t5.evaluation's settings, 0-100 (the task
+  metric; not the mean of `bleu_per_example`)."""
   result = sacrebleu.corpus_bleu(list(predictions), [list(targets)],
-                                 smooth_method='exp', tokenize=BLEU_TOKENIZER)
+                                 smooth_method='exp', smooth_value=0.0,
+                                 force=False, lowercase=False,
+                                 tokenize=BLEU_TOKENIZER,
+                                 use_effective_order=False)
   return {'bleu': float(result.score)}
 
 
 def bleu_per_example(targets: Sequence[str], predictions: Sequence[str]
                      ) -> np.ndarray:
-  """Sentence BLEU in [0, 1] (exp smoothing so short outputs are not 0)."""
+  """Sentence BLEU in [0, 1] (exp smoothing so short outputs are not 0):
+  calibration needs a loss per example, which T5 does not define."""
   return np.array([sacrebleu.sentence_bleu(p, [t], smooth_method='exp',
                                            tokenize=BLEU_TOKENIZER).score
                    / 100 for t, p in zip(targets, predictions)], np.float64)
@@ -76,10 +125,10 @@ def normalize_squad(text: str) -> str:
 
 
 def _token_f1(target: str, prediction: str) -> float:
+  """The official SQuAD v1.1 F1 (and T5's): 0 without a shared token, also
+  when an answer normalises to nothing (`the`, `...`)."""
   target_tokens = normalize_squad(target).split()
   prediction_tokens = normalize_squad(prediction).split()
-  if not target_tokens or not prediction_tokens:
-    return float(target_tokens == prediction_tokens)
   common = (collections.Counter(target_tokens)
             & collections.Counter(prediction_tokens))
   overlap = sum(common.values())

@@ -217,9 +217,11 @@ class Decoder(nn.Module):
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def logits(self, h: Array) -> Array:
-    """Exit head: [..., e] raw hidden state -> [..., v] logits."""
-    return jnp.einsum('...e,ev->...v', self.decoder_norm(h),
-                      self.logits_dense).astype(jnp.float32)
+    """Exit head: [..., e] raw hidden state -> [..., v] float32 logits (the
+    confidence measures and the loss read them in float32 whatever the
+    activation dtype)."""
+    return layers.dense('...e,ev->...v', self.decoder_norm(h),
+                        self.logits_dense, self.config.jnp_dtype)
 
   def __call__(self, encoded: Array, encoder_tokens: Array,
                decoder_input_tokens: Array, *, deterministic: bool) -> Array:

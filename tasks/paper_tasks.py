@@ -1,7 +1,13 @@
-"""SeqIO registration of the paper's tasks over TFDS, with T5's conventions.
+"""SeqIO registration of the paper's tasks over TFDS, as t5 0.9.4 does them.
+
+The preprocessors and metrics give the `t5` package's results (its
+`summarize`, `translate` and `squad` preprocessors, its `rouge`, `bleu` and
+`squad` metrics); tests/test_paper_tasks.py and tests/test_metrics.py hold
+the expected strings and scores.
 
   cnn_dailymail_v3       cnn_dailymail:3.4.0      "summarize: " + article ->
-                         highlights; ROUGE-1/2/L/Lsum (headline ROUGE-L)
+                         highlights; ROUGE-1/2/Lsum as T5, plus ROUGE-L
+                         (the paper's headline)
   wmt15_enfr             wmt15_translate/fr-en:1.0.0
                          "translate English to French: " + en -> fr; BLEU
   squad_v010_allanswers  squad/v1.1:3.0.0
@@ -55,21 +61,35 @@ OUTPUT_FEATURES = {
 
 
 def _collapse_spaces(text: tf.Tensor) -> tf.Tensor:
-  return tf.strings.strip(tf.strings.regex_replace(text, r'\s+', ' '))
+  return tf.strings.regex_replace(text, r'\s+', ' ')
 
 
-def _space_punctuation(text: tf.Tensor) -> tf.Tensor:
-  """T5's SQuAD convention: a space on each side of every non-word char."""
-  return _collapse_spaces(tf.strings.regex_replace(text, r'(\W)', r' \1 '))
+def pad_punctuation(text: tf.Tensor) -> tf.Tensor:
+  """T5's SQuAD convention: a space on each side of every ASCII punctuation
+  mark (RE2's [[:punct:]], so `_` too), then runs of whitespace collapsed.
+
+  Letters of any script stay whole (`Beyoncé`, `東京`), and non-ASCII marks
+  (curly quotes, `€`, `…`) are left in place, exactly as t5 0.9.4 does; no
+  strip, so a trailing mark leaves a trailing space as in T5's targets.
+  """
+  return _collapse_spaces(tf.strings.regex_replace(text, r'([[:punct:]])',
+                                                   r' \1 '))
+
+
+def _join_words(parts) -> tf.Tensor:
+  return _collapse_spaces(tf.strings.join(parts, separator=' '))
 
 
 @seqio.map_over_dataset
 def summarize_cnn_dailymail(x):
-  """Article -> highlights; the highlight sentences (one per line in TFDS)
-  are joined with spaces, as T5's tokenization leaves them."""
-  return {'inputs': tf.strings.join(['summarize:',
-                                     _collapse_spaces(x['article'])], ' '),
-          'targets': _collapse_spaces(x['highlights'])}
+  """Article -> highlights, untouched, as t5's `summarize` preprocessor.
+
+  TFDS 3.4.0 puts one highlight sentence per line; the newlines reach the
+  metric through `targets_pretokenized`, which is how ROUGE-Lsum sees the
+  reference's sentences (SentencePiece maps them to spaces for training).
+  """
+  return {'inputs': tf.strings.join(['summarize:', x['article']], ' '),
+          'targets': x['highlights']}
 
 
 @seqio.map_over_dataset
@@ -81,11 +101,11 @@ def translate_en_to_fr(x):
 
 @seqio.map_over_dataset
 def squad_open_book(x):
-  """Question and context -> the first answer; all answers kept."""
-  answers = _space_punctuation(x['answers']['text'])  # [n]
-  inputs = tf.strings.join(['question:', _space_punctuation(x['question']),
-                            'context:', _space_punctuation(x['context'])],
-                           ' ')
+  """Question and context -> the first answer; all answers kept (T5's
+  `squad` preprocessor, include_context=True)."""
+  answers = pad_punctuation(x['answers']['text'])  # [n]
+  inputs = _join_words(['question:', pad_punctuation(x['question']),
+                        'context:', pad_punctuation(x['context'])])
   return {'inputs': inputs, 'targets': answers[0], 'answers': answers,
           'id': x['id']}
 
@@ -111,8 +131,9 @@ class PaperTask:
 TASKS = {
     'cnn_dailymail_v3': PaperTask(
         'cnn_dailymail:3.4.0', ('train', 'validation', 'test'),
-        summarize_cnn_dailymail, metrics.summarization_rouge, 'rougeL',
+        summarize_cnn_dailymail, metrics.rouge, 'rougeL',
         {'inputs': 512, 'targets': 128}),
+    # T5's wmt15_enfr_v003, the same preprocessing and corpus BLEU.
     'wmt15_enfr': PaperTask(
         'wmt15_translate/fr-en:1.0.0', ('train', 'validation', 'test'),
         translate_en_to_fr, metrics.bleu, 'bleu',

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from calm_jax import data
 from calm_jax import evaluation
+from calm_jax import metrics
 from tasks import data_settings
 from tasks import paper_tasks
 
@@ -41,24 +42,67 @@ def _run_preprocessor(preprocessor, example: dict) -> dict:
               _text(v)) for k, v in out.items()}
 
 
-def test_preprocessors_follow_t5s_conventions():
+# Expected strings are what t5 0.9.4's own preprocessors (t5.data.
+# preprocessors.summarize / translate / squad) return on the same examples.
+def test_cnn_and_wmt_preprocessors_are_t5s():
   cnn = _run_preprocessor(paper_tasks.summarize_cnn_dailymail, {
-      'article': 'Storms hit the coast.\nTwo  died.',
-      'highlights': 'Two men died .\nPolice said so .'})
-  assert cnn == {'inputs': 'summarize: Storms hit the coast. Two died.',
-                 'targets': 'Two men died . Police said so .'}
+      'article': 'Storms  hit.\nTwo died.',
+      'highlights': 'Two men died.\nPolice said so.'})
+  # Untouched: the highlight lines reach ROUGE-Lsum as sentences.
+  assert cnn == {'inputs': 'summarize: Storms  hit.\nTwo died.',
+                 'targets': 'Two men died.\nPolice said so.'}
   wmt = _run_preprocessor(paper_tasks.translate_en_to_fr,
-                          {'en': 'Good morning.', 'fr': 'Bonjour.'})
-  assert wmt == {'inputs': 'translate English to French: Good morning.',
+                          {'en': 'Good  morning.', 'fr': 'Bonjour.'})
+  assert wmt == {'inputs': 'translate English to French: Good  morning.',
                  'targets': 'Bonjour.'}
-  squad = _run_preprocessor(paper_tasks.squad_open_book, {
-      'id': 'q1', 'question': "What's the capital of France?",
-      'context': 'Paris is the capital.',
-      'answers': {'text': ['Paris', 'Paris,'], 'answer_start': [0, 0]}})
-  assert squad == {
-      'inputs': "question: What ' s the capital of France ? context: Paris "
-                'is the capital .',
-      'targets': 'Paris', 'answers': ['Paris', 'Paris ,'], 'id': 'q1'}
+
+
+SQUAD_CASES = [
+    # Letters of any script stay whole; ASCII punctuation (underscore too)
+    # is padded; curly quotes, dashes, '€' and '…' are not.
+    ({'question': 'Who’s “the” best_player? (née X)',
+      'context': 'Tōkyō (東京) is big_city. Naïve café, 50€. “Quoted” '
+                 'don’t… a–b',
+      'answers': ['Beyoncé Knowles', 'U.S.', '50€.']},
+     {'inputs': 'question: Who’s “the” best _ player ? ( née X ) context: '
+                'Tōkyō ( 東京 ) is big _ city . Naïve café , 50€ . “Quoted” '
+                'don’t… a–b',
+      'targets': 'Beyoncé Knowles',
+      'answers': ['Beyoncé Knowles', 'U . S . ', '50€ . ']}),
+    ({'question': "What's 2+2=4 [sic] {x} <y> @z #1 $5 %6 ^7 &8 *9 ~ | \\ "
+                  '/ ; :',
+      'context': "Μόσχα — Москва; «Moskva» ‘quoted’ `tick` 'single' "
+                 '"double"\ttab\n\nnewline  spaces',
+      'answers': ['Москва', "'single'"]},
+     {'inputs': "question: What ' s 2 + 2 = 4 [ sic ] { x } < y > @ z # 1 "
+                '$ 5 % 6 ^ 7 & 8 * 9 ~ | \\ / ; : context: Μόσχα — Москва ; '
+                "«Moskva» ‘quoted’ ` tick ` ' single ' \" double \" tab "
+                'newline spaces',
+      'targets': 'Москва', 'answers': ['Москва', " ' single ' "]}),
+    ({'question': 'ÀÉÎÕÜ çñ ß?',
+      'context': 'São Paulo, Zürich; Kraków... Ελλάδα! हिन्दी؟ العربية، עברית.',
+      'answers': ['São Paulo']},
+     {'inputs': 'question: ÀÉÎÕÜ çñ ß ? context: São Paulo , Zürich ; '
+                'Kraków . . . Ελλάδα ! हिन्दी؟ العربية، עברית . ',
+      'targets': 'São Paulo', 'answers': ['São Paulo']}),
+]
+
+
+@pytest.mark.parametrize('raw, expected', SQUAD_CASES)
+def test_squad_preprocessor_is_t5s(raw, expected):
+  out = _run_preprocessor(paper_tasks.squad_open_book, {
+      'id': 'q1', 'question': raw['question'], 'context': raw['context'],
+      'answers': {'text': raw['answers'],
+                  'answer_start': [0] * len(raw['answers'])}})
+  assert out == {**expected, 'id': 'q1'}
+
+
+def test_squad_prediction_with_accents_scores_as_in_t5():
+  out = _run_preprocessor(paper_tasks.squad_open_book, {
+      'id': 'q', 'question': 'Who sang?', 'context': 'Beyoncé Knowles sang.',
+      'answers': {'text': ['Beyoncé Knowles'], 'answer_start': [0]}})
+  assert metrics.squad([out['answers']], ['Beyoncé Knowles']) == {
+      'f1': 100.0, 'em': 100.0}
 
 
 def test_squad_postprocessor_scores_against_every_answer():
@@ -108,6 +152,27 @@ def test_squad_eval_batches_keep_every_reference(standin_vocab):
   assert data.per_example_metric('squad_v010_allanswers') == 'f1'
   assert data.per_example_metric('cnn_dailymail_v3') == 'rougeL'
   assert data.per_example_metric('wmt15_enfr') == 'bleu'
+
+
+def _cnn_highlights_dataset(self, *args, **kwargs):
+  del self, args, kwargs
+  return tf.data.Dataset.from_tensor_slices({
+      'article': ['Storms hit. Two men died. Police said so.'],
+      'highlights': ['Police said so.\nTwo men died.'],
+      'id': ['a']})
+
+
+def test_cnn_dailymail_is_scored_on_highlight_lines_as_t5(standin_vocab):
+  # TFDS 3.4.0 layout: a highlight a line. T5's pipeline scores this
+  # prediction rougeLsum 100; joining the lines with spaces gave 50.
+  with tfds.testing.mock_data(as_dataset_fn=_cnn_highlights_dataset):
+    batch = next(evaluation.eval_batches('cnn_dailymail_v3', 'validation',
+                                         batch_size=1, num_examples=1))
+  assert batch.references == ['Police said so.\nTwo men died.']
+  scores = evaluation.task_metric_fn('cnn_dailymail_v3')(
+      batch.references, ['Two men died. Police said so.'])
+  assert scores['rougeLsum'] == pytest.approx(100.0)
+  assert scores['rougeL'] == pytest.approx(50.0)
 
 
 def test_t5_vocabulary_is_t5s_by_default_and_follows_the_environment(
