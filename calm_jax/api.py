@@ -73,12 +73,16 @@ class CalmLM:
   """A trained CALM model dir, ready to generate with early exit."""
 
   def __init__(self, model_dir: str, step: Optional[int] = None,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, dtype: Optional[str] = None):
     """Loads the model dir; with a mesh of several devices, straight into
     its shards (the decode and calibrate jobs' batch decodes then run over
-    it; `generate` wants the default, mesh None)."""
+    it; `generate` wants the default, mesh None). `dtype` ('float32' or
+    'bfloat16') replaces the activation dtype the model was trained with;
+    parameters stay float32."""
     self.model_dir, self.mesh = model_dir, mesh
     self.config, vocab_path = checkpoints.read_model_config(model_dir)
+    if dtype is not None:
+      self.config = dataclasses.replace(self.config, dtype=dtype)
     self.model = models.CalmModel(self.config)
     sharded = mesh is not None and mesh.size > 1
     shardings = (partitioning.param_shardings(self.model.param_axes(), mesh)

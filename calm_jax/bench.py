@@ -1,9 +1,10 @@
 """Wall-clock benchmark: early-exit decoding vs the static full-depth decoder.
 
   python -m calm_jax.bench [--output runs/bench/bench.json] [--repeats 5]
+                           [--dtype float32,bfloat16]
 
 For each model (the paper's small dims with random weights; the trained demo
-model when runs/demo/model exists), batch size, confidence measure and exit
+model when runs/demo/model exists), activation dtype, batch size, confidence measure and exit
 pattern, it decodes the same inputs with the static decoder and with the
 early-exit decoder, alternating runs after compiling both, and reports
 medians, the layer-ideal and FLOPs-ideal speed-ups and the efficiency
@@ -53,6 +54,13 @@ class BenchModel:
   output_length: int
   exit_distribution: tuple  # P(exit at layer k), k = 1..L
   distribution_source: str
+
+
+def with_dtype(bench: BenchModel, dtype: str) -> BenchModel:
+  """The same model and parameters (float32) with another activation dtype."""
+  config = dataclasses.replace(bench.model.config, dtype=dtype)
+  return dataclasses.replace(
+      bench, model=dataclasses.replace(bench.model, config=config))
 
 
 def time_alternating(static: Callable, early: Callable, repeats: int
@@ -138,8 +146,8 @@ def run_case(bench: BenchModel, batch: int, measure: str, pattern: str,
   stats = case_flops(bench, out, measure, exit_config, batch)
   measured = statistics.median(static_times) / statistics.median(early_times)
   return {
-      'model': bench.name, 'batch_size': batch, 'pattern': pattern,
-      'confidence': measure,
+      'model': bench.name, 'dtype': cfg.dtype, 'batch_size': batch,
+      'pattern': pattern, 'confidence': measure,
       'buckets': list(exit_config.buckets(batch)),
       'avg_layers': round(stats['avg_layers'], 3),
       'layer_ideal_speedup': round(cfg.num_decoder_layers
@@ -232,17 +240,19 @@ def add_conservative_speedups(cases: list[dict]) -> None:
   step), which would flatter `measured_speedup`. This field divides by the
   faster full-depth time of the same model, batch and measure instead.
   """
-  disabled = {(c['model'], c['batch_size'], c['confidence']):
-              c['early_median_s'] for c in cases
+  key_of = lambda c: (c['model'], c.get('dtype'), c['batch_size'],
+                      c['confidence'])
+  disabled = {key_of(c): c['early_median_s'] for c in cases
               if c['pattern'] == 'disabled'}
   for c in cases:
-    key = (c['model'], c['batch_size'], c['confidence'])
+    key = key_of(c)
     full = min(c['static_median_s'], disabled.get(key, np.inf))
     c['speedup_vs_best_full_depth'] = round(full / c['early_median_s'], 3)
 
 
 def format_row(case: dict) -> str:
-  return (f"{case['model']:>18} b={case['batch_size']:<3}"
+  return (f"{case['model']:>18} {case.get('dtype', 'float32'):>8} "
+          f"b={case['batch_size']:<3}"
           f"{case['confidence']:>10} {case['pattern']:>8} "
           f"{case['bucket_set']:>14} "
           f"layers={case['avg_layers']:<5} ideal={case['flops_ideal_speedup']:<6}"
@@ -252,10 +262,11 @@ def format_row(case: dict) -> str:
 
 def markdown_table(cases: list[dict]) -> str:
   """The README's table of a bench.json."""
-  head = ('| model | batch | measure | pattern | buckets | avg layers | '
-          'layer ideal | FLOPs ideal | measured | efficiency | '
-          'vs best full depth |\n' + '|---' * 11 + '|')
-  rows = [f"| {c['model']} | {c['batch_size']} | {c['confidence']} | "
+  head = ('| model | dtype | batch | measure | pattern | buckets | '
+          'avg layers | layer ideal | FLOPs ideal | measured | efficiency | '
+          'vs best full depth |\n' + '|---' * 12 + '|')
+  rows = [f"| {c['model']} | {c.get('dtype', 'float32')} | "
+          f"{c['batch_size']} | {c['confidence']} | "
           f"{c['pattern']} | {c.get('bucket_set', '')} | {c['avg_layers']} | "
           f"x{c['layer_ideal_speedup']} | x{c['flops_ideal_speedup']} | "
           f"x{c['measured_speedup']} | {c['efficiency']} | "
@@ -274,6 +285,9 @@ def main(argv=None) -> None:
   parser.add_argument('--patterns',
                       default='exit@1,exit@2,exit@4,exit@8,mixed,disabled')
   parser.add_argument('--models', default='paper_small,demo')
+  parser.add_argument('--dtype', default='float32',
+                      help='activation dtypes, comma-separated: float32, '
+                      'bfloat16 (parameters stay float32)')
   parser.add_argument('--length', type=int, default=64,
                       help='input and output length of the paper-size model')
   args = parser.parse_args(argv)
@@ -282,6 +296,11 @@ def main(argv=None) -> None:
       print(markdown_table(json.load(f)['cases']))
     return
   batches = [int(b) for b in args.batch_sizes.split(',')]
+  dtypes = args.dtype.split(',')
+  for dtype in dtypes:
+    if dtype not in network.DTYPES:
+      sys.exit(f'error: unknown dtype {dtype!r}; valid: '
+               f'{", ".join(network.DTYPES)}')
   builders = {'paper_small': lambda: paper_small_model(max(batches),
                                                        args.length),
               'demo': lambda: demo_model(max(batches), 16)}
@@ -295,9 +314,11 @@ def main(argv=None) -> None:
       continue
     sources[bench.name] = {'mixed_distribution': bench.exit_distribution,
                            'source': bench.distribution_source}
-    cases += bench_model(bench, batches, args.measures.split(','),
-                         args.patterns.split(','), args.repeats,
-                         lambda c: print(format_row(c), flush=True))
+    for dtype in dtypes:
+      cases += bench_model(with_dtype(bench, dtype), batches,
+                           args.measures.split(','), args.patterns.split(','),
+                           args.repeats,
+                           lambda c: print(format_row(c), flush=True))
   checkpoints.atomic_write_json(args.output, {
       'cases': cases, 'mixed_pattern': sources,
       'devices': [str(d) for d in jax.devices()],

@@ -7,8 +7,8 @@
 
 Decodes the calibration split at full depth, then at each threshold of a
 descending grid, stopping where fixed-sequence testing stops. Decodes are
-cached in MODEL_DIR/calibration/cache keyed by (checkpoint step, measure,
-tau, threshold, split, examples), so another delta or epsilon reuses them.
+cached in MODEL_DIR/calibration/cache keyed by (checkpoint step, activation
+dtype, measure, tau, threshold, split, examples), so another delta or epsilon reuses them.
 Writes MODEL_DIR/calibration/<name>.json, which `calm_jax.decode` and
 `calm_jax.load(...).generate` use when no threshold is given.
 """
@@ -45,8 +45,9 @@ class DecodeCache:
 
   def _path(self, task: str, threshold) -> str:
     measure = 'full' if threshold == FULL else self.measure
-    key = (f'step{self.lm.step}_{task}_{self.split}_n{self.num_examples}_'
-           f'{measure}_tau{self.tau}_min{self.min_exit}_{threshold}')
+    key = (f'step{self.lm.step}_{self.lm.config.dtype}_{task}_{self.split}_'
+           f'n{self.num_examples}_{measure}_tau{self.tau}_min{self.min_exit}_'
+           f'{threshold}')
     return os.path.join(self.root, key + '.json')
 
   def get(self, task: str, threshold) -> dict:
@@ -122,20 +123,23 @@ def calibrate(*, checkpoint_path: str = gin.REQUIRED,
               split: str = 'validation', num_examples: Optional[int] = None,
               batch_size: int = 32, tau: Optional[float] = None,
               min_exit: int = 1, grid_step: float = 0.05,
-              mesh_shape: Optional[Sequence[int]] = None):
+              mesh_shape: Optional[Sequence[int]] = None,
+              dtype: Optional[str] = None):
   """Certifies a threshold per delta and writes the calibration records.
 
   `delta` is one tolerance or a list of them (a paper-style sweep); the
   decodes are shared, so each further delta costs only the thresholds it
   reaches beyond the others. Returns the record, or the list of records.
   Decodes run on a (data, model) mesh of `mesh_shape` (default: every
-  device on 'data'), over every process; the primary one writes.
+  device on 'data'), over every process; the primary one writes. `dtype`
+  overrides the model's activation dtype; the record says which was used.
   """
   from calm_jax import data  # pylint: disable=g-import-not-at-top
   deltas = list(delta) if isinstance(delta, (list, tuple)) else [delta]
   for value in deltas:
     _validate(value, epsilon, consistency, confidence)
-  lm = api.CalmLM(checkpoint_path, mesh=partitioning.make_mesh(mesh_shape))
+  lm = api.CalmLM(checkpoint_path, mesh=partitioning.make_mesh(mesh_shape),
+                  dtype=dtype)
   lm.classifier_for(confidence)  # fails early without a classifier
   task_names = list(data.task_rates(mixture_or_task_name))
   cache = DecodeCache(lm, measure=confidence, tau=tau, split=split,
@@ -155,7 +159,7 @@ def calibrate(*, checkpoint_path: str = gin.REQUIRED,
         'delta': value, 'epsilon': epsilon, 'consistency': consistency,
         'confidence': confidence, 'tau': tau, 'min_exit': min_exit,
         'n': result.n, 'split': split, 'task': mixture_or_task_name,
-        'checkpoint_step': lm.step,
+        'checkpoint_step': lm.step, 'dtype': lm.config.dtype,
         'table': [row.as_dict() for row in result.table]}
     path = os.path.join(checkpoint_path, api.CALIBRATION_SUBDIR,
                         name + '.json')

@@ -329,15 +329,21 @@ def _vocab_for(path: str, vocab: Optional[str]) -> str:
   return vocab
 
 
-def import_hf(path: str, model_dir: str, vocab: Optional[str] = None
-              ) -> network.T5Config:
-  """Writes a model dir from an HF checkpoint; returns its config."""
+def import_hf(path: str, model_dir: str, vocab: Optional[str] = None,
+              dtype: str = 'float32') -> network.T5Config:
+  """Writes a model dir from an HF checkpoint; returns its config.
+
+  Parameters are stored in float32 whatever the checkpoint holds; `dtype`
+  is the activation dtype the model dir runs with ('bfloat16' as t5x does
+  on TPU/GPU).
+  """
   if os.path.exists(os.path.join(model_dir, checkpoints.MODEL_JSON)):
     raise ConversionError(f'{model_dir} already holds a model; choose a new '
                           'directory')
   vocab = _vocab_for(path, vocab)
   hf, tensors = read_hf_checkpoint(path)
   config, scale = config_from_hf(hf)
+  config = dataclasses.replace(config, dtype=dtype)
   params = hf_to_params(tensors, config, scale)  # every check before writing
   mgr = checkpoints.manager(model_dir)
   mgr.save(0, args=checkpoints.params_only_save_args(params))
@@ -374,13 +380,15 @@ def main(argv=None) -> None:
   parser.add_argument('--to', help='model dir to write (import)')
   parser.add_argument('--vocab', help='SentencePiece model (default: '
                       'spiece.model next to the checkpoint)')
+  parser.add_argument('--dtype', default='float32', choices=network.DTYPES,
+                      help='activation dtype of the imported model dir')
   parser.add_argument('--model_dir', help='model dir to export')
   parser.add_argument('--to_hf', help='HF dir to write (export)')
   parser.add_argument('--step', type=int, help='checkpoint step to export')
   args = parser.parse_args(argv)
   try:
     if args.from_hf and args.to:
-      config = import_hf(args.from_hf, args.to, args.vocab)
+      config = import_hf(args.from_hf, args.to, args.vocab, args.dtype)
       print(f'wrote {args.to}: {config.num_encoder_layers}+'
             f'{config.num_decoder_layers} layers, d_model {config.emb_dim}')
     elif args.model_dir and args.to_hf:

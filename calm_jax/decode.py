@@ -63,7 +63,8 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
            propagation: str = 'hidden', temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, seed: int = 0,
            exit_map: Optional[str] = None, exit_map_examples: int = 10,
-           mesh_shape: Optional[Sequence[int]] = None) -> dict:
+           mesh_shape: Optional[Sequence[int]] = None,
+           dtype: Optional[str] = None) -> dict:
   """Decodes every task of a mixture with early exit; returns the summary.
 
   Without a threshold, the calibration record named `calibration_record`
@@ -74,11 +75,12 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
   Runs on a (data, model) mesh of `mesh_shape` (default: every device on
   'data'); `batch_size` is global. With several processes, each decodes its
   shard and the primary process writes everyone's records in input order.
+  `dtype` overrides the model's activation dtype ('bfloat16' as on TPU/GPU).
   """
   from calm_jax import data  # pylint: disable=g-import-not-at-top
   from calm_jax import evaluation  # pylint: disable=g-import-not-at-top
   mesh = partitioning.make_mesh(mesh_shape)
-  lm = api.CalmLM(checkpoint_path, mesh=mesh)
+  lm = api.CalmLM(checkpoint_path, mesh=mesh, dtype=dtype)
   primary = multihost.is_primary()
   value, tau, source = lm.resolve_threshold(threshold, confidence, tau,
                                             calibration_record)
@@ -91,7 +93,8 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
     print(f'threshold {value} ({source}), confidence {confidence!r}, '
           f'tau {tau}')
     os.makedirs(output_dir, exist_ok=True)
-  summary = {'checkpoint_step': lm.step, 'confidence': confidence,
+  summary = {'checkpoint_step': lm.step, 'dtype': lm.config.dtype,
+             'confidence': confidence,
              'threshold': value, 'threshold_source': source, 'tau': tau,
              'split': split, 'tasks': {}}
   for task in data.task_rates(mixture_or_task_name):

@@ -24,6 +24,12 @@ from calm_jax import layers
 Array = jax.Array
 
 
+# Activation dtypes. Parameters are float32 in every case (t5x's default);
+# bfloat16 runs matmuls in bfloat16 with float32 accumulation, while norm
+# statistics, attention softmax, logits and confidences are float32.
+DTYPES = ('float32', 'bfloat16')
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """Model dimensions and exit layout (T5 1.1 small by default).
@@ -53,6 +59,8 @@ class T5Config:
                        f'[1, {self.num_decoder_layers}]')
     if self.exit_interval < 1:
       raise ValueError(f'exit_interval={self.exit_interval} must be >= 1')
+    if self.dtype not in DTYPES:
+      raise ValueError(f'dtype={self.dtype!r}; valid: {", ".join(DTYPES)}')
 
   @property
   def exit_layers(self) -> tuple[int, ...]:

@@ -5,6 +5,11 @@ import socket
 import pytest
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# bfloat16 rounded at every op, as the bf16 tests compare two programs token
+# for token (no effect on float32). Subprocesses inherit it.
+if '--xla_allow_excess_precision' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                             + ' --xla_allow_excess_precision=false').strip()
 # transformers must never look for files on the Hub.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 

@@ -1,6 +1,7 @@
 """bench.py: one case end to end on a tiny random model (fields and sense)."""
 import jax
 import numpy as np
+import pytest
 
 from calm_jax import bench
 from calm_jax import models
@@ -52,3 +53,18 @@ def test_run_case_reports_every_field():
                             repeats=1)
   assert disabled['avg_layers'] == 4.0
   assert disabled['flops_ideal_speedup'] < 1.0  # the checks cost something
+
+
+def test_bf16_case_and_dtype_flag(tmp_path, capsys):
+  tiny = bench.with_dtype(_tiny_bench(), 'bfloat16')
+  assert tiny.model.config.dtype == 'bfloat16'
+  static = bench.static_decoder(tiny)
+  context = bench.encoded_context(tiny, tiny.inputs[:2])
+  compile_s, _ = bench.compile_seconds(
+      lambda: static(tiny.params, tiny.inputs[:2], context))
+  case = bench.run_case(tiny, 2, 'softmax', 'exit@1', static, compile_s,
+                        repeats=1)
+  assert case['dtype'] == 'bfloat16' and case['avg_layers'] == 1.0
+  assert '| bfloat16 | 2 | softmax | exit@1 |' in bench.markdown_table([case])
+  with pytest.raises(SystemExit, match="unknown dtype 'float16'"):
+    bench.main(['--dtype', 'float16', '--output', str(tmp_path / 'b.json')])

@@ -220,6 +220,27 @@ def test_bfloat16_checkpoint_imports_as_float32(untied, tmp_path):
   np.testing.assert_array_equal(embedding, shared)
 
 
+def test_bf16_import_runs_bf16_activations_close_to_transformers(untied,
+                                                               tmp_path):
+  hf_dir, _, hf_model, _, _ = untied
+  config = convert.import_hf(hf_dir, str(tmp_path / 'm'), dtype='bfloat16')
+  assert config.dtype == 'bfloat16'
+  stored, _ = checkpoints.read_model_config(str(tmp_path / 'm'))
+  assert stored.dtype == 'bfloat16'
+  params, _ = checkpoints.load_params(str(tmp_path / 'm'), config)
+  encoder, decoder = _inputs()
+  _, hf_logits = _hf_forward(hf_model, encoder, decoder)
+  logits = models.CalmModel(config).all_layer_logits(
+      params, jnp.asarray(encoder), jnp.asarray(decoder))[-1]
+  assert logits.dtype == jnp.float32
+  # bfloat16 keeps 8 bits of mantissa: within a few percent of the scale,
+  # and the greedy choice agrees on nearly every position.
+  scale = np.abs(hf_logits).max()
+  assert np.abs(np.asarray(logits) - hf_logits).max() < 0.05 * scale
+  agree = np.mean(np.asarray(logits).argmax(-1) == hf_logits.argmax(-1))
+  assert agree >= 0.9
+
+
 def test_relu_t5_is_refused():
   with pytest.raises(convert.ConversionError, match='gated-gelu'):
     convert.config_from_hf({**DIMS, 'feed_forward_proj': 'relu'})

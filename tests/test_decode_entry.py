@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -176,3 +177,54 @@ def test_calibrate_refuses_a_measure_the_model_lacks(model_dir, tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and 'has no exit classifier' in last, last
   assert sorted(str(p) for p in bare.rglob('*')) == before
+
+
+def test_bf16_training_writes_a_bf16_model_dir(tmp_path):
+  path = tmp_path / 'bf16'
+  result = _run('calm_jax.train',
+                '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+                '--gin_file=gin/runs/train.gin', f"--gin.MODEL_DIR='{path}'",
+                "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+                '--gin.BATCH_SIZE=8', '--gin.TRAIN_STEPS=2',
+                "--gin.calm_jax.T5Config.dtype='bfloat16'",
+                '--gin.calm_jax.train.progress=False')
+  assert result.returncode == 0, result.stderr[-2000:]
+  from calm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  config, _ = checkpoints.read_model_config(str(path))
+  assert config.dtype == 'bfloat16'
+  params, step = checkpoints.load_params(str(path), config)
+  leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(params)]
+  assert step == 2
+  assert all(x.dtype == np.float32 and np.all(np.isfinite(x))
+             for x in leaves)
+
+
+def test_bf16_calibrate_decode_and_generate(model_dir, tmp_path):
+  # The float32-trained model run with bfloat16 activations, in process.
+  import calm_jax  # pylint: disable=g-import-not-at-top
+  from calm_jax import calibrate  # pylint: disable=g-import-not-at-top
+  from calm_jax import decode  # pylint: disable=g-import-not-at-top
+  from tasks import synthetic  # pylint: disable=g-import-not-at-top
+  record = calibrate.calibrate(
+      checkpoint_path=str(model_dir), mixture_or_task_name='synth_qa',
+      delta=0.3, epsilon=0.2, confidence='softmax', num_examples=8,
+      batch_size=4, grid_step=0.5, dtype='bfloat16')
+  assert record['dtype'] == 'bfloat16' and record['n'] == 8
+  assert (model_dir / 'calibration' /
+          f"{record['name']}.json").is_file()
+  summary = decode.decode(
+      checkpoint_path=str(model_dir), mixture_or_task_name='synth_qa',
+      output_dir=str(tmp_path / 'decode'), num_examples=4, batch_size=4,
+      confidence='classifier', threshold=0.0, dtype='bfloat16')
+  assert summary['dtype'] == 'bfloat16'
+  assert summary['tasks']['synth_qa']['avg_decoder_layers'] == 1.0
+  texts = [synthetic.generate('qa', 'test', i)['inputs'] for i in range(3)]
+  f32 = calm_jax.load(str(model_dir)).generate(texts, threshold=1.5,
+                                               batch_size=4, max_length=4)
+  bf16_lm = calm_jax.load(str(model_dir), dtype='bfloat16')
+  assert bf16_lm.config.dtype == 'bfloat16'
+  bf16 = bf16_lm.generate(texts, threshold=1.5, batch_size=4, max_length=4)
+  assert [r.text for r in bf16] == [r.text for r in f32]
+  state = bf16_lm.generate(texts, threshold=0.0, confidence='state',
+                           batch_size=4, max_length=4)
+  assert all(set(r.exit_layers) == {2} for r in state)
