@@ -92,8 +92,10 @@ def forced_pattern(pattern: str, bench: BenchModel, batch: int,
     return np.full(shape, int(pattern[5:]), np.int32)
   if pattern == 'mixed':
     layers = np.arange(1, len(bench.exit_distribution) + 1)
+    # The stored shares are rounded: renormalise (choice wants a sum of 1).
+    shares = np.asarray(bench.exit_distribution, np.float64)
     return np.random.RandomState(seed).choice(
-        layers, size=shape, p=bench.exit_distribution).astype(np.int32)
+        layers, size=shape, p=shares / shares.sum()).astype(np.int32)
   return None
 
 
@@ -203,6 +205,42 @@ def demo_model(max_batch: int, length: int) -> Optional[BenchModel]:
                     mix, source)
 
 
+def token_agreement(reference: list, other: list) -> dict:
+  """How often two decodes of the same inputs emit the same greedy tokens.
+
+  Positions are compared up to the reference's EOS (a shorter or longer
+  other output counts its missing or extra positions as disagreements).
+  """
+  same = total = identical = 0
+  for ref, out in zip(reference, other):
+    length = max(len(ref.tokens), len(out.tokens))
+    padded = lambda t: list(t) + [None] * (length - len(t))
+    same += sum(a == b for a, b in zip(padded(ref.tokens),
+                                       padded(out.tokens)))
+    total += length
+    identical += ref.tokens == out.tokens
+  return {'token_agreement': round(same / max(total, 1), 4),
+          'identical_outputs': round(identical / max(len(reference), 1), 4),
+          'tokens': total, 'examples': len(reference)}
+
+
+def dtype_agreement(model_dir: str = DEMO_DIR, examples: int = 100) -> dict:
+  """bfloat16 vs float32 full-depth greedy decodes of a trained model, per
+  embedded task (validation inputs)."""
+  from calm_jax import api  # pylint: disable=g-import-not-at-top
+  from tasks import synthetic  # pylint: disable=g-import-not-at-top
+  lms = {dtype: api.CalmLM(model_dir, dtype=dtype)
+         for dtype in network.DTYPES}
+  result = {}
+  for task in synthetic.GENERATORS:
+    texts = [synthetic.generate(task, 'validation', i)['inputs']
+             for i in range(examples)]
+    decodes = {dtype: lm.generate(texts, threshold=1.5, batch_size=16)
+               for dtype, lm in lms.items()}
+    result[task] = token_agreement(decodes['float32'], decodes['bfloat16'])
+  return result
+
+
 def bucket_variants(batch: int) -> dict[str, Optional[tuple]]:
   """Bucket sets compared on the mixed pattern at batch > 1."""
   return {'halvings': None, 'b_b4_1': (batch, max(batch // 4, 1), 1),
@@ -210,7 +248,7 @@ def bucket_variants(batch: int) -> dict[str, Optional[tuple]]:
 
 
 def bench_model(bench: BenchModel, batches, measures, patterns, repeats,
-                log) -> list[dict]:
+                log, compare_buckets: bool = True) -> list[dict]:
   cases = []
   for batch in batches:
     static = static_decoder(bench)
@@ -220,8 +258,8 @@ def bench_model(bench: BenchModel, batches, measures, patterns, repeats,
         lambda: static(bench.params, enc, context))
     for measure in measures:
       for pattern in patterns:
-        variants = (bucket_variants(batch) if batch > 1 and pattern == 'mixed'
-                    else {'halvings': None})
+        variants = (bucket_variants(batch) if compare_buckets and batch > 1
+                    and pattern == 'mixed' else {'halvings': None})
         for name, sizes in variants.items():
           case = run_case(bench, batch, measure, pattern, static,
                           compile_static, repeats, bucket_sizes=sizes)
@@ -288,12 +326,22 @@ def main(argv=None) -> None:
   parser.add_argument('--dtype', default='float32',
                       help='activation dtypes, comma-separated: float32, '
                       'bfloat16 (parameters stay float32)')
+  parser.add_argument('--no_bucket_variants', action='store_true',
+                      help='only the default buckets on the mixed pattern')
+  parser.add_argument('--agreement', action='store_true',
+                      help='also measure bfloat16 vs float32 greedy token '
+                      'agreement of the demo model')
   parser.add_argument('--length', type=int, default=64,
                       help='input and output length of the paper-size model')
   args = parser.parse_args(argv)
   if args.table:
     with open(args.table) as f:
-      print(markdown_table(json.load(f)['cases']))
+      results = json.load(f)
+    print(markdown_table(results['cases']))
+    if 'dtype_agreement' in results:
+      print('\nbfloat16 vs float32 greedy tokens (demo model): ' + ', '.join(
+          f"{task} {100 * r['token_agreement']:.1f}%"
+          for task, r in results['dtype_agreement'].items()))
     return
   batches = [int(b) for b in args.batch_sizes.split(',')]
   dtypes = args.dtype.split(',')
@@ -318,9 +366,15 @@ def main(argv=None) -> None:
       cases += bench_model(with_dtype(bench, dtype), batches,
                            args.measures.split(','), args.patterns.split(','),
                            args.repeats,
-                           lambda c: print(format_row(c), flush=True))
+                           lambda c: print(format_row(c), flush=True),
+                           compare_buckets=not args.no_bucket_variants)
+  extra = {}
+  if args.agreement and os.path.exists(os.path.join(DEMO_DIR,
+                                                    checkpoints.MODEL_JSON)):
+    extra['dtype_agreement'] = dtype_agreement()
+    print('bfloat16 vs float32 greedy tokens:', extra['dtype_agreement'])
   checkpoints.atomic_write_json(args.output, {
-      'cases': cases, 'mixed_pattern': sources,
+      **extra, 'cases': cases, 'mixed_pattern': sources,
       'devices': [str(d) for d in jax.devices()],
       'timed': 'the decode loop; encoder and cross K/V computed once outside',
       'note': 'ratios from one run on this machine; absolute times are noise'})

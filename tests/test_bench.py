@@ -68,3 +68,12 @@ def test_bf16_case_and_dtype_flag(tmp_path, capsys):
   assert '| bfloat16 | 2 | softmax | exit@1 |' in bench.markdown_table([case])
   with pytest.raises(SystemExit, match="unknown dtype 'float16'"):
     bench.main(['--dtype', 'float16', '--output', str(tmp_path / 'b.json')])
+
+
+def test_token_agreement_counts_positions_up_to_the_longer_output():
+  out = lambda *tokens: type('G', (), {'tokens': list(tokens)})
+  reference = [out(5, 6, 1), out(7, 1), out(3, 1)]
+  other = [out(5, 6, 1), out(7, 8, 1), out(4, 1)]
+  assert bench.token_agreement(reference, other) == {
+      'token_agreement': round(5 / 8, 4), 'identical_outputs': round(1 / 3, 4),
+      'tokens': 8, 'examples': 3}
