@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-slow demo bench validity reproduce vocab clean
+.PHONY: install test test-slow demo bench bench-dtype device-check validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -28,6 +28,20 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m calm_jax.bench --output runs/bench/bench.json
+
+# bfloat16 next to float32: the paper-size decode benchmark and the demo
+# model's greedy-token agreement (docs/bench_dtype.json, quoted in the README).
+bench-dtype: $(STAMP)
+	test -f runs/demo/model/model.json || $(MAKE) demo
+	$(PY) -m calm_jax.bench --models paper_small --dtype float32,bfloat16 \
+	  --batch_sizes 1,16 --measures softmax,state \
+	  --patterns exit@1,mixed,disabled --no_bucket_variants --agreement \
+	  --output docs/bench_dtype.json
+
+# The accelerator check (bf16/f32 tests and bench on whatever backend JAX
+# has); `bash tools/device_check.sh --quick` is its CPU dry run.
+device-check: $(STAMP)
+	bash tools/device_check.sh
 
 validity: $(STAMP)
 	test -f runs/demo/model/model.json || $(MAKE) demo

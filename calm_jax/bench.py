@@ -312,7 +312,7 @@ def markdown_table(cases: list[dict]) -> str:
   return '\n'.join([head, *rows])
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--output', default='runs/bench/bench.json')
   parser.add_argument('--table', metavar='BENCH_JSON',
@@ -333,26 +333,40 @@ def main(argv=None) -> None:
                       'agreement of the demo model')
   parser.add_argument('--length', type=int, default=64,
                       help='input and output length of the paper-size model')
-  args = parser.parse_args(argv)
-  if args.table:
-    with open(args.table) as f:
-      results = json.load(f)
-    print(markdown_table(results['cases']))
-    if 'dtype_agreement' in results:
-      print('\nbfloat16 vs float32 greedy tokens (demo model): ' + ', '.join(
-          f"{task} {100 * r['token_agreement']:.1f}%"
-          for task, r in results['dtype_agreement'].items()))
-    return
-  batches = [int(b) for b in args.batch_sizes.split(',')]
-  dtypes = args.dtype.split(',')
+  return parser
+
+
+def print_tables(path: str) -> None:
+  """The markdown table of a bench.json, and its dtype agreement if any."""
+  with open(path) as f:
+    results = json.load(f)
+  print(markdown_table(results['cases']))
+  if 'dtype_agreement' in results:
+    print('\nbfloat16 vs float32 greedy tokens (demo model): ' + ', '.join(
+        f"{task} {100 * r['token_agreement']:.1f}%"
+        for task, r in results['dtype_agreement'].items()))
+
+
+def _dtypes(text: str) -> list[str]:
+  dtypes = text.split(',')
   for dtype in dtypes:
     if dtype not in network.DTYPES:
       sys.exit(f'error: unknown dtype {dtype!r}; valid: '
                f'{", ".join(network.DTYPES)}')
+  return dtypes
+
+
+def main(argv=None) -> None:
+  args = _parser().parse_args(argv)
+  if args.table:
+    print_tables(args.table)
+    return
+  batches = [int(b) for b in args.batch_sizes.split(',')]
+  dtypes = _dtypes(args.dtype)
   builders = {'paper_small': lambda: paper_small_model(max(batches),
                                                        args.length),
               'demo': lambda: demo_model(max(batches), 16)}
-  cases, sources = [], {}
+  cases, results = [], {'mixed_pattern': {}}
   for name in args.models.split(','):
     if name not in builders:
       sys.exit(f'error: unknown model {name!r}; valid: {", ".join(builders)}')
@@ -360,22 +374,21 @@ def main(argv=None) -> None:
     if bench is None:
       print(f'skipping {name}: no trained model in {DEMO_DIR} (make demo)')
       continue
-    sources[bench.name] = {'mixed_distribution': bench.exit_distribution,
-                           'source': bench.distribution_source}
+    results['mixed_pattern'][bench.name] = {
+        'mixed_distribution': bench.exit_distribution,
+        'source': bench.distribution_source}
     for dtype in dtypes:
       cases += bench_model(with_dtype(bench, dtype), batches,
                            args.measures.split(','), args.patterns.split(','),
                            args.repeats,
                            lambda c: print(format_row(c), flush=True),
                            compare_buckets=not args.no_bucket_variants)
-  extra = {}
   if args.agreement and os.path.exists(os.path.join(DEMO_DIR,
                                                     checkpoints.MODEL_JSON)):
-    extra['dtype_agreement'] = dtype_agreement()
-    print('bfloat16 vs float32 greedy tokens:', extra['dtype_agreement'])
+    results['dtype_agreement'] = dtype_agreement()
+    print('bfloat16 vs float32 greedy tokens:', results['dtype_agreement'])
   checkpoints.atomic_write_json(args.output, {
-      **extra, 'cases': cases, 'mixed_pattern': sources,
-      'devices': [str(d) for d in jax.devices()],
+      **results, 'cases': cases, 'devices': [str(d) for d in jax.devices()],
       'timed': 'the decode loop; encoder and cross K/V computed once outside',
       'note': 'ratios from one run on this machine; absolute times are noise'})
   print(f'wrote {args.output}')

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from calm_jax import files
 from calm_jax import network
 from calm_jax import partitioning
 
@@ -94,11 +95,10 @@ def write_model_files(model_dir: str, config: network.T5Config,
   (root / 'vocab').mkdir(parents=True, exist_ok=True)
   vocab_name = pathlib.Path(vocab_path).name
   shutil.copyfile(vocab_path, root / 'vocab' / vocab_name)
-  _atomic_write(root / MODEL_JSON, json.dumps(
-      {'config': dataclasses.asdict(config), 'vocabulary': vocab_name},
-      indent=2))
+  files.atomic_write_json(str(root / MODEL_JSON), {
+      'config': dataclasses.asdict(config), 'vocabulary': vocab_name})
   if operative_gin:
-    _atomic_write(root / 'config.gin', operative_gin)
+    files.atomic_write_text(str(root / 'config.gin'), operative_gin)
 
 
 def read_model_config(model_dir: str) -> tuple[network.T5Config, str]:
@@ -125,20 +125,10 @@ def check_compatible(model_dir: str, config: network.T5Config) -> None:
                           f'(stored, requested): {diff}; use another MODEL_DIR')
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + '.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  _atomic_write(pathlib.Path(path), text)
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  _atomic_write(pathlib.Path(path), json.dumps(obj, indent=2) + '\n')
+# Whole-or-nothing writes live in calm_jax.files; the names stay here for
+# the jobs that write next to checkpoints.
+atomic_write_text = files.atomic_write_text
+atomic_write_json = files.atomic_write_json
 
 
 def load_params(model_dir: str, config: network.T5Config,

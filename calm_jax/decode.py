@@ -10,7 +10,6 @@ targets, prediction, exit_layers, confidences) and OUTPUT_DIR/summary.json
 (task metric, average decoder layers per token, tokens/s, wall time, and the
 threshold used with where it came from). Files appear whole or not at all.
 """
-import json
 import os
 from typing import Optional, Sequence
 
@@ -19,17 +18,10 @@ import gin
 from calm_jax import api
 from calm_jax import checkpoints
 from calm_jax import decoding
+from calm_jax import files
 from calm_jax import gin_utils
 from calm_jax import multihost
 from calm_jax import partitioning
-
-
-def _write_jsonl(path: str, records: list[dict]) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    for record in records:
-      f.write(json.dumps(record) + '\n')
-  os.replace(tmp, path)
 
 
 def _write_exit_map(directory: str, task: str, records: list[dict],
@@ -46,10 +38,19 @@ def _write_task_outputs(output_dir: str, task: str, records: list[dict],
                         exit_map: Optional[str], exit_map_examples: int,
                         num_layers: int, confidence: str, threshold: float
                         ) -> None:
-  _write_jsonl(os.path.join(output_dir, f'{task}.jsonl'), records)
+  files.atomic_write_jsonl(os.path.join(output_dir, f'{task}.jsonl'),
+                           records)
   if exit_map:
     _write_exit_map(exit_map, task, records[:exit_map_examples], num_layers,
                     confidence, threshold)
+
+
+def _default_output_dir(checkpoint_path: str, split: str, confidence: str,
+                        threshold: float, dtype: str) -> str:
+  """MODEL_DIR/decode/<split>_<measure>_<threshold>[_bfloat16]."""
+  suffix = '' if dtype == 'float32' else f'_{dtype}'
+  return os.path.join(checkpoint_path, 'decode',
+                      f'{split}_{confidence}_{threshold:g}{suffix}')
 
 
 @gin.configurable(module='calm_jax')
@@ -87,16 +88,16 @@ def decode(*, checkpoint_path: str = gin.REQUIRED,
   exit_config = lm.exit_config(
       confidence, min_exit=min_exit, tau=tau, propagation=propagation,
       sampling=decoding.Sampling(temperature, top_k, top_p))
-  output_dir = output_dir or os.path.join(
-      checkpoint_path, 'decode', f'{split}_{confidence}_{value:g}')
+  output_dir = output_dir or _default_output_dir(
+      checkpoint_path, split, confidence, value, lm.config.dtype)
   if primary:
     print(f'threshold {value} ({source}), confidence {confidence!r}, '
           f'tau {tau}')
     os.makedirs(output_dir, exist_ok=True)
   summary = {'checkpoint_step': lm.step, 'dtype': lm.config.dtype,
-             'confidence': confidence,
-             'threshold': value, 'threshold_source': source, 'tau': tau,
-             'split': split, 'tasks': {}}
+             'confidence': confidence, 'threshold': value,
+             'threshold_source': source, 'tau': tau, 'split': split,
+             'tasks': {}}
   for task in data.task_rates(mixture_or_task_name):
     records, seconds = evaluation.decode_task(
         lm.model, lm.params, task, split=split, num_examples=num_examples,

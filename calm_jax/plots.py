@@ -4,7 +4,6 @@ Each function takes plain rows (lists of dicts) and writes one file, so the
 report, the decode job and tests call them alike. No TensorFlow, no gin.
 """
 import html
-import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -12,6 +11,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
+
+from calm_jax import files  # pylint: disable=g-import-not-at-top
 
 DPI = 100
 # Exit layer -> colour, shared by the PNG and HTML exit maps and histograms.
@@ -25,12 +26,10 @@ def layer_colour(layer: int, num_layers: int) -> str:
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=DPI)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  try:
+    return files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI))
+  finally:
+    plt.close(fig)
 
 
 def _tasks(rows: Sequence[Mapping]) -> list[str]:
@@ -168,11 +167,8 @@ def exit_map_html(examples: Sequence[Mapping], num_layers: int,
 def write_exit_map(examples: Sequence[Mapping], num_layers: int, title: str,
                    html_path: str, png_path: str) -> tuple[str, str]:
   """The HTML exit map and a PNG rendering of it."""
-  os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
-  tmp = html_path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(exit_map_html(examples, num_layers, title))
-  os.replace(tmp, html_path)
+  files.atomic_write_text(html_path,
+                          exit_map_html(examples, num_layers, title))
   return html_path, exit_map_png(examples, num_layers, title, png_path)
 
 

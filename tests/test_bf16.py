@@ -2,6 +2,7 @@
 every decoding path, the training loss and its gradients, on a tiny model."""
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +138,12 @@ def test_bf16_training_loss_and_gradients_are_float32_and_close(params):
   model = models.CalmModel(BF16)
   loss, _ = model.classifier_loss(_classifier(), params, batch)
   assert loss.dtype == jnp.float32 and bool(jnp.isfinite(loss))
+
+
+@pytest.mark.slow
+def test_bf16_agrees_with_f32_on_the_demo_model():
+  from calm_jax import bench  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(bench.DEMO_DIR, 'model.json')):
+    pytest.skip('no demo model: run make demo first')
+  for task, result in bench.dtype_agreement(examples=48).items():
+    assert result['token_agreement'] >= 0.95, (task, result)

@@ -1,0 +1,57 @@
+"""files.py: whole-or-nothing writes under concurrent writers and readers."""
+import json
+import multiprocessing
+import os
+
+import pytest
+
+from calm_jax import files
+
+
+def _writer(path: str, tag: int, rounds: int) -> int:
+  errors = 0
+  for i in range(rounds):
+    try:
+      files.atomic_write_json(path, {'tag': tag, 'i': i, 'pad': 'x' * 20000})
+    except OSError:
+      errors += 1
+  return errors
+
+
+def test_two_writers_and_a_reader_never_see_a_partial_file(tmp_path):
+  path = str(tmp_path / 'record.json')
+  files.atomic_write_json(path, {'tag': -1, 'i': 0, 'pad': ''})
+  ctx = multiprocessing.get_context('spawn')
+  with ctx.Pool(2) as pool:
+    pending = [pool.apply_async(_writer, (path, tag, 150)) for tag in (0, 1)]
+    reads = partial = 0
+    while not all(p.ready() for p in pending):
+      with open(path) as f:
+        text = f.read()
+      reads += 1
+      try:
+        json.loads(text)
+      except json.JSONDecodeError:
+        partial += 1
+    assert [p.get() for p in pending] == [0, 0]  # no writer failed
+  assert reads > 0 and partial == 0
+  assert json.loads(open(path).read())['i'] == 149
+  assert [p for p in os.listdir(tmp_path) if p != 'record.json'] == []
+
+
+def test_json_holds_no_nan_and_a_failed_write_leaves_nothing(tmp_path):
+  path = tmp_path / 'summary.json'
+  files.atomic_write_json(str(path), {'value': float('nan'),
+                                      'rows': [1.0, float('inf')]})
+  assert path.read_text() == ('{\n  "value": null,\n  "rows": [\n    1.0,\n'
+                              '    null\n  ]\n}\n')
+  files.atomic_write_jsonl(str(tmp_path / 'a.jsonl'), [{'x': float('nan')},
+                                                       {'x': 1}])
+  assert (tmp_path / 'a.jsonl').read_text() == '{"x": null}\n{"x": 1}\n'
+
+  def fail(tmp):
+    open(tmp, 'w').write('half')
+    raise RuntimeError('disk gone')
+  with pytest.raises(RuntimeError):
+    files.atomic_write(str(tmp_path / 'b.txt'), fail)
+  assert sorted(os.listdir(tmp_path)) == ['a.jsonl', 'summary.json']
