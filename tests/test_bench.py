@@ -28,14 +28,19 @@ def test_forced_patterns():
   assert bench.forced_pattern('disabled', tiny, 1) is None
 
 
+def _case(tiny, batch, measure, pattern):
+  """One bench case after compiling the static decoder, as bench_model."""
+  static = bench.static_decoder(tiny)
+  context = bench.encoded_context(tiny, tiny.inputs[:batch])
+  compile_s, _ = bench.compile_seconds(
+      lambda: static(tiny.params, tiny.inputs[:batch], context))
+  return bench.run_case(tiny, batch, measure, pattern, static, compile_s,
+                        repeats=1), static
+
+
 def test_run_case_reports_every_field():
   tiny = _tiny_bench()
-  static = bench.static_decoder(tiny)
-  context = bench.encoded_context(tiny, tiny.inputs[:4])
-  compile_s, _ = bench.compile_seconds(
-      lambda: static(tiny.params, tiny.inputs[:4], context))
-  case = bench.run_case(tiny, 4, 'softmax', 'exit@2', static, compile_s,
-                        repeats=1)
+  case, static = _case(tiny, 4, 'softmax', 'exit@2')
   assert case['avg_layers'] == 2.0
   assert case['layer_ideal_speedup'] == 2.0
   assert 1.0 < case['flops_ideal_speedup'] < 2.0
@@ -55,15 +60,10 @@ def test_run_case_reports_every_field():
   assert disabled['flops_ideal_speedup'] < 1.0  # the checks cost something
 
 
-def test_bf16_case_and_dtype_flag(tmp_path, capsys):
+def test_bf16_case_and_dtype_flag(tmp_path):
   tiny = bench.with_dtype(_tiny_bench(), 'bfloat16')
   assert tiny.model.config.dtype == 'bfloat16'
-  static = bench.static_decoder(tiny)
-  context = bench.encoded_context(tiny, tiny.inputs[:2])
-  compile_s, _ = bench.compile_seconds(
-      lambda: static(tiny.params, tiny.inputs[:2], context))
-  case = bench.run_case(tiny, 2, 'softmax', 'exit@1', static, compile_s,
-                        repeats=1)
+  case, _ = _case(tiny, 2, 'softmax', 'exit@1')
   assert case['dtype'] == 'bfloat16' and case['avg_layers'] == 1.0
   assert '| bfloat16 | 2 | softmax | exit@1 |' in bench.markdown_table([case])
   with pytest.raises(SystemExit, match="unknown dtype 'float16'"):

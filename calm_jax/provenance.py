@@ -1,0 +1,87 @@
+"""Provenance: fingerprints of everything that determines a decode.
+
+A certified threshold holds for the decodes it was certified on: the same
+parameters (backbone and exit classifier), model config and activation
+dtype, vocabulary, task, split, examples, feature lengths and decoding
+settings. Calibration records and cached decodes carry a fingerprint of all
+of these; a cache entry is found only under an identical fingerprint, and a
+record whose model fingerprint differs from the model dir's is refused with
+the list of what changed. No JAX below the array digest, no TensorFlow.
+"""
+import hashlib
+import json
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+
+class ProvenanceError(ValueError):
+  """A record or output that does not belong to this model or run."""
+
+
+def _leaf_bytes(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.ascontiguousarray(np.asarray(jax.device_get(x)))
+
+
+def digest_tree(tree: Any) -> str:
+  """sha256 of a pytree of arrays: every leaf's path, dtype, shape, bytes."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = _leaf_bytes(leaf)
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(f'{array.dtype.str}{array.shape}'.encode())
+    h.update(array.tobytes())
+  return h.hexdigest()
+
+
+def digest_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def canonical(obj: Any) -> str:
+  """The one JSON text of `obj` that fingerprints hash."""
+  return json.dumps(obj, sort_keys=True, separators=(',', ':'),
+                    default=str)
+
+
+def short_hash(obj: Any, length: int = 12) -> str:
+  return hashlib.sha256(canonical(obj).encode()).hexdigest()[:length]
+
+
+def _flatten(obj: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(obj, Mapping):
+    out = {}
+    for key, value in obj.items():
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: obj}
+
+
+def _show(value: Any) -> str:
+  text = json.dumps(value, default=str)
+  # Digests are long: their first 12 characters name them well enough.
+  return text[:13] + '..."' if len(text) > 40 and text[0] == '"' else text
+
+
+def changes(stored: Mapping, current: Mapping) -> list[str]:
+  """'key: stored -> current' for every leaf that differs."""
+  old, new = _flatten(stored), _flatten(current)
+  return [f'{key}: {_show(old.get(key))} -> {_show(new.get(key))}'
+          for key in sorted(set(old) | set(new))
+          if old.get(key) != new.get(key)]
+
+
+def describe_changes(stored: Mapping, current: Mapping,
+                     limit: Optional[int] = 4) -> str:
+  found = changes(stored, current)
+  shown = found if limit is None else found[:limit]
+  more = len(found) - len(shown)
+  return '; '.join(shown) + (f' (and {more} more)' if more > 0 else '')
