@@ -105,7 +105,10 @@ def finish_tokens(next_token: Array, done: Array, eos_id: int
 class DecodeOutput:
   tokens: Array        # [b, t] int32, 0 after EOS
   exit_layers: Array   # [b, t] int32, 1-based layer each token used; 0 = pad
-  confidences: Array   # [b, t] float32, confidence at exit (last one checked)
+  # [b, t] float32: the measure's value at the layer the token exited; NaN
+  # for a token that ran through the top layer (no exit test is made there),
+  # so every token of the static decoder is NaN too.
+  confidences: Array
   layer_evals: Array   # [] int32: (row, layer) evaluations actually run
 
 
@@ -234,7 +237,8 @@ def static_decode(fns: StepFns, *, batch_size: int, max_length: int,
     next_token = select_tokens(logits, s.rng, sampling)
     evals = jnp.sum(~s.done).astype(jnp.int32) * num_layers
     return s.advance(next_token, cache, exit_layer,
-                     jnp.ones((batch_size,), jnp.float32), evals, eos_id)
+                     jnp.full((batch_size,), jnp.nan, jnp.float32), evals,
+                     eos_id)
 
   return _run_positions(step, state, max_length)
 
@@ -281,6 +285,14 @@ class ExitConfig:
         num_layers, first_exit=first_exit, exit_interval=exit_interval,
         min_exit=max(min_exit, confidence_lib.lowest_exit_layer(confidence)))
     return cls(confidence=confidence, exit_layers=layers, **kwargs)
+
+  def fingerprint(self) -> dict:
+    """The settings that change what this config decodes (the bucket sizes
+    change only the speed)."""
+    return {'confidence': self.confidence,
+            'exit_layers': list(self.exit_layers), 'tau': self.tau,
+            'propagation': self.propagation,
+            'sampling': dataclasses.asdict(self.sampling)}
 
   def for_threshold(self, threshold: float) -> 'ExitConfig':
     """No confidence checks when the threshold disables exits: they could
@@ -482,10 +494,11 @@ def early_exit_decode(fns: StepFns, cfg: ExitConfig, *, threshold: Array,
     for layer in range(num_layers):
       climb, cache = _climb_layer(fns, cfg, layer, climb, cache, s.position,
                                   bound, classifier, forced)
-    exit_layer = jnp.where(climb.exit_layer == 0, num_layers,
-                           climb.exit_layer)
+    reached_top = climb.exit_layer == 0
+    exit_layer = jnp.where(reached_top, num_layers, climb.exit_layer)
+    confidence = jnp.where(reached_top, jnp.nan, climb.confidence)
     next_token = _emit_tokens(fns, cfg, climb, s.rng)
-    return s.advance(next_token, cache, exit_layer, climb.confidence,
-                     climb.evals, eos_id)
+    return s.advance(next_token, cache, exit_layer, confidence, climb.evals,
+                     eos_id)
 
   return _run_positions(step, state, max_length)

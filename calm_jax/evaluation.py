@@ -15,6 +15,7 @@ import seqio
 import tqdm
 from jax.sharding import Mesh, PartitionSpec as P
 
+from calm_jax import api
 from calm_jax import data
 from calm_jax import decoding
 from calm_jax import models
@@ -153,8 +154,7 @@ def _example_records(batch, out: decoding.DecodeOutput, task: str
         'prediction': data.decode_text(task, np.asarray(tokens)),
         'tokens': data.token_pieces(task, tokens[:length]),
         'exit_layers': [int(l) for l in out.exit_layers[row, :length]],
-        'confidences': [round(float(c), 4)
-                        for c in out.confidences[row, :length]]}
+        'confidences': api.token_confidences(out.confidences[row, :length])}
     if isinstance(batch.references[row], list):
       record['references'] = batch.references[row]
     records.append(record)

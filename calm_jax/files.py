@@ -13,6 +13,22 @@ import tempfile
 from typing import Any, Callable, Iterable
 
 
+class FileError(ValueError):
+  """A file that cannot be read as what it should be (names the file)."""
+
+
+def read_json(path: str, what: str = 'file',
+              recovery: str = 'delete it or write it again') -> Any:
+  """The JSON in `path`; a truncated or corrupt file is a FileError that
+  names the file, what it is, and how to recover."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise FileError(f'{what} {path} is not valid JSON ({e}): {recovery}'
+                    ) from e
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> str:
   """Calls `write(temporary path)`, then renames the file onto `path`.
 

@@ -144,9 +144,11 @@ def exit_map_html(examples: Sequence[Mapping], num_layers: int,
   body = []
   for ex in examples:
     spans = ''.join(
-        f'<span class="tok" data-layer="{layer}" data-confidence="{conf}" '
+        f'<span class="tok" data-layer="{layer}" '
+        f'data-confidence="{"" if conf is None else conf}" '
         f'style="background:{layer_colour(layer, num_layers)}" '
-        f'title="layer {layer}, confidence {conf}">'
+        f'title="layer {layer}, confidence '
+        f'{"none (ran through the top layer)" if conf is None else conf}">'
         f'{html.escape(_token_text(piece))}</span>'
         for piece, layer, conf in zip(ex['tokens'], ex['exit_layers'],
                                       ex['confidences']))

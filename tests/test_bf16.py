@@ -85,7 +85,9 @@ def test_every_measure_and_propagation_decodes_in_bf16(params, measure,
   layers = np.asarray(out.exit_layers)
   real = layers > 0
   assert out.confidences.dtype == jnp.float32
-  assert np.all(np.isfinite(out.confidences))
+  exited = real & (layers < 4)
+  assert np.all(np.isfinite(np.asarray(out.confidences)[exited]))
+  assert np.all(np.isnan(np.asarray(out.confidences)[real & (layers == 4)]))
   assert layers[real].min() >= confidence.lowest_exit_layer(measure)
   assert layers[real].max() <= 4
   assert np.all(np.asarray(out.tokens)[real] < F32.vocab_size)

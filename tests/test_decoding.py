@@ -157,11 +157,15 @@ def test_threshold_zero_exits_at_first_allowed_layer(tiny, measure, first,
   assert np.all(layers_used[~real] == 0)
 
 
+def _every_layer(measure: str) -> decoding.ExitConfig:
+  return decoding.ExitConfig(confidence=measure,
+                             exit_layers=thresholds.allowed_exit_layers(4))
+
+
 def test_batch_rows_decode_as_they_would_alone(tiny):
   model, params = tiny
   enc = _inputs(5, seed=3)
-  cfg = decoding.ExitConfig(confidence='softmax',
-                            exit_layers=thresholds.allowed_exit_layers(4))
+  cfg = _every_layer('softmax')
   batched = _early_fn(model, cfg)(params, enc, 0.2)
   layers = np.asarray(batched.exit_layers)
   assert len(set(layers[layers > 0].tolist())) > 1  # a real mix of exits
@@ -170,6 +174,23 @@ def test_batch_rows_decode_as_they_would_alone(tiny):
     np.testing.assert_array_equal(alone.tokens[0], batched.tokens[row])
     np.testing.assert_array_equal(alone.exit_layers[0],
                                   batched.exit_layers[row])
+
+
+def test_confidence_is_the_exit_test_value_and_nan_through_the_top(tiny):
+  model, params = tiny
+  enc = _inputs(5, seed=3)
+  cfg = _every_layer('softmax')
+  early = _early_fn(model, cfg)(params, enc, 0.2)
+  layers, conf = np.asarray(early.exit_layers), np.asarray(early.confidences)
+  exited = (layers > 0) & (layers < 4)
+  assert exited.any() and (layers == 4).any()
+  assert np.all(conf[exited] >= 0.2)  # the value that passed the test
+  assert np.all(np.isnan(conf[layers == 4]))
+  # The static decoder and exits disabled agree: no token had an exit test.
+  for out in (_static(model, params, enc),
+              _early_fn(model, cfg)(params, enc, 1.5)):
+    real = np.asarray(out.exit_layers) > 0
+    assert np.all(np.isnan(np.asarray(out.confidences)[real]))
 
 
 def test_oracle_keeps_full_model_tokens(tiny):

@@ -1,13 +1,10 @@
 """The train entry point on the tiny config, and its one-line errors."""
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import entry_points  # tests/entry_points.py
+
 TINY = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
         '--gin_file=gin/runs/train.gin',
         "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.BATCH_SIZE=8',
@@ -15,11 +12,7 @@ TINY = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
         '--gin.calm_jax.train.progress=False']
 
 
-def _run(module, *args):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=300,
-                        check=False)
+_run = entry_points.run_module
 
 
 def _steps(model_dir):
