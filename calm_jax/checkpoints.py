@@ -3,23 +3,29 @@
 A model dir is self-contained:
   MODEL_DIR/checkpoints/<step>/{params,opt_state}   orbax (atomic commits)
   MODEL_DIR/classifier/<step>/{params,opt_state}    exit classifier, if any
+  MODEL_DIR/<checkpoints|classifier>.manifests/<step>.json
+                             sha256 of every saved array, checked on restore
+  MODEL_DIR/damaged/<subdir>-<step>   a damaged step moved aside by training
   MODEL_DIR/model.json       T5Config and the vocabulary file name
   MODEL_DIR/config.gin       the operative gin config of the training run
   MODEL_DIR/vocab/<name>     the SentencePiece model the tokens refer to
 """
 import dataclasses
-import json
+import hashlib
 import os
 import pathlib
 import shutil
+import sys
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from calm_jax import files
 from calm_jax import network
 from calm_jax import partitioning
+from calm_jax import provenance
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 CLASSIFIER_SUBDIR = 'classifier'  # stage-2 exit classifier checkpoints
@@ -28,6 +34,10 @@ MODEL_JSON = 'model.json'
 
 class CheckpointError(RuntimeError):
   """A model dir that cannot be used (incompatible or unreadable)."""
+
+
+class NonFiniteError(CheckpointError):
+  """Parameters or optimizer state with NaN or infinity: never saved."""
 
 
 def first_line(error: BaseException) -> str:
@@ -57,12 +67,43 @@ def _abstract(tree: Any) -> Any:
       tree)
 
 
+def manifest_path(mgr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(f'{mgr.directory}.manifests', f'{step}.json')
+
+
+def array_digests(tree: Any) -> tuple[dict[str, str], list[str]]:
+  """(sha256 per leaf path, paths of leaves holding NaN or infinity)."""
+  digests, non_finite = {}, []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = provenance.host_array(leaf)
+    key = jax.tree_util.keystr(path)
+    digests[key] = hashlib.sha256(array.tobytes()).hexdigest()
+    if np.issubdtype(array.dtype, np.inexact) and not np.all(
+        np.isfinite(array)):
+      non_finite.append(key)
+  return digests, non_finite
+
+
 def save(mgr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
          *, force: bool = False) -> bool:
-  """Saves (asynchronously; orbax commits atomically). True if it saved."""
-  return mgr.save(step, args=ocp.args.Composite(
+  """Saves (asynchronously; orbax commits atomically) with a manifest of
+  every array's sha256. True if it saved. Non-finite values are never
+  saved: a NonFiniteError names them instead."""
+  trees = {'params': params, 'opt_state': opt_state}
+  manifest = {'step': step}
+  for name, tree in trees.items():
+    digests, non_finite = array_digests(tree)
+    if non_finite:
+      raise NonFiniteError(f'step {step}: {name} {non_finite[0]} holds NaN '
+                           f'or infinity ({len(non_finite)} arrays); not '
+                           'saved')
+    manifest[name] = digests
+  saved = mgr.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       opt_state=ocp.args.StandardSave(opt_state)), force=force)
+  if saved and jax.process_index() == 0:
+    files.atomic_write_json(manifest_path(mgr, step), manifest)
+  return saved
 
 
 def params_only_save_args(params: Any) -> ocp.args.Composite:
@@ -106,7 +147,12 @@ def read_model_config(model_dir: str) -> tuple[network.T5Config, str]:
   path = pathlib.Path(model_dir) / MODEL_JSON
   if not path.exists():
     raise CheckpointError(f'{model_dir} is not a model dir: no {MODEL_JSON}')
-  meta = json.loads(path.read_text())
+  try:
+    meta = files.read_json(str(path), what=MODEL_JSON,
+                           recovery='restore it from a copy, or write it '
+                           'again with the training run that made the dir')
+  except files.FileError as e:
+    raise CheckpointError(str(e)) from e
   return (network.T5Config(**meta['config']),
           str(pathlib.Path(model_dir) / 'vocab' / meta['vocabulary']))
 
@@ -131,10 +177,81 @@ atomic_write_text = files.atomic_write_text
 atomic_write_json = files.atomic_write_json
 
 
+def damage(mgr: ocp.CheckpointManager, step: int,
+           restored: dict[str, Any]) -> Optional[str]:
+  """What is wrong with a restored step: arrays whose sha256 differs from
+  the manifest written at save, or (no manifest: a checkpoint from before
+  manifests) values that are not finite. None if it is intact."""
+  path = manifest_path(mgr, step)
+  manifest = (files.read_json(path, what='checkpoint manifest')
+              if os.path.exists(path) else None)
+  for name, tree in restored.items():
+    digests, non_finite = array_digests(tree)
+    if manifest is None:
+      if non_finite:
+        return f'{name} {non_finite[0]} holds NaN or infinity'
+      continue
+    changed = [k for k, v in digests.items()
+               if manifest.get(name, {}).get(k) != v]
+    if changed:
+      return (f'{name} {changed[0]} differs from its manifest '
+              f'({len(changed)} arrays)')
+  return None
+
+
+def restore_verified(mgr: ocp.CheckpointManager, step: Optional[int] = None,
+                     *, params: Any, opt_state: Any = None,
+                     fallback: bool = True) -> tuple[dict[str, Any], int]:
+  """Restores and verifies `step` (default: the newest intact one).
+
+  A step that fails to read or to verify is reported in one line; with
+  `step` None and `fallback`, the next older step is tried, else it is a
+  CheckpointError. Nothing is deleted. Returns (restored, step).
+  """
+  steps = sorted(mgr.all_steps(), reverse=True) if step is None else [step]
+  if not steps:
+    raise CheckpointError(f'{mgr.directory} holds no checkpoint')
+  problems = []
+  for candidate in steps:
+    try:
+      restored = restore(mgr, candidate, params=params, opt_state=opt_state)
+      problem = damage(mgr, candidate, restored)
+    except Exception as e:  # pylint: disable=broad-except
+      # Damage shows as any error of the reader (or a tree that no longer
+      # matches); every step failing alike reads as another model's dir.
+      problem = f'unreadable: {first_line(e)}'
+    if problem is None:
+      return restored, candidate
+    problems.append(problem)
+    where = f'{mgr.directory}/{candidate}'
+    if step is not None or not fallback:
+      raise CheckpointError(f'checkpoint {where} is damaged: {problem}')
+    print(f'warning: checkpoint {where} is damaged ({problem}); trying the '
+          'step before it', file=sys.stderr)
+  raise CheckpointError(f'no usable checkpoint in {mgr.directory}: step '
+                        f'{steps[-1]}: {problems[-1]}')
+
+
+def move_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
+  """Moves damaged steps out of the manager's directory (to
+  MODEL_DIR/damaged/), so that training can save those steps again."""
+  root = pathlib.Path(str(mgr.directory))
+  moved = []
+  for step in steps:
+    target = root.parent / 'damaged' / f'{root.name}-{step}'
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(root / str(step), target)
+    moved.append(str(target))
+  mgr.reload()
+  return moved
+
+
 def load_params(model_dir: str, config: network.T5Config,
                 step: Optional[int] = None, shardings: Any = None
                 ) -> tuple[Any, int]:
-  """Parameters of `step` (default: the latest) of a model dir, and the step.
+  """Parameters of `step` (default: the newest intact one: a damaged latest
+  step is reported and the one before it used) of a model dir, and the
+  step; the parameters are verified against the step's manifest.
 
   With `shardings` (a tree of NamedShardings, e.g. from
   `partitioning.param_shardings`) they are restored straight into those
@@ -143,17 +260,16 @@ def load_params(model_dir: str, config: network.T5Config,
   """
   from calm_jax import models  # pylint: disable=g-import-not-at-top
   mgr = manager(model_dir)
-  step = mgr.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f'{model_dir} holds no checkpoint')
   target = jax.eval_shape(
       lambda: models.CalmModel(config).init_params(jax.random.PRNGKey(0)))
   target = target['params']
   if shardings is not None:
     target = partitioning.with_shardings(target, shardings)
-  params = restore(mgr, step, params=target)['params']
-  mgr.close()
-  return params, step
+  try:
+    restored, step = restore_verified(mgr, step, params=target)
+  finally:
+    mgr.close()
+  return restored['params'], step
 
 
 def load_classifier(model_dir: str, config: network.T5Config
@@ -163,10 +279,11 @@ def load_classifier(model_dir: str, config: network.T5Config
   if not os.path.isdir(os.path.join(model_dir, CLASSIFIER_SUBDIR)):
     return None
   mgr = manager(model_dir, subdir=CLASSIFIER_SUBDIR)
-  step = mgr.latest_step()
-  if step is None:
+  if mgr.latest_step() is None:
     return None
   target = jax.eval_shape(lambda: confidence.init_classifier(config.emb_dim))
-  params = restore(mgr, step, params=target)['params']
-  mgr.close()
-  return params
+  try:
+    restored, _ = restore_verified(mgr, params=target)
+  finally:
+    mgr.close()
+  return restored['params']

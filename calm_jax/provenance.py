@@ -20,7 +20,8 @@ class ProvenanceError(ValueError):
   """A record or output that does not belong to this model or run."""
 
 
-def _leaf_bytes(x) -> np.ndarray:
+def host_array(x) -> np.ndarray:
+  """A leaf as one contiguous host array (gathered across processes)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
@@ -31,7 +32,7 @@ def digest_tree(tree: Any) -> str:
   """sha256 of a pytree of arrays: every leaf's path, dtype, shape, bytes."""
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    array = _leaf_bytes(leaf)
+    array = host_array(leaf)
     h.update(jax.tree_util.keystr(path).encode())
     h.update(f'{array.dtype.str}{array.shape}'.encode())
     h.update(array.tobytes())

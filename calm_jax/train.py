@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import gin
 import jax
 
+from calm_jax import arguments
 from calm_jax import checkpoints
 from calm_jax import gin_utils
 from calm_jax import models
@@ -45,7 +46,9 @@ def train(*, model_dir: str = gin.REQUIRED,
           loss_weighting: str = 'linear', z_loss: float = 1e-4,
           initial_checkpoint_path: Optional[str] = None,
           progress: bool = True, shuffle: bool = True,
-          mesh_shape: Optional[Sequence[int]] = None) -> trainer.TrainState:
+          mesh_shape: Optional[Sequence[int]] = None,
+          max_bad_steps: int = 0,
+          restore_fallback: bool = True) -> trainer.TrainState:
   """Trains into `model_dir` on a SeqIO task or mixture.
 
   stage 'model' trains the CALM network (model_config required); stage
@@ -55,12 +58,17 @@ def train(*, model_dir: str = gin.REQUIRED,
   The run uses a (data, model) mesh of `mesh_shape` (default: every device
   on 'data'). `batch_size` is the global batch: with several processes each
   reads batch_size / processes rows from its own shard of the data.
+
+  A NaN or infinite step is not applied: the run stops (or skips up to
+  `max_bad_steps`). A damaged latest checkpoint is reported and the newest
+  intact one resumed (`restore_fallback=False`: an error instead).
   """
+  _check_arguments(
+      stage, num_train_steps=num_train_steps, batch_size=batch_size,
+      checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
+      log_every=log_every, max_bad_steps=max_bad_steps)
   from calm_jax import data  # TensorFlow only on the data path.
   from clu import metric_writers
-
-  if stage not in STAGES:
-    raise ValueError(f'unknown stage {stage!r}; valid: {", ".join(STAGES)}')
   mesh = partitioning.make_mesh(mesh_shape)
   local_batch = _local_batch_size(batch_size, mesh)
   if stage == 'model':
@@ -82,9 +90,23 @@ def train(*, model_dir: str = gin.REQUIRED,
       batches_from=batches_from, num_steps=num_train_steps,
       checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
       log_every=log_every, seed=seed, writer=writer, progress=progress,
-      checkpoint_subdir=subdir, mesh=mesh)
+      checkpoint_subdir=subdir, mesh=mesh, max_bad_steps=max_bad_steps,
+      restore_fallback=restore_fallback)
   writer.flush()
   return state
+
+
+def _check_arguments(stage: str, **values) -> None:
+  """The stage, and integers in range, before config.gin or any directory
+  is touched."""
+  if stage not in STAGES:
+    raise arguments.InputError(f'unknown stage {stage!r}; valid: '
+                               f'{", ".join(STAGES)}')
+  lows = {'max_bad_steps': 0}
+  for name, value in values.items():
+    if name == 'keep_checkpoints' and value is None:
+      continue
+    arguments.integer(name, value, lows.get(name, 1))
 
 
 def _local_batch_size(batch_size: int, mesh) -> int:

@@ -12,6 +12,7 @@ continues at the same data position. With several processes, each process
 yields its own rows of every global batch.
 """
 import dataclasses
+import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
 
@@ -138,12 +139,19 @@ def make_train_step(objective: Objective,
     dropout_rng = (jax.random.fold_in(rng, state.step) if objective.dropout
                    else None)
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, dropout_rng)
+    (loss, metrics), grads = grad_fn(state.params, batch, dropout_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
-    return TrainState(step=state.step + 1, params=params,
-                      opt_state=opt_state), metrics
+    # A NaN or infinity anywhere in the gradients makes their norm one too.
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    metrics['finite'] = finite
+    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+    return TrainState(
+        step=state.step + 1,
+        params=jax.tree_util.tree_map(keep_if_bad, params, state.params),
+        opt_state=jax.tree_util.tree_map(keep_if_bad, opt_state,
+                                         state.opt_state)), metrics
 
   jitted = jax.jit(step, donate_argnums=(0,),
                    in_shardings=(place.state, place.batch, place.replicated),
@@ -156,15 +164,21 @@ def make_train_step(objective: Objective,
   return sharded_step
 
 
-def restore_or_init(objective, optimizer, mgr, rng, place: Placement
-                    ) -> TrainState:
-  """The latest checkpoint's state (resharded onto this run's mesh), or a
-  fresh one, created directly in its shards."""
-  step = mgr.latest_step()
+def restore_or_init(objective, optimizer, mgr, rng, place: Placement,
+                    fallback: bool = True) -> TrainState:
+  """The newest intact checkpoint's state (verified against its manifest,
+  resharded onto this run's mesh), or a fresh one, created directly in its
+  shards. Damaged newer steps are reported and moved aside (to
+  MODEL_DIR/damaged/) so that the run can save those steps again."""
   target = place.abstract_state
-  if step is not None:
-    restored = checkpoints.restore(mgr, step, params=target.params,
-                                   opt_state=target.opt_state)
+  if mgr.latest_step() is not None:
+    restored, step = checkpoints.restore_verified(
+        mgr, params=target.params, opt_state=target.opt_state,
+        fallback=fallback)
+    newer = [s for s in mgr.all_steps() if s > step]
+    if newer and jax.process_index() == 0:
+      for path in checkpoints.move_aside(mgr, newer):
+        print(f'moved the damaged step to {path}', file=sys.stderr)
     return TrainState(
         step=partitioning.replicate(np.int32(step), place.mesh),
         params=restored['params'], opt_state=restored['opt_state'])
@@ -216,6 +230,42 @@ class _Progress:
       self.writer.write_scalars(step, scalars)
 
 
+class NonFiniteStepError(RuntimeError):
+  """Training produced a NaN or infinite loss or gradient."""
+
+
+class _FiniteGuard:
+  """Reads the steps' `finite` flags in batches (one device sync per log
+  or save, not per step) and stops the run past `max_bad_steps` bad ones.
+  A bad step's update was never applied (see `make_train_step`)."""
+
+  def __init__(self, max_bad_steps: int, last_good: Callable[[], str]):
+    self.max_bad_steps, self.last_good = max_bad_steps, last_good
+    self.pending: list[tuple[int, jax.Array]] = []
+    self.bad_steps = 0
+
+  def add(self, step: int, finite: jax.Array) -> None:
+    self.pending.append((step, finite))
+
+  def check(self) -> None:
+    flags = jax.device_get([flag for _, flag in self.pending])
+    steps = [step for step, _ in self.pending]
+    self.pending = []
+    for step, finite in zip(steps, flags):
+      if finite:
+        continue
+      self.bad_steps += 1
+      if self.bad_steps > self.max_bad_steps:
+        raise NonFiniteStepError(
+            f'step {step}: the loss or the gradients are NaN or infinite; '
+            f'the update was not applied and the run stops (last good '
+            f'checkpoint: {self.last_good()}); lower the learning rate, or '
+            'skip such batches with --gin.calm_jax.train.max_bad_steps=N')
+      print(f'warning: step {step} is not finite; its update was skipped '
+            f'({self.bad_steps} of at most {self.max_bad_steps})',
+            file=sys.stderr)
+
+
 def train_loop(*, objective: Objective,
                optimizer: optax.GradientTransformation, model_dir: str,
                batches_from: Callable[[int], Iterator[Batch]],
@@ -224,19 +274,23 @@ def train_loop(*, objective: Objective,
                writer: Optional[ScalarWriter] = None,
                progress: bool = True,
                checkpoint_subdir: str = checkpoints.CHECKPOINT_SUBDIR,
-               mesh: Optional[Mesh] = None) -> TrainState:
-  """Trains to `num_steps`, resuming from the latest checkpoint in model_dir.
+               mesh: Optional[Mesh] = None, max_bad_steps: int = 0,
+               restore_fallback: bool = True) -> TrainState:
+  """Trains to `num_steps`, resuming from the newest intact checkpoint.
 
   Runs on `mesh` (default: every device on 'data'). Saves every
-  `checkpoint_period` steps, at the end, and on Ctrl-C, so no finished step
-  is lost; orbax commits each checkpoint atomically.
+  `checkpoint_period` steps, at the end, and on Ctrl-C (orbax commits
+  atomically; a manifest of array hashes is verified on restore). Steps
+  that are not finite are not applied; past `max_bad_steps` of them the run
+  stops (NonFiniteStepError) and saves nothing more.
   """
   mesh = mesh or partitioning.make_mesh()
   place = placement(objective, optimizer, mesh)
   mgr = checkpoints.manager(model_dir, max_to_keep=keep_checkpoints,
                             subdir=checkpoint_subdir)
   rng = partitioning.replicate(jax.random.PRNGKey(seed), mesh)
-  state = restore_or_init(objective, optimizer, mgr, rng, place)
+  state = restore_or_init(objective, optimizer, mgr, rng, place,
+                          restore_fallback)
   start = int(state.step)
   if start >= num_steps:
     mgr.close()
@@ -246,25 +300,52 @@ def train_loop(*, objective: Objective,
                   exit_layers=objective.exit_layers,
                   enabled=progress and jax.process_index() == 0)
   batches = batches_from(start)
+  guard = _FiniteGuard(max_bad_steps, lambda: _last_saved(mgr))
+  stopped = False  # by the guard: nothing more is saved
   try:
     for step in range(start + 1, num_steps + 1):
-      batch = next(batches, None)
-      if batch is None:
-        raise ValueError(f'no training data: the dataset ended after '
-                         f'{step - 1 - start} batches (at step {step})')
       state, metrics = train_step(
-          state, partitioning.global_batch(batch, mesh), rng)
-      bar.step(step, metrics, step % log_every == 0 or step == num_steps)
+          state, partitioning.global_batch(_next_batch(batches, step, start),
+                                           mesh), rng)
+      guard.add(step, metrics['finite'])
+      log = step % log_every == 0 or step == num_steps
+      if log or step % checkpoint_period == 0:
+        guard.check()
+      bar.step(step, metrics, log)
       if step % checkpoint_period == 0:
         checkpoints.save(mgr, step, state.params, state.opt_state)
+    guard.check()
   except KeyboardInterrupt:
     print(f'\ninterrupted: saving step {int(state.step)}')
     raise
+  except NonFiniteStepError:
+    stopped = True
+    raise
   finally:
     bar.bar.close()
-    if int(state.step) > start and mgr.latest_step() != int(state.step):
-      checkpoints.save(mgr, int(state.step), state.params, state.opt_state,
-                       force=True)
-    mgr.wait_until_finished()
-    mgr.close()
+    _close(mgr, None if stopped or int(state.step) <= start else state)
   return state
+
+
+def _next_batch(batches: Iterator[Batch], step: int, start: int) -> Batch:
+  batch = next(batches, None)
+  if batch is None:
+    raise ValueError(f'no training data: the dataset ended after '
+                     f'{step - 1 - start} batches (at step {step})')
+  return batch
+
+
+def _close(mgr, unsaved: Optional[TrainState]) -> None:
+  """Saves `unsaved` unless its step is saved already; waits; closes."""
+  if unsaved is not None and mgr.latest_step() != int(unsaved.step):
+    checkpoints.save(mgr, int(unsaved.step), unsaved.params,
+                     unsaved.opt_state, force=True)
+  mgr.wait_until_finished()
+  mgr.close()
+
+
+def _last_saved(mgr) -> str:
+  mgr.wait_until_finished()
+  step = mgr.latest_step()
+  return 'none saved yet' if step is None else f'{mgr.directory}/{step}'
+
