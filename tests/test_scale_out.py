@@ -246,19 +246,20 @@ def test_two_processes_calibrate_like_one(tmp_path):
            '--gin.calm_jax.calibrate.batch_size=8',
            '--gin.calm_jax.calibrate.grid_step=0.25', '--gin.EPSILON=0.2',
            '--gin.MESH_SHAPE=(4, 2)']
-  name = 'synth_translate_softmax_textual_delta0.25_eps0.2.json'
+  name = 'synth_translate_softmax_textual_delta0.25_eps0.2_*.json'
   records = []
   for processes, directory in ((1, model_dir), (2, tmp_path / 'copy'),
                                (2, tmp_path / 'copy')):
     run_job('calm_jax.calibrate',
             [*flags, f"--gin.CHECKPOINT_PATH='{directory}'"], processes)
-    records.append(json.loads(
-        (directory / 'calibration' / name).read_text()))
+    [path] = (directory / 'calibration').glob(name)
+    records.append(json.loads(path.read_text()))
   cache = sorted(p.name for p in (tmp_path / 'copy' / 'calibration' /
                                   'cache').iterdir())
   assert cache == sorted(p.name for p in (model_dir / 'calibration' /
                                           'cache').iterdir())
   for record in records[1:]:
+    assert record['fingerprint'] == records[0]['fingerprint']
     assert record['threshold'] == records[0]['threshold']
     assert record['table'] == records[0]['table']
   assert len(records[0]['table']) > 1  # the fixed-sequence test went on
