@@ -153,8 +153,25 @@ def read_model_config(model_dir: str) -> tuple[network.T5Config, str]:
                            'again with the training run that made the dir')
   except files.FileError as e:
     raise CheckpointError(str(e)) from e
-  return (network.T5Config(**meta['config']),
-          str(pathlib.Path(model_dir) / 'vocab' / meta['vocabulary']))
+  return _config_from(path, meta), str(
+      pathlib.Path(model_dir) / 'vocab' / meta['vocabulary'])
+
+
+def _config_from(path: pathlib.Path, meta: Any) -> network.T5Config:
+  """The T5Config in model.json; a missing or unknown field is named."""
+  fields = {f.name for f in dataclasses.fields(network.T5Config)}
+  stored = meta.get('config') if isinstance(meta, dict) else None
+  if not isinstance(stored, dict) or 'vocabulary' not in meta:
+    raise CheckpointError(f'{path} lacks "config" or "vocabulary": write it '
+                          'again with the training run that made the dir')
+  unknown = sorted(set(stored) - fields)
+  if unknown:
+    raise CheckpointError(f'{path} has unknown config fields {unknown}; '
+                          f'valid: {", ".join(sorted(fields))}')
+  try:
+    return network.T5Config(**stored)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f'{path}: {first_line(e)}') from e
 
 
 def check_compatible(model_dir: str, config: network.T5Config) -> None:

@@ -166,6 +166,21 @@ def test_corrupt_json_names_the_file_and_the_fix(tmp_path):
     files.read_json(str(tmp_path / 'record.json'), what='calibration record')
 
 
+@pytest.mark.parametrize('meta, message', [
+    ({'config': {'vocab_size': 64, 'colour': 'red'}, 'vocabulary': 'v'},
+     r"unknown config fields \['colour'\]"),
+    ({'config': {'vocab_size': 64}}, 'lacks "config" or "vocabulary"'),
+    ({'config': {'vocab_size': 64, 'first_exit': 0}, 'vocabulary': 'v'},
+     'first_exit=0 must be in'),
+])
+def test_a_model_json_with_bad_fields_is_one_named_error(tmp_path, meta,
+                                                        message):
+  (tmp_path / 'model.json').write_text(json.dumps(meta))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=f'{tmp_path}/model.json.*{message}'):
+    checkpoints.read_model_config(str(tmp_path))
+
+
 TINY = network.T5Config(vocab_size=1024, emb_dim=32, num_heads=2, head_dim=16,
                         mlp_dim=64, num_encoder_layers=2,
                         num_decoder_layers=4)
