@@ -291,7 +291,7 @@ class CalmLM:
         num_layers=self.config.num_decoder_layers, threshold=threshold,
         batch_size=batch_size, min_exit=min_exit, tau=tau,
         temperature=temperature, top_k=top_k, top_p=top_p,
-        max_length=1 if max_length is None else max_length)
+        max_length=max_length)
     arguments.integer('max_input_length', max_input_length, 2)
     choice = self.resolve_threshold(threshold, confidence, tau, task=task)
     cfg = self.exit_config(

@@ -66,7 +66,7 @@ def texts(value: Any) -> list[str]:
 def decoding(*, num_layers: int, threshold: Any = None, batch_size: Any = 1,
              min_exit: Any = 1, tau: Any = None, temperature: Any = 0.0,
              top_k: Any = 0, top_p: Any = 1.0,
-             max_length: Any = 1) -> None:
+             max_length: Any = None) -> None:
   """Checks the settings every decode takes (thresholds above 1 are valid:
   they disable exits)."""
   optional(real, 'threshold', threshold, 0.0)
@@ -76,7 +76,7 @@ def decoding(*, num_layers: int, threshold: Any = None, batch_size: Any = 1,
   real('temperature', temperature, 0.0)
   integer('top_k', top_k, 0)
   real('top_p', top_p, 0.0, 1.0, open_low=True)
-  integer('max_length', max_length, 1)
+  optional(integer, 'max_length', max_length, 1)
 
 
 def calibration(*, deltas: Sequence[Any], epsilon: Any, grid_step: Any,

@@ -51,6 +51,7 @@ class DecodeCache:
     # lm.mesh: decodes run over it; with several processes all of them
     # decode, and the primary one reads and writes the files.
     self.lm, self.measure, self.split = lm, measure, split
+    self.min_exit = min_exit
     self.num_examples, self.batch_size = num_examples, batch_size
     self.exit_config = lm.exit_config(measure, min_exit=min_exit, tau=tau,
                                       propagation=propagation)
@@ -228,7 +229,7 @@ def _certify(cache: DecodeCache, task_names, task: str, consistency: str,
       'certified': result.threshold is not None, 'message': result.message,
       'delta': delta, 'epsilon': epsilon, 'consistency': consistency,
       'confidence': cache.measure, 'tau': cache.tau,
-      'min_exit': min(cache.exit_config.exit_layers, default=None),
+      'min_exit': cache.min_exit,
       'n': result.n, 'split': cache.split, 'task': task,
       'checkpoint_step': cache.lm.step, 'dtype': cache.lm.config.dtype,
       'fingerprint': fingerprint,

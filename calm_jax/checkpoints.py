@@ -74,9 +74,7 @@ def manifest_path(mgr: ocp.CheckpointManager, step: int) -> str:
 def array_digests(tree: Any) -> tuple[dict[str, str], list[str]]:
   """(sha256 per leaf path, paths of leaves holding NaN or infinity)."""
   digests, non_finite = {}, []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    array = provenance.host_array(leaf)
-    key = jax.tree_util.keystr(path)
+  for key, array in provenance.host_leaves(tree):
     digests[key] = hashlib.sha256(array.tobytes()).hexdigest()
     if np.issubdtype(array.dtype, np.inexact) and not np.all(
         np.isfinite(array)):

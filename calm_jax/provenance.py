@@ -10,7 +10,7 @@ the list of what changed. No JAX below the array digest, no TensorFlow.
 """
 import hashlib
 import json
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
@@ -28,12 +28,17 @@ def host_array(x) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(jax.device_get(x)))
 
 
+def host_leaves(tree: Any) -> Iterator[tuple[str, np.ndarray]]:
+  """(path, host array) of every leaf of a pytree, in tree order."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    yield jax.tree_util.keystr(path), host_array(leaf)
+
+
 def digest_tree(tree: Any) -> str:
   """sha256 of a pytree of arrays: every leaf's path, dtype, shape, bytes."""
   h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    array = host_array(leaf)
-    h.update(jax.tree_util.keystr(path).encode())
+  for key, array in host_leaves(tree):
+    h.update(key.encode())
     h.update(f'{array.dtype.str}{array.shape}'.encode())
     h.update(array.tobytes())
   return h.hexdigest()
