@@ -57,7 +57,7 @@ reproduce: $(STAMP)
 	$(PY) -m calm_jax.report --model_dir runs/demo/model --output docs/REPRODUCTION.md
 
 vocab: $(STAMP)
-	$(PY) -m tasks.build_vocab
+	$(PY) -m calm_jax.tasks.build_vocab
 
 clean:
 	rm -rf runs/demo

@@ -38,9 +38,13 @@ setuptools.setup(
     name='calm_jax',
     version='0.1.0',
     description='Confident Adaptive Language Modeling (early-exit T5) in JAX',
-    packages=setuptools.find_packages(include=['calm_jax', 'calm_jax.*',
-                                               'tasks', 'tasks.*']),
-    package_data={'tasks': ['vocab/*.model', 'vocab/*.vocab']},
+    # The top-level tasks/ and gin/ folders install inside the package, as
+    # calm_jax.tasks and calm_jax/gin (no generic top-level name).
+    packages=[*setuptools.find_packages(include=['calm_jax', 'calm_jax.*']),
+              'calm_jax.tasks', 'calm_jax.gin'],
+    package_dir={'calm_jax.tasks': 'tasks', 'calm_jax.gin': 'gin'},
+    package_data={'calm_jax.tasks': ['vocab/*.model', 'vocab/*.vocab'],
+                  'calm_jax.gin': ['*/*.gin']},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require={'test': ['pytest==9.2.0'], 'hf': HF_REQUIRES},

@@ -1,7 +1,7 @@
 """calm_jax: Confident Adaptive Language Modeling (early-exit T5) in JAX.
 
 `calm_jax.load(model_dir)` returns a model for notebooks and services (see
-`calm_jax.api`). Submodules import lazily so that `import calm_jax.network`
+`calm_jax.api`). Submodules import lazily so that `import calm_jax.model.network`
 stays free of TensorFlow and gin.
 """
 

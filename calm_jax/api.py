@@ -21,12 +21,12 @@ import sentencepiece as spm
 from jax.sharding import Mesh
 
 from calm_jax import arguments
-from calm_jax import checkpoints
-from calm_jax import decoding
-from calm_jax import files
-from calm_jax import models
-from calm_jax import partitioning
-from calm_jax import provenance
+from calm_jax.storage import checkpoints
+from calm_jax.decoding import loops
+from calm_jax.storage import files
+from calm_jax.model import models
+from calm_jax.parallel import partitioning
+from calm_jax.storage import provenance
 
 EOS_ID = 1
 FULL_DEPTH = 1.5  # any threshold above 1 disables exits
@@ -207,7 +207,7 @@ class CalmLM:
 
   @staticmethod
   def check_settings(choice: ThresholdChoice,
-                     exit_config: decoding.ExitConfig) -> None:
+                     exit_config: loops.ExitConfig) -> None:
     """Refuses to decode a record's threshold with other decode settings
     (measure, exit layers, tau, propagation, sampling) than it was
     certified with: its guarantee would not apply."""
@@ -231,19 +231,19 @@ class CalmLM:
           'gin/runs/train_classifier.gin')
     return self.classifier
 
-  def exit_config(self, confidence: str, **options) -> decoding.ExitConfig:
+  def exit_config(self, confidence: str, **options) -> loops.ExitConfig:
     """This model's exit layers with a measure and `ExitConfig.create`'s
     options (min_exit, tau, propagation, sampling). A min_exit above the
     top layer is an InputError (it would silently decode at full depth)."""
     arguments.integer('min_exit', options.get('min_exit', 1), 1,
                       self.config.num_decoder_layers)
-    return decoding.ExitConfig.create(
+    return loops.ExitConfig.create(
         self.config.num_decoder_layers, confidence=confidence,
         first_exit=self.config.first_exit,
         exit_interval=self.config.exit_interval, **options)
 
   @functools.lru_cache(maxsize=16)
-  def _decoder(self, exit_config: decoding.ExitConfig, max_length: int):
+  def _decoder(self, exit_config: loops.ExitConfig, max_length: int):
     return jax.jit(lambda p, c, enc, t, rng: self.model.decode_early_exit(
         p, enc, max_length, exit_config=exit_config, threshold=t,
         classifier=c, rng=rng))
@@ -296,7 +296,7 @@ class CalmLM:
     choice = self.resolve_threshold(threshold, confidence, tau, task=task)
     cfg = self.exit_config(
         confidence, min_exit=min_exit, tau=choice.tau, propagation=propagation,
-        sampling=decoding.Sampling(float(temperature), top_k, float(top_p)))
+        sampling=loops.Sampling(float(temperature), top_k, float(top_p)))
     self.check_settings(choice, cfg)
     max_length = max_length or _certified_target_length(choice) or 32
     decode = self._decoder(cfg.for_threshold(choice.value), max_length)
@@ -314,7 +314,7 @@ class CalmLM:
       results += [self._result(out, row, choice) for row in range(len(chunk))]
     return results
 
-  def _result(self, out: decoding.DecodeOutput, row: int,
+  def _result(self, out: loops.DecodeOutput, row: int,
               choice: ThresholdChoice) -> Generation:
     tokens = [int(t) for t in out.tokens[row]]
     length = tokens.index(EOS_ID) + 1 if EOS_ID in tokens else len(tokens)

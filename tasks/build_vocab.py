@@ -3,7 +3,7 @@
 Run once by the project (`make vocab`); the result is shipped in
 tasks/vocab/. T5's id layout: pad 0, EOS 1, unk 2, no BOS.
 
-  python -m tasks.build_vocab [--examples_per_task 20000] [--vocab_size 1024]
+  python -m calm_jax.tasks.build_vocab [--examples_per_task 20000] [--vocab_size 1024]
 """
 import argparse
 import io
@@ -11,7 +11,7 @@ import pathlib
 
 import sentencepiece as spm
 
-from tasks import synthetic
+from calm_jax.tasks import synthetic
 
 VOCAB_DIR = pathlib.Path(__file__).parent / 'vocab'
 MODEL_PREFIX = 'calm_synth'

@@ -26,8 +26,8 @@ from typing import Callable, Optional
 import seqio
 import tensorflow as tf
 
-from calm_jax import metrics
-from tasks import data_settings
+from calm_jax.evaluation import metrics
+from calm_jax.tasks import data_settings
 
 T5_EXTRA_IDS = 100
 

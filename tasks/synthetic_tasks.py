@@ -10,8 +10,8 @@ import pathlib
 import seqio
 import tensorflow as tf
 
-from calm_jax import metrics
-from tasks import synthetic
+from calm_jax.evaluation import metrics
+from calm_jax.tasks import synthetic
 
 VOCAB_PATH = pathlib.Path(__file__).parent / 'vocab' / 'calm_synth.model'
 VOCABULARY = seqio.SentencePieceVocabulary(str(VOCAB_PATH))

@@ -11,14 +11,14 @@ import tempfile
 import jax
 import numpy as np
 
-from calm_jax import checkpoints
-from calm_jax import decoding
-from calm_jax import evaluation
-from calm_jax import models
-from calm_jax import network
-from calm_jax import optim
-from calm_jax import partitioning
-from calm_jax import trainer
+from calm_jax.storage import checkpoints
+from calm_jax.decoding import loops
+from calm_jax.evaluation import engine
+from calm_jax.model import models
+from calm_jax.model import network
+from calm_jax.training import optim
+from calm_jax.parallel import partitioning
+from calm_jax.training import trainer
 
 MESHES = ((8, 1), (4, 2), (2, 4))
 STEPS = 3
@@ -148,12 +148,12 @@ def decode_checks(params):
   """Early exit on (4, 2) against one device, at a threshold that makes
   the exits differ between tokens."""
   model = models.CalmModel(CONFIG)
-  exit_config = decoding.ExitConfig.create(4, confidence='softmax')
+  exit_config = loops.ExitConfig.create(4, confidence='softmax')
   tokens = np.random.default_rng(1).integers(2, CONFIG.vocab_size, (16, 12))
   tokens[3, 6:] = 0  # a padded row
   tokens = tokens.astype(np.int32)
   params = jax.device_get(params)
-  single = evaluation.early_exit_fn(model, exit_config, 10)
+  single = engine.early_exit_fn(model, exit_config, 10)
   # Every token exits at layer 1 at threshold 0; the median of those
   # confidences as the threshold spreads the exits over the layers.
   eager = jax.device_get(single(params, None, tokens, np.float32(0.0),
@@ -164,7 +164,7 @@ def decode_checks(params):
                                     np.float32(threshold),
                                     jax.random.PRNGKey(0)))
   mesh = partitioning.make_mesh((4, 2))
-  sharded = evaluation.early_exit_fn(model, exit_config, 10, mesh)
+  sharded = engine.early_exit_fn(model, exit_config, 10, mesh)
   placed = jax.device_put(params, partitioning.param_shardings(
       model.param_axes(), mesh))
   out = sharded(placed, None, partitioning.global_batch(tokens, mesh),

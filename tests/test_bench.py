@@ -3,9 +3,9 @@ import jax
 import numpy as np
 import pytest
 
-from calm_jax import bench
-from calm_jax import models
-from calm_jax import network
+from calm_jax.jobs import bench
+from calm_jax.model import models
+from calm_jax.model import network
 
 
 def _tiny_bench():

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import confidence
-from calm_jax import decoding
-from calm_jax import models
-from calm_jax import network
-from calm_jax import thresholds
+from calm_jax.decoding import confidence
+from calm_jax.decoding import loops
+from calm_jax.model import models
+from calm_jax.model import network
+from calm_jax.decoding import thresholds
 
 F32 = network.T5Config(vocab_size=40, emb_dim=32, num_heads=2, head_dim=8,
                        mlp_dim=48, num_encoder_layers=2, num_decoder_layers=4)
@@ -78,7 +78,7 @@ def test_activations_are_bf16_and_logits_float32(params):
     ('classifier', 'hidden'), ('softmax', 'kv_copy'), ('softmax', 'none')])
 def test_every_measure_and_propagation_decodes_in_bf16(params, measure,
                                                        propagation):
-  cfg = decoding.ExitConfig.create(4, confidence=measure,
+  cfg = loops.ExitConfig.create(4, confidence=measure,
                                    propagation=propagation)
   classifier = _classifier() if measure == 'classifier' else None
   out = _early(BF16, cfg)(params, classifier, _inputs(5), 0.5)
@@ -99,7 +99,7 @@ def test_bf16_disabled_exits_equal_static_decode(params, measure):
   # --xla_allow_excess_precision=false): XLA's default may keep a fused
   # intermediate in float32 in one program and not the other.
   batch = 4
-  cfg = decoding.ExitConfig(confidence=measure,
+  cfg = loops.ExitConfig(confidence=measure,
                             exit_layers=thresholds.allowed_exit_layers(4))
   early = _early(BF16, cfg)(params, None, _inputs(batch), 1.5)
   model = models.CalmModel(BF16)
@@ -144,7 +144,7 @@ def test_bf16_training_loss_and_gradients_are_float32_and_close(params):
 
 @pytest.mark.slow
 def test_bf16_agrees_with_f32_on_the_demo_model():
-  from calm_jax import bench  # pylint: disable=g-import-not-at-top
+  from calm_jax.jobs import bench  # pylint: disable=g-import-not-at-top
   if not os.path.exists(os.path.join(bench.DEMO_DIR, 'model.json')):
     pytest.skip('no demo model: run make demo first')
   for task, result in bench.dtype_agreement(examples=48).items():

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import confidence
+from calm_jax.decoding import confidence
 
 
 def test_softmax_response_and_max():
@@ -47,7 +47,8 @@ def test_top2_compiles_without_a_vocabulary_sort():
 
 
 def test_flops_accounting_by_hand():
-  from calm_jax import flops, network
+  from calm_jax.analysis import flops
+  from calm_jax.model import network
   cfg = network.T5Config(vocab_size=10, emb_dim=4, num_heads=1, head_dim=2,
                          mlp_dim=3, num_encoder_layers=1, num_decoder_layers=2)
   c = flops.layer_costs(cfg, input_length=5, cache_length=6)

@@ -13,10 +13,10 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top,g-multiple-import
 
-from calm_jax import checkpoints
-from calm_jax import convert
-from calm_jax import models
-from calm_jax import network
+from calm_jax.storage import checkpoints
+from calm_jax.jobs import convert
+from calm_jax.model import models
+from calm_jax.model import network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = os.path.join(REPO, 'tasks', 'vocab', 'calm_synth.model')
@@ -181,13 +181,13 @@ def test_cli_error_is_one_line_and_writes_nothing(untied, tmp_path, capsys):
 
 def test_finetune_from_hf_gin_trains_the_imported_model(untied, tmp_path):
   import gin  # pylint: disable=g-import-not-at-top
-  from calm_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  from calm_jax import train  # pylint: disable=g-import-not-at-top
+  from calm_jax import cli  # pylint: disable=g-import-not-at-top
+  from calm_jax.jobs import train  # pylint: disable=g-import-not-at-top
   _, imported, _, model, params = untied
   tuned_dir = str(tmp_path / 'tuned')
   gin.clear_config()
   try:
-    gin_utils.parse(['--gin_file=gin/runs/finetune_from_hf.gin',
+    cli.parse(['--gin_file=gin/runs/finetune_from_hf.gin',
                      f"--gin.INITIAL_CHECKPOINT_PATH='{imported}'",
                      f"--gin.MODEL_DIR='{tuned_dir}'",
                      "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",

@@ -78,7 +78,7 @@ def test_decode_rejects_unknown_measure(model_dir):
 
 def test_python_api_generate(model_dir):
   import calm_jax  # pylint: disable=g-import-not-at-top
-  from tasks import synthetic  # pylint: disable=g-import-not-at-top
+  from calm_jax.tasks import synthetic  # pylint: disable=g-import-not-at-top
   lm = calm_jax.load(str(model_dir))
   texts = [synthetic.generate('qa', 'test', i)['inputs'] for i in range(3)]
   full = lm.generate(texts, batch_size=2, max_length=4)
@@ -183,7 +183,7 @@ def test_bf16_training_writes_a_bf16_model_dir(tmp_path):
                 "--gin.calm_jax.T5Config.dtype='bfloat16'",
                 '--gin.calm_jax.train.progress=False')
   assert result.returncode == 0, result.stderr[-2000:]
-  from calm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from calm_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
   config, _ = checkpoints.read_model_config(str(path))
   assert config.dtype == 'bfloat16'
   params, step = checkpoints.load_params(str(path), config)
@@ -196,9 +196,9 @@ def test_bf16_training_writes_a_bf16_model_dir(tmp_path):
 def test_bf16_calibrate_decode_and_generate(model_dir, tmp_path):
   # The float32-trained model run with bfloat16 activations, in process.
   import calm_jax  # pylint: disable=g-import-not-at-top
-  from calm_jax import calibrate  # pylint: disable=g-import-not-at-top
-  from calm_jax import decode  # pylint: disable=g-import-not-at-top
-  from tasks import synthetic  # pylint: disable=g-import-not-at-top
+  from calm_jax.jobs import calibrate  # pylint: disable=g-import-not-at-top
+  from calm_jax.jobs import decode  # pylint: disable=g-import-not-at-top
+  from calm_jax.tasks import synthetic  # pylint: disable=g-import-not-at-top
   record = calibrate.calibrate(
       checkpoint_path=str(model_dir), mixture_or_task_name='synth_qa',
       delta=0.3, epsilon=0.2, confidence='softmax', num_examples=8,

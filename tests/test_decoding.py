@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import decoding
-from calm_jax import models
-from calm_jax import network
-from calm_jax import thresholds
+from calm_jax.decoding import loops
+from calm_jax.model import models
+from calm_jax.model import network
+from calm_jax.decoding import thresholds
 
 VOCAB = 6
 EOS = 1
@@ -53,8 +53,8 @@ def _softmax_response(logit_gap):
 
 
 def _fake_decode(threshold, **cfg):
-  cfg = decoding.ExitConfig(exit_layers=(1, 2, 3), **cfg)
-  return jax.jit(lambda t: decoding.early_exit_decode(
+  cfg = loops.ExitConfig(exit_layers=(1, 2, 3), **cfg)
+  return jax.jit(lambda t: loops.early_exit_decode(
       FakeFns(), cfg, threshold=t, batch_size=2, max_length=6,
       cache_shape=(1, 2 * VOCAB), eos_id=EOS))(threshold)
 
@@ -130,7 +130,7 @@ def _static(model, params, enc, **kwargs):
 def test_disabled_exits_equal_static_decode(tiny, batch, measure):
   model, params = tiny
   enc = _inputs(batch)
-  cfg = decoding.ExitConfig(confidence=measure,
+  cfg = loops.ExitConfig(confidence=measure,
                             exit_layers=thresholds.allowed_exit_layers(4))
   early = _early_fn(model, cfg)(params, enc, 1.5)
   static = _static(model, params, enc)
@@ -148,7 +148,7 @@ def test_threshold_zero_exits_at_first_allowed_layer(tiny, measure, first,
   layers = thresholds.allowed_exit_layers(
       4, first_exit=first, exit_interval=interval,
       min_exit=max(min_exit, 2 if measure == 'state' else 1))
-  cfg = decoding.ExitConfig(confidence=measure, exit_layers=layers)
+  cfg = loops.ExitConfig(confidence=measure, exit_layers=layers)
   out = _early_fn(model, cfg)(params, _inputs(3), 0.0)
   real = np.asarray(out.tokens) > 0
   real[:, 0] = True  # the first token is always produced
@@ -157,8 +157,8 @@ def test_threshold_zero_exits_at_first_allowed_layer(tiny, measure, first,
   assert np.all(layers_used[~real] == 0)
 
 
-def _every_layer(measure: str) -> decoding.ExitConfig:
-  return decoding.ExitConfig(confidence=measure,
+def _every_layer(measure: str) -> loops.ExitConfig:
+  return loops.ExitConfig(confidence=measure,
                              exit_layers=thresholds.allowed_exit_layers(4))
 
 
@@ -208,7 +208,7 @@ def test_oracle_keeps_full_model_tokens(tiny):
 def _climb_after_exit(fns, hidden, propagation):
   """A batch of one row that exited at layer 1 with state `hidden`."""
   k1, v1 = fns.layer_kv(0, hidden)
-  return decoding.Climb(
+  return loops.Climb(
       hidden=hidden, active=jnp.array([False]),
       exit_layer=jnp.array([1]), confidence=jnp.array([0.9]),
       token=jnp.array([-1]), exit_kv=(k1, v1), evals=jnp.zeros((), jnp.int32))
@@ -220,10 +220,10 @@ def test_skipped_layer_cache_gets_propagated_kv(tiny, propagation):
   fns = model.step_fns(params, _inputs(1), MAX_LENGTH)
   hidden = jax.random.normal(jax.random.PRNGKey(7), (1, 1, TINY.emb_dim))
   climb = _climb_after_exit(fns, hidden, propagation)
-  cache = decoding.KVCache.zeros(4, (1, MAX_LENGTH, 2, 8), jnp.float32)
-  cfg = decoding.ExitConfig(exit_layers=(1, 2, 3), propagation=propagation)
+  cache = loops.KVCache.zeros(4, (1, MAX_LENGTH, 2, 8), jnp.float32)
+  cfg = loops.ExitConfig(exit_layers=(1, 2, 3), propagation=propagation)
   position = jnp.asarray(2)
-  after, cache = decoding._climb_layer(fns, cfg, 2, climb, cache, position,
+  after, cache = loops._climb_layer(fns, cfg, 2, climb, cache, position,
                                        jnp.asarray(0.5), None)
   k, v = cache.keys[2][:, 2:3], cache.values[2][:, 2:3]
   want = {'hidden': fns.layer_kv(2, hidden), 'kv_copy': climb.exit_kv,
@@ -257,36 +257,36 @@ def test_allowed_exit_layers():
 
 
 def test_bucket_sizes():
-  cfg = decoding.ExitConfig()
+  cfg = loops.ExitConfig()
   assert cfg.buckets(16) == (1, 2, 4, 8, 16)
   assert cfg.buckets(6) == (1, 2, 3, 6)
   assert cfg.buckets(1) == (1,)
-  assert decoding.ExitConfig(bucket_sizes=(4, 32)).buckets(16) == (4, 16)
+  assert loops.ExitConfig(bucket_sizes=(4, 32)).buckets(16) == (4, 16)
 
 
 def test_sampling_modes():
   logits = jnp.log(jnp.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
   rng = jax.random.PRNGKey(0)
-  greedy = decoding.select_tokens(logits, rng, decoding.Sampling())
+  greedy = loops.select_tokens(logits, rng, loops.Sampling())
   np.testing.assert_array_equal(greedy, [1, 0])
-  top1 = decoding.select_tokens(logits, rng, decoding.Sampling(1.0, top_k=1))
+  top1 = loops.select_tokens(logits, rng, loops.Sampling(1.0, top_k=1))
   np.testing.assert_array_equal(top1, [1, 0])
-  nucleus = decoding.select_tokens(logits, rng,
-                                   decoding.Sampling(1.0, top_p=0.5))
+  nucleus = loops.select_tokens(logits, rng,
+                                   loops.Sampling(1.0, top_p=0.5))
   np.testing.assert_array_equal(nucleus, [1, 0])
-  draws = jax.vmap(lambda k: decoding.select_tokens(
-      logits, k, decoding.Sampling(1.0)))(jax.random.split(rng, 2000))
+  draws = jax.vmap(lambda k: loops.select_tokens(
+      logits, k, loops.Sampling(1.0)))(jax.random.split(rng, 2000))
   np.testing.assert_allclose((np.asarray(draws)[:, 0] == 1).mean(), 0.6,
                              atol=0.04)
 
 
 def test_disabled_threshold_drops_the_confidence_checks():
-  cfg = decoding.ExitConfig(confidence='softmax', exit_layers=(1, 2, 3))
+  cfg = loops.ExitConfig(confidence='softmax', exit_layers=(1, 2, 3))
   assert cfg.for_threshold(1.5).exit_layers == ()
   assert cfg.for_threshold(0.9) is cfg
   out = _fake_decode(1.01)  # checks or not, the same tokens and layers
-  cfg_none = decoding.ExitConfig(exit_layers=())
-  none = jax.jit(lambda t: decoding.early_exit_decode(
+  cfg_none = loops.ExitConfig(exit_layers=())
+  none = jax.jit(lambda t: loops.early_exit_decode(
       FakeFns(), cfg_none, threshold=t, batch_size=2, max_length=6,
       cache_shape=(1, 2 * VOCAB), eos_id=EOS))(1.01)
   np.testing.assert_array_equal(out.tokens, none.tokens)

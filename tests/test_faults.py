@@ -10,11 +10,11 @@ import pytest
 
 import entry_points  # tests/entry_points.py
 from calm_jax import arguments
-from calm_jax import checkpoints
-from calm_jax import files
-from calm_jax import network
-from calm_jax import train
-from calm_jax import trainer
+from calm_jax.storage import checkpoints
+from calm_jax.storage import files
+from calm_jax.model import network
+from calm_jax.jobs import train
+from calm_jax.training import trainer
 
 
 SIZE = 4096

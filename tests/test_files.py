@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from calm_jax import files
+from calm_jax.storage import files
 
 
 def _writer(path: str, tag: int, rounds: int) -> int:

@@ -5,10 +5,10 @@ import os
 import gin
 import pytest
 
-from calm_jax import demo  # pylint: disable=unused-import (demo.gin binds it)
-from calm_jax import gin_utils
-from calm_jax import network
-from calm_jax import train
+from calm_jax.jobs import demo  # pylint: disable=unused-import (demo.gin binds it)
+from calm_jax import cli
+from calm_jax.model import network
+from calm_jax.jobs import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = sorted(os.path.relpath(p, REPO) for p in
@@ -52,7 +52,7 @@ def test_the_expected_files_exist():
 
 @pytest.mark.parametrize('path', GIN_FILES)
 def test_gin_file_parses_and_binds(path):
-  gin_utils.parse(_flags(path) + REQUIRED)
+  cli.parse(_flags(path) + REQUIRED)
   # Every binding names a registered configurable (gin checks on parse);
   # the configured model and optimizer must also construct.
   try:
@@ -75,7 +75,7 @@ def test_gin_file_parses_and_binds(path):
     ('cnn_dailymail', 'cnn_dailymail_v3'), ('wmt15_enfr', 'wmt15_enfr'),
     ('squad', 'squad_v010_allanswers')])
 def test_paper_experiments_hold_the_whole_recipe(name, task):
-  gin_utils.parse([f'--gin_file=gin/experiments/{name}.gin',
+  cli.parse([f'--gin_file=gin/experiments/{name}.gin',
                    "--gin.MODEL_DIR='runs/x'"])
   assert train.T5Config() == network.T5Config(
       vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
@@ -94,6 +94,6 @@ def test_paper_experiments_hold_the_whole_recipe(name, task):
 
 
 def test_paper_task_names_are_registered():
-  from calm_jax import data  # pylint: disable=g-import-not-at-top
+  from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   for task in ('cnn_dailymail_v3', 'wmt15_enfr', 'squad_v010_allanswers'):
-    assert data.task_rates(task) == {task: 1.0}
+    assert pipeline.task_rates(task) == {task: 1.0}

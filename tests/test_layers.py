@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import layers
+from calm_jax.model import layers
 
 
 def _init_apply(module, *args, **kwargs):

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calm_jax import models
-from calm_jax import network
+from calm_jax.model import models
+from calm_jax.model import network
 
 
 def test_linear_weights_sum_to_one_and_grow_with_depth():
@@ -88,7 +88,7 @@ def test_classifier_loss_leaves_the_backbone_without_gradient():
   batch = {'encoder_input_tokens': jnp.array([[4, 5, 1]]),
            'decoder_input_tokens': jnp.array([[0, 6, 7]]),
            'decoder_loss_weights': jnp.array([[1, 1, 1]])}
-  from calm_jax import confidence
+  from calm_jax.decoding import confidence
   classifier = confidence.init_classifier(8)
   grads = jax.grad(lambda c, p: model.classifier_loss(c, p, batch)[0],
                    argnums=(0, 1))(classifier, params)

@@ -11,11 +11,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from calm_jax import api
-from calm_jax import calibrate
-from calm_jax import checkpoints
-from calm_jax import decode
-from calm_jax import gin_utils
-from calm_jax import train
+from calm_jax.jobs import calibrate
+from calm_jax.storage import checkpoints
+from calm_jax.jobs import decode
+from calm_jax import cli
+from calm_jax.jobs import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = 'cnn_dailymail_v3'
@@ -33,8 +33,8 @@ SHARED = ['--gin.calm_jax.T5Config.vocab_size=1152',
 def _configure(flags: list[str]) -> None:
   """What an entry point does before running its job."""
   gin.clear_config()
-  gin_utils.parse(flags + SHARED)
-  gin_utils.data_settings()
+  cli.parse(flags + SHARED)
+  cli.data_settings()
 
 
 def _max_abs_diff(a, b) -> float:
@@ -69,7 +69,7 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
       summary = decode.decode()
   finally:
     gin.clear_config()
-    gin_utils.data_settings()  # back to the defaults
+    cli.data_settings()  # back to the defaults
 
   # Fine-tuning started from the initial model (seed 1), not from a fresh
   # init (seed 0): two small Adafactor steps stay close to the former.

@@ -10,11 +10,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from calm_jax import data
-from calm_jax import evaluation
-from calm_jax import metrics
-from tasks import data_settings
-from tasks import paper_tasks
+from calm_jax.data import pipeline
+from calm_jax.evaluation import engine
+from calm_jax.evaluation import metrics
+from calm_jax.tasks import data_settings
+from calm_jax.tasks import paper_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDIN_VOCAB = os.path.join(REPO, 'tasks', 'vocab', 'calm_synth.model')
@@ -116,10 +116,10 @@ def test_squad_postprocessor_scores_against_every_answer():
 @pytest.mark.parametrize('task', sorted(paper_tasks.TASKS))
 def test_task_yields_tokenised_batches_under_mock_data(task, standin_vocab):
   vocab = paper_tasks.VOCABULARY
-  lengths = data.feature_lengths(task)
+  lengths = pipeline.feature_lengths(task)
   with tfds.testing.mock_data(num_examples=4):
-    examples = data.eval_examples(task, 'validation', num_examples=3)
-    batch = next(data.train_batches(task, batch_size=2))
+    examples = pipeline.eval_examples(task, 'validation', num_examples=3)
+    batch = next(pipeline.train_batches(task, batch_size=2))
   assert len(examples) == 3
   for ex in examples:
     inputs_text = ex['inputs_pretokenized'].decode()
@@ -141,17 +141,17 @@ def test_task_yields_tokenised_batches_under_mock_data(task, standin_vocab):
 
 def test_squad_eval_batches_keep_every_reference(standin_vocab):
   with tfds.testing.mock_data(num_examples=4):
-    examples = data.eval_examples('squad_v010_allanswers', 'validation',
+    examples = pipeline.eval_examples('squad_v010_allanswers', 'validation',
                                   num_examples=2)
-    batch = next(evaluation.eval_batches('squad_v010_allanswers',
+    batch = next(engine.eval_batches('squad_v010_allanswers',
                                          'validation', batch_size=2,
                                          num_examples=2))
   for ex, references in zip(examples, batch.references):
     assert references == [a.decode() for a in ex['answers']]
     assert references[0] == ex['targets_pretokenized'].decode()
-  assert data.per_example_metric('squad_v010_allanswers') == 'f1'
-  assert data.per_example_metric('cnn_dailymail_v3') == 'rougeL'
-  assert data.per_example_metric('wmt15_enfr') == 'bleu'
+  assert pipeline.per_example_metric('squad_v010_allanswers') == 'f1'
+  assert pipeline.per_example_metric('cnn_dailymail_v3') == 'rougeL'
+  assert pipeline.per_example_metric('wmt15_enfr') == 'bleu'
 
 
 def _cnn_highlights_dataset(self, *args, **kwargs):
@@ -166,10 +166,10 @@ def test_cnn_dailymail_is_scored_on_highlight_lines_as_t5(standin_vocab):
   # TFDS 3.4.0 layout: a highlight a line. T5's pipeline scores this
   # prediction rougeLsum 100; joining the lines with spaces gave 50.
   with tfds.testing.mock_data(as_dataset_fn=_cnn_highlights_dataset):
-    batch = next(evaluation.eval_batches('cnn_dailymail_v3', 'validation',
+    batch = next(engine.eval_batches('cnn_dailymail_v3', 'validation',
                                          batch_size=1, num_examples=1))
   assert batch.references == ['Police said so.\nTwo men died.']
-  scores = evaluation.task_metric_fn('cnn_dailymail_v3')(
+  scores = engine.task_metric_fn('cnn_dailymail_v3')(
       batch.references, ['Two men died. Police said so.'])
   assert scores['rougeLsum'] == pytest.approx(100.0)
   assert scores['rougeL'] == pytest.approx(50.0)
@@ -212,12 +212,12 @@ def test_missing_tfds_data_fails_fast(standin_vocab, tmp_path):
                               tfds_data_dir=str(tmp_path))
   start = time.perf_counter()
   try:
-    with pytest.raises(data.DataError,
+    with pytest.raises(pipeline.DataError,
                        match=r'no TFDS data .*wmt15_translate.*tfds build'):
-      data.eval_examples('wmt15_enfr', 'validation', num_examples=1)
+      pipeline.eval_examples('wmt15_enfr', 'validation', num_examples=1)
   finally:
     data_settings.set_overrides(t5_vocabulary=STANDIN_VOCAB)
-    data.check_ready('synth_qa', 'validation')  # drops the dir override
+    pipeline.check_ready('synth_qa', 'validation')  # drops the dir override
   assert time.perf_counter() - start < 10
 
 

@@ -4,9 +4,9 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from calm_jax import models
-from calm_jax import network
-from calm_jax import partitioning
+from calm_jax.model import models
+from calm_jax.model import network
+from calm_jax.parallel import partitioning
 
 
 def test_mesh_shape_must_hold_the_devices():

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from calm_jax import plots
+from calm_jax.analysis import plots
 
 
 def _png_size(path) -> tuple[int, int]:

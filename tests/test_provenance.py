@@ -16,11 +16,11 @@ import entry_points  # tests/entry_points.py
 import calm_jax
 from calm_jax import api
 from calm_jax import arguments
-from calm_jax import calibrate
-from calm_jax import decode
-from calm_jax import provenance
-from tasks import data_settings
-from tasks import synthetic
+from calm_jax.jobs import calibrate
+from calm_jax.jobs import decode
+from calm_jax.storage import provenance
+from calm_jax.tasks import data_settings
+from calm_jax.tasks import synthetic
 
 ROOT = entry_points.ROOT
 

@@ -1,5 +1,5 @@
 """report_doc.py: the findings and tables say what the numbers say."""
-from calm_jax import report_doc
+from calm_jax.analysis import report_markdown
 
 
 def _row(measure, consistency, delta, layers, quality, threshold=0.5):
@@ -10,7 +10,7 @@ def _row(measure, consistency, delta, layers, quality, threshold=0.5):
 
 
 def _results(violation_rate=0.04, kv_agreement=0.6):
-  table = [_row(m, c, d, 1.5, 80.0) for m in report_doc.MEASURE_NAMES
+  table = [_row(m, c, d, 1.5, 80.0) for m in report_markdown.MEASURE_NAMES
            for c, d in (('textual', 0.1), ('textual', 0.25), ('risk', 0.02),
                         ('risk', 0.05))]
   mode = lambda agreement: {'quality': 90.0, 'agreement_with_full': agreement,
@@ -35,7 +35,7 @@ def _results(violation_rate=0.04, kv_agreement=0.6):
 
 
 def test_findings_follow_the_numbers():
-  text = report_doc.findings(_results())
+  text = report_markdown.findings(_results())
   # 80 at 1.5 layers against the static curve interpolated at 1.5: 65.
   assert 'quality 80.0 against 65.0' in text and '-> early exit beat' in text
   # 0.05 + 2 * sqrt(0.05 * 0.95 / 50) = 0.112
@@ -44,16 +44,16 @@ def test_findings_follow_the_numbers():
   assert 'The oracle needs 1.25-1.25 layers' in text
   assert ('(12.0 output tokens): 1.30 layers, quality 78.0, x2.00 vs 1.50, '
           '80.0, x2.00 with a constant threshold') in text
-  table = report_doc.decay_table(_results())
+  table = report_markdown.decay_table(_results())
   assert ('| t (12.0) | decaying tau4 | 0.50 | 1.30 | 78.0 | 0.100 | '
           'x2.00 (2.00-2.00) |') in table
-  text = report_doc.findings(_results(violation_rate=0.2, kv_agreement=0.99))
+  text = report_markdown.findings(_results(violation_rate=0.2, kv_agreement=0.99))
   assert 'worst violation rate 0.20 -> did not hold' in text
   assert 'the K/V copy does not degrade it here' in text
 
 
 def test_table2_has_a_cell_per_measure_and_setting():
-  text = report_doc.table2(_results())
+  text = report_markdown.table2(_results())
   assert text.count('1.50 · x2.50 · x2.00') == 3 * 4
   assert '| t | classifier | 80.0 (0.100); λ 0.50 |' in text
   assert 'textual δ=0.1 | textual δ=0.25 | risk δ=0.02 | risk δ=0.05' in text

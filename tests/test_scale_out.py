@@ -13,10 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from calm_jax import models
-from calm_jax import multihost
-from calm_jax import network
-from calm_jax import partitioning
+from calm_jax.model import models
+from calm_jax.parallel import multihost
+from calm_jax.model import network
+from calm_jax.parallel import partitioning
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MESHES = ('(8, 1)', '(4, 2)', '(2, 4)')
@@ -201,7 +201,7 @@ def _records(path: pathlib.Path) -> list:
 
 @pytest.mark.slow  # about 90 s: four jobs, each importing TF and compiling
 def test_two_processes_train_and_decode_like_one(tmp_path):
-  from calm_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from calm_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
   for processes in (1, 2):
     model_dir = tmp_path / f'model_{processes}'
     run_job('calm_jax.train', [*TRAIN, f"--gin.MODEL_DIR='{model_dir}'"],
@@ -267,9 +267,9 @@ def test_two_processes_calibrate_like_one(tmp_path):
 
 def test_process_shards_of_a_split_interleave_back_to_it():
   import seqio  # pylint: disable=g-import-not-at-top
-  from calm_jax import data  # pylint: disable=g-import-not-at-top
-  whole = data.eval_examples('synth_qa', 'validation', num_examples=7)
-  shards = [data.eval_examples('synth_qa', 'validation', num_examples=7,
+  from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  whole = pipeline.eval_examples('synth_qa', 'validation', num_examples=7)
+  shards = [pipeline.eval_examples('synth_qa', 'validation', num_examples=7,
                                shard=seqio.ShardInfo(i, 3)) for i in range(3)]
   assert [len(s) for s in shards] == [3, 2, 2]
   assert [ex['inputs_pretokenized'] for ex in multihost.interleave(shards)
@@ -279,9 +279,9 @@ def test_process_shards_of_a_split_interleave_back_to_it():
 def test_training_shards_split_each_global_batch():
   """Unshuffled, the processes' rows of a step are the one-process batch."""
   import seqio  # pylint: disable=g-import-not-at-top
-  from calm_jax import data  # pylint: disable=g-import-not-at-top
-  whole = next(data.train_batches('synth_qa', batch_size=8, shuffle=False))
-  halves = [next(data.train_batches('synth_qa', batch_size=4, shuffle=False,
+  from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  whole = next(pipeline.train_batches('synth_qa', batch_size=8, shuffle=False))
+  halves = [next(pipeline.train_batches('synth_qa', batch_size=4, shuffle=False,
                                     shard=seqio.ShardInfo(i, 2)))
             for i in range(2)]
   rows = lambda b: sorted(map(tuple, b['encoder_input_tokens'].tolist()))

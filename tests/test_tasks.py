@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tasks import synthetic
+from calm_jax.tasks import synthetic
 
 
 def test_generators_are_deterministic_and_splits_differ():

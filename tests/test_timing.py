@@ -1,5 +1,5 @@
 """timing.py: callables take turns on every input, one time per pass."""
-from calm_jax import timing
+from calm_jax.evaluation import timing
 
 
 def test_alternating_seconds_interleaves_callables_per_input():

@@ -1,7 +1,7 @@
 """validity.py: the split protocol on synthetic losses with known risks."""
 import numpy as np
 
-from calm_jax import validity
+from calm_jax.jobs import validity
 
 
 def _synthetic(n=500, seed=0):

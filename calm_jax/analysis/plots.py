@@ -12,7 +12,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from calm_jax import files  # pylint: disable=g-import-not-at-top
+from calm_jax.storage import files  # pylint: disable=g-import-not-at-top
 
 DPI = 100
 # Exit layer -> colour, shared by the PNG and HTML exit maps and histograms.

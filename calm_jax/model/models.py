@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax import confidence
-from calm_jax import decoding
-from calm_jax import network
+from calm_jax.decoding import confidence
+from calm_jax.decoding import loops
+from calm_jax.model import network
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -113,7 +113,7 @@ def exit_classifier_loss(classifier: Params, hidden: Array,
 
 @dataclasses.dataclass(frozen=True)
 class ModelStepFns:
-  """`decoding.StepFns` over one model's parameters and one encoded batch."""
+  """`loops.StepFns` over one model's parameters and one encoded batch."""
   module: network.EncoderDecoder
   params: Params
   cross_kv: tuple[tuple[Array, Array], ...]  # layers x ([b, s, h, d],) * 2
@@ -251,26 +251,26 @@ class CalmModel:
 
   def decode_static(self, params: Params, encoder_tokens: Array,
                     max_length: int, *, eos_id: int = 1,
-                    sampling: decoding.Sampling = decoding.Sampling(),
+                    sampling: loops.Sampling = loops.Sampling(),
                     rng: Array | None = None, oracle: bool = False,
-                    context=None) -> decoding.DecodeOutput:
+                    context=None) -> loops.DecodeOutput:
     """Full-depth decode (optionally with the oracle's exit layers)."""
     fns = self.step_fns(params, encoder_tokens, max_length, context)
-    return decoding.static_decode(
+    return loops.static_decode(
         fns, batch_size=encoder_tokens.shape[0], max_length=max_length,
         eos_id=eos_id, sampling=sampling, rng=rng, oracle=oracle,
         **self._cache_args())
 
   def decode_early_exit(self, params: Params, encoder_tokens: Array,
-                        max_length: int, *, exit_config: decoding.ExitConfig,
+                        max_length: int, *, exit_config: loops.ExitConfig,
                         threshold: Array, eos_id: int = 1,
                         classifier: Params | None = None,
                         rng: Array | None = None,
                         forced_exit_layers: Array | None = None,
-                        context=None) -> decoding.DecodeOutput:
+                        context=None) -> loops.DecodeOutput:
     """CALM decode of [b, s] inputs (jit it with exit_config static)."""
     fns = self.step_fns(params, encoder_tokens, max_length, context)
-    return decoding.early_exit_decode(
+    return loops.early_exit_decode(
         fns, exit_config, threshold=threshold,
         batch_size=encoder_tokens.shape[0], max_length=max_length,
         eos_id=eos_id, classifier=classifier, rng=rng,

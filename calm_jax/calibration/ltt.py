@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from scipy import stats
 
-from calm_jax import metrics
+from calm_jax.evaluation import metrics
 
 CONSISTENCIES = ('textual', 'risk')
 

@@ -24,10 +24,10 @@ import optax
 import tqdm
 from jax.sharding import Mesh, NamedSharding
 
-from calm_jax import checkpoints
-from calm_jax import confidence
-from calm_jax import models
-from calm_jax import partitioning
+from calm_jax.storage import checkpoints
+from calm_jax.decoding import confidence
+from calm_jax.model import models
+from calm_jax.parallel import partitioning
 
 Batch = Mapping[str, np.ndarray]
 

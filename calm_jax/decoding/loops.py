@@ -32,8 +32,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from calm_jax import confidence as confidence_lib
-from calm_jax import thresholds
+from calm_jax.decoding import confidence as confidence_lib
+from calm_jax.decoding import thresholds
 
 Array = jax.Array
 

@@ -16,11 +16,11 @@ import tqdm
 from jax.sharding import Mesh, PartitionSpec as P
 
 from calm_jax import api
-from calm_jax import data
-from calm_jax import decoding
-from calm_jax import models
-from calm_jax import multihost
-from calm_jax import partitioning
+from calm_jax.data import pipeline
+from calm_jax.decoding import loops
+from calm_jax.model import models
+from calm_jax.parallel import multihost
+from calm_jax.parallel import partitioning
 
 
 @dataclasses.dataclass
@@ -47,16 +47,16 @@ def eval_batches(task_name: str, split: str, *, batch_size: int,
   """Fixed-shape batches (last one padded with empty rows) of the examples,
   or of `shard`'s examples (a seqio.ShardInfo; an empty shard gives one
   empty batch)."""
-  examples = data.eval_examples(task_name, split, num_examples=num_examples,
+  examples = pipeline.eval_examples(task_name, split, num_examples=num_examples,
                                 shard=shard)
-  lengths = data.feature_lengths(task_name)
+  lengths = pipeline.feature_lengths(task_name)
   for start in range(0, max(len(examples), 1), batch_size):
     chunk = examples[start:start + batch_size]
     text = lambda key: [ex[key].decode() for ex in chunk]
     yield EvalBatch(
-        encoder_tokens=data.pad_batch([ex['inputs'] for ex in chunk],
+        encoder_tokens=pipeline.pad_batch([ex['inputs'] for ex in chunk],
                                       lengths['inputs'], batch_size),
-        target_tokens=data.pad_batch([ex['targets'] for ex in chunk],
+        target_tokens=pipeline.pad_batch([ex['targets'] for ex in chunk],
                                      lengths['targets'], batch_size),
         num_real=len(chunk), inputs=text('inputs_pretokenized'),
         targets=text('targets_pretokenized'),
@@ -96,25 +96,25 @@ def full_depth_predictions(model: models.CalmModel, params: Any,
                            task_name: str, batches: Sequence[EvalBatch]
                            ) -> list[str]:
   """Greedy full-depth decodes of every real row, as text."""
-  max_length = data.feature_lengths(task_name)['targets']
+  max_length = pipeline.feature_lengths(task_name)['targets']
   predict = jax.jit(lambda p, enc: model.predict_full_depth(p, enc,
                                                             max_length))
   predictions = []
   for batch in batches:
     tokens = np.asarray(predict(params, batch.encoder_tokens))
-    predictions += [data.decode_text(task_name, row)
+    predictions += [pipeline.decode_text(task_name, row)
                     for row in tokens[:batch.num_real]]
   return predictions
 
 
 # Per 'data' shard: the decode's rows, and the summed evaluation count.
-_SHARDED_OUTPUT = decoding.DecodeOutput(
+_SHARDED_OUTPUT = loops.DecodeOutput(
     tokens=P('data'), exit_layers=P('data'), confidences=P('data'),
     layer_evals=P())
 
 
 @functools.lru_cache(maxsize=32)
-def early_exit_fn(model: models.CalmModel, exit_config: decoding.ExitConfig,
+def early_exit_fn(model: models.CalmModel, exit_config: loops.ExitConfig,
                   max_length: int, mesh: Optional[Mesh] = None):
   """One jitted early-exit decode per (model, config, length, mesh): the
   threshold is an argument, so a threshold sweep compiles once.
@@ -143,7 +143,7 @@ def early_exit_fn(model: models.CalmModel, exit_config: decoding.ExitConfig,
       out_specs=_SHARDED_OUTPUT)
 
 
-def _example_records(batch, out: decoding.DecodeOutput, task: str
+def _example_records(batch, out: loops.DecodeOutput, task: str
                      ) -> list[dict]:
   records = []
   for row in range(batch.num_real):
@@ -151,8 +151,8 @@ def _example_records(batch, out: decoding.DecodeOutput, task: str
     length = tokens.index(1) + 1 if 1 in tokens else len(tokens)
     record = {
         'inputs': batch.inputs[row], 'targets': batch.targets[row],
-        'prediction': data.decode_text(task, np.asarray(tokens)),
-        'tokens': data.token_pieces(task, tokens[:length]),
+        'prediction': pipeline.decode_text(task, np.asarray(tokens)),
+        'tokens': pipeline.token_pieces(task, tokens[:length]),
         'exit_layers': [int(l) for l in out.exit_layers[row, :length]],
         'confidences': api.token_confidences(out.confidences[row, :length])}
     if isinstance(batch.references[row], list):
@@ -180,14 +180,14 @@ def process_batches(task: str, split: str, *, num_examples: Optional[int],
   batches = list(eval_batches(task, split,
                               batch_size=multihost.local_batch_size(batch_size),
                               num_examples=num_examples,
-                              shard=data.process_shard()))
+                              shard=pipeline.process_shard()))
   total = multihost.process_max(len(batches))
   return batches + [_empty_batch(batches[0])] * (total - len(batches))
 
 
 def decode_task(model: models.CalmModel, params, task: str, *, split: str,
                 num_examples: Optional[int], batch_size: int,
-                exit_config: decoding.ExitConfig, threshold: float,
+                exit_config: loops.ExitConfig, threshold: float,
                 seed: int, classifier=None, mesh: Optional[Mesh] = None
                 ) -> tuple[list[dict], float]:
   """Decodes a task split; returns the records, in input order, and the
@@ -196,7 +196,7 @@ def decode_task(model: models.CalmModel, params, task: str, *, split: str,
   On a mesh, `params` and `classifier` must already be placed on it
   (`partitioning.param_shardings`), and the batches go over 'data'.
   """
-  max_length = data.feature_lengths(task)['targets']
+  max_length = pipeline.feature_lengths(task)['targets']
   sharded = mesh is not None and mesh.size > 1
   if sharded:
     partitioning.check_batch_fits(batch_size, mesh)
@@ -227,7 +227,7 @@ def summarize_decode(task: str, records: list[dict], seconds: float,
   scores = task_metric_fn(task)(
       references(records), [r['prediction'] for r in records])
   layers = np.concatenate([r['exit_layers'] for r in records])
-  headline = data.headline_metric(task, scores)
+  headline = pipeline.headline_metric(task, scores)
   return {'metric': headline, 'value': scores[headline], 'scores': scores,
           'num_examples': len(records),
           'avg_decoder_layers': float(layers.mean()),

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax import layers
+from calm_jax.model import layers
 
 Array = jax.Array
 

@@ -17,15 +17,13 @@ from typing import Callable, Sequence
 
 import gin
 
-from calm_jax import multihost
-from tasks import data_settings as settings
+from calm_jax.parallel import multihost
+from calm_jax.tasks import data_settings as settings
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-# The jobs' configurables (none of these imports TensorFlow, or another
-# entry module at import time). calm_jax.demo is left out: it imports
-# calm_jax.train, which must not happen while train runs as __main__.
-CONFIGURABLE_MODULES = ('calm_jax.train', 'calm_jax.decode',
-                        'calm_jax.calibrate')
+# The jobs' configurables: every entry point accepts any of them.
+CONFIGURABLE_MODULES = ('calm_jax.jobs.train', 'calm_jax.jobs.decode',
+                        'calm_jax.jobs.calibrate', 'calm_jax.jobs.demo')
 
 
 @gin.configurable(module='calm_jax')
@@ -88,13 +86,8 @@ def _resolve(path: str, search_paths: Sequence[str]) -> str:
 
 
 def _register_configurables() -> None:
-  """Imports every configurable module, except the one running as
-  __main__ (`python -m calm_jax.train`): importing it again would register
-  its configurables a second time."""
-  main_spec = getattr(sys.modules.get('__main__'), '__spec__', None)
   for module in CONFIGURABLE_MODULES:
-    if main_spec is None or main_spec.name != module:
-      importlib.import_module(module)
+    importlib.import_module(module)
 
 
 def parse(argv: Sequence[str]) -> None:

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from calm_jax import network
+from calm_jax.model import network
 
 
 @dataclasses.dataclass(frozen=True)

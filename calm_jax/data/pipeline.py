@@ -22,9 +22,9 @@ import tensorflow as tf
 tf.config.set_visible_devices([], 'GPU')
 
 # pylint: disable=g-bad-import-order
-from tasks import data_settings
-from tasks import paper_tasks
-from tasks import synthetic_tasks
+from calm_jax.tasks import data_settings
+from calm_jax.tasks import paper_tasks
+from calm_jax.tasks import synthetic_tasks
 # pylint: enable=g-bad-import-order
 
 Batch = Mapping[str, np.ndarray]

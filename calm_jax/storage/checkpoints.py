@@ -22,10 +22,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from calm_jax import files
-from calm_jax import network
-from calm_jax import partitioning
-from calm_jax import provenance
+from calm_jax.storage import files
+from calm_jax.model import network
+from calm_jax.parallel import partitioning
+from calm_jax.storage import provenance
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 CLASSIFIER_SUBDIR = 'classifier'  # stage-2 exit classifier checkpoints
@@ -273,7 +273,7 @@ def load_params(model_dir: str, config: network.T5Config,
   shards, whatever mesh the checkpoint was saved from; else onto the
   default device.
   """
-  from calm_jax import models  # pylint: disable=g-import-not-at-top
+  from calm_jax.model import models  # pylint: disable=g-import-not-at-top
   mgr = manager(model_dir)
   target = jax.eval_shape(
       lambda: models.CalmModel(config).init_params(jax.random.PRNGKey(0)))
@@ -290,7 +290,7 @@ def load_params(model_dir: str, config: network.T5Config,
 def load_classifier(model_dir: str, config: network.T5Config
                     ) -> Optional[Any]:
   """The latest exit classifier of a model dir, or None if never trained."""
-  from calm_jax import confidence  # pylint: disable=g-import-not-at-top
+  from calm_jax.decoding import confidence  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(model_dir, CLASSIFIER_SUBDIR)):
     return None
   mgr = manager(model_dir, subdir=CLASSIFIER_SUBDIR)

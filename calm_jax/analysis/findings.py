@@ -20,16 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from calm_jax import api
-from calm_jax import calibrate
-from calm_jax import calibration
-from calm_jax import data
-from calm_jax import decoding
-from calm_jax import evaluation
-from calm_jax import flops
-from calm_jax import timing
+from calm_jax.jobs import calibrate
+from calm_jax.calibration import ltt
+from calm_jax.data import pipeline
+from calm_jax.decoding import loops
+from calm_jax.evaluation import engine
+from calm_jax.analysis import flops
+from calm_jax.evaluation import timing
 
 FULL = calibrate.FULL
-GRID = calibration.descending_grid(1.0, 0.0, 0.05)
+GRID = ltt.descending_grid(1.0, 0.0, 0.05)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +60,9 @@ def _cache(setup: Setup, measure: str, split: str, tau
 
 def headline(task: str, references: Sequence, predictions: Sequence[str]
              ) -> tuple[str, float]:
-  scores = evaluation.task_metric_fn(task)(list(references),
+  scores = engine.task_metric_fn(task)(list(references),
                                            list(predictions))
-  name = data.headline_metric(task, scores)
+  name = pipeline.headline_metric(task, scores)
   return name, float(scores[name])
 
 
@@ -70,7 +70,7 @@ def certify(setup: Setup, task: str, measure: str, consistency: str,
             delta: float, tau=None) -> Optional[float]:
   """The threshold Learn then Test certifies on the validation split."""
   cache = setup.cache(measure, 'validation', tau)
-  result = calibration.fixed_sequence_test(
+  result = ltt.fixed_sequence_test(
       GRID, lambda t: calibrate.losses_at_threshold(cache, [task],
                                                     consistency, t),
       delta=delta, epsilon=setup.epsilon)
@@ -82,7 +82,7 @@ def flops_ratio(setup: Setup, task: str, measure: str,
   """Decoder FLOPs of the full-depth decode over those of the early-exit
   decode (confidence heads and K/V fills of skipped layers counted)."""
   cfg = setup.lm.config
-  lengths = data.feature_lengths(task)
+  lengths = pipeline.feature_lengths(task)
   shape = dict(batch_size=1, input_length=lengths['inputs'],
                cache_length=lengths['targets'])
   static = flops.static_flops(cfg, num_tokens=sum(map(len, full_exits)),
@@ -102,8 +102,8 @@ def test_outcome(setup: Setup, task: str, measure: str, consistency: str,
   full = cache.get(task, FULL)
   early = full if threshold is None else cache.get(task, threshold)
   metric, quality = headline(task, full['targets'], early['predictions'])
-  losses = calibration.consistency_losses(
-      consistency, data.per_example_metric(task), early['predictions'],
+  losses = ltt.consistency_losses(
+      consistency, pipeline.per_example_metric(task), early['predictions'],
       full['predictions'], references=full['targets'])
   layers = [l for row in early['exit_layers'] for l in row]
   return {
@@ -129,7 +129,7 @@ def _speed_fields(setup, task, measure, threshold, tau) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _timing_inputs(setup: Setup, task: str) -> tuple:
-  batches = evaluation.eval_batches(task, 'test', batch_size=1,
+  batches = engine.eval_batches(task, 'test', batch_size=1,
                                     num_examples=setup.timing_examples)
   return tuple(jnp.asarray(b.encoder_tokens) for b in batches)
 
@@ -141,10 +141,10 @@ def _static_fn(setup: Setup, max_length: int):
 
 
 def exit_config(setup: Setup, measure: str, tau=None,
-                propagation: str = 'hidden') -> decoding.ExitConfig:
+                propagation: str = 'hidden') -> loops.ExitConfig:
   """The exit settings of the model dir for a measure (and tau, propagation)."""
   cfg = setup.lm.config
-  return decoding.ExitConfig.create(
+  return loops.ExitConfig.create(
       cfg.num_decoder_layers, confidence=measure, first_exit=cfg.first_exit,
       exit_interval=cfg.exit_interval, tau=tau, propagation=propagation)
 
@@ -156,10 +156,10 @@ def speedup(setup: Setup, task: str, measure: str, threshold: float,
   1, alternating on every input after compile: the ratio of the medians
   over repeated passes, and the lowest and highest per-pass ratio."""
   lm = setup.lm
-  length = data.feature_lengths(task)['targets']
+  length = pipeline.feature_lengths(task)['targets']
   inputs = _timing_inputs(setup, task)
   static = _static_fn(setup, length)
-  early = evaluation.early_exit_fn(
+  early = engine.early_exit_fn(
       lm.model, exit_config(setup, measure, tau).for_threshold(threshold),
       length)
   classifier = lm.classifier_for(measure)
@@ -177,13 +177,13 @@ def speedup(setup: Setup, task: str, measure: str, threshold: float,
 # --- oracle, truncated models and state propagation ----------------------
 
 def _test_batches(setup: Setup, task: str) -> list:
-  return list(evaluation.eval_batches(task, 'test',
+  return list(engine.eval_batches(task, 'test',
                                       batch_size=setup.batch_size,
                                       num_examples=setup.test_examples))
 
 
 def _texts(task: str, batches, outputs) -> list[str]:
-  return [data.decode_text(task, np.asarray(out.tokens[row]))
+  return [pipeline.decode_text(task, np.asarray(out.tokens[row]))
           for batch, out in zip(batches, outputs)
           for row in range(batch.num_real)]
 
@@ -200,7 +200,7 @@ def oracle(setup: Setup, task: str) -> dict:
   """The consistency oracle: each token's first layer whose argmax equals
   the full model's; its tokens are the full model's."""
   lm = setup.lm
-  length = data.feature_lengths(task)['targets']
+  length = pipeline.feature_lengths(task)['targets']
   fn = jax.jit(lambda p, e: lm.model.decode_static(p, e, length,
                                                    oracle=True))
   batches = _test_batches(setup, task)
@@ -226,7 +226,7 @@ def forced_exits(setup: Setup, task: str, exits_per_batch: Sequence,
                  propagation: str) -> dict:
   """Decodes the test split with given exit layers [b, t] per batch."""
   lm = setup.lm
-  length = data.feature_lengths(task)['targets']
+  length = pipeline.feature_lengths(task)['targets']
   fn = _forced_fn(setup, length, propagation)
   batches = _test_batches(setup, task)
   outputs = [jax.device_get(fn(lm.params, jnp.asarray(b.encoder_tokens),
@@ -241,7 +241,7 @@ def forced_exits(setup: Setup, task: str, exits_per_batch: Sequence,
 
 def truncated_curve(setup: Setup, task: str) -> list[tuple[float, float]]:
   """(k, quality) of static models that always stop at layer k."""
-  length = data.feature_lengths(task)['targets']
+  length = pipeline.feature_lengths(task)['targets']
   shapes = [(b.encoder_tokens.shape[0], length)
             for b in _test_batches(setup, task)]
   return [(float(k), forced_exits(setup, task, [np.full(s, k, np.int32)
@@ -257,10 +257,10 @@ def propagation_ablation(setup: Setup, task: str, exits_per_batch: Sequence
   cache = setup.cache('softmax', 'test')
   full = cache.get(task, FULL)['predictions']
   out = {}
-  for mode in decoding.PROPAGATIONS:
+  for mode in loops.PROPAGATIONS:
     result = forced_exits(setup, task, exits_per_batch, mode)
-    losses = calibration.consistency_losses(
-        'textual', data.per_example_metric(task), result['predictions'],
+    losses = ltt.consistency_losses(
+        'textual', pipeline.per_example_metric(task), result['predictions'],
         full)
     out[mode] = {'quality': result['quality'], 'metric': result['metric'],
                  'agreement_with_full': float(1 - losses.mean()),

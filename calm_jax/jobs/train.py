@@ -1,0 +1,190 @@
+"""Training entry point (t5x-style flags).
+
+  python -m calm_jax.train \
+    --gin_file=gin/models/calm_t5_1_1_tiny.gin --gin_file=gin/runs/train.gin \
+    --gin.MODEL_DIR="'runs/x'" --gin.MIXTURE_OR_TASK_NAME="'synth_mix'"
+
+Running the same command again resumes from the latest checkpoint at the same
+data position; a finished run returns at once. With
+`calm_jax.train.initial_checkpoint_path` (gin/runs/finetune.gin) a new run
+starts from another model dir's latest parameters (a pre-trained or imported
+T5) instead of a random init, with a fresh optimizer and step 0.
+"""
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import gin
+import jax
+
+from calm_jax import arguments
+from calm_jax.storage import checkpoints
+from calm_jax import cli
+from calm_jax.model import models
+from calm_jax.parallel import multihost
+from calm_jax.model import network
+from calm_jax.training import optim
+from calm_jax.parallel import partitioning
+from calm_jax.training import trainer
+
+T5Config = gin.external_configurable(network.T5Config, module='calm_jax')
+make_optimizer = gin.external_configurable(optim.make_optimizer,
+                                           module='calm_jax')
+
+
+STAGES = ('model', 'classifier')
+
+
+@gin.configurable(module='calm_jax')
+def train(*, model_dir: str = gin.REQUIRED,
+          mixture_or_task_name: str = gin.REQUIRED,
+          model_config: Optional[network.T5Config] = None,
+          optimizer=gin.REQUIRED, stage: str = 'model',
+          batch_size: int = 64, num_train_steps: int = 1000,
+          checkpoint_period: int = 500, keep_checkpoints: int = 3,
+          log_every: int = 50, seed: int = 0,
+          loss_weighting: str = 'linear', z_loss: float = 1e-4,
+          initial_checkpoint_path: Optional[str] = None,
+          progress: bool = True, shuffle: bool = True,
+          mesh_shape: Optional[Sequence[int]] = None,
+          max_bad_steps: int = 0,
+          restore_fallback: bool = True) -> trainer.TrainState:
+  """Trains into `model_dir` on a SeqIO task or mixture.
+
+  stage 'model' trains the CALM network (model_config required); stage
+  'classifier' trains the exit classifier of the model already in
+  `model_dir`, backbone frozen, into MODEL_DIR/classifier.
+
+  The run uses a (data, model) mesh of `mesh_shape` (default: every device
+  on 'data'). `batch_size` is the global batch: with several processes each
+  reads batch_size / processes rows from its own shard of the data.
+
+  A NaN or infinite step is not applied: the run stops (or skips up to
+  `max_bad_steps`). A damaged latest checkpoint is reported and the newest
+  intact one resumed (`restore_fallback=False`: an error instead).
+  """
+  _check_arguments(
+      stage, num_train_steps=num_train_steps, batch_size=batch_size,
+      checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
+      log_every=log_every, max_bad_steps=max_bad_steps)
+  from calm_jax.data import pipeline  # TensorFlow only on the data path.
+  from clu import metric_writers
+  mesh = partitioning.make_mesh(mesh_shape)
+  local_batch = _local_batch_size(batch_size, mesh)
+  if stage == 'model':
+    objective = _model_stage(model_dir, mixture_or_task_name, model_config,
+                             loss_weighting, z_loss, initial_checkpoint_path)
+    subdir = checkpoints.CHECKPOINT_SUBDIR
+  else:
+    objective = _classifier_stage(model_dir, mesh)
+    subdir = checkpoints.CLASSIFIER_SUBDIR
+  writer = metric_writers.create_default_writer(
+      os.path.join(model_dir, 'train' if stage == 'model' else subdir),
+      just_logging=not multihost.is_primary(), asynchronous=False)
+  shard = pipeline.process_shard() if jax.process_count() > 1 else None
+  batches_from = lambda start: pipeline.train_batches(
+      mixture_or_task_name, batch_size=local_batch, seed=seed,
+      start_step=start, shuffle=shuffle, shard=shard)
+  state = trainer.train_loop(
+      objective=objective, optimizer=optimizer, model_dir=model_dir,
+      batches_from=batches_from, num_steps=num_train_steps,
+      checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
+      log_every=log_every, seed=seed, writer=writer, progress=progress,
+      checkpoint_subdir=subdir, mesh=mesh, max_bad_steps=max_bad_steps,
+      restore_fallback=restore_fallback)
+  writer.flush()
+  return state
+
+
+def _check_arguments(stage: str, **values) -> None:
+  """The stage, and integers in range, before config.gin or any directory
+  is touched."""
+  if stage not in STAGES:
+    raise arguments.InputError(f'unknown stage {stage!r}; valid: '
+                               f'{", ".join(STAGES)}')
+  lows = {'max_bad_steps': 0}
+  for name, value in values.items():
+    if name == 'keep_checkpoints' and value is None:
+      continue
+    arguments.integer(name, value, lows.get(name, 1))
+
+
+def _local_batch_size(batch_size: int, mesh) -> int:
+  """This process's rows of each global batch."""
+  partitioning.check_batch_fits(batch_size, mesh)
+  return multihost.local_batch_size(batch_size)
+
+
+def initial_params_config(initial_checkpoint_path: str,
+                          model_config: Optional[network.T5Config]
+                          ) -> network.T5Config:
+  """The config to fine-tune with: the initial model's, with the requested
+  dropout; other differences (dims, exits) are errors."""
+  initial, _ = checkpoints.read_model_config(initial_checkpoint_path)
+  if model_config is None:
+    return initial
+  if dataclasses.replace(initial, dropout_rate=model_config.dropout_rate
+                         ) != model_config:
+    diff = {k: (v, getattr(model_config, k))
+            for k, v in dataclasses.asdict(initial).items()
+            if k != 'dropout_rate' and getattr(model_config, k) != v}
+    raise checkpoints.CheckpointError(
+        f'{initial_checkpoint_path} holds another architecture than the '
+        f'model config (initial, requested): {diff}')
+  return model_config
+
+
+def _model_stage(model_dir, task, model_config, loss_weighting, z_loss,
+                 initial_checkpoint_path=None):
+  """Checks and writes the model dir's files; the stage-1 objective."""
+  from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if initial_checkpoint_path:
+    model_config = initial_params_config(initial_checkpoint_path,
+                                         model_config)
+  if model_config is None:
+    raise ValueError('stage "model" needs a model config: add a '
+                     'gin/models/*.gin file')
+  checkpoints.check_compatible(model_dir, model_config)
+  pipeline.check_ready(task, 'train')  # before anything is written
+  pipeline.check_vocab_fits(task, model_config.vocab_size)
+  if multihost.is_primary():
+    os.makedirs(model_dir, exist_ok=True)
+    checkpoints.write_model_files(model_dir, model_config,
+                                  pipeline.vocabulary_path(task),
+                                  gin.operative_config_str())
+  model = models.CalmModel(model_config, loss_weighting=loss_weighting,
+                           z_loss=z_loss)
+  objective = trainer.model_objective(model)
+  if not initial_checkpoint_path:
+    return objective
+  # Used only when model_dir holds no checkpoint yet: a resumed fine-tune
+  # restores its own latest step instead.
+  load = lambda shardings: checkpoints.load_params(
+      initial_checkpoint_path, model_config, shardings=shardings)[0]
+  return dataclasses.replace(objective, load=load)
+
+
+def _classifier_stage(model_dir, mesh):
+  """The stage-2 objective over the latest backbone in `model_dir`, placed
+  on the mesh like a stage-1 run's parameters."""
+  config, _ = checkpoints.read_model_config(model_dir)
+  model = models.CalmModel(config)
+  backbone, step = checkpoints.load_params(
+      model_dir, config,
+      shardings=partitioning.param_shardings(model.param_axes(), mesh))
+  print(f'training the exit classifier on the frozen model of step {step}')
+  return trainer.classifier_objective(model, backbone)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  from calm_jax.data import pipeline
+  return (pipeline.DataError, checkpoints.CheckpointError, RuntimeError,
+          ValueError)
+
+
+def main() -> None:
+  cli.run(train, user_errors=user_errors())
+
+
+if __name__ == '__main__':
+  main()
