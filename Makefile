@@ -27,16 +27,17 @@ demo: $(STAMP)
 	$(PY) -m calm_jax.demo --gin_file=gin/experiments/demo.gin
 
 bench: $(STAMP)
-	$(PY) -m calm_jax.bench --output runs/bench/bench.json
+	$(PY) -m calm_jax.bench
 
 # bfloat16 next to float32: the paper-size decode benchmark and the demo
 # model's greedy-token agreement (docs/bench_dtype.json, quoted in the README).
 bench-dtype: $(STAMP)
 	test -f runs/demo/model/model.json || $(MAKE) demo
-	$(PY) -m calm_jax.bench --models paper_small --dtype float32,bfloat16 \
-	  --batch_sizes 1,16 --measures state \
-	  --patterns exit@1,mixed,disabled --no_bucket_variants --agreement \
-	  --output docs/bench_dtype.json
+	$(PY) -m calm_jax.bench --gin.MODELS="['paper_small']" \
+	  --gin.DTYPES="['float32','bfloat16']" --gin.BATCH_SIZES="[1,16]" \
+	  --gin.MEASURES="['state']" --gin.PATTERNS="['exit@1','mixed','disabled']" \
+	  --gin.calm_jax.bench.compare_buckets=False \
+	  --gin.calm_jax.bench.agreement=True --gin.OUTPUT="'docs/bench_dtype.json'"
 
 # The accelerator check (bf16/f32 tests and bench on whatever backend JAX
 # has); `bash tools/device_check.sh --quick` is its CPU dry run.
@@ -45,7 +46,7 @@ device-check: $(STAMP)
 
 validity: $(STAMP)
 	test -f runs/demo/model/model.json || $(MAKE) demo
-	$(PY) -m calm_jax.validity --output_dir runs/validity
+	$(PY) -m calm_jax.validity
 
 # The reproduction report: trains the demo model and its exit classifier if
 # they are not there yet (both resume, and return at once when finished),
@@ -54,7 +55,7 @@ reproduce: $(STAMP)
 	$(PY) -m calm_jax.train --gin_file=gin/experiments/demo_train.gin
 	$(PY) -m calm_jax.train --gin_file=gin/runs/train_classifier.gin \
 	  --gin.MODEL_DIR="'runs/demo/model'" --gin.MIXTURE_OR_TASK_NAME="'synth_mix'"
-	$(PY) -m calm_jax.report --model_dir runs/demo/model --output docs/REPRODUCTION.md
+	$(PY) -m calm_jax.report
 
 vocab: $(STAMP)
 	$(PY) -m calm_jax.tasks.build_vocab

@@ -9,28 +9,26 @@ Tokenizes with the SentencePiece model kept in the model dir (no TensorFlow).
 """
 import dataclasses
 import functools
-import glob
 import logging
-import os
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sentencepiece as spm
 from jax.sharding import Mesh
 
 from calm_jax import arguments
-from calm_jax.storage import checkpoints
+from calm_jax.calibration import records
+from calm_jax.data import examples
+from calm_jax.data import input_files
 from calm_jax.decoding import loops
-from calm_jax.storage import files
 from calm_jax.model import models
 from calm_jax.parallel import partitioning
+from calm_jax.storage import checkpoints
 from calm_jax.storage import provenance
 
-EOS_ID = 1
 FULL_DEPTH = 1.5  # any threshold above 1 disables exits
-CALIBRATION_SUBDIR = 'calibration'
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -53,48 +51,6 @@ class ThresholdChoice:
   tau: Optional[float]
   source: str
   record: Optional[dict] = None  # the calibration record, if one was used
-
-
-def calibration_records(model_dir: str) -> list[tuple[str, dict]]:
-  """(path, record) of every calibration record of a model dir."""
-  records = []
-  for path in sorted(glob.glob(os.path.join(model_dir, CALIBRATION_SUBDIR,
-                                            '*.json'))):
-    records.append((path, files.read_json(path, what='calibration record')))
-  return records
-
-
-def named_calibrations(model_dir: str, name: str) -> list[tuple[str, dict]]:
-  """The records called `name`, or whose name starts with `name` + '_' (the
-  readable part of a name, before its settings hash); a ProvenanceError
-  naming the available ones if there is none."""
-  found = [(p, r) for p, r in calibration_records(model_dir)
-           if os.path.basename(p)[:-len('.json')] == name
-           or os.path.basename(p).startswith(name + '_')]
-  if not found:
-    root = os.path.join(model_dir, CALIBRATION_SUBDIR)
-    names = sorted(os.path.basename(p)[:-len('.json')]
-                   for p in glob.glob(os.path.join(root, '*.json')))
-    raise provenance.ProvenanceError(
-        f'no calibration record {name!r} in {root}; there are: '
-        f'{", ".join(names) or "none"}')
-  return found
-
-
-def _records_for(model_dir: str, confidence: str, task: Optional[str]
-                 ) -> list[tuple[str, dict]]:
-  """The measure's records of `task`; with task None, those of the only
-  task that has any (several tasks: an error that lists them)."""
-  found = [(p, r) for p, r in calibration_records(model_dir)
-           if r.get('confidence') == confidence]
-  if task is not None:
-    return [(p, r) for p, r in found if r.get('task') == task]
-  tasks = sorted({r.get('task') for _, r in found})
-  if len(tasks) > 1:
-    raise provenance.ProvenanceError(
-        f'{model_dir} has {confidence!r} calibration records for several '
-        f'tasks ({", ".join(tasks)}): pass task=... (or a threshold)')
-  return found
 
 
 def _pad_to(length: int, multiple: int = 16) -> int:
@@ -122,7 +78,8 @@ class CalmLM:
                  if sharded else None)
     self.params, self.step = checkpoints.load_params(model_dir, self.config,
                                                      step, shardings)
-    self.vocab = spm.SentencePieceProcessor(model_file=self.vocab_path)
+    self.vocab = input_files.SentencePieceVocabulary(self.vocab_path)
+    self.feature_lengths = checkpoints.read_feature_lengths(model_dir)
     self.classifier = checkpoints.load_classifier(model_dir, self.config)
     if sharded and self.classifier is not None:
       self.classifier = partitioning.replicate(
@@ -164,14 +121,14 @@ class CalmLM:
     if threshold is not None:
       return ThresholdChoice(float(threshold), tau, 'given')
     if record_name:
-      candidates = named_calibrations(self.model_dir, record_name)
+      candidates = records.named(self.model_dir, record_name)
       for _, record in candidates:
         if record.get('confidence') != confidence:
           raise provenance.ProvenanceError(
               f'calibration record {record_name!r} is for '
               f'{record.get("confidence")!r}, not {confidence!r}')
     else:
-      candidates = _records_for(self.model_dir, confidence, task)
+      candidates = records.for_measure(self.model_dir, confidence, task)
     if not candidates:
       return ThresholdChoice(FULL_DEPTH, tau, 'full depth: no calibration '
                              f'record for {confidence!r}'
@@ -237,10 +194,7 @@ class CalmLM:
     top layer is an InputError (it would silently decode at full depth)."""
     arguments.integer('min_exit', options.get('min_exit', 1), 1,
                       self.config.num_decoder_layers)
-    return loops.ExitConfig.create(
-        self.config.num_decoder_layers, confidence=confidence,
-        first_exit=self.config.first_exit,
-        exit_interval=self.config.exit_interval, **options)
+    return self.model.exit_config(confidence, **options)
 
   @functools.lru_cache(maxsize=16)
   def _decoder(self, exit_config: loops.ExitConfig, max_length: int):
@@ -261,10 +215,10 @@ class CalmLM:
           f'{too_long} of {len(ids)} inputs are longer than max_input_length'
           f'={max_input_length} tokens (truncate=False)')
     if too_long:
-      logging.warning('%d of %d inputs were longer than max_input_length=%d '
+      _log.warning('%d of %d inputs were longer than max_input_length=%d '
                       'tokens and were truncated', too_long, len(ids),
                       max_input_length)
-    ids = [seq[:limit] + [EOS_ID] for seq in ids]
+    ids = [seq[:limit] + [examples.EOS_ID] for seq in ids]
     out = np.zeros((len(ids), _pad_to(max(map(len, ids)))), np.int32)
     for row, seq in enumerate(ids):
       out[row, :len(seq)] = seq
@@ -298,7 +252,8 @@ class CalmLM:
         confidence, min_exit=min_exit, tau=choice.tau, propagation=propagation,
         sampling=loops.Sampling(float(temperature), top_k, float(top_p)))
     self.check_settings(choice, cfg)
-    max_length = max_length or _certified_target_length(choice) or 32
+    max_length = (max_length or records.certified_target_length(choice.record)
+                  or self.feature_lengths['targets'])
     decode = self._decoder(cfg.for_threshold(choice.value), max_length)
     classifier = self.classifier_for(confidence)
     encoded = self.encode(texts, max_input_length, truncate)
@@ -316,14 +271,13 @@ class CalmLM:
 
   def _result(self, out: loops.DecodeOutput, row: int,
               choice: ThresholdChoice) -> Generation:
-    tokens = [int(t) for t in out.tokens[row]]
-    length = tokens.index(EOS_ID) + 1 if EOS_ID in tokens else len(tokens)
-    text_ids = [t for t in tokens[:length] if t != EOS_ID]
+    tokens = examples.until_eos(out.tokens[row], keep_eos=True)
+    length = len(tokens)
     return Generation(
-        text=self.vocab.decode(text_ids),
+        text=self.vocab.decode(examples.until_eos(tokens)),
         exit_layers=[int(l) for l in out.exit_layers[row, :length]],
         confidences=token_confidences(out.confidences[row, :length]),
-        tokens=tokens[:length], threshold=choice.value,
+        tokens=tokens, threshold=choice.value,
         threshold_source=choice.source)
 
 
@@ -337,12 +291,3 @@ def _rows_per_call(num_texts: int, batch_size: int) -> int:
   """Rows of each decode call: the batch size, or for fewer texts the next
   power of two (few compiled shapes, and one text never pads to 4,096)."""
   return min(batch_size, 1 << max(num_texts - 1, 0).bit_length())
-
-
-def _certified_target_length(choice: ThresholdChoice) -> Optional[int]:
-  if choice.record is None:
-    return None
-  lengths = [d.get('feature_lengths', {}).get('targets') for d in
-             choice.record.get('fingerprint', {}).get('data', {}).values()]
-  lengths = [l for l in lengths if l]
-  return max(lengths) if lengths else None

@@ -9,8 +9,10 @@ import math
 import numbers
 from typing import Any, Optional, Sequence
 
+from calm_jax import errors
 
-class InputError(ValueError):
+
+class InputError(errors.UserError, ValueError):
   """A user argument of the wrong type or out of range."""
 
 

@@ -1,121 +1,320 @@
-"""t5x-style command lines for the entry points.
+"""Command lines as in t5x: absl flags plus gin.
 
-  --gin_file=PATH        (repeatable) config files, stacked in order
-  --gin.NAME=VALUE       (repeatable) bindings, e.g. --gin.MODEL_DIR="'runs/x'"
-  --gin_search_paths=A,B where `include` and --gin_file look for files
+  --gin_file=PATH         (repeatable) config files, stacked in order
+  --gin.NAME=VALUE        (repeatable) a binding or macro, e.g.
+                          --gin.MODEL_DIR="'runs/x'"  (same as
+                          --gin_bindings="MODEL_DIR = 'runs/x'")
+  --gin_search_paths=A,B  where `include` and --gin_file look for files
+  --help                  the command's usage, without loading the job
 
-Every user error ends as one line on stderr and a non-zero exit. Any entry
-point accepts any config: the configurables of all of them are registered
-before parsing, so one experiment file can hold a task's training, decoding
-and calibration settings.
+A command is light (absl and gin only); the job module behind it is imported
+after the flags parse, so `--help` and flag errors come at once. Every job's
+configurables are registered before the config is parsed, so one experiment
+file can hold a task's training, decoding and calibration settings, but a
+binding given on the command line must be one the job reads: an unknown or
+unused macro or binding is an error that names the closest valid ones.
+User errors (`errors.UserError`) print one line and exit 2; any other
+exception keeps its traceback (exit 1).
 """
+import difflib
 import importlib
+import inspect
 import os
 import pathlib
+import re
 import sys
-from typing import Callable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
-import gin
+# Before anything can import TensorFlow: its C++ start-up lines (CUDA probes
+# on a machine without a GPU) are noise for every job here.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-from calm_jax.parallel import multihost
-from calm_jax.tasks import data_settings as settings
+from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+import gin  # pylint: disable=g-import-not-at-top
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-# The jobs' configurables: every entry point accepts any of them.
-CONFIGURABLE_MODULES = ('calm_jax.jobs.train', 'calm_jax.jobs.decode',
-                        'calm_jax.jobs.calibrate', 'calm_jax.jobs.demo')
+from calm_jax import console  # pylint: disable=g-import-not-at-top
+from calm_jax import errors  # pylint: disable=g-import-not-at-top
 
-
-@gin.configurable(module='calm_jax')
-def data_settings(t5_vocabulary: str | None = None,
-                  tfds_data_dir: str | None = None,
-                  task_feature_lengths: dict | None = None) -> None:
-  """Run-wide data settings (see tasks/data_settings.py): where the paper
-  tasks read T5's vocabulary and TFDS data (None: the CALM_T5_VOCAB /
-  TFDS_DATA_DIR environment, else T5's defaults), and per-task lengths,
-  e.g. {'cnn_dailymail_v3': {'inputs': 1024, 'targets': 128}}."""
-  settings.set_overrides(t5_vocabulary=t5_vocabulary,
-                         tfds_data_dir=tfds_data_dir,
-                         task_feature_lengths=task_feature_lengths)
+PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent
+# Every job is configured with gin; all are registered before a config is
+# parsed, so that any config file parses in any job.
+JOBS = ('train', 'decode', 'calibrate', 'demo', 'report', 'validity',
+        'bench', 'convert')
+HELP_FLAGS = ('--help', '-h', '--helpshort', '--helpfull', '-help')
 
 
-@gin.configurable(module='calm_jax')
-def distributed(coordinator_address: str | None = None,
-                num_processes: int | None = None,
-                process_id: int | None = None,
-                coordinator_bind_address: str | None = None,
-                auto: bool = False) -> bool:
-  """Joins a multi-process run before anything touches a device (see
-  multihost.initialize): from these bindings, else the CALM_COORDINATOR_*
-  / CALM_NUM_PROCESSES / CALM_PROCESS_ID environment, else one process.
-  `auto=True` lets JAX find a TPU pod slice or a SLURM / MPI cluster."""
-  return multihost.initialize(coordinator_address, num_processes, process_id,
-                              coordinator_bind_address, auto)
+class UsageError(errors.UserError, ValueError):
+  """A bad command line or config."""
 
 
-class UsageError(ValueError):
-  """Bad command line or config."""
+def gin_search_paths() -> list[str]:
+  """Where gin files are found besides the working directory: the folder
+  that holds `gin/` (a source checkout, or the installed package, which
+  ships the files as calm_jax/gin), and `gin/` itself."""
+  for root in (PACKAGE_ROOT, PACKAGE_ROOT.parent):
+    if (root / 'gin').is_dir():
+      return [str(root), str(root / 'gin')]
+  return []
 
 
-def split_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-  """argv -> (gin files, bindings, search paths); unknown flags are errors."""
-  files, bindings, paths = [], [], []
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (t5x's spelling)."""
+  out = []
   for arg in argv:
-    if arg.startswith('--gin_file='):
-      files.append(arg.split('=', 1)[1])
-    elif arg.startswith('--gin.'):
-      name, _, value = arg[len('--gin.'):].partition('=')
-      if not value:
+    if arg.startswith('--gin.'):
+      name, sep, value = arg[len('--gin.'):].partition('=')
+      if not sep or not name or not value:
         raise UsageError(f'{arg!r}: expected --gin.NAME=VALUE')
-      bindings.append(f'{name} = {value}')
-    elif arg.startswith('--gin_search_paths='):
-      paths += [p for p in arg.split('=', 1)[1].split(',') if p]
-    else:
-      raise UsageError(f'unknown flag {arg!r}; use --gin_file=..., '
-                       '--gin.NAME=VALUE, --gin_search_paths=...')
-  return files, bindings, paths
+      arg = f'--gin_bindings={name} = {value}'
+    out.append(arg)
+  return out
+
+
+def _flag_values() -> absl_flags.FlagValues:
+  values = absl_flags.FlagValues()
+  absl_flags.DEFINE_multi_string(
+      'gin_file', [], 'a gin config file (repeatable, stacked in order)',
+      flag_values=values)
+  absl_flags.DEFINE_multi_string(
+      'gin_bindings', [], "a binding 'NAME = VALUE' (repeatable); "
+      '--gin.NAME=VALUE is the same', flag_values=values)
+  absl_flags.DEFINE_list(
+      'gin_search_paths', [], 'folders where include and --gin_file look',
+      flag_values=values)
+  return values
+
+
+def parse_flags(argv: Sequence[str]) -> absl_flags.FlagValues:
+  """argv (program name excluded) -> parsed flags; UsageError if bad."""
+  values = _flag_values()
+  try:
+    rest = values(['calm_jax', *rewrite_gin_args(argv)])
+  except absl_flags.UnrecognizedFlagError as e:
+    raise UsageError(
+        f'unknown flag --{e.flagname}{_close(e.flagname, values)}; flags '
+        'are --gin_file, --gin.NAME=VALUE, --gin_bindings, '
+        '--gin_search_paths, --help') from e
+  except absl_flags.Error as e:
+    raise UsageError(errors.first_line(e)) from e
+  if rest[1:]:
+    raise UsageError(f'unexpected argument {rest[1]!r}; flags are '
+                     '--gin_file=..., --gin.NAME=VALUE, --gin_search_paths')
+  return values
 
 
 def _resolve(path: str, search_paths: Sequence[str]) -> str:
   for root in ['', *search_paths]:
     candidate = os.path.join(root, path)
-    if os.path.exists(candidate):
+    if os.path.isfile(candidate):
       return candidate
   raise UsageError(f'gin file not found: {path} (searched: '
                    f'{", ".join(["."] + list(search_paths))})')
 
 
-def _register_configurables() -> None:
-  for module in CONFIGURABLE_MODULES:
-    importlib.import_module(module)
+# --- gin errors made readable ----------------------------------------------
+
+def _registered_selectors() -> list[str]:
+  return sorted({c.selector for _, c in gin.config._REGISTRY.items()})  # pylint: disable=protected-access
 
 
-def parse(argv: Sequence[str]) -> None:
-  """Parses gin files and bindings from argv (program name excluded)."""
-  files, bindings, paths = split_flags(argv)
-  paths = [*paths, str(REPO_ROOT)]
+def _parameters(selector: str) -> list[str]:
+  match = gin.config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+  if match is None:
+    return []
+  return list(inspect.signature(match.wrapped).parameters)
+
+
+def _close(word: str, choices: Iterable[str], n: int = 3) -> str:
+  found = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
+  return f' (did you mean {" or ".join(found)}?)' if found else ''
+
+
+def _gin_error(error: Exception) -> UsageError:
+  """gin's multi-line error -> one line naming the file, line and fix."""
+  lines = [line.strip() for line in str(error).splitlines()]
+  head = errors.first_line(error)
+  where = next((line for line in lines[1:] if line.startswith('In ')), '')
+  if where.startswith('In bindings string') and lines[-1] != where:
+    where = f'in the binding {lines[-1]!r}'
+  if isinstance(error, SyntaxError) and getattr(error, 'filename', None):
+    where = f'In {error.filename}, line {error.lineno}'
+  unknown = re.match(r"No configurable matching '([^']+)'", head)
+  if unknown:
+    head += _close(unknown.group(1), _registered_selectors())
+  unknown = re.match(r"Configurable '([^']+)' doesn't have a parameter "
+                     r"named '([^']+)'", head)
+  if unknown:
+    head += _close(unknown.group(2), _parameters(unknown.group(1)))
+  return UsageError(f'bad gin config: {head}' + (f' [{where}]' if where
+                                                  else ''))
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> None:
+  """Parses gin files and bindings into a fresh config."""
+  paths = [*search_paths, *gin_search_paths()]
+  gin.clear_config()
   for path in paths:
     gin.add_config_file_search_path(path)
   files = [_resolve(f, paths) for f in files]
-  _register_configurables()
   try:
     gin.parse_config_files_and_bindings(files, bindings,
-                                        finalize_config=True)
-  except (ValueError, IOError, SyntaxError) as e:
-    message = ' '.join(str(e).split('\n')[:1]) or type(e).__name__
-    raise UsageError(f'bad gin config: {message}') from e
-
-
-def run(main: Callable[[], object], argv: Sequence[str] | None = None,
-        user_errors: tuple[type[BaseException], ...] = ()) -> None:
-  """Parses flags, runs main(); user errors print one line and exit 2."""
-  argv = sys.argv[1:] if argv is None else argv
+                                        finalize_config=False)
+  except (ValueError, IOError, SyntaxError, KeyError) as e:
+    raise _gin_error(e) from e
+  except Exception as e:  # tokenize.TokenError: an unclosed bracket
+    if type(e).__name__ != 'TokenError':
+      raise
+    raise UsageError(f'bad gin config: unbalanced brackets or quotes '
+                     f'({e})') from e
   try:
-    parse(argv)
-    distributed()
-    data_settings()
-    main()
-  except (UsageError, *user_errors) as e:
-    text = str(e).strip().splitlines()
-    print(f'error: {text[0] if text else type(e).__name__}', file=sys.stderr)
-    sys.exit(2)
+    gin.finalize()
+  except ValueError as e:  # a %gin.REQUIRED macro left unset
+    missing = re.match(r'(\w+)/macro.value set to `%gin.REQUIRED`', str(e))
+    if not missing:
+      raise
+    name = missing.group(1)
+    raise UsageError(f'{name} is required: set it with --gin.{name}=...'
+                     ) from e
+
+
+# --- what a job reads -------------------------------------------------------
+
+def _macro_references(value: Any) -> Iterable[str]:
+  """Names of the macros (%NAME) inside a bound value."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    selector = value.scoped_selector
+    if selector.endswith('/gin.macro'):
+      yield selector[:-len('/gin.macro')]
+  elif isinstance(value, (list, tuple, set)):
+    for item in value:
+      yield from _macro_references(item)
+  elif isinstance(value, dict):
+    for item in value.values():
+      yield from _macro_references(item)
+
+
+def macros_read_by(selectors: Sequence[str]) -> set[str]:
+  """The macros that bindings of these configurables use, also through
+  other macros."""
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  pending = [ref for (scope, selector), params in config.items()
+             if selector in selectors
+             for value in params.values() for ref in _macro_references(value)]
+  seen = set()
+  while pending:
+    name = pending.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    pending += list(_macro_references(
+        config.get((name, 'gin.macro'), {}).get('value')))
+  return seen
+
+
+def _binding_name(binding: str) -> str:
+  return binding.split('=', 1)[0].strip()
+
+
+def _canonical(selector: str) -> Optional[str]:
+  match = gin.config._REGISTRY.get_match(selector.split('/')[-1])  # pylint: disable=protected-access
+  return None if match is None else match.selector
+
+
+def check_command_line(bindings: Sequence[str], reads: Sequence[str],
+                       job: str) -> None:
+  """Each command-line binding must reach the job: a macro that some
+  binding of the job's configurables uses, or a parameter of one of them."""
+  macros = macros_read_by(reads)
+  for binding in bindings:
+    name = _binding_name(binding)
+    if '.' not in name and '/' not in name:
+      if name not in macros:
+        raise UsageError(
+            f'--gin.{name} is not used by calm_jax.{job}'
+            f'{_close(name, macros)}; its macros: '
+            f'{", ".join(sorted(macros)) or "none"}')
+      continue
+    selector = _canonical(name.rsplit('.', 1)[0])
+    if selector not in reads:
+      raise UsageError(
+          f'--gin.{name}: calm_jax.{job} does not read {selector}; it '
+          f'reads {", ".join(reads)}')
+
+
+def check_required(reads: Sequence[str]) -> None:
+  """Every gin.REQUIRED parameter of the job's configurables is bound."""
+  for selector in reads:
+    match = gin.config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+    if match is None:
+      continue
+    for name, param in inspect.signature(match.wrapped).parameters.items():
+      if param.default is not gin.REQUIRED:
+        continue
+      try:
+        gin.query_parameter(f'{selector}.{name}')
+      except ValueError:
+        macro = name.upper()
+        raise UsageError(
+            f'{selector} needs {name}: set it in a gin file or with '
+            f'--gin.{selector}.{name}=... (the run files use '
+            f'--gin.{macro}=...)') from None
+
+
+# --- running a command ------------------------------------------------------
+
+def load_jobs(job: str):
+  """The job's module, after registering every job's configurables."""
+  if job not in JOBS:
+    raise UsageError(f'unknown job {job!r}; valid: {", ".join(JOBS)}')
+  for name in JOBS:
+    importlib.import_module(f'calm_jax.jobs.{name}')
+  return importlib.import_module(f'calm_jax.jobs.{job}')
+
+
+def parse(argv: Sequence[str]) -> None:
+  """Parses a command line's gin files and bindings (all jobs registered),
+  without running anything: what tests and notebooks use."""
+  flags = parse_flags(argv)
+  load_jobs('train')
+  parse_gin(flags.gin_file, flags.gin_bindings, flags.gin_search_paths)
+
+
+def run_command(job: str, doc: str, argv: Sequence[str]) -> int:
+  """Runs a job from its command line; returns the exit status. User
+  errors print one line and give 2; other exceptions propagate."""
+  if any(arg in HELP_FLAGS for arg in argv):
+    print(doc.strip() + '\n\nflags:\n' + _flag_help())
+    return 0
+  console.show_warnings()
+  try:
+    flags = parse_flags(argv)
+    with console.native_stderr_hidden():
+      module = load_jobs(job)
+    environment = importlib.import_module('calm_jax.jobs.environment')
+    # Jobs with one run file of their own (report, validity, bench,
+    # convert) read it when no --gin_file is given.
+    gin_files = flags.gin_file or getattr(module, 'DEFAULT_GIN_FILES', ())
+    parse_gin(gin_files, flags.gin_bindings, flags.gin_search_paths)
+    reads = (*module.READS, *environment.READS)
+    check_command_line(flags.gin_bindings, reads, job)
+    check_required(reads)
+    environment.setup()
+    module.run()
+  except errors.UserError as e:
+    print(f'error: {errors.first_line(e)}', file=sys.stderr)
+    return 2
+  return 0
+
+
+def _flag_help() -> str:
+  lines = [f'  --{flag.name}: {flag.help}'
+           for flag in _flag_values()._flags().values()]  # pylint: disable=protected-access
+  lines.append("  --gin.NAME=VALUE: the same as --gin_bindings='NAME = VALUE'")
+  lines.append('  --help: this text')
+  return '\n'.join(sorted(set(lines)))
+
+
+def main(job: str, doc: str, argv: Optional[Sequence[str]] = None) -> None:
+  """The `python -m calm_jax.<job>` entry: exits with run_command's status."""
+  sys.exit(run_command(job, doc, sys.argv[1:] if argv is None else argv))

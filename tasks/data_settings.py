@@ -16,6 +16,8 @@ import os
 import socket
 from typing import Mapping, Optional
 
+from calm_jax import errors
+
 DEFAULT_T5_VOCABULARY = 'gs://t5-data/vocabs/cc_all.32000/sentencepiece.model'
 VOCABULARY_ENV = 'CALM_T5_VOCAB'
 TFDS_DATA_DIR_ENV = 'TFDS_DATA_DIR'
@@ -26,7 +28,7 @@ _overrides: dict = {'t5_vocabulary': None, 'tfds_data_dir': None,
                     'task_feature_lengths': {}}
 
 
-class VocabularyError(ValueError):
+class VocabularyError(errors.UserError, ValueError):
   """The T5 vocabulary cannot be read."""
 
 

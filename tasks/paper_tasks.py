@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import seqio
 import tensorflow as tf
 
+from calm_jax.data import task_info
 from calm_jax.evaluation import metrics
 from calm_jax.tasks import data_settings
 
@@ -143,13 +144,11 @@ TASKS = {
         metrics.squad, 'f1', {'inputs': 512, 'targets': 32},
         postprocess_fn=squad_references),
 }
-FEATURE_LENGTHS = {name: task.feature_lengths for name, task in TASKS.items()}
-HEADLINE_METRICS = {name: task.headline_metric for name, task in TASKS.items()}
-
-
 def register() -> None:
   """Registers the three tasks (idempotent)."""
   for name, task in TASKS.items():
+    task_info.register(name, feature_lengths=task.feature_lengths,
+                       headline=task.headline_metric)
     if name in seqio.TaskRegistry.names():
       continue
     seqio.TaskRegistry.add(

@@ -10,6 +10,7 @@ import pathlib
 import seqio
 import tensorflow as tf
 
+from calm_jax.data import task_info
 from calm_jax.evaluation import metrics
 from calm_jax.tasks import synthetic
 
@@ -47,7 +48,9 @@ def _dataset_fn(generator: str, split: str, shuffle_files: bool,
 
 def register() -> None:
   """Registers the tasks and the mixture (idempotent)."""
-  for name, (generator, _, metric_fn) in TASKS.items():
+  for name, (generator, headline, metric_fn) in TASKS.items():
+    task_info.register(name, feature_lengths=FEATURE_LENGTHS[name],
+                       headline=headline)
     if name in seqio.TaskRegistry.names():
       continue
     seqio.TaskRegistry.add(

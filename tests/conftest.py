@@ -29,3 +29,24 @@ def no_network():
   socket.socket.connect = _local_only_connect
   yield
   socket.socket.connect = _real_connect
+
+
+@pytest.fixture(scope='session')
+def tiny_model_dir(tmp_path_factory):
+  """A tiny model trained for 3 steps on synth_qa, with an exit classifier
+  (2 steps), made once per test session through the train command. Tests
+  that write into a model dir take a copy (`shutil.copytree`)."""
+  import entry_points  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp('tiny_model') / 'model'
+  common = [f"--gin.MODEL_DIR='{path}'",
+            "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.BATCH_SIZE=8',
+            '--gin.calm_jax.train.progress=False']
+  result = entry_points.run_module(
+      'calm_jax.train', '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+      '--gin_file=gin/runs/train.gin', '--gin.TRAIN_STEPS=3', *common)
+  assert result.returncode == 0, result.stderr[-2000:]
+  result = entry_points.run_module(
+      'calm_jax.train', '--gin_file=gin/runs/train_classifier.gin',
+      '--gin.TRAIN_STEPS=2', *common)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return path

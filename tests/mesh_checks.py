@@ -153,23 +153,26 @@ def decode_checks(params):
   tokens[3, 6:] = 0  # a padded row
   tokens = tokens.astype(np.int32)
   params = jax.device_get(params)
-  single = engine.early_exit_fn(model, exit_config, 10)
+  program = ('early', exit_config)  # the engine's program key
+  single = engine.decode_fn(model, program, 10)
+  forced = np.zeros((16, 1), np.int32)  # unused by the early-exit program
   # Every token exits at layer 1 at threshold 0; the median of those
   # confidences as the threshold spreads the exits over the layers.
   eager = jax.device_get(single(params, None, tokens, np.float32(0.0),
-                                jax.random.PRNGKey(0)))
+                                jax.random.PRNGKey(0), forced))
   threshold = float(np.quantile(eager.confidences[eager.exit_layers > 0],
                                 0.5))
   reference = jax.device_get(single(params, None, tokens,
                                     np.float32(threshold),
-                                    jax.random.PRNGKey(0)))
+                                    jax.random.PRNGKey(0), forced))
   mesh = partitioning.make_mesh((4, 2))
-  sharded = engine.early_exit_fn(model, exit_config, 10, mesh)
+  sharded = engine.decode_fn(model, program, 10, mesh)
   placed = jax.device_put(params, partitioning.param_shardings(
       model.param_axes(), mesh))
   out = sharded(placed, None, partitioning.global_batch(tokens, mesh),
                 partitioning.replicate(np.float32(threshold), mesh),
-                partitioning.replicate(jax.random.PRNGKey(0), mesh))
+                partitioning.replicate(jax.random.PRNGKey(0), mesh),
+                partitioning.global_batch(forced, mesh))
   exits = reference.exit_layers[reference.exit_layers > 0]
   return {
       'threshold': threshold,

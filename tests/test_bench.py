@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from calm_jax import arguments
 from calm_jax.jobs import bench
 from calm_jax.model import models
 from calm_jax.model import network
@@ -66,8 +67,9 @@ def test_bf16_case_and_dtype_flag(tmp_path):
   case, _ = _case(tiny, 2, 'softmax', 'exit@1')
   assert case['dtype'] == 'bfloat16' and case['avg_layers'] == 1.0
   assert '| bfloat16 | 2 | softmax | exit@1 |' in bench.markdown_table([case])
-  with pytest.raises(SystemExit, match="unknown dtype 'float16'"):
-    bench.main(['--dtype', 'float16', '--output', str(tmp_path / 'b.json')])
+  with pytest.raises(arguments.InputError, match="unknown dtype 'float16'"):
+    bench.bench(dtypes=['float16'], output=str(tmp_path / 'b.json'))
+  assert not (tmp_path / 'b.json').exists()
 
 
 def test_token_agreement_counts_positions_up_to_the_longer_output():

@@ -13,6 +13,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top,g-multiple-import
 
+import entry_points  # tests/entry_points.py
 from calm_jax.storage import checkpoints
 from calm_jax.jobs import convert
 from calm_jax.model import models
@@ -118,7 +119,7 @@ def test_tied_checkpoint_folds_the_output_scale(tmp_path):
 def test_export_round_trips_every_tensor(untied, tmp_path):
   hf_dir, model_dir, hf_model, _, _ = untied
   out = str(tmp_path / 'exported')
-  convert.main(['--model_dir', model_dir, '--to_hf', out])
+  convert.convert(model_dir=model_dir, to_hf=out)
   original = load_file(os.path.join(hf_dir, convert.SAFETENSORS))
   exported = load_file(os.path.join(out, convert.SAFETENSORS))
   assert sorted(exported) == sorted(original)
@@ -163,7 +164,7 @@ def test_missing_extra_and_misshapen_tensors_are_named(untied):
     convert.hf_to_params(tensors, config)
 
 
-def test_cli_error_is_one_line_and_writes_nothing(untied, tmp_path, capsys):
+def test_cli_error_is_one_line_and_writes_nothing(untied, tmp_path):
   hf_dir = untied[0]
   broken = tmp_path / 'broken'
   shutil.copytree(hf_dir, broken)
@@ -171,10 +172,11 @@ def test_cli_error_is_one_line_and_writes_nothing(untied, tmp_path, capsys):
   del tensors['encoder.final_layer_norm.weight']
   save_file(tensors, str(broken / convert.SAFETENSORS))
   target = tmp_path / 'model'
-  with pytest.raises(SystemExit) as exit_info:
-    convert.main(['--from_hf', str(broken), '--to', str(target)])
-  assert exit_info.value.code == 2
-  assert capsys.readouterr().err.strip() == (
+  result = entry_points.run_module('calm_jax.convert',
+                                   f"--gin.FROM_HF='{broken}'",
+                                   f"--gin.MODEL_DIR='{target}'")
+  assert result.returncode == 2
+  assert result.stderr.strip() == (
       'error: missing tensor encoder.final_layer_norm.weight')
   assert not target.exists()
 

@@ -35,14 +35,14 @@ def model_dir(tmp_path_factory):
 def test_decode_writes_jsonl_and_summary(model_dir, tmp_path):
   out = tmp_path / 'decode'
   result = _run('calm_jax.decode', '--gin_file=gin/runs/decode.gin',
-                f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                f"--gin.MODEL_DIR='{model_dir}'",
                 "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
                 "--gin.CONFIDENCE='classifier'", '--gin.THRESHOLD=0.5',
-                '--gin.calm_jax.decode.num_examples=6',
-                '--gin.calm_jax.decode.batch_size=4',
-                f"--gin.calm_jax.decode.output_dir='{out}'",
+                '--gin.calm_jax.DecodeInputs.num_examples=6',
+                '--gin.calm_jax.RunSettings.batch_size=4',
+                f"--gin.OUTPUT_DIR='{out}'",
                 f"--gin.EXIT_MAP='{tmp_path / 'maps'}'",
-                '--gin.calm_jax.decode.exit_map_examples=3')
+                '--gin.calm_jax.OutputSettings.exit_map_examples=3')
   assert result.returncode == 0, result.stderr[-2000:]
   lines = (out / 'synth_qa.jsonl').read_text().splitlines()
   assert len(lines) == 6
@@ -67,7 +67,7 @@ def test_decode_writes_jsonl_and_summary(model_dir, tmp_path):
 
 def test_decode_rejects_unknown_measure(model_dir):
   result = _run('calm_jax.decode', '--gin_file=gin/runs/decode.gin',
-                f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                f"--gin.MODEL_DIR='{model_dir}'",
                 "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
                 "--gin.CONFIDENCE='entropy'")
   assert result.returncode == 2
@@ -99,7 +99,7 @@ def test_python_api_generate(model_dir):
 
 def _calibrate(model_dir, *extra):
   return _run('calm_jax.calibrate', '--gin_file=gin/runs/calibrate.gin',
-              f"--gin.CHECKPOINT_PATH='{model_dir}'",
+              f"--gin.MODEL_DIR='{model_dir}'",
               "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
               '--gin.calm_jax.calibrate.num_examples=12',
               '--gin.calm_jax.calibrate.grid_step=0.25', *extra)
@@ -131,11 +131,11 @@ def test_calibrate_writes_a_record_that_decode_uses(model_dir, tmp_path):
 
   out = tmp_path / 'decode'
   decoded = _run('calm_jax.decode', '--gin_file=gin/runs/decode.gin',
-                 f"--gin.CHECKPOINT_PATH='{model_dir}'",
+                 f"--gin.MODEL_DIR='{model_dir}'",
                  "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
                  "--gin.CONFIDENCE='state'",
-                 '--gin.calm_jax.decode.num_examples=4',
-                 f"--gin.calm_jax.decode.output_dir='{out}'")
+                 '--gin.calm_jax.DecodeInputs.num_examples=4',
+                 f"--gin.OUTPUT_DIR='{out}'")
   assert decoded.returncode == 0, decoded.stderr[-2000:]
   summary = json.loads((out / 'summary.json').read_text())
   assert 'synth_qa_state_textual_delta0.5_eps0.2_' in summary[
@@ -199,17 +199,22 @@ def test_bf16_calibrate_decode_and_generate(model_dir, tmp_path):
   from calm_jax.jobs import calibrate  # pylint: disable=g-import-not-at-top
   from calm_jax.jobs import decode  # pylint: disable=g-import-not-at-top
   from calm_jax.tasks import synthetic  # pylint: disable=g-import-not-at-top
+  from calm_jax.jobs import settings  # pylint: disable=g-import-not-at-top
+  bf16 = settings.RunSettings(batch_size=4, dtype='bfloat16')
   record = calibrate.calibrate(
-      checkpoint_path=str(model_dir), mixture_or_task_name='synth_qa',
-      delta=0.3, epsilon=0.2, confidence='softmax', num_examples=8,
-      batch_size=4, grid_step=0.5, dtype='bfloat16')
+      model_dir=str(model_dir), mixture_or_task_name='synth_qa',
+      delta=0.3, epsilon=0.2, num_examples=8, grid_step=0.5,
+      exits=settings.ExitSettings(confidence='softmax'), runtime=bf16)
   assert record['dtype'] == 'bfloat16' and record['n'] == 8
   assert (model_dir / 'calibration' /
           f"{record['name']}.json").is_file()
   summary = decode.decode(
-      checkpoint_path=str(model_dir), mixture_or_task_name='synth_qa',
-      output_dir=str(tmp_path / 'decode'), num_examples=4, batch_size=4,
-      confidence='classifier', threshold=0.0, dtype='bfloat16')
+      model_dir=str(model_dir), threshold=0.0,
+      inputs=settings.DecodeInputs(mixture_or_task_name='synth_qa',
+                                   num_examples=4),
+      exits=settings.ExitSettings(confidence='classifier'),
+      output=settings.OutputSettings(output_dir=str(tmp_path / 'decode')),
+      runtime=bf16)
   assert summary['dtype'] == 'bfloat16'
   assert summary['tasks']['synth_qa']['avg_decoder_layers'] == 1.0
   texts = [synthetic.generate('qa', 'test', i)['inputs'] for i in range(3)]

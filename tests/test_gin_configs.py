@@ -5,7 +5,6 @@ import os
 import gin
 import pytest
 
-from calm_jax.jobs import demo  # pylint: disable=unused-import (demo.gin binds it)
 from calm_jax import cli
 from calm_jax.model import network
 from calm_jax.jobs import train
@@ -15,7 +14,7 @@ GIN_FILES = sorted(os.path.relpath(p, REPO) for p in
                    glob.glob(os.path.join(REPO, 'gin', '**', '*.gin'),
                              recursive=True))
 # Values for the macros that files leave to the command line.
-REQUIRED = ["--gin.MODEL_DIR='/tmp/model'", "--gin.CHECKPOINT_PATH='/tmp/m'",
+REQUIRED = ["--gin.MODEL_DIR='/tmp/model'", "--gin.MODEL_DIR='/tmp/m'",
             "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.DELTA=0.1',
             "--gin.INITIAL_CHECKPOINT_PATH='/tmp/init'"]
 
@@ -80,14 +79,13 @@ def test_paper_experiments_hold_the_whole_recipe(name, task):
   assert train.T5Config() == network.T5Config(
       vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
       num_encoder_layers=8, num_decoder_layers=8, dropout_rate=0.1)
-  for job in ('train', 'calibrate', 'decode'):
-    assert _value(
-        f'calm_jax.{job}.mixture_or_task_name') == task
+  for selector in ('train', 'calibrate', 'DecodeInputs'):
+    assert _value(f'calm_jax.{selector}.mixture_or_task_name') == task
   assert _value('calm_jax.train.initial_checkpoint_path')
   assert _value('calm_jax.train.loss_weighting') == 'linear'
   assert _value('calm_jax.calibrate.delta') == [
       0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
-  tau = _value('calm_jax.calibrate.tau')
+  tau = _value('calm_jax.ExitSettings.tau')
   assert tau == (None if name == 'squad' else 4.0)
   assert _value('calm_jax.decode.calibration_record') == (
       f'{task}_softmax_textual_delta0.25_eps0.05')

@@ -15,6 +15,7 @@ from calm_jax.jobs import calibrate
 from calm_jax.storage import checkpoints
 from calm_jax.jobs import decode
 from calm_jax import cli
+from calm_jax.jobs import environment
 from calm_jax.jobs import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def _configure(flags: list[str]) -> None:
   """What an entry point does before running its job."""
   gin.clear_config()
   cli.parse(flags + SHARED)
-  cli.data_settings()
+  environment.data_settings()
 
 
 def _max_abs_diff(a, b) -> float:
@@ -59,17 +60,17 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
                   f"--gin.INITIAL_CHECKPOINT_PATH='{init_dir}'",
                   '--gin.TRAIN_STEPS=2', '--gin.DELTA=[0.1, 0.25]',
                   '--gin.calm_jax.calibrate.num_examples=6',
-                  '--gin.calm_jax.calibrate.batch_size=2',
-                  '--gin.calm_jax.decode.num_examples=4',
-                  '--gin.calm_jax.decode.batch_size=2',
-                  f"--gin.calm_jax.decode.output_dir='{tmp_path / 'out'}'"])
+                  '--gin.calm_jax.RunSettings.batch_size=2',
+                  '--gin.calm_jax.DecodeInputs.num_examples=4',
+                  '--gin.calm_jax.RunSettings.batch_size=2',
+                  f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'"])
       config = train.T5Config()
       train.train()
       records = calibrate.calibrate()
       summary = decode.decode()
   finally:
     gin.clear_config()
-    cli.data_settings()  # back to the defaults
+    environment.data_settings()  # back to the defaults
 
   # Fine-tuning started from the initial model (seed 1), not from a fresh
   # init (seed 0): two small Adafactor steps stay close to the former.

@@ -1,8 +1,6 @@
 """The paper's SeqIO tasks, offline: TFDS mocks, a stand-in vocabulary,
 T5's preprocessing conventions and fail-fast errors for missing inputs."""
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -10,8 +8,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import entry_points  # tests/entry_points.py
+
 from calm_jax.data import pipeline
-from calm_jax.evaluation import engine
 from calm_jax.evaluation import metrics
 from calm_jax.tasks import data_settings
 from calm_jax.tasks import paper_tasks
@@ -118,17 +117,17 @@ def test_task_yields_tokenised_batches_under_mock_data(task, standin_vocab):
   vocab = paper_tasks.VOCABULARY
   lengths = pipeline.feature_lengths(task)
   with tfds.testing.mock_data(num_examples=4):
-    examples = pipeline.eval_examples(task, 'validation', num_examples=3)
+    examples = pipeline.task_examples(task, 'validation', num_examples=3)
     batch = next(pipeline.train_batches(task, batch_size=2))
-  assert len(examples) == 3
-  for ex in examples:
-    inputs_text = ex['inputs_pretokenized'].decode()
-    assert inputs_text.startswith(PREFIXES[task])
-    for feature in ('inputs', 'targets'):
-      tokens = list(ex[feature])
+  assert len(examples) == 3 and examples.lengths == lengths
+  for ex in examples.examples:
+    assert ex.inputs.startswith(PREFIXES[task])
+    for text, tokens, length in ((ex.inputs, ex.input_ids, lengths['inputs']),
+                                 (ex.targets, ex.target_ids,
+                                  lengths['targets'])):
+      tokens = list(tokens)
       assert tokens[-1] == 1 and 1 not in tokens[:-1]  # one EOS, at the end
-      assert 2 < len(tokens) <= lengths[feature]
-      text = ex[f'{feature}_pretokenized'].decode()
+      assert 2 < len(tokens) <= length
       assert vocab.decode(tokens[:-1]) == ' '.join(text.split())
   assert batch['encoder_input_tokens'].shape == (2, lengths['inputs'])
   targets = batch['decoder_target_tokens']
@@ -141,17 +140,15 @@ def test_task_yields_tokenised_batches_under_mock_data(task, standin_vocab):
 
 def test_squad_eval_batches_keep_every_reference(standin_vocab):
   with tfds.testing.mock_data(num_examples=4):
-    examples = pipeline.eval_examples('squad_v010_allanswers', 'validation',
-                                  num_examples=2)
-    batch = next(engine.eval_batches('squad_v010_allanswers',
-                                         'validation', batch_size=2,
-                                         num_examples=2))
-  for ex, references in zip(examples, batch.references):
-    assert references == [a.decode() for a in ex['answers']]
-    assert references[0] == ex['targets_pretokenized'].decode()
-  assert pipeline.per_example_metric('squad_v010_allanswers') == 'f1'
-  assert pipeline.per_example_metric('cnn_dailymail_v3') == 'rougeL'
-  assert pipeline.per_example_metric('wmt15_enfr') == 'bleu'
+    examples = pipeline.task_examples('squad_v010_allanswers', 'validation',
+                                      num_examples=2)
+  for ex, references in zip(examples.examples, examples.references):
+    assert isinstance(references, list) and references == ex.references
+    assert references[0] == ex.targets
+  per_example = lambda task: pipeline.task_metrics(task).per_example()
+  assert per_example('squad_v010_allanswers') == 'f1'
+  assert per_example('cnn_dailymail_v3') == 'rougeL'
+  assert per_example('wmt15_enfr') == 'bleu'
 
 
 def _cnn_highlights_dataset(self, *args, **kwargs):
@@ -166,11 +163,11 @@ def test_cnn_dailymail_is_scored_on_highlight_lines_as_t5(standin_vocab):
   # TFDS 3.4.0 layout: a highlight a line. T5's pipeline scores this
   # prediction rougeLsum 100; joining the lines with spaces gave 50.
   with tfds.testing.mock_data(as_dataset_fn=_cnn_highlights_dataset):
-    batch = next(engine.eval_batches('cnn_dailymail_v3', 'validation',
-                                         batch_size=1, num_examples=1))
-  assert batch.references == ['Police said so.\nTwo men died.']
-  scores = engine.task_metric_fn('cnn_dailymail_v3')(
-      batch.references, ['Two men died. Police said so.'])
+    examples = pipeline.task_examples('cnn_dailymail_v3', 'validation',
+                                      num_examples=1)
+  assert examples.references == ['Police said so.\nTwo men died.']
+  scores = examples.metrics.scores(examples.references,
+                                   ['Two men died. Police said so.'])
   assert scores['rougeLsum'] == pytest.approx(100.0)
   assert scores['rougeL'] == pytest.approx(50.0)
 
@@ -214,7 +211,7 @@ def test_missing_tfds_data_fails_fast(standin_vocab, tmp_path):
   try:
     with pytest.raises(pipeline.DataError,
                        match=r'no TFDS data .*wmt15_translate.*tfds build'):
-      pipeline.eval_examples('wmt15_enfr', 'validation', num_examples=1)
+      pipeline.task_examples('wmt15_enfr', 'validation', num_examples=1)
   finally:
     data_settings.set_overrides(t5_vocabulary=STANDIN_VOCAB)
     pipeline.check_ready('synth_qa', 'validation')  # drops the dir override
@@ -223,24 +220,23 @@ def test_missing_tfds_data_fails_fast(standin_vocab, tmp_path):
 
 def test_train_entry_point_stops_in_one_line_before_writing(tmp_path):
   model_dir = tmp_path / 'model'
-  cmd = [sys.executable, '-m', 'calm_jax.train',
-         '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
-         '--gin_file=gin/runs/train.gin',
-         f"--gin.MODEL_DIR='{model_dir}'",
-         "--gin.MIXTURE_OR_TASK_NAME='squad_v010_allanswers'",
-         '--gin.calm_jax.T5Config.vocab_size=1152',
-         f"--gin.calm_jax.data_settings.tfds_data_dir='{tmp_path}'"]
-  env = {k: v for k, v in os.environ.items() if 'proxy' not in k.lower()}
-  missing_vocab = subprocess.run(
-      cmd + ["--gin.calm_jax.data_settings.t5_vocabulary='/no/spm.model'"],
-      cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
-  assert missing_vocab.returncode == 2
+  args = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+          '--gin_file=gin/runs/train.gin',
+          f"--gin.MODEL_DIR='{model_dir}'",
+          "--gin.MIXTURE_OR_TASK_NAME='squad_v010_allanswers'",
+          '--gin.calm_jax.T5Config.vocab_size=1152',
+          f"--gin.calm_jax.data_settings.tfds_data_dir='{tmp_path}'"]
+  # New processes: the vocabulary this process loaded stays cached in it.
+  missing_vocab = entry_points.run_subprocess(
+      'calm_jax.train', *args,
+      "--gin.calm_jax.data_settings.t5_vocabulary='/no/spm.model'")
+  assert missing_vocab.returncode == 2, missing_vocab.stderr
   assert missing_vocab.stderr.strip().splitlines()[-1].startswith(
       'error: T5 vocabulary not found at /no/spm.model')
-  missing_data = subprocess.run(
-      cmd + [f"--gin.calm_jax.data_settings.t5_vocabulary='{STANDIN_VOCAB}'"],
-      cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
-  assert missing_data.returncode == 2
+  missing_data = entry_points.run_subprocess(
+      'calm_jax.train', *args,
+      f"--gin.calm_jax.data_settings.t5_vocabulary='{STANDIN_VOCAB}'")
+  assert missing_data.returncode == 2, missing_data.stderr
   assert missing_data.stderr.strip().splitlines()[-1].startswith(
       "error: no TFDS data for task 'squad_v010_allanswers'")
   assert not model_dir.exists()

@@ -37,6 +37,10 @@ def test_risk_vs_delta(tmp_path):
   path = tmp_path / 'risk.png'
   plots.risk_vs_delta(rows, str(path))
   _check_png(path, (1000, 400))
+  banded = tmp_path / 'banded.png'
+  plots.risk_vs_delta([dict(r, splits=50) for r in rows], str(banded))
+  _check_png(banded, (1000, 400))
+  assert banded.read_bytes() != path.read_bytes()  # the noise band is drawn
 
 
 def test_quality_vs_layers(tmp_path):
@@ -83,7 +87,40 @@ def test_write_exit_map_writes_html_and_png(tmp_path):
   html_path, png_path = plots.write_exit_map(
       EXAMPLES, 8, 'exit map', str(tmp_path / 'm.html'),
       str(tmp_path / 'm.png'))
-  assert open(html_path).read().count('data-layer=') == 7
+  page = open(html_path).read()
+  assert page.count('data-layer=') == 7
+  assert 'input: translate English to French' in page
   width, height = _png_size(png_path)
+  # Rows: title and legend (2), per example its input line, its token
+  # lines (1 each) and a gap.
   assert width == 1000 and height == pytest.approx(
-      100 * (0.6 + 0.28 * (2 + 2)), abs=1)
+      100 * (0.6 + 0.28 * (2 + 2 + 2 + 2)), abs=1)
+
+
+def test_exit_maps_show_the_target_and_read_at_aa_contrast(tmp_path):
+  example = dict(EXAMPLES[0], targets='la voiture rouge .')
+  page = plots.exit_map_html([example], 8, 'map')
+  assert 'target: la voiture rouge .' in page
+  for layer in range(1, 13):
+    for layers in (8, 12):
+      if layer > layers:
+        continue
+      background = plots.layer_colour(layer, layers)
+      foreground = plots.text_colour(background)
+      assert plots.contrast(foreground, background) >= 4.5
+      assert f'color:{foreground};background:{background}' in (
+          plots.exit_map_html([dict(example, exit_layers=[layer] * 5)],
+                              layers, 'map'))
+  # The yellow of the top layer takes black text: 1.26:1 with white.
+  assert plots.text_colour(plots.layer_colour(8, 8)) == '#000000'
+  assert plots.contrast('#ffffff', plots.layer_colour(8, 8)) < 1.5
+  _, png = plots.write_exit_map([example], 8, 'map', str(tmp_path / 'a.html'),
+                                str(tmp_path / 'a.png'))
+  # Title and legend, input and target lines, one token line, a gap.
+  assert _png_size(png)[1] == pytest.approx(100 * (0.6 + 0.28 * 6), abs=1)
+
+
+def test_quality_axes_show_at_least_ten_points():
+  assert plots._quality_limits([99.9, 100.0]) == pytest.approx((89.2, 100.0))
+  low, high = plots._quality_limits([20.0, 80.0])
+  assert low < 20 and 80 < high <= 100

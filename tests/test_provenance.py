@@ -12,12 +12,11 @@ import sys
 import pytest
 
 import entry_points  # tests/entry_points.py
+import job_calls  # tests/job_calls.py
 
 import calm_jax
 from calm_jax import api
 from calm_jax import arguments
-from calm_jax.jobs import calibrate
-from calm_jax.jobs import decode
 from calm_jax.storage import provenance
 from calm_jax.tasks import data_settings
 from calm_jax.tasks import synthetic
@@ -64,7 +63,7 @@ def _calibrate(model_dir, task='synth_qa', **kwargs):
   settings = dict(delta=0.3, epsilon=0.2, confidence='softmax',
                   num_examples=8, batch_size=4, grid_step=0.5)
   settings.update(kwargs)
-  return calibrate.calibrate(checkpoint_path=str(model_dir),
+  return job_calls.calibrate(model_dir=str(model_dir),
                              mixture_or_task_name=task, **settings)
 
 
@@ -92,7 +91,7 @@ def test_retrained_classifier_decodes_afresh_and_refuses_the_old_record(
                      r're-calibrate'):
     retrained.generate(_texts(), confidence='classifier')
   with pytest.raises(provenance.ProvenanceError, match='classifier'):
-    decode.decode(checkpoint_path=str(model_dir),
+    job_calls.decode(model_dir=str(model_dir),
                   mixture_or_task_name='synth_qa', confidence='classifier',
                   num_examples=2)
   # A record for another measure does not depend on the classifier.
@@ -163,11 +162,11 @@ def test_cache_misses_when_feature_lengths_change(model_dir):
 
 
 def _decode(model_dir, **kwargs):
-  settings = dict(checkpoint_path=str(model_dir),
+  settings = dict(model_dir=str(model_dir),
                   mixture_or_task_name='synth_qa', num_examples=2,
                   batch_size=2, threshold=0.5)
   settings.update(kwargs)
-  return decode.decode(**settings)
+  return job_calls.decode(**settings)
 
 
 def test_decode_outputs_never_overwrite_another_run(model_dir, tmp_path):
@@ -269,7 +268,7 @@ def test_two_calibrations_of_one_model_dir_at_once(model_dir):
     return subprocess.Popen(
         [sys.executable, '-m', 'calm_jax.calibrate',
          '--gin_file=gin/runs/calibrate.gin',
-         f"--gin.CHECKPOINT_PATH='{model_dir}'",
+         f"--gin.MODEL_DIR='{model_dir}'",
          "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", f'--gin.DELTA={delta}',
          '--gin.EPSILON=0.2', f"--gin.CONFIDENCE='{confidence}'",
          '--gin.calm_jax.calibrate.num_examples=8',

@@ -165,8 +165,8 @@ TRAIN = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
          '--gin.calm_jax.train.progress=False', '--gin.MESH_SHAPE=(4, 2)']
 DECODE = ['--gin_file=gin/runs/decode.gin',
           "--gin.MIXTURE_OR_TASK_NAME='synth_translate'",
-          '--gin.calm_jax.decode.num_examples=9',  # shards of 5 and 4
-          '--gin.calm_jax.decode.batch_size=8', '--gin.MESH_SHAPE=(4, 2)']
+          '--gin.calm_jax.DecodeInputs.num_examples=9',  # shards of 5 and 4
+          '--gin.calm_jax.RunSettings.batch_size=8', '--gin.MESH_SHAPE=(4, 2)']
 
 
 def _free_port() -> int:
@@ -207,9 +207,9 @@ def test_two_processes_train_and_decode_like_one(tmp_path):
     run_job('calm_jax.train', [*TRAIN, f"--gin.MODEL_DIR='{model_dir}'"],
             processes)
     run_job('calm_jax.decode', [
-        *DECODE, f"--gin.CHECKPOINT_PATH='{tmp_path / 'model_1'}'",
+        *DECODE, f"--gin.MODEL_DIR='{tmp_path / 'model_1'}'",
         '--gin.THRESHOLD=0.02',
-        f"--gin.calm_jax.decode.output_dir='{tmp_path / f'decode_{processes}'}'"
+        f"--gin.OUTPUT_DIR='{tmp_path / f'decode_{processes}'}'"
     ], processes)
   config, _ = checkpoints.read_model_config(str(tmp_path / 'model_1'))
   one, step = checkpoints.load_params(str(tmp_path / 'model_1'), config)
@@ -243,7 +243,7 @@ def test_two_processes_calibrate_like_one(tmp_path):
   flags = ['--gin_file=gin/runs/calibrate.gin',
            "--gin.MIXTURE_OR_TASK_NAME='synth_translate'",
            '--gin.DELTA=0.25', '--gin.calm_jax.calibrate.num_examples=9',
-           '--gin.calm_jax.calibrate.batch_size=8',
+           '--gin.calm_jax.RunSettings.batch_size=8',
            '--gin.calm_jax.calibrate.grid_step=0.25', '--gin.EPSILON=0.2',
            '--gin.MESH_SHAPE=(4, 2)']
   name = 'synth_translate_softmax_textual_delta0.25_eps0.2_*.json'
@@ -251,7 +251,7 @@ def test_two_processes_calibrate_like_one(tmp_path):
   for processes, directory in ((1, model_dir), (2, tmp_path / 'copy'),
                                (2, tmp_path / 'copy')):
     run_job('calm_jax.calibrate',
-            [*flags, f"--gin.CHECKPOINT_PATH='{directory}'"], processes)
+            [*flags, f"--gin.MODEL_DIR='{directory}'"], processes)
     [path] = (directory / 'calibration').glob(name)
     records.append(json.loads(path.read_text()))
   cache = sorted(p.name for p in (tmp_path / 'copy' / 'calibration' /
@@ -265,15 +265,11 @@ def test_two_processes_calibrate_like_one(tmp_path):
   assert len(records[0]['table']) > 1  # the fixed-sequence test went on
 
 
-def test_process_shards_of_a_split_interleave_back_to_it():
-  import seqio  # pylint: disable=g-import-not-at-top
-  from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  whole = pipeline.eval_examples('synth_qa', 'validation', num_examples=7)
-  shards = [pipeline.eval_examples('synth_qa', 'validation', num_examples=7,
-                               shard=seqio.ShardInfo(i, 3)) for i in range(3)]
-  assert [len(s) for s in shards] == [3, 2, 2]
-  assert [ex['inputs_pretokenized'] for ex in multihost.interleave(shards)
-          ] == [ex['inputs_pretokenized'] for ex in whole]
+def test_process_shares_of_a_split_interleave_back_to_it():
+  from calm_jax.evaluation import engine  # pylint: disable=g-import-not-at-top
+  shares = [engine.process_share(7, i, 3) for i in range(3)]
+  assert [len(s) for s in shares] == [3, 2, 2]
+  assert multihost.interleave(shares) == list(range(7))
 
 
 def test_training_shards_split_each_global_batch():

@@ -16,17 +16,19 @@ mkdir -p "$OUT"
 export TF_CPP_MIN_LOG_LEVEL=3
 
 if [ "${1:-}" = "--quick" ]; then
-  BATCHES=1,2; LENGTH=8; REPEATS=1; TESTS="tests/test_bf16.py -k disabled"
+  BATCHES="[1,2]"; LENGTH=8; REPEATS=1; TESTS="tests/test_bf16.py -k disabled"
 else
-  BATCHES=1,16,64; LENGTH=64; REPEATS=5
+  BATCHES="[1,16,64]"; LENGTH=64; REPEATS=5
   TESTS="tests/test_bf16.py tests/test_decoding.py"
 fi
 
 "$PY" -c 'import jax; print("backend:", jax.default_backend(), jax.devices())'
 # shellcheck disable=SC2086
 "$PY" -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/pytest.txt" | tail -3
-"$PY" -m calm_jax.bench --models paper_small --dtype float32,bfloat16 \
-  --batch_sizes "$BATCHES" --length "$LENGTH" --repeats "$REPEATS" \
-  --measures softmax,state --patterns exit@1,exit@2,mixed,disabled \
-  --no_bucket_variants --output "$OUT/bench.json"
-"$PY" -m calm_jax.bench --table "$OUT/bench.json"
+"$PY" -m calm_jax.bench --gin.MODELS="['paper_small']" \
+  --gin.DTYPES="['float32','bfloat16']" --gin.BATCH_SIZES="$BATCHES" \
+  --gin.calm_jax.bench.length="$LENGTH" --gin.REPEATS="$REPEATS" \
+  --gin.MEASURES="['softmax','state']" \
+  --gin.PATTERNS="['exit@1','exit@2','mixed','disabled']" \
+  --gin.calm_jax.bench.compare_buckets=False --gin.OUTPUT="'$OUT/bench.json'"
+"$PY" -m calm_jax.bench --gin.TABLE="'$OUT/bench.json'"

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from calm_jax.analysis import split_protocol
+
 # The paper's tasks the embedded ones stand in for, and its figures for
 # them (CALM_SPEC section 8: softmax, textual consistency, delta 0.25).
 PAPER = {'synth_summarize': ('CNN/DM', 2.62, 2.57),
@@ -31,7 +33,8 @@ def _row(cells: Sequence) -> str:
   return '| ' + ' | '.join(str(c) for c in cells) + ' |'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """A markdown table."""
   lines = [_row(header), _row(['---'] * len(header))]
   return '\n'.join(lines + [_row(r) for r in rows])
 
@@ -47,14 +50,14 @@ def _find(rows, **match) -> dict:
 def table2(results: dict) -> str:
   """Average layers, FLOPs ratio and speed-up per (task, measure) and
   (consistency, delta); then quality and test risk in the same shape."""
-  table = results['table']
-  settings = sorted({_settings_key(r) for r in table},
+  rows = results['table']
+  settings = sorted({_settings_key(r) for r in rows},
                     key=lambda s: (s[0] != 'textual', s[1]))
   header = ['task', 'measure'] + [f'{c} δ={d:g}' for c, d in settings]
   speed_rows, quality_rows = [], []
   for task in results['tasks']:
     for measure in MEASURE_NAMES:
-      cells = [_find(table, task=task, measure=measure, consistency=c,
+      cells = [_find(rows, task=task, measure=measure, consistency=c,
                      delta=d) for c, d in settings]
       speed_rows.append([task, measure] + [
           f'{_fmt(r["avg_layers"])} · x{_fmt(r["flops_ratio"])} · '
@@ -64,11 +67,11 @@ def table2(results: dict) -> str:
           f'λ {_fmt(r["threshold"])}' for r in cells])
   return ('Each cell: average decoder layers per token · decoder FLOPs '
           'ratio (full / early exit, confidence heads included) · measured '
-          'wall-clock speed-up at batch 1.\n\n' + _table(header, speed_rows)
+          'wall-clock speed-up at batch 1.\n\n' + table(header, speed_rows)
           + '\n\nThe same cells: test quality (headline metric) with the '
           'test risk of the calibrated consistency in parentheses, and the '
           'certified threshold λ ("none": nothing certified, full model).\n\n'
-          + _table(header, quality_rows))
+          + table(header, quality_rows))
 
 
 def full_depth_table(results: dict) -> str:
@@ -78,7 +81,7 @@ def full_depth_table(results: dict) -> str:
     oracle = results['analyses']['oracle'][task]
     rows.append([task, full['metric'], _fmt(full['full_quality'], 1),
                  _fmt(oracle['avg_layers']), _fmt(oracle['quality'], 1)])
-  return _table(['task', 'metric', 'full model (8 layers)',
+  return table(['task', 'metric', 'full model (8 layers)',
                  'oracle avg layers', 'oracle quality'], rows)
 
 
@@ -91,7 +94,7 @@ def ablation_table(results: dict) -> str:
               f'{_fmt(modes[m]["quality"], 1)} / '
               f'{_fmt(modes[m]["agreement_with_full"], 3)}'
               for m in ('hidden', 'kv_copy', 'none')])
-  return _table(['task', 'exits', 'avg layers',
+  return table(['task', 'exits', 'avg layers',
                  'exit-state copy (CALM)', 'K/V copy', 'empty cache'],
                 rows)
 
@@ -108,7 +111,7 @@ def decay_table(results: dict) -> str:
           'median, with the lowest and highest per-pass ratio; where both '
           'thresholds exit every token at the same layer, the two rows time '
           'the same work and their gap shows the timing noise.\n\n'
-          + _table(['task (mean output tokens)', 'threshold', 'certified λ',
+          + table(['task (mean output tokens)', 'threshold', 'certified λ',
                     'avg layers', 'quality', 'test risk', 'speed-up'], rows))
 
 
@@ -121,7 +124,7 @@ def validity_table(results: dict) -> str:
   rows = [[r['consistency'], f'{r["delta"]:g}', _fmt(r['violation_rate']),
            _fmt(r['mean_test_risk'], 3), _fmt(r['mean_avg_layers']),
            _fmt(r['certified_fraction'])] for r in results['validity']]
-  return _table(['consistency', 'δ', 'violation rate', 'mean test risk',
+  return table(['consistency', 'δ', 'violation rate', 'mean test risk',
                  'mean avg layers', 'certified fraction'], rows)
 
 
@@ -132,11 +135,6 @@ def _static_at(results: dict, task: str, layers: float) -> float:
   curve = _find(results['analyses']['curves'], task=task, kind='static')
   depths, quality = zip(*sorted(curve['points']))
   return float(np.interp(layers, depths, quality))
-
-
-def _violation_bound(epsilon: float, splits: int) -> float:
-  """epsilon plus two binomial standard deviations over `splits` splits."""
-  return epsilon + 2 * math.sqrt(epsilon * (1 - epsilon) / splits)
 
 
 def _compare(early: float, static: float) -> str:
@@ -164,7 +162,7 @@ def findings(results: dict) -> str:
   out = []
   eps = results['settings']['epsilon']
   worst = max(r['violation_rate'] for r in results['validity'])
-  bound = _violation_bound(eps, results['validity'][0]['splits'])
+  bound = split_protocol.violation_bound(eps, results['validity'][0]['splits'])
   out.append(f'- Calibration keeps its promise (violation rate <= ε = '
              f'{eps:g}; with 50 splits, binomial noise allows up to '
              f'{bound:.2f}): worst violation rate {worst:.2f} -> '

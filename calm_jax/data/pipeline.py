@@ -22,9 +22,11 @@ import tensorflow as tf
 tf.config.set_visible_devices([], 'GPU')
 
 # pylint: disable=g-bad-import-order
+from calm_jax.data import examples as examples_lib
+from calm_jax.data import task_info
 from calm_jax.tasks import data_settings
-from calm_jax.tasks import paper_tasks
-from calm_jax.tasks import synthetic_tasks
+from calm_jax.tasks import paper_tasks  # pylint: disable=unused-import
+from calm_jax.tasks import synthetic_tasks  # pylint: disable=unused-import
 # pylint: enable=g-bad-import-order
 
 Batch = Mapping[str, np.ndarray]
@@ -40,16 +42,8 @@ class _DropUncachedWarning(logging.Filter):
 logging.getLogger('absl').addFilter(_DropUncachedWarning())
 
 
-class DataError(ValueError):
-  """A task or split that cannot feed the job (unknown, missing, empty)."""
-
-
-# Known tasks' default lengths and the metric each is judged and calibrated by.
-FEATURE_LENGTHS = {**synthetic_tasks.FEATURE_LENGTHS,
-                   **paper_tasks.FEATURE_LENGTHS}
-HEADLINE_METRICS = {**{name: spec[1] for name, spec
-                       in synthetic_tasks.TASKS.items()},
-                    **paper_tasks.HEADLINE_METRICS}
+DataError = task_info.DataError
+feature_lengths = task_info.feature_lengths
 
 
 def get_task_or_mixture(name: str):
@@ -68,17 +62,6 @@ def task_rates(name: str) -> dict[str, float]:
   if isinstance(provider, seqio.Mixture):
     return {t.name: float(provider.get_rate(t)) for t in provider.tasks}
   return {provider.name: 1.0}
-
-
-def feature_lengths(task_name: str) -> dict[str, int]:
-  """A task's input/target lengths: the run's override, else the task's."""
-  override = data_settings.feature_lengths_override(task_name)
-  if override:
-    return override
-  if task_name not in FEATURE_LENGTHS:
-    raise DataError(f'no feature lengths for task {task_name!r}: bind '
-                    'calm_jax.data_settings.task_feature_lengths')
-  return dict(FEATURE_LENGTHS[task_name])
 
 
 def _check_tfds_data(task: seqio.Task, split: str) -> None:
@@ -150,62 +133,78 @@ def train_batches(name: str, *, batch_size: int, seed: int = 0,
   return ds.as_numpy_iterator()
 
 
-def eval_examples(task_name: str, split: str, *, num_examples: Optional[int],
-                  shard: Optional[seqio.ShardInfo] = None) -> list[dict]:
-  """Tokenized examples with their text: inputs, targets, *_pretokenized.
-
-  With `shard` (index i of n), only examples k*n + i of the first
-  `num_examples`. Evaluation shards at the examples, not at the source
-  (TFDS files), so that every example's position is known and per-example
-  outputs can be merged back in input order (`multihost.interleave`).
-  """
+def _raw_examples(task_name: str, split: str,
+                 num_examples: Optional[int]) -> list[dict]:
+  """Tokenized examples with their text: inputs, targets, *_pretokenized."""
   task = get_task_or_mixture(task_name)
   if split not in task.splits:
     raise DataError(f'task {task_name!r} has no split {split!r}; it has: '
                     f'{", ".join(task.splits)}')
   check_ready(task_name, split)
-  lengths = feature_lengths(task_name)
   # No in-memory cache: it asks the source for its size, which TFDS mocks
   # (and sources without metadata) cannot answer.
-  ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1,
-                        try_in_mem_cache=False)
+  ds = task.get_dataset(feature_lengths(task_name), split=split,
+                        shuffle=False, num_epochs=1, try_in_mem_cache=False)
   if num_examples is not None:
     ds = ds.take(num_examples)
-  if shard is not None and shard.num_shards > 1:
-    ds = ds.shard(shard.num_shards, shard.index)
   examples = list(ds.as_numpy_iterator())
-  if not examples and (shard is None or shard.index == 0):  # 0 gets the most
+  if not examples:
     raise DataError(f'task {task_name!r} split {split!r} has no examples')
   return examples
 
 
-def pad_batch(rows: list[np.ndarray], length: int, batch_size: int
-              ) -> np.ndarray:
-  """Right-pads token rows with 0 to [batch_size, length]."""
-  out = np.zeros((batch_size, length), np.int32)
-  for i, row in enumerate(rows):
-    out[i, :len(row)] = row[:length]
-  return out
+class SeqioVocabulary:
+  """A SeqIO vocabulary as a `examples.Vocabulary`."""
+
+  def __init__(self, vocabulary: seqio.Vocabulary):
+    self.vocabulary = vocabulary
+
+  def decode(self, ids) -> str:
+    return self.vocabulary.decode([int(i) for i in ids])
+
+  def pieces(self, ids) -> list[str]:
+    tokenizer = self.vocabulary.tokenizer
+    size = tokenizer.GetPieceSize()
+    return [tokenizer.id_to_piece(int(i)) if int(i) < size
+            else f'<extra_id_{int(i) - size}>' for i in ids]
 
 
-def decode_text(task_name: str, ids: np.ndarray) -> str:
-  """Token ids (stopping at EOS) -> text with the task's vocabulary."""
-  vocab = seqio.get_mixture_or_task(task_name).output_features[
-      'targets'].vocabulary
-  ids = list(ids)
-  if 1 in ids:
-    ids = ids[:ids.index(1)]
-  return vocab.decode([int(i) for i in ids])
+def _example(raw: dict) -> examples_lib.Example:
+  text = lambda key: raw[key].decode()
+  # Tasks that keep every reference answer (SQuAD) are scored against all.
+  references = ([a.decode() for a in raw['answers']] if 'answers' in raw
+                else None)
+  return examples_lib.Example(
+      inputs=text('inputs_pretokenized'),
+      input_ids=tuple(int(i) for i in raw['inputs']),
+      targets=text('targets_pretokenized'),
+      target_ids=tuple(int(i) for i in raw['targets']),
+      references=references)
 
 
-def token_pieces(task_name: str, ids: np.ndarray) -> list[str]:
-  """The SentencePiece piece of each id (ids past the model: sentinels)."""
-  vocab = seqio.get_mixture_or_task(task_name).output_features[
-      'targets'].vocabulary
-  tokenizer = vocab.tokenizer
-  size = tokenizer.GetPieceSize()
-  return [tokenizer.id_to_piece(int(i)) if int(i) < size
-          else f'<extra_id_{int(i) - size}>' for i in ids]
+def task_examples(task_name: str, split: str, *,
+                  num_examples: Optional[int] = None
+                  ) -> examples_lib.ExampleSet:
+  """The first `num_examples` examples of a task split, ready to decode
+  and score with the task's metrics."""
+  raw = _raw_examples(task_name, split, num_examples)
+  task = seqio.get_mixture_or_task(task_name)
+  lengths = feature_lengths(task_name)
+  return examples_lib.ExampleSet(
+      name=task_name,
+      fingerprint={'task': task_name, 'split': split,
+                   'num_examples': num_examples, 'feature_lengths': lengths},
+      lengths=lengths, examples=tuple(_example(r) for r in raw),
+      vocabulary=SeqioVocabulary(task.output_features['targets'].vocabulary),
+      metrics=task_metrics(task_name))
+
+
+def task_metrics(task_name: str) -> task_info.TaskMetrics:
+  """How a registered task's outputs are scored (its SeqIO metric_fns)."""
+  task = get_task_or_mixture(task_name)
+  if isinstance(task, seqio.Mixture):
+    raise DataError(f'{task_name!r} is a mixture; score its tasks one by one')
+  return task_info.TaskMetrics(task_name, tuple(task.metric_fns))
 
 
 def vocabulary_path(name: str) -> str:
@@ -231,14 +230,8 @@ def check_vocab_fits(name: str, model_vocab_size: int) -> None:
                     f'the model has vocab_size={model_vocab_size}')
 
 
-def headline_metric(task_name: str, scores: Mapping[str, float]) -> str:
-  """The metric a task is judged by (its registered one, else the first)."""
-  known = HEADLINE_METRICS.get(task_name)
-  return known if known in scores else next(iter(scores))
-
-
-def per_example_metric(task_name: str) -> str:
-  """Name in `metrics.PER_EXAMPLE` of the metric a task calibrates with."""
-  if task_name not in HEADLINE_METRICS:
-    raise DataError(f'no per-example metric known for task {task_name!r}')
-  return HEADLINE_METRICS[task_name]
+def max_feature_lengths(name: str) -> dict[str, int]:
+  """The longest input and target length over a mixture's tasks: what a
+  model trained on it takes and produces (model.json records it)."""
+  lengths = [feature_lengths(task) for task in task_rates(name)]
+  return {key: max(l[key] for l in lengths) for key in ('inputs', 'targets')}

@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from calm_jax import errors
+
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
@@ -82,7 +84,7 @@ def learned_classifier(hidden, previous_hidden, logits_fn=None,
   """P(this layer's argmax equals the top layer's), from the classifier."""
   del previous_hidden, logits_fn
   if classifier is None:
-    raise ValueError("confidence 'classifier' needs trained classifier "
+    raise errors.ConfigError("confidence 'classifier' needs trained classifier "
                      'parameters (train them with gin/runs/train_classifier.gin)')
   return classifier_head(classifier, hidden), None
 
@@ -108,6 +110,6 @@ def lowest_exit_layer(name: str) -> int:
 def get(name: str) -> Callable:
   """The measure called `name`; an unknown name lists the valid ones."""
   if name not in MEASURES:
-    raise ValueError(f'unknown confidence measure {name!r}; valid: '
+    raise errors.ConfigError(f'unknown confidence measure {name!r}; valid: '
                      f'{", ".join(NAMES)}')
   return MEASURES[name]

@@ -32,6 +32,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from calm_jax import errors
 from calm_jax.decoding import confidence as confidence_lib
 from calm_jax.decoding import thresholds
 
@@ -273,7 +274,7 @@ class ExitConfig:
   def __post_init__(self):
     confidence_lib.get(self.confidence)
     if self.propagation not in PROPAGATIONS:
-      raise ValueError(f'unknown propagation {self.propagation!r}; valid: '
+      raise errors.ConfigError(f'unknown propagation {self.propagation!r}; valid: '
                        f'{", ".join(PROPAGATIONS)}')
 
   @classmethod

@@ -6,6 +6,8 @@ exactly 1.0, so 1.0 itself would still let some tokens out).
 import jax
 import jax.numpy as jnp
 
+from calm_jax import errors
+
 Array = jax.Array
 
 
@@ -50,9 +52,9 @@ def allowed_exit_layers(num_layers: int, *, first_exit: int = 1,
   is where every remaining token stops, so it is not listed.
   """
   if exit_interval < 1:
-    raise ValueError(f'exit_interval must be >= 1, got {exit_interval}')
+    raise errors.ConfigError(f'exit_interval must be >= 1, got {exit_interval}')
   if first_exit < 1 or min_exit < 1:
-    raise ValueError(f'first_exit ({first_exit}) and min_exit ({min_exit}) '
+    raise errors.ConfigError(f'first_exit ({first_exit}) and min_exit ({min_exit}) '
                      'are 1-based layers')
   lowest = max(first_exit, min_exit, 1)
   return tuple(layer for layer in range(lowest, num_layers)

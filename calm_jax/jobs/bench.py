@@ -1,11 +1,8 @@
-"""Wall-clock benchmark: early-exit decoding vs the static full-depth decoder.
-
-  python -m calm_jax.bench [--output runs/bench/bench.json] [--repeats 5]
-                           [--dtype float32,bfloat16]
+"""The bench job: early-exit decoding vs the static full-depth decoder.
 
 For each model (the paper's small dims with random weights; the trained demo
-model when runs/demo/model exists), activation dtype, batch size, confidence measure and exit
-pattern, it decodes the same inputs with the static decoder and with the
+model when runs/demo/model exists), activation dtype, batch size, confidence
+measure and exit pattern, it decodes the same inputs with the static decoder and with the
 early-exit decoder, alternating runs after compiling both, and reports
 medians, the layer-ideal and FLOPs-ideal speed-ups and the efficiency
 (measured / FLOPs-ideal). Patterns: `exit@k` forces every token to stop at
@@ -17,25 +14,32 @@ number of positions. The timed call is the decode loop: the encoder and the
 cross-attention K/V run once, outside it (they are the same work for both
 decoders; the demo's speed-ups include them).
 """
-import argparse
 import dataclasses
-import json
 import os
 import statistics
-import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax.storage import checkpoints
-from calm_jax.decoding import loops
+from calm_jax import api
+from calm_jax import arguments
+from calm_jax import console
 from calm_jax.analysis import flops
+from calm_jax.analysis import report_markdown
+from calm_jax.decoding import loops
+from calm_jax.evaluation import timing
 from calm_jax.model import models
 from calm_jax.model import network
-from calm_jax.evaluation import timing
+from calm_jax.storage import checkpoints
+from calm_jax.storage import files
+from calm_jax.tasks import synthetic
+
+READS = ('calm_jax.bench',)
+DEFAULT_GIN_FILES = ('gin/runs/bench.gin',)
 
 NO_EOS = -1
 MEASURES = ('softmax', 'state', 'classifier')
@@ -130,9 +134,7 @@ def run_case(bench: BenchModel, batch: int, measure: str, pattern: str,
              bucket_sizes=None) -> dict:
   """Times one case against the (compiled) static decode of the same inputs."""
   cfg = bench.model.config
-  exit_config = loops.ExitConfig(
-      confidence=measure, bucket_sizes=bucket_sizes,
-      exit_layers=tuple(range(1, cfg.num_decoder_layers)))
+  exit_config = bench.model.exit_config(measure, bucket_sizes=bucket_sizes)
   enc = jnp.asarray(bench.inputs[:batch])
   context = encoded_context(bench, enc)
   forced = forced_pattern(pattern, bench, batch)
@@ -180,8 +182,6 @@ def demo_exit_distribution(threshold: float = 0.9, examples: int = 48
   """Exit-layer distribution of the demo model (softmax at `threshold`)."""
   if not os.path.exists(os.path.join(DEMO_DIR, checkpoints.MODEL_JSON)):
     return FALLBACK_MIX, 'fallback (no demo model)'
-  from calm_jax import api  # pylint: disable=g-import-not-at-top
-  from calm_jax.tasks import synthetic  # pylint: disable=g-import-not-at-top
   lm = api.CalmLM(DEMO_DIR)
   texts = [synthetic.generate(task, 'validation', i)['inputs']
            for task in synthetic.GENERATORS for i in range(examples // 3)]
@@ -195,8 +195,6 @@ def demo_exit_distribution(threshold: float = 0.9, examples: int = 48
 def demo_model(max_batch: int, length: int) -> Optional[BenchModel]:
   if not os.path.exists(os.path.join(DEMO_DIR, checkpoints.MODEL_JSON)):
     return None
-  from calm_jax import api  # pylint: disable=g-import-not-at-top
-  from calm_jax.tasks import synthetic  # pylint: disable=g-import-not-at-top
   lm = api.CalmLM(DEMO_DIR)
   texts = [synthetic.generate('summarize', 'validation', i)['inputs']
            for i in range(max_batch)]
@@ -227,8 +225,6 @@ def token_agreement(reference: list, other: list) -> dict:
 def dtype_agreement(model_dir: str = DEMO_DIR, examples: int = 100) -> dict:
   """bfloat16 vs float32 full-depth greedy decodes of a trained model, per
   embedded task (validation inputs)."""
-  from calm_jax import api  # pylint: disable=g-import-not-at-top
-  from calm_jax.tasks import synthetic  # pylint: disable=g-import-not-at-top
   lms = {dtype: api.CalmLM(model_dir, dtype=dtype)
          for dtype in network.DTYPES}
   result = {}
@@ -299,47 +295,22 @@ def format_row(case: dict) -> str:
 
 
 def markdown_table(cases: list[dict]) -> str:
-  """The README's table of a bench.json."""
-  head = ('| model | dtype | batch | measure | pattern | buckets | '
-          'avg layers | layer ideal | FLOPs ideal | measured | efficiency | '
-          'vs best full depth |\n' + '|---' * 12 + '|')
-  rows = [f"| {c['model']} | {c.get('dtype', 'float32')} | "
-          f"{c['batch_size']} | {c['confidence']} | "
-          f"{c['pattern']} | {c.get('bucket_set', '')} | {c['avg_layers']} | "
-          f"x{c['layer_ideal_speedup']} | x{c['flops_ideal_speedup']} | "
-          f"x{c['measured_speedup']} | {c['efficiency']} | "
-          f"x{c.get('speedup_vs_best_full_depth', '')} |" for c in cases]
-  return '\n'.join([head, *rows])
-
-
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--output', default='runs/bench/bench.json')
-  parser.add_argument('--table', metavar='BENCH_JSON',
-                      help='print the markdown table of a bench.json; no run')
-  parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--batch_sizes', default='1,16')
-  parser.add_argument('--measures', default=','.join(MEASURES))
-  parser.add_argument('--patterns',
-                      default='exit@1,exit@2,exit@4,exit@8,mixed,disabled')
-  parser.add_argument('--models', default='paper_small,demo')
-  parser.add_argument('--dtype', default='float32',
-                      help='activation dtypes, comma-separated: float32, '
-                      'bfloat16 (parameters stay float32)')
-  parser.add_argument('--no_bucket_variants', action='store_true',
-                      help='only the default buckets on the mixed pattern')
-  parser.add_argument('--agreement', action='store_true',
-                      help='also measure bfloat16 vs float32 greedy token '
-                      'agreement of the demo model')
-  parser.add_argument('--length', type=int, default=64,
-                      help='input and output length of the paper-size model')
-  return parser
+  """The table of a bench.json."""
+  header = ('model', 'dtype', 'batch', 'measure', 'pattern', 'buckets',
+            'avg layers', 'layer ideal', 'FLOPs ideal', 'measured',
+            'efficiency', 'vs best full depth')
+  return report_markdown.table(header, [
+      (c['model'], c.get('dtype', 'float32'), c['batch_size'],
+       c['confidence'], c['pattern'], c.get('bucket_set', ''),
+       c['avg_layers'], f"x{c['layer_ideal_speedup']}",
+       f"x{c['flops_ideal_speedup']}", f"x{c['measured_speedup']}",
+       c['efficiency'], f"x{c.get('speedup_vs_best_full_depth', '')}")
+      for c in cases])
 
 
 def print_tables(path: str) -> None:
   """The markdown table of a bench.json, and its dtype agreement if any."""
-  with open(path) as f:
-    results = json.load(f)
+  results = files.read_json(path, what='benchmark results')
   print(markdown_table(results['cases']))
   if 'dtype_agreement' in results:
     print('\nbfloat16 vs float32 greedy tokens (demo model): ' + ', '.join(
@@ -347,52 +318,67 @@ def print_tables(path: str) -> None:
         for task, r in results['dtype_agreement'].items()))
 
 
-def _dtypes(text: str) -> list[str]:
-  dtypes = text.split(',')
-  for dtype in dtypes:
-    if dtype not in network.DTYPES:
-      sys.exit(f'error: unknown dtype {dtype!r}; valid: '
-               f'{", ".join(network.DTYPES)}')
-  return dtypes
+def _check_choices(name: str, values: Sequence[str], valid) -> list[str]:
+  values = [values] if isinstance(values, str) else list(values)
+  for value in values:
+    if value not in valid:
+      raise arguments.InputError(f'unknown {name} {value!r}; valid: '
+                                 f'{", ".join(valid)}')
+  return values
 
 
-def main(argv=None) -> None:
-  args = _parser().parse_args(argv)
-  if args.table:
-    print_tables(args.table)
-    return
-  batches = [int(b) for b in args.batch_sizes.split(',')]
-  dtypes = _dtypes(args.dtype)
-  builders = {'paper_small': lambda: paper_small_model(max(batches),
-                                                       args.length),
-              'demo': lambda: demo_model(max(batches), 16)}
+@gin.configurable(module='calm_jax')
+def bench(*, output: str = 'runs/bench/bench.json',
+          table: Optional[str] = None, repeats: int = 5,
+          batch_sizes: Sequence[int] = (1, 16),
+          measures: Sequence[str] = MEASURES,
+          patterns: Sequence[str] = ('exit@1', 'exit@2', 'exit@4', 'exit@8',
+                                     'mixed', 'disabled'),
+          models: Sequence[str] = ('paper_small', 'demo'),
+          dtypes: Sequence[str] = ('float32',),
+          compare_buckets: bool = True, agreement: bool = False,
+          length: int = 64) -> Optional[dict]:
+  """Runs every case and writes `output`; with `table` (a bench.json),
+  prints its markdown table instead. `compare_buckets` compares bucket
+  sets on the mixed pattern; `agreement` also measures bfloat16 vs float32
+  greedy tokens of the demo model; `length` is the paper-size model's
+  input and output length."""
+  if table:
+    print_tables(table)
+    return None
+  dtypes = _check_choices('dtype', dtypes, network.DTYPES)
+  builders = {'paper_small': lambda: paper_small_model(max(batch_sizes),
+                                                       length),
+              'demo': lambda: demo_model(max(batch_sizes), 16)}
+  _check_choices('model', models, builders)
+  arguments.integer('repeats', repeats, 1)
   cases, results = [], {'mixed_pattern': {}}
-  for name in args.models.split(','):
-    if name not in builders:
-      sys.exit(f'error: unknown model {name!r}; valid: {", ".join(builders)}')
-    bench = builders[name]()
-    if bench is None:
-      print(f'skipping {name}: no trained model in {DEMO_DIR} (make demo)')
+  for name in models:
+    model = builders[name]()
+    if model is None:
+      console.info(f'skipping {name}: no trained model in {DEMO_DIR} '
+                   '(make demo)')
       continue
-    results['mixed_pattern'][bench.name] = {
-        'mixed_distribution': bench.exit_distribution,
-        'source': bench.distribution_source}
+    results['mixed_pattern'][model.name] = {
+        'mixed_distribution': model.exit_distribution,
+        'source': model.distribution_source}
     for dtype in dtypes:
-      cases += bench_model(with_dtype(bench, dtype), batches,
-                           args.measures.split(','), args.patterns.split(','),
-                           args.repeats,
+      cases += bench_model(with_dtype(model, dtype), list(batch_sizes),
+                           list(measures), list(patterns), repeats,
                            lambda c: print(format_row(c), flush=True),
-                           compare_buckets=not args.no_bucket_variants)
-  if args.agreement and os.path.exists(os.path.join(DEMO_DIR,
-                                                    checkpoints.MODEL_JSON)):
+                           compare_buckets=compare_buckets)
+  if agreement and os.path.exists(os.path.join(DEMO_DIR,
+                                               checkpoints.MODEL_JSON)):
     results['dtype_agreement'] = dtype_agreement()
-    print('bfloat16 vs float32 greedy tokens:', results['dtype_agreement'])
-  checkpoints.atomic_write_json(args.output, {
-      **results, 'cases': cases, 'devices': [str(d) for d in jax.devices()],
-      'timed': 'the decode loop; encoder and cross K/V computed once outside',
-      'note': 'ratios from one run on this machine; absolute times are noise'})
-  print(f'wrote {args.output}')
+    console.info(f'bfloat16 vs float32 greedy tokens: '
+                 f'{results["dtype_agreement"]}')
+  out = {**results, 'cases': cases, 'devices': [str(d) for d in jax.devices()],
+         'timed': 'the decode loop; encoder and cross K/V computed once outside',
+         'note': 'ratios from one run on this machine; absolute times are noise'}
+  files.atomic_write_json(output, out)
+  console.info(f'wrote {output}')
+  return out
 
 
-if __name__ == '__main__':
-  main()
+def run() -> None:
+  bench()

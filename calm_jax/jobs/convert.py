@@ -1,8 +1,4 @@
-"""Import and export Hugging Face T5 1.1 checkpoints.
-
-  python -m calm_jax.convert --from_hf=DIR_OR_FILE --to=MODEL_DIR \
-    [--vocab=spiece.model]
-  python -m calm_jax.convert --model_dir=MODEL_DIR --to_hf=OUT_DIR
+"""The convert job: import and export Hugging Face T5 1.1 checkpoints.
 
 Import reads `config.json` and `model.safetensors` (or a sharded
 `model.safetensors.index.json`, or `pytorch_model.bin`, which needs torch:
@@ -17,22 +13,22 @@ The output head: T5 1.1 has an untied `lm_head`. A tied checkpoint (no
 `lm_head.weight`, or transformers' `scale_decoder_outputs`) multiplies the
 decoder output by d_model**-0.5 before the shared embedding; that scale is
 folded into `decoder/logits_dense`. Export writes an untied, unscaled T5 1.1.
-
-No gin and no TensorFlow here.
 """
-import argparse
 import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any, Callable, Optional
 
+import gin
 import jax
 import numpy as np
 
+from calm_jax import console
+from calm_jax import errors
 from calm_jax.storage import checkpoints
+from calm_jax.storage import files
 from calm_jax.model import network
 
 SAFETENSORS = 'model.safetensors'
@@ -44,7 +40,7 @@ EMBEDDING_ALIASES = ('encoder.embed_tokens.weight',
                      'decoder.embed_tokens.weight')
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """A checkpoint that does not map onto the model (names the tensor)."""
 
 
@@ -350,7 +346,7 @@ def import_hf(path: str, model_dir: str, vocab: Optional[str] = None,
   mgr.wait_until_finished()
   mgr.close()
   checkpoints.write_model_files(model_dir, config, vocab)
-  checkpoints.atomic_write_text(os.path.join(model_dir, 'model.gin'),
+  files.atomic_write_text(os.path.join(model_dir, 'model.gin'),
                                 model_gin(config))
   return config
 
@@ -374,32 +370,34 @@ def export_hf(model_dir: str, out_dir: str, step: Optional[int] = None
   os.replace(tmp, out_dir)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--from_hf', help='HF checkpoint dir or weights file')
-  parser.add_argument('--to', help='model dir to write (import)')
-  parser.add_argument('--vocab', help='SentencePiece model (default: '
-                      'spiece.model next to the checkpoint)')
-  parser.add_argument('--dtype', default='float32', choices=network.DTYPES,
-                      help='activation dtype of the imported model dir')
-  parser.add_argument('--model_dir', help='model dir to export')
-  parser.add_argument('--to_hf', help='HF dir to write (export)')
-  parser.add_argument('--step', type=int, help='checkpoint step to export')
-  args = parser.parse_args(argv)
-  try:
-    if args.from_hf and args.to:
-      config = import_hf(args.from_hf, args.to, args.vocab, args.dtype)
-      print(f'wrote {args.to}: {config.num_encoder_layers}+'
-            f'{config.num_decoder_layers} layers, d_model {config.emb_dim}')
-    elif args.model_dir and args.to_hf:
-      export_hf(args.model_dir, args.to_hf, args.step)
-      print(f'wrote {args.to_hf}')
-    else:
-      parser.error('use --from_hf=... --to=... or --model_dir=... --to_hf=...')
-  except (ConversionError, checkpoints.CheckpointError, OSError) as e:
-    print(f'error: {checkpoints.first_line(e)}', file=sys.stderr)
-    sys.exit(2)
+@gin.configurable(module='calm_jax')
+def convert(*, model_dir: str = gin.REQUIRED, from_hf: Optional[str] = None,
+            to_hf: Optional[str] = None, vocab: Optional[str] = None,
+            dtype: str = 'float32', step: Optional[int] = None) -> None:
+  """Imports `from_hf` (an HF checkpoint dir or weights file) into the new
+  model dir `model_dir`, or exports `model_dir` (its latest step, or
+  `step`) to the new HF dir `to_hf`. `vocab`: the SentencePiece model
+  (default: spiece.model next to the checkpoint); `dtype`: the activation
+  dtype of an imported model dir."""
+  if bool(from_hf) == bool(to_hf):
+    raise ConversionError('give FROM_HF (import into MODEL_DIR) or TO_HF '
+                          '(export MODEL_DIR), not both or neither')
+  if dtype not in network.DTYPES:
+    raise ConversionError(f'unknown dtype {dtype!r}; valid: '
+                          f'{", ".join(network.DTYPES)}')
+  if from_hf:
+    config = import_hf(from_hf, model_dir, vocab, dtype)
+    console.info(f'wrote {model_dir}: {config.num_encoder_layers}+'
+                 f'{config.num_decoder_layers} layers, d_model '
+                 f'{config.emb_dim}')
+  else:
+    export_hf(model_dir, to_hf, step)
+    console.info(f'wrote {to_hf}')
 
 
-if __name__ == '__main__':
-  main()
+READS = ('calm_jax.convert',)
+DEFAULT_GIN_FILES = ('gin/runs/convert.gin',)
+
+
+def run() -> None:
+  convert()

@@ -1,32 +1,37 @@
-"""The reproduction report: the paper's findings re-measured (`make reproduce`).
+"""The report job: the paper's findings re-measured on a trained model dir.
 
-  python -m calm_jax.report [--model_dir runs/demo/model] \
-    [--output docs/REPRODUCTION.md] [--tasks synth_summarize,...]
-
-Runs every measurement of calm_jax.reproduce on a trained model dir (with
-its exit classifier) and writes, all from this one run:
-  docs/REPRODUCTION.md   tables in the shape of the paper's Table 2, the
+Runs every measurement of `analysis.findings` on a model dir (with its exit
+classifier) and writes, all from this one run:
+  OUTPUT                 tables in the shape of the paper's Table 2, the
                          oracle, the state-propagation ablation, decaying vs
                          constant thresholds, the figures;
-  docs/reproduction.json every number behind it;
-  docs/figures/*.png     layers and speed-up vs delta, test risk vs delta,
+  reproduction.json      every number behind it, next to OUTPUT;
+  figures/*.png          layers and speed-up vs delta, test risk vs delta,
                          quality vs layers (early exit vs truncated models),
                          exit-layer histograms, exit maps (+ .html).
 Decodes are cached in MODEL_DIR/calibration/cache, so an interrupted run
 resumes; running it again rewrites every file.
 """
-import argparse
 import os
-import sys
 import time
 from typing import Sequence
 
+import gin
 import numpy as np
 
 from calm_jax import api
-from calm_jax.storage import checkpoints
+from calm_jax import console
+from calm_jax.analysis import findings
 from calm_jax.analysis import plots
+from calm_jax.analysis import report_markdown
+from calm_jax.analysis import split_protocol
+from calm_jax.data import pipeline
+from calm_jax.evaluation import engine
+from calm_jax.jobs import calibrate as calibrate_job
+from calm_jax.storage import files
 
+READS = ('calm_jax.report',)
+DEFAULT_GIN_FILES = ('gin/runs/report.gin',)
 DEFAULT_TASKS = ('synth_summarize', 'synth_translate', 'synth_qa')
 MEASURES = ('softmax', 'state', 'classifier')
 # The paper's Table 2 settings: (consistency, delta).
@@ -40,12 +45,11 @@ EXIT_MAP_EXAMPLES = 8
 def calibrated_rows(setup, tasks: Sequence[str], settings) -> list[dict]:
   """Certify on validation, measure on test: one row per (task, measure,
   consistency, delta)."""
-  from calm_jax.analysis import findings  # pylint: disable=g-import-not-at-top
   rows = []
   for task in tasks:
     for measure in MEASURES:
       for consistency, delta in settings:
-        threshold = findings.certify(setup, task, measure, consistency,
+        threshold = findings.certify_threshold(setup, task, measure, consistency,
                                       delta)
         outcome = findings.test_outcome(setup, task, measure, consistency,
                                          threshold)
@@ -60,17 +64,14 @@ def calibrated_rows(setup, tasks: Sequence[str], settings) -> list[dict]:
 def validity_rows(setup, tasks: Sequence[str], splits: int = 50
                   ) -> list[dict]:
   """The 80/20 split protocol on the pooled validation data (softmax)."""
-  from calm_jax.analysis import findings  # pylint: disable=g-import-not-at-top
-  from calm_jax.jobs import validity  # pylint: disable=g-import-not-at-top
-  cache = setup.cache('softmax', 'validation')
+  calibration = setup.calibration(tasks, 'softmax')
   rows = []
   for consistency in ('textual', 'risk'):
-    losses, layer_sums, tokens = validity.loss_table(
-        cache, tasks, consistency, findings.GRID)
+    table = calibration.loss_table(consistency, findings.GRID)
     for delta in SWEEP_DELTAS:
-      result = validity.run_splits(
-          losses, layer_sums, tokens, findings.GRID, delta=delta,
-          epsilon=setup.epsilon, splits=splits, seed=0,
+      result = split_protocol.run_splits(
+          *table, findings.GRID, delta=delta, epsilon=setup.epsilon,
+          splits=splits, seed=0,
           num_layers=setup.lm.config.num_decoder_layers, speedups={})
       rows.append({'consistency': consistency, **result})
   return rows
@@ -79,58 +80,43 @@ def validity_rows(setup, tasks: Sequence[str], splits: int = 50
 def decay_comparison(setup, tasks: Sequence[str]) -> list[dict]:
   """Constant vs decaying (tau 4) threshold per task (softmax, textual
   delta 0.25), longest outputs first: the paper's case for the decay."""
-  from calm_jax.analysis import findings  # pylint: disable=g-import-not-at-top
-  cache = setup.cache('softmax', 'test')
-  lengths = {t: float(np.mean([len(r) for r in cache.get(
-      t, findings.FULL)['exit_layers']])) for t in tasks}
+  lengths = {t: float(np.mean([len(r) for r in setup.full(t).exit_layers]))
+             for t in tasks}
   out = []
   for task in sorted(tasks, key=lambda t: -lengths[t]):
     entry = {'task': task, 'mean_output_tokens': lengths[task]}
     for name, tau in (('constant', None), ('decaying_tau4', 4.0)):
-      threshold = findings.certify(setup, task, 'softmax', 'textual', 0.25,
-                                    tau)
+      threshold = findings.certify_threshold(setup, task, 'softmax',
+                                             'textual', 0.25, tau)
       outcome = findings.test_outcome(setup, task, 'softmax', 'textual',
-                                       threshold, tau)
+                                      threshold, tau)
       outcome.pop('exit_layers')
       entry[name] = outcome
     out.append(entry)
   return out
 
 
-def _padded_exits(rows: Sequence[Sequence[int]], batch_size: int,
-                  length: int) -> list[np.ndarray]:
-  """Per-example exit lists -> [b, length] arrays per test batch."""
-  arrays = []
-  for start in range(0, len(rows), batch_size):
-    array = np.ones((batch_size, length), np.int32)
-    for i, row in enumerate(rows[start:start + batch_size]):
-      array[i, :len(row)] = row
-    arrays.append(array)
-  return arrays
+def _headline_row(table: Sequence[dict], task: str) -> dict:
+  """The softmax, textual delta 0.25 row of a task (the paper's headline)."""
+  return next(r for r in table if r['task'] == task and r['measure'] ==
+              'softmax' and r['consistency'] == 'textual' and
+              r['delta'] == 0.25)
 
 
 def analyses(setup, tasks: Sequence[str], table: Sequence[dict]) -> dict:
   """Oracle, propagation ablation and quality-vs-layers curves per task."""
-  from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from calm_jax.analysis import findings  # pylint: disable=g-import-not-at-top
   out = {'oracle': {}, 'ablation': {}, 'curves': []}
   for task in tasks:
     oracle = findings.oracle(setup, task)
-    out['oracle'][task] = {k: v for k, v in oracle.items() if k != 'outputs'}
-    calibrated = next(r for r in table if r['task'] == task and r[
-        'measure'] == 'softmax' and r['consistency'] == 'textual' and r[
-            'delta'] == 0.25)
-    length = pipeline.feature_lengths(task)['targets']
-    cache = setup.cache('softmax', 'test')
-    threshold = calibrated['threshold']
-    rows = cache.get(task, findings.FULL if threshold is None else
-                     threshold)['exit_layers']
+    out['oracle'][task] = {k: v for k, v in oracle.items()
+                           if k != 'exit_layers'}
+    threshold = _headline_row(table, task)['threshold']
+    calibrated = setup.early(task, 'softmax', threshold).exit_layers
     out['ablation'][task] = {
         'oracle_exits': findings.propagation_ablation(
-            setup, task, [np.asarray(o.exit_layers) for o in
-                          oracle['outputs']]),
+            setup, task, oracle['exit_layers']),
         'calibrated_exits': findings.propagation_ablation(
-            setup, task, _padded_exits(rows, setup.batch_size, length))}
+            setup, task, calibrated)}
     metric = oracle['metric']
     out['curves'].append({'task': task, 'kind': 'static', 'metric': metric,
                           'points': findings.truncated_curve(setup, task)})
@@ -138,34 +124,28 @@ def analyses(setup, tasks: Sequence[str], table: Sequence[dict]) -> dict:
       out['curves'].append({
           'task': task, 'kind': measure, 'metric': metric,
           'points': findings.early_exit_curve(setup, task, measure,
-                                               CURVE_THRESHOLDS)})
-    print(f'{task}: oracle {oracle["avg_layers"]:.2f} layers', flush=True)
+                                              CURVE_THRESHOLDS)})
+    console.info(f'{task}: oracle {oracle["avg_layers"]:.2f} layers')
   return out
 
 
 def exit_maps(setup, tasks: Sequence[str], table: Sequence[dict],
-              figures: str) -> dict:
+              figures_dir: str) -> dict:
   """HTML + PNG exit maps of the first test examples (softmax, textual
   delta 0.25)."""
-  from calm_jax.evaluation import engine  # pylint: disable=g-import-not-at-top
-  from calm_jax.analysis import findings  # pylint: disable=g-import-not-at-top
-  lm, cfg, paths = setup.lm, setup.lm.config, {}
+  paths = {}
   for task in tasks:
-    row = next(r for r in table if r['task'] == task and r[
-        'measure'] == 'softmax' and r['consistency'] == 'textual' and r[
-            'delta'] == 0.25)
-    threshold = api.FULL_DEPTH if row['threshold'] is None else row[
-        'threshold']
-    records, _ = engine.decode_task(
-        lm.model, lm.params, task, split='test',
-        num_examples=EXIT_MAP_EXAMPLES, batch_size=EXIT_MAP_EXAMPLES,
-        exit_config=findings.exit_config(setup, 'softmax'), threshold=threshold, seed=0)
+    threshold = _headline_row(table, task)['threshold']
+    examples = setup.examples(task, 'test')
+    records = engine.example_records(
+        examples, setup.early(task, 'softmax', threshold))
+    shown = api.FULL_DEPTH if threshold is None else threshold
     title = (f'{task}: exit layer per token (softmax, textual delta 0.25, '
-             f'threshold {threshold:g})')
+             f'threshold {shown:g})')
     paths[task] = plots.write_exit_map(
-        records, cfg.num_decoder_layers, title,
-        os.path.join(figures, f'exit_map_{task}.html'),
-        os.path.join(figures, f'exit_map_{task}.png'))
+        records[:EXIT_MAP_EXAMPLES], setup.lm.config.num_decoder_layers,
+        title, os.path.join(figures_dir, f'exit_map_{task}.html'),
+        os.path.join(figures_dir, f'exit_map_{task}.png'))
   return paths
 
 
@@ -187,17 +167,18 @@ def figures(results: dict, figures_dir: str, num_layers: int) -> dict:
                                         path('exit_histogram.png'))}
 
 
-def run(model_dir: str, output: str, tasks: Sequence[str], *,
-        cal_examples: int, test_examples: int, timing_examples: int) -> dict:
+def measure(model_dir: str, output: str, tasks: Sequence[str], *,
+            cal_examples: int, test_examples: int, timing_examples: int
+            ) -> dict:
   """All measurements, figures and the document."""
-  from calm_jax.analysis import findings  # pylint: disable=g-import-not-at-top
-  from calm_jax.analysis import report_markdown  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   lm = api.CalmLM(model_dir)
   lm.classifier_for('classifier')  # one-line error if never trained
-  setup = findings.Setup(lm, cal_examples=cal_examples,
-                          test_examples=test_examples,
-                          timing_examples=timing_examples)
+  setup = findings.Setup(
+      lm, lambda task, split, n: pipeline.task_examples(task, split,
+                                                        num_examples=n),
+      calibrate_job.cache_dir(model_dir), cal_examples=cal_examples,
+      test_examples=test_examples, timing_examples=timing_examples)
   results = {'model_dir': model_dir, 'checkpoint_step': lm.step,
              'tasks': list(tasks),
              'settings': {'cal_examples': cal_examples,
@@ -223,31 +204,36 @@ def run(model_dir: str, output: str, tasks: Sequence[str], *,
       row['exit_layers_histogram'] = np.bincount(
           row.pop('exit_layers'),
           minlength=lm.config.num_decoder_layers + 1)[1:].tolist()
-  checkpoints.atomic_write_json(os.path.join(docs, 'reproduction.json'),
-                                results)
-  checkpoints.atomic_write_text(output, report_markdown.render(results, docs))
-  print(f'wrote {output} in {results["seconds"]:.0f} s')
+  results = _relative_paths(results, docs)
+  files.atomic_write_json(os.path.join(docs, 'reproduction.json'), results)
+  files.atomic_write_text(output, report_markdown.render(results, docs))
+  console.info(f'wrote {output} in {results["seconds"]:.0f} s')
   return results
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model_dir', default='runs/demo/model')
-  parser.add_argument('--output', default='docs/REPRODUCTION.md')
-  parser.add_argument('--tasks', default=','.join(DEFAULT_TASKS))
-  parser.add_argument('--cal_examples', type=int, default=300)
-  parser.add_argument('--test_examples', type=int, default=200)
-  parser.add_argument('--timing_examples', type=int, default=32)
-  args = parser.parse_args(argv)
-  from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  try:
-    run(args.model_dir, args.output, args.tasks.split(','),
-        cal_examples=args.cal_examples, test_examples=args.test_examples,
-        timing_examples=args.timing_examples)
-  except (checkpoints.CheckpointError, pipeline.DataError, ValueError) as e:
-    print(f'error: {checkpoints.first_line(e)}', file=sys.stderr)
-    sys.exit(2)
+def _relative_paths(results, root: str):
+  """Generated files name the figures relative to the document's folder,
+  never by this machine's absolute paths."""
+  if isinstance(results, dict):
+    return {k: _relative_paths(v, root) for k, v in results.items()}
+  if isinstance(results, (list, tuple)):
+    return [_relative_paths(v, root) for v in results]
+  if isinstance(results, str) and os.path.isabs(results) and (
+      results.startswith(root + os.sep)):
+    return os.path.relpath(results, root)
+  return results
 
 
-if __name__ == '__main__':
-  main()
+@gin.configurable(module='calm_jax')
+def report(*, model_dir: str = gin.REQUIRED,
+           output: str = 'docs/REPRODUCTION.md',
+           tasks: Sequence[str] = DEFAULT_TASKS, cal_examples: int = 300,
+           test_examples: int = 200, timing_examples: int = 32) -> dict:
+  """Measures the paper's findings on `model_dir` and writes `output`."""
+  return measure(model_dir, output, list(tasks), cal_examples=cal_examples,
+                 test_examples=test_examples,
+                 timing_examples=timing_examples)
+
+
+def run() -> None:
+  report()

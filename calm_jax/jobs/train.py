@@ -1,8 +1,4 @@
-"""Training entry point (t5x-style flags).
-
-  python -m calm_jax.train \
-    --gin_file=gin/models/calm_t5_1_1_tiny.gin --gin_file=gin/runs/train.gin \
-    --gin.MODEL_DIR="'runs/x'" --gin.MIXTURE_OR_TASK_NAME="'synth_mix'"
+"""The train job: CALM's model, or its exit classifier, into a model dir.
 
 Running the same command again resumes from the latest checkpoint at the same
 data position; a finished run returns at once. With
@@ -17,14 +13,17 @@ from typing import Optional, Sequence
 import gin
 import jax
 
+from clu import metric_writers
+
 from calm_jax import arguments
-from calm_jax.storage import checkpoints
-from calm_jax import cli
+from calm_jax import errors
+from calm_jax.data import pipeline
 from calm_jax.model import models
-from calm_jax.parallel import multihost
 from calm_jax.model import network
-from calm_jax.training import optim
+from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
+from calm_jax.storage import checkpoints
+from calm_jax.training import optim
 from calm_jax.training import trainer
 
 T5Config = gin.external_configurable(network.T5Config, module='calm_jax')
@@ -33,6 +32,7 @@ make_optimizer = gin.external_configurable(optim.make_optimizer,
 
 
 STAGES = ('model', 'classifier')
+READS = ('calm_jax.train', 'calm_jax.T5Config', 'calm_jax.make_optimizer')
 
 
 @gin.configurable(module='calm_jax')
@@ -67,8 +67,6 @@ def train(*, model_dir: str = gin.REQUIRED,
       stage, num_train_steps=num_train_steps, batch_size=batch_size,
       checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
       log_every=log_every, max_bad_steps=max_bad_steps)
-  from calm_jax.data import pipeline  # TensorFlow only on the data path.
-  from clu import metric_writers
   mesh = partitioning.make_mesh(mesh_shape)
   local_batch = _local_batch_size(batch_size, mesh)
   if stage == 'model':
@@ -137,12 +135,11 @@ def initial_params_config(initial_checkpoint_path: str,
 def _model_stage(model_dir, task, model_config, loss_weighting, z_loss,
                  initial_checkpoint_path=None):
   """Checks and writes the model dir's files; the stage-1 objective."""
-  from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   if initial_checkpoint_path:
     model_config = initial_params_config(initial_checkpoint_path,
                                          model_config)
   if model_config is None:
-    raise ValueError('stage "model" needs a model config: add a '
+    raise errors.ConfigError('stage "model" needs a model config: add a '
                      'gin/models/*.gin file')
   checkpoints.check_compatible(model_dir, model_config)
   pipeline.check_ready(task, 'train')  # before anything is written
@@ -151,7 +148,8 @@ def _model_stage(model_dir, task, model_config, loss_weighting, z_loss,
     os.makedirs(model_dir, exist_ok=True)
     checkpoints.write_model_files(model_dir, model_config,
                                   pipeline.vocabulary_path(task),
-                                  gin.operative_config_str())
+                                  gin.operative_config_str(),
+                                  pipeline.max_feature_lengths(task))
   model = models.CalmModel(model_config, loss_weighting=loss_weighting,
                            z_loss=z_loss)
   objective = trainer.model_objective(model)
@@ -176,15 +174,5 @@ def _classifier_stage(model_dir, mesh):
   return trainer.classifier_objective(model, backbone)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-  from calm_jax.data import pipeline
-  return (pipeline.DataError, checkpoints.CheckpointError, RuntimeError,
-          ValueError)
-
-
-def main() -> None:
-  cli.run(train, user_errors=user_errors())
-
-
-if __name__ == '__main__':
-  main()
+def run() -> None:
+  train()

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from calm_jax import errors
 from calm_jax.decoding import confidence
 from calm_jax.decoding import loops
 from calm_jax.model import network
@@ -36,7 +37,7 @@ def exit_loss_weights(exit_layers: tuple[int, ...], weighting: str = 'linear'
   elif weighting == 'geometric':
     raw = 2.0 ** (layers - layers.max())
   else:
-    raise ValueError(f'unknown loss weighting {weighting!r}; valid: '
+    raise errors.ConfigError(f'unknown loss weighting {weighting!r}; valid: '
                      f'{", ".join(LOSS_WEIGHTINGS)}')
   return (raw / raw.sum()).astype(np.float32)
 
@@ -208,6 +209,16 @@ class CalmModel:
     predictions = jnp.argmax(logits, -1)
     return exit_classifier_loss(classifier, hidden[jnp.asarray(exits) - 1],
                                 predictions, batch['decoder_loss_weights'])
+
+  def exit_config(self, confidence: str, **options) -> loops.ExitConfig:
+    """The early-exit settings of this model for a measure: exits on the
+    trained grid (first_exit, exit_interval) above the measure's floor,
+    with `ExitConfig.create`'s options (min_exit, tau, propagation,
+    sampling, bucket_sizes). Every job builds its ExitConfig here."""
+    return loops.ExitConfig.create(
+        self.config.num_decoder_layers, confidence=confidence,
+        first_exit=self.config.first_exit,
+        exit_interval=self.config.exit_interval, **options)
 
   def classifier_exit_layers(self) -> tuple[int, ...]:
     """Exits below the top: where the classifier is trained and used."""

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from calm_jax import errors
 from calm_jax.model import layers
 
 Array = jax.Array
@@ -55,12 +56,12 @@ class T5Config:
 
   def __post_init__(self):
     if not 1 <= self.first_exit <= self.num_decoder_layers:
-      raise ValueError(f'first_exit={self.first_exit} must be in '
+      raise errors.ConfigError(f'first_exit={self.first_exit} must be in '
                        f'[1, {self.num_decoder_layers}]')
     if self.exit_interval < 1:
-      raise ValueError(f'exit_interval={self.exit_interval} must be >= 1')
+      raise errors.ConfigError(f'exit_interval={self.exit_interval} must be >= 1')
     if self.dtype not in DTYPES:
-      raise ValueError(f'dtype={self.dtype!r}; valid: {", ".join(DTYPES)}')
+      raise errors.ConfigError(f'dtype={self.dtype!r}; valid: {", ".join(DTYPES)}')
 
   @property
   def exit_layers(self) -> tuple[int, ...]:

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from calm_jax import errors
+
 # Environment variables read when gin leaves the setting unset.
 COORDINATOR_ENV = 'CALM_COORDINATOR_ADDRESS'      # host:port of process 0
 BIND_ENV = 'CALM_COORDINATOR_BIND_ADDRESS'        # what process 0 listens on
@@ -51,12 +53,12 @@ def initialize(coordinator_address: Optional[str] = None,
     process_id = (process_id if process_id is not None
                   else _env_int(PROCESS_ID_ENV))
     if num_processes is None or process_id is None:
-      raise ValueError(
+      raise errors.ConfigError(
           f'a coordinator address needs the process count and this '
           f'process id: set {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} (or '
           'calm_jax.distributed.num_processes / process_id)')
     if not 0 <= process_id < num_processes:
-      raise ValueError(f'process id {process_id} is not in '
+      raise errors.ConfigError(f'process id {process_id} is not in '
                        f'[0, {num_processes})')
     kwargs = dict(coordinator_address=coordinator_address,
                   num_processes=num_processes, process_id=process_id)
@@ -76,7 +78,7 @@ def local_batch_size(global_batch_size: int) -> int:
   """This process's rows of each global batch (processes split it evenly)."""
   processes = jax.process_count()
   if global_batch_size % processes:
-    raise ValueError(f'batch size {global_batch_size} does not split over '
+    raise errors.ConfigError(f'batch size {global_batch_size} does not split over '
                      f'{processes} processes')
   return global_batch_size // processes
 

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from calm_jax import errors
+
 MESH_AXES = ('data', 'model')
 AXES = ('batch', 'length', 'embed', 'heads', 'kv', 'mlp', 'vocab', 'relpos',
         'layers')
@@ -33,7 +35,7 @@ def make_mesh(shape: Optional[Sequence[int]] = None,
   devices = list(jax.devices() if devices is None else devices)
   shape = tuple(shape or (len(devices), 1))
   if len(shape) != len(MESH_AXES) or int(np.prod(shape)) != len(devices):
-    raise ValueError(f'mesh shape {shape} does not hold {len(devices)} '
+    raise errors.ConfigError(f'mesh shape {shape} does not hold {len(devices)} '
                      f'devices as (data, model)')
   return Mesh(np.array(devices).reshape(shape), MESH_AXES)
 
@@ -123,7 +125,7 @@ def shardings_like_params(tree: Any, params: Any, params_shardings: Any,
 def check_batch_fits(global_batch_size: int, mesh: Mesh) -> None:
   data = mesh.shape['data']
   if global_batch_size % data:
-    raise ValueError(f'batch size {global_batch_size} does not split over '
+    raise errors.ConfigError(f'batch size {global_batch_size} does not split over '
                      f"the mesh's {data} 'data' shards; use a multiple of "
                      f'{data}')
 

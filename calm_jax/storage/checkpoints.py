@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from calm_jax import errors
 from calm_jax.storage import files
 from calm_jax.model import network
 from calm_jax.parallel import partitioning
@@ -32,17 +33,12 @@ CLASSIFIER_SUBDIR = 'classifier'  # stage-2 exit classifier checkpoints
 MODEL_JSON = 'model.json'
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """A model dir that cannot be used (incompatible or unreadable)."""
 
 
 class NonFiniteError(CheckpointError):
   """Parameters or optimizer state with NaN or infinity: never saved."""
-
-
-def first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
 
 
 def manager(model_dir: str, *, max_to_keep: Optional[int] = None,
@@ -124,24 +120,35 @@ def restore(mgr: ocp.CheckpointManager, step: int, *, params: Any,
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(
         f'checkpoint {mgr.directory}/{step} does not match this model: '
-        f'{first_line(e)}') from e
+        f'{errors.first_line(e)}') from e
 
 
 def write_model_files(model_dir: str, config: network.T5Config,
-                      vocab_path: str, operative_gin: str = '') -> None:
-  """Writes model.json, config.gin and a copy of the vocabulary."""
+                      vocab_path: str, operative_gin: str = '',
+                      feature_lengths: Optional[dict] = None) -> None:
+  """Writes model.json, config.gin and a copy of the vocabulary.
+
+  `feature_lengths` ({'inputs': s, 'targets': t}, the longest of the
+  training tasks) is what decoding a user's file and `generate` default to.
+  """
   root = pathlib.Path(model_dir)
   (root / 'vocab').mkdir(parents=True, exist_ok=True)
   vocab_name = pathlib.Path(vocab_path).name
   shutil.copyfile(vocab_path, root / 'vocab' / vocab_name)
-  files.atomic_write_json(str(root / MODEL_JSON), {
-      'config': dataclasses.asdict(config), 'vocabulary': vocab_name})
+  meta = {'config': dataclasses.asdict(config), 'vocabulary': vocab_name}
+  if feature_lengths:
+    meta['feature_lengths'] = dict(feature_lengths)
+  files.atomic_write_json(str(root / MODEL_JSON), meta)
   if operative_gin:
     files.atomic_write_text(str(root / 'config.gin'), operative_gin)
 
 
-def read_model_config(model_dir: str) -> tuple[network.T5Config, str]:
-  """(config, vocabulary path) of a model dir written by training."""
+# What decoding defaults to for a model dir that records no lengths (one
+# imported from Hugging Face, or trained before model.json held them).
+DEFAULT_FEATURE_LENGTHS = {'inputs': 512, 'targets': 64}
+
+
+def _read_meta(model_dir: str) -> tuple[pathlib.Path, dict]:
   path = pathlib.Path(model_dir) / MODEL_JSON
   if not path.exists():
     raise CheckpointError(f'{model_dir} is not a model dir: no {MODEL_JSON}')
@@ -151,8 +158,26 @@ def read_model_config(model_dir: str) -> tuple[network.T5Config, str]:
                            'again with the training run that made the dir')
   except files.FileError as e:
     raise CheckpointError(str(e)) from e
+  return path, meta
+
+
+def read_model_config(model_dir: str) -> tuple[network.T5Config, str]:
+  """(config, vocabulary path) of a model dir written by training."""
+  path, meta = _read_meta(model_dir)
   return _config_from(path, meta), str(
       pathlib.Path(model_dir) / 'vocab' / meta['vocabulary'])
+
+
+def read_feature_lengths(model_dir: str) -> dict[str, int]:
+  """The input and target lengths the model was trained with."""
+  path, meta = _read_meta(model_dir)
+  lengths = meta.get('feature_lengths') or DEFAULT_FEATURE_LENGTHS
+  if not (isinstance(lengths, dict) and all(
+      isinstance(lengths.get(k), int) and lengths[k] > 1
+      for k in ('inputs', 'targets'))):
+    raise CheckpointError(f'{path}: "feature_lengths" must hold integers '
+                          f'"inputs" and "targets" > 1, got {lengths!r}')
+  return {'inputs': lengths['inputs'], 'targets': lengths['targets']}
 
 
 def _config_from(path: pathlib.Path, meta: Any) -> network.T5Config:
@@ -169,7 +194,7 @@ def _config_from(path: pathlib.Path, meta: Any) -> network.T5Config:
   try:
     return network.T5Config(**stored)
   except (TypeError, ValueError) as e:
-    raise CheckpointError(f'{path}: {first_line(e)}') from e
+    raise CheckpointError(f'{path}: {errors.first_line(e)}') from e
 
 
 def check_compatible(model_dir: str, config: network.T5Config) -> None:
@@ -184,12 +209,6 @@ def check_compatible(model_dir: str, config: network.T5Config) -> None:
             if getattr(config, k) != v}
     raise CheckpointError(f'{model_dir} holds a model with other settings '
                           f'(stored, requested): {diff}; use another MODEL_DIR')
-
-
-# Whole-or-nothing writes live in calm_jax.files; the names stay here for
-# the jobs that write next to checkpoints.
-atomic_write_text = files.atomic_write_text
-atomic_write_json = files.atomic_write_json
 
 
 def damage(mgr: ocp.CheckpointManager, step: int,
@@ -234,7 +253,7 @@ def restore_verified(mgr: ocp.CheckpointManager, step: Optional[int] = None,
     except Exception as e:  # pylint: disable=broad-except
       # Damage shows as any error of the reader (or a tree that no longer
       # matches); every step failing alike reads as another model's dir.
-      problem = f'unreadable: {first_line(e)}'
+      problem = f'unreadable: {errors.first_line(e)}'
     if problem is None:
       return restored, candidate
     problems.append(problem)

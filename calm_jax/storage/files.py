@@ -12,8 +12,10 @@ import os
 import tempfile
 from typing import Any, Callable, Iterable
 
+from calm_jax import errors
 
-class FileError(ValueError):
+
+class FileError(errors.UserError, ValueError):
   """A file that cannot be read as what it should be (names the file)."""
 
 

@@ -15,8 +15,10 @@ from typing import Any, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
+from calm_jax import errors
 
-class ProvenanceError(ValueError):
+
+class ProvenanceError(errors.UserError, ValueError):
   """A record or output that does not belong to this model or run."""
 
 

@@ -24,6 +24,7 @@ import optax
 import tqdm
 from jax.sharding import Mesh, NamedSharding
 
+from calm_jax import errors
 from calm_jax.storage import checkpoints
 from calm_jax.decoding import confidence
 from calm_jax.model import models
@@ -230,7 +231,7 @@ class _Progress:
       self.writer.write_scalars(step, scalars)
 
 
-class NonFiniteStepError(RuntimeError):
+class NonFiniteStepError(errors.UserError, RuntimeError):
   """Training produced a NaN or infinite loss or gradient."""
 
 
@@ -330,7 +331,7 @@ def train_loop(*, objective: Objective,
 def _next_batch(batches: Iterator[Batch], step: int, start: int) -> Batch:
   batch = next(batches, None)
   if batch is None:
-    raise ValueError(f'no training data: the dataset ended after '
+    raise errors.ConfigError(f'no training data: the dataset ended after '
                      f'{step - 1 - start} batches (at step {step})')
   return batch
 

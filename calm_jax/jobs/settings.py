@@ -1,0 +1,146 @@
+"""Grouped settings of the decode and calibrate jobs (gin configurables).
+
+Each group is one gin-configurable dataclass, bound in the run files as
+`calm_jax.<Group>.<field>`; a job builds the groups it reads when it starts,
+so a binding applies wherever the group is used: `ExitSettings` and
+`RunSettings` are shared by decode and calibrate, which is what keeps a
+calibration record's settings and the decode that uses it the same.
+"""
+import dataclasses
+from typing import Optional, Sequence
+
+import gin
+
+from calm_jax import arguments
+from calm_jax.decoding import confidence as confidence_lib
+from calm_jax.decoding import loops
+
+
+@gin.configurable(module='calm_jax')
+@dataclasses.dataclass(frozen=True)
+class ExitSettings:
+  """How tokens may exit early.
+
+  Attributes:
+    confidence: the measure: softmax, softmax_max, state, classifier, oracle.
+    tau: decay of the threshold over positions (None: constant; the
+      paper's 4.0 for summaries and translations).
+    min_exit: the lowest layer a token may exit at.
+    propagation: what skipped layers' caches get: 'hidden' (CALM), or the
+      ablations 'kv_copy' and 'none'.
+  """
+  confidence: str = 'softmax'
+  tau: Optional[float] = None
+  min_exit: int = 1
+  propagation: str = 'hidden'
+
+  def check(self) -> 'ExitSettings':
+    confidence_lib.get(self.confidence)
+    arguments.optional(arguments.real, 'tau', self.tau, 0.0, open_low=True)
+    arguments.integer('min_exit', self.min_exit, 1)
+    if self.propagation not in loops.PROPAGATIONS:
+      raise arguments.InputError(
+          f'unknown propagation {self.propagation!r}; valid: '
+          f'{", ".join(loops.PROPAGATIONS)}')
+    return self
+
+
+@gin.configurable(module='calm_jax')
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """Where and how big the decodes run.
+
+  Attributes:
+    batch_size: the global batch (split over processes and 'data' shards).
+    mesh_shape: the (data, model) device mesh; None: every device on 'data'.
+    dtype: activation dtype; None keeps the model's, 'bfloat16' runs
+      bfloat16 activations over the float32 parameters (TPU/GPU style).
+  """
+  batch_size: int = 32
+  mesh_shape: Optional[Sequence[int]] = None
+  dtype: Optional[str] = None
+
+  def check(self) -> 'RunSettings':
+    arguments.integer('batch_size', self.batch_size, 1)
+    return self
+
+
+@gin.configurable(module='calm_jax')
+@dataclasses.dataclass(frozen=True)
+class DecodeInputs:
+  """What decode reads: a task or mixture's split, or the user's own file.
+
+  Attributes:
+    mixture_or_task_name: a SeqIO task or mixture. With `input_file`, the
+      task whose metrics score a file that has targets (optional).
+    split: the task split.
+    num_examples: the first N examples (None: all).
+    input_file: a JSONL, TSV or text file of inputs instead of a task.
+    input_format: 'jsonl', 'tsv' or 'text' (None: from the extension).
+    input_field, target_field: the JSONL fields of input and target.
+    input_length, target_length: for a file, the longest input kept and
+      the decode length (None: the lengths the model was trained with).
+  """
+  mixture_or_task_name: Optional[str] = None
+  split: str = 'validation'
+  num_examples: Optional[int] = None
+  input_file: Optional[str] = None
+  input_format: Optional[str] = None
+  input_field: str = 'inputs'
+  target_field: str = 'targets'
+  input_length: Optional[int] = None
+  target_length: Optional[int] = None
+
+  def check(self) -> 'DecodeInputs':
+    if not self.mixture_or_task_name and not self.input_file:
+      raise arguments.InputError(
+          'nothing to decode: set MIXTURE_OR_TASK_NAME (a SeqIO task) or '
+          'INPUT_FILE (a JSONL, TSV or text file)')
+    arguments.optional(arguments.integer, 'num_examples', self.num_examples,
+                       1)
+    arguments.optional(arguments.integer, 'input_length', self.input_length,
+                       2)
+    arguments.optional(arguments.integer, 'target_length',
+                       self.target_length, 1)
+    return self
+
+
+@gin.configurable(module='calm_jax')
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """Token selection: greedy at temperature 0, else a seeded sample."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def sampling(self) -> loops.Sampling:
+    return loops.Sampling(float(self.temperature), self.top_k,
+                          float(self.top_p))
+
+
+@gin.configurable(module='calm_jax')
+@dataclasses.dataclass(frozen=True)
+class OutputSettings:
+  """Where decode writes.
+
+  Attributes:
+    output_dir: None: MODEL_DIR/decode/<split>_<measure>_<threshold>_<hash
+      of every setting>. A directory holding another run's files is
+      refused unless `overwrite`.
+    exit_map: a directory for HTML + PNG exit maps of the first
+      `exit_map_examples` examples of each task (None: none).
+  """
+  output_dir: Optional[str] = None
+  overwrite: bool = False
+  exit_map: Optional[str] = None
+  exit_map_examples: int = 10
+
+  def check(self) -> 'OutputSettings':
+    arguments.integer('exit_map_examples', self.exit_map_examples, 0)
+    return self
+
+
+SETTINGS = ('calm_jax.ExitSettings', 'calm_jax.RunSettings')
+DECODE_SETTINGS = (*SETTINGS, 'calm_jax.DecodeInputs',
+                   'calm_jax.SamplingSettings', 'calm_jax.OutputSettings')

@@ -1,0 +1,114 @@
+"""The evaluation engine: modes, provenance-keyed cache, scores, timing."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import calm_jax
+from calm_jax.data import pipeline
+from calm_jax.evaluation import engine
+
+
+@pytest.fixture(scope='module')
+def lm(tiny_model_dir):
+  return calm_jax.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope='module')
+def examples():
+  return pipeline.task_examples('synth_qa', 'validation', num_examples=5)
+
+
+def test_full_depth_is_the_static_decoder_and_early_exit_at_1_5_too(
+    lm, examples):
+  evaluator = engine.Evaluator(lm, batch_size=2, progress=False)
+  full = evaluator.decode(examples, engine.FullDepth())
+  assert len(full.outputs) == 5 and full.seconds > 0
+  assert all(set(row) == {4} for row in full.exit_layers)
+  static = np.asarray(lm.model.predict_full_depth(
+      lm.params, np.stack([np.pad(e.input_ids, (0, 32 - len(e.input_ids)))
+                           for e in examples.examples]), 4))
+  for output, row in zip(full.outputs, static):
+    ids = list(row)
+    expected = ids[:ids.index(1) + 1] if 1 in ids else ids
+    assert output['token_ids'] == [int(i) for i in expected]
+  disabled = evaluator.decode(examples, engine.EarlyExit(
+      lm.exit_config('softmax'), 1.5))
+  assert disabled.predictions == full.predictions
+  assert all(c is None for o in disabled.outputs for c in o['confidences'])
+  oracle = evaluator.decode(examples, engine.FullDepth(oracle=True))
+  assert oracle.predictions == full.predictions
+  assert oracle.avg_layers <= full.avg_layers
+
+
+def test_forced_exits_follow_the_given_layers(lm, examples):
+  evaluator = engine.Evaluator(lm, batch_size=4, progress=False)
+  config = lm.exit_config('softmax')
+  at_two = evaluator.decode(examples, engine.ForcedExits(config, layer=2))
+  assert all(set(row) == {2} for row in at_two.exit_layers)
+  rows = tuple((1, 3, 2, 1) for _ in range(len(examples)))
+  mixed = evaluator.decode(examples, engine.ForcedExits(config,
+                                                        exit_layers=rows))
+  for row, forced in zip(mixed.exit_layers, rows):
+    assert row == list(forced[:len(row)])
+  mode = engine.ForcedExits(config, exit_layers=((2,), (3, 3)))
+  np.testing.assert_array_equal(mode.rows([1, 0], (3, 4)),
+                                [[3, 3, 1, 1], [2, 1, 1, 1], [1, 1, 1, 1]])
+
+
+def test_the_cache_answers_only_an_identical_fingerprint(lm, examples,
+                                                         tmp_path, capsys):
+  evaluator = engine.Evaluator(lm, batch_size=4, cache_dir=str(tmp_path),
+                               progress=False)
+  mode = engine.EarlyExit(lm.exit_config('state'), 0.5)
+  first = evaluator.decode(examples, mode)
+  [entry] = tmp_path.glob('*.json')
+  stored = json.loads(entry.read_text())
+  assert stored['fingerprint'] == evaluator.fingerprint(examples, mode)
+  stored['outputs'][0]['prediction'] = 'from the cache'
+  entry.write_text(json.dumps(stored))
+  again = evaluator.decode(examples, mode)
+  assert again.predictions[0] == 'from the cache'  # a hit
+  other = evaluator.decode(examples, engine.EarlyExit(
+      lm.exit_config('state', min_exit=3), 0.5))
+  assert len(list(tmp_path.glob('*.json'))) == 2  # another setting: a miss
+  assert other.avg_layers >= 3
+  fewer = pipeline.task_examples('synth_qa', 'validation', num_examples=4)
+  evaluator.decode(fewer, mode)
+  assert len(list(tmp_path.glob('*.json'))) == 3
+  entry.write_text(entry.read_text()[:50])  # truncated on disk
+  recovered = evaluator.decode(examples, mode)
+  assert recovered.predictions == first.predictions
+  assert 'decode cache entry' in capsys.readouterr().err
+  assert json.loads(entry.read_text())['outputs']  # written whole again
+
+
+def test_scores_losses_and_layer_accuracy(lm, examples):
+  evaluator = engine.Evaluator(lm, batch_size=8, progress=False)
+  full = evaluator.decode(examples, engine.FullDepth())
+  score = evaluator.score(examples, full.predictions)
+  assert score.metric == 'f1' and set(score.scores) == {'f1', 'em'}
+  perfect = evaluator.score(examples, examples.references)
+  assert perfect.value == 100.0
+  losses = evaluator.losses(examples, 'textual', full, full)
+  np.testing.assert_array_equal(losses, np.zeros(5))
+  accuracy = evaluator.layer_accuracy(examples)
+  assert accuracy.shape == (4,) and np.all((0 <= accuracy) & (accuracy <= 1))
+
+
+def test_speedup_times_both_decoders_alternately(lm, examples):
+  evaluator = engine.Evaluator(lm, batch_size=4, progress=False)
+  speed = evaluator.speedup(
+      examples, engine.EarlyExit(lm.exit_config('softmax'), 0.0),
+      batch_size=1, repeats=2, num_examples=3)
+  assert set(speed.median_seconds) == {'full', 'early'}
+  assert speed.low <= speed.ratio <= speed.high or np.isclose(
+      speed.low, speed.high)
+  assert 0.05 < speed.ratio < 50
+
+
+def test_every_process_gets_its_share_back_in_input_order():
+  shares = [engine.process_share(7, i, 2) for i in range(2)]
+  assert shares == [[0, 2, 4, 6], [1, 3, 5]]
+  assert jax.process_count() == 1
