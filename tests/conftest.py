@@ -40,7 +40,7 @@ def tiny_model_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp('tiny_model') / 'model'
   common = [f"--gin.MODEL_DIR='{path}'",
             "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.BATCH_SIZE=8',
-            '--gin.calm_jax.train.progress=False']
+            '--gin.calm_jax.LogSettings.progress=False']
   result = entry_points.run_module(
       'calm_jax.train', '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
       '--gin_file=gin/runs/train.gin', '--gin.TRAIN_STEPS=3', *common)

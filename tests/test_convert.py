@@ -194,7 +194,7 @@ def test_finetune_from_hf_gin_trains_the_imported_model(untied, tmp_path):
                      f"--gin.MODEL_DIR='{tuned_dir}'",
                      "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
                      '--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=4',
-                     '--gin.calm_jax.train.progress=False'])
+                     '--gin.calm_jax.LogSettings.progress=False'])
     state = train.train()
   finally:
     gin.clear_config()

@@ -19,13 +19,13 @@ def model_dir(tmp_path_factory):
                 f"--gin.MODEL_DIR='{path}'",
                 "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
                 '--gin.BATCH_SIZE=8', '--gin.TRAIN_STEPS=3',
-                '--gin.calm_jax.train.progress=False')
+                '--gin.calm_jax.LogSettings.progress=False')
   assert result.returncode == 0, result.stderr[-2000:]
   result = _run('calm_jax.train', '--gin_file=gin/runs/train_classifier.gin',
                 f"--gin.MODEL_DIR='{path}'",
                 "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
                 '--gin.BATCH_SIZE=8', '--gin.TRAIN_STEPS=2',
-                '--gin.calm_jax.train.progress=False')
+                '--gin.calm_jax.LogSettings.progress=False')
   assert result.returncode == 0, result.stderr[-2000:]
   assert (path / 'classifier' / '2').is_dir()
   assert sorted(p.name for p in (path / 'checkpoints').iterdir()) == ['3']
@@ -181,7 +181,7 @@ def test_bf16_training_writes_a_bf16_model_dir(tmp_path):
                 "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
                 '--gin.BATCH_SIZE=8', '--gin.TRAIN_STEPS=2',
                 "--gin.calm_jax.T5Config.dtype='bfloat16'",
-                '--gin.calm_jax.train.progress=False')
+                '--gin.calm_jax.LogSettings.progress=False')
   assert result.returncode == 0, result.stderr[-2000:]
   from calm_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
   config, _ = checkpoints.read_model_config(str(path))

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import entry_points  # tests/entry_points.py
+from calm_jax.jobs import settings
 from calm_jax import arguments
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
@@ -192,7 +193,8 @@ TINY = network.T5Config(vocab_size=1024, emb_dim=32, num_heads=2, head_dim=16,
     ({'num_train_steps': 32.5}, 'num_train_steps must be an integer'),
     ({'batch_size': 0}, 'batch_size=0 is out of range'),
     ({'batch_size': 'eight'}, "batch_size must be an integer, got 'eight'"),
-    ({'checkpoint_period': 0}, 'checkpoint_period=0 is out of range'),
+    ({'checkpointing': settings.CheckpointSettings(period=0)},
+     r'CheckpointSettings.period=0 is out of range'),
 ])
 def test_bad_training_flags_are_refused_before_anything_is_written(
     tmp_path, flags, message):
@@ -209,8 +211,8 @@ def test_a_diverging_run_exits_2_and_the_next_run_works(tmp_path):
   flags = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
            '--gin_file=gin/runs/train.gin', f"--gin.MODEL_DIR='{model_dir}'",
            "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.BATCH_SIZE=8',
-           '--gin.calm_jax.train.checkpoint_period=3',
-           '--gin.calm_jax.train.progress=False']
+           '--gin.calm_jax.CheckpointSettings.period=3',
+           '--gin.calm_jax.LogSettings.progress=False']
   diverged = entry_points.run_module('calm_jax.train', *flags,
                                      '--gin.LEARNING_RATE=1e30',
                                      '--gin.TRAIN_STEPS=6')

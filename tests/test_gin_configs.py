@@ -82,7 +82,7 @@ def test_paper_experiments_hold_the_whole_recipe(name, task):
   for selector in ('train', 'calibrate', 'DecodeInputs'):
     assert _value(f'calm_jax.{selector}.mixture_or_task_name') == task
   assert _value('calm_jax.train.initial_checkpoint_path')
-  assert _value('calm_jax.train.loss_weighting') == 'linear'
+  assert _value('calm_jax.LossSettings.weighting') == 'linear'
   assert _value('calm_jax.calibrate.delta') == [
       0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
   tau = _value('calm_jax.ExitSettings.tau')

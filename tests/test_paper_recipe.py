@@ -28,7 +28,7 @@ SHARED = ['--gin.calm_jax.T5Config.vocab_size=1152',
           + os.path.join(REPO, 'tasks', 'vocab', 'calm_synth.model') + "'",
           "--gin.calm_jax.data_settings.task_feature_lengths={'" + TASK
           + "': {'inputs': 48, 'targets': 12}}",
-          '--gin.calm_jax.train.progress=False']
+          '--gin.calm_jax.LogSettings.progress=False']
 
 
 def _configure(flags: list[str]) -> None:

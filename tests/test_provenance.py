@@ -32,7 +32,7 @@ def _train_classifier(path, steps):
                 f"--gin.MODEL_DIR='{path}'",
                 "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
                 '--gin.BATCH_SIZE=8', f'--gin.TRAIN_STEPS={steps}',
-                '--gin.calm_jax.train.progress=False')
+                '--gin.calm_jax.LogSettings.progress=False')
   assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
                 '--gin_file=gin/runs/train.gin', f"--gin.MODEL_DIR='{path}'",
                 "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
                 '--gin.BATCH_SIZE=8', '--gin.TRAIN_STEPS=3',
-                '--gin.calm_jax.train.progress=False')
+                '--gin.calm_jax.LogSettings.progress=False')
   assert result.returncode == 0, result.stderr[-2000:]
   _train_classifier(path, 2)
   return path

@@ -162,7 +162,7 @@ TRAIN = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
          '--gin_file=gin/runs/train.gin',
          "--gin.MIXTURE_OR_TASK_NAME='synth_mix'", '--gin.BATCH_SIZE=16',
          '--gin.TRAIN_STEPS=3', '--gin.calm_jax.train.shuffle=False',
-         '--gin.calm_jax.train.progress=False', '--gin.MESH_SHAPE=(4, 2)']
+         '--gin.calm_jax.LogSettings.progress=False', '--gin.MESH_SHAPE=(4, 2)']
 DECODE = ['--gin_file=gin/runs/decode.gin',
           "--gin.MIXTURE_OR_TASK_NAME='synth_translate'",
           '--gin.calm_jax.DecodeInputs.num_examples=9',  # shards of 5 and 4

@@ -8,8 +8,8 @@ import entry_points  # tests/entry_points.py
 TINY = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
         '--gin_file=gin/runs/train.gin',
         "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.BATCH_SIZE=8',
-        '--gin.calm_jax.train.checkpoint_period=3',
-        '--gin.calm_jax.train.progress=False']
+        '--gin.calm_jax.CheckpointSettings.period=3',
+        '--gin.calm_jax.LogSettings.progress=False']
 
 
 _run = entry_points.run_module
@@ -18,6 +18,17 @@ _run = entry_points.run_module
 def _steps(model_dir):
   return sorted(int(p.name) for p in (model_dir / 'checkpoints').iterdir()
                 if p.name.isdigit())
+
+
+def _tensorboard_tags(directory) -> set:
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for path in directory.glob('events.out.tfevents*'):
+    events = event_accumulator.EventAccumulator(str(path))
+    events.Reload()
+    tags |= set(events.Tags().get('scalars', [])) | set(
+        events.Tags().get('tensors', []))
+  return tags
 
 
 def test_train_writes_checkpoints_and_resumes(tmp_path):
@@ -32,10 +43,30 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
   assert 'TRAIN_STEPS = 4' in (model_dir /
                                               'config.gin').read_text()
   assert list((model_dir / 'train').glob('events.out.tfevents*'))
+  assert first.stderr.startswith('compiling train step (batch 8, lengths '
+                                 '32/4) ...')
+  assert model_dir.joinpath('model.json').exists()
 
-  second = _run('calm_jax.train', *flags, '--gin.TRAIN_STEPS=7')
+  # The console shows what TensorBoard gets: per-exit accuracy, learning
+  # rate, and validation metrics every eval_every steps.
+  second = _run('calm_jax.train', *flags, '--gin.TRAIN_STEPS=6',
+                '--gin.calm_jax.LogSettings.log_every=2',
+                '--gin.calm_jax.LogSettings.eval_every=2',
+                '--gin.calm_jax.LogSettings.eval_batches=1')
   assert second.returncode == 0, second.stderr[-2000:]
-  assert _steps(model_dir) == [4, 6, 7]  # resumed at 4: saved 6 and 7 only
+  lines = second.stderr.splitlines()
+  logged = [l for l in lines if l.startswith('step 6: ')]
+  assert logged and 'lr 1.00e-03' in logged[0]
+  assert logged[0].count('accuracy by exit') == 1
+  assert len(logged[0].split('accuracy by exit ')[1].split()) == 4  # exits
+  assert [l for l in lines if l.startswith('step 6 validation: loss ')]
+  scalars = _tensorboard_tags(model_dir / 'train')
+  assert {'learning_rate', 'validation/loss',
+          'accuracy_per_exit/layer_4'} <= scalars
+
+  third = _run('calm_jax.train', *flags, '--gin.TRAIN_STEPS=7')
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert _steps(model_dir) == [4, 6, 7]  # resumed at 6: saved 7 only
 
   # A model dir with other dims is refused, and left untouched.
   clash = _run('calm_jax.train', *flags, '--gin.TRAIN_STEPS=9',

@@ -133,6 +133,24 @@ def train_batches(name: str, *, batch_size: int, seed: int = 0,
   return ds.as_numpy_iterator()
 
 
+def first_batches(name: str, split: str, *, batch_size: int,
+                  batches_per_task: int,
+                  shard: Optional[seqio.ShardInfo] = None) -> list[Batch]:
+  """The first `batches_per_task` batches of each task's split, unshuffled,
+  in the training batches' layout: what training reports on (validation),
+  and one batch of each shape a mixture trains on (compiled up front)."""
+  check_ready(name, split)
+  out = []
+  for task in task_rates(name):
+    ds = _task_batches(task, feature_lengths(task), split, batch_size, 0,
+                       False, 1, shard)
+    out += list(ds.take(batches_per_task).as_numpy_iterator())
+  if not out:
+    raise DataError(f'{name!r} has no {split} batch of {batch_size} '
+                    'examples')
+  return out
+
+
 def _raw_examples(task_name: str, split: str,
                  num_examples: Optional[int]) -> list[dict]:
   """Tokenized examples with their text: inputs, targets, *_pretokenized."""

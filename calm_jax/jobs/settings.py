@@ -144,3 +144,65 @@ class OutputSettings:
 SETTINGS = ('calm_jax.ExitSettings', 'calm_jax.RunSettings')
 DECODE_SETTINGS = (*SETTINGS, 'calm_jax.DecodeInputs',
                    'calm_jax.SamplingSettings', 'calm_jax.OutputSettings')
+
+
+@gin.configurable(module='calm_jax')
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+  """When training saves, how many steps it keeps, how it restores.
+
+  Attributes:
+    period: save every `period` steps (and at the end, and on Ctrl-C).
+    keep: the newest steps kept (None: all); a step of non-finite values is
+      never saved, so retention only ever drops finite checkpoints.
+    restore_fallback: a damaged latest step is reported and the newest
+      intact one resumed; False makes it an error.
+  """
+  period: int = 500
+  keep: Optional[int] = 3
+  restore_fallback: bool = True
+
+  def check(self) -> 'CheckpointSettings':
+    arguments.integer('CheckpointSettings.period', self.period, 1)
+    arguments.optional(arguments.integer, 'CheckpointSettings.keep',
+                       self.keep, 1)
+    return self
+
+
+@gin.configurable(module='calm_jax')
+@dataclasses.dataclass(frozen=True)
+class LogSettings:
+  """What training reports.
+
+  Attributes:
+    log_every: steps between console lines and TensorBoard scalars (loss,
+      per-exit losses and accuracies, learning rate, steps/s).
+    progress: the progress bar.
+    eval_every: steps between validation metrics (the objective on the
+      first `eval_batches` batches of each task's validation split, no
+      dropout); 0: none.
+    eval_batches: validation batches per task.
+  """
+  log_every: int = 50
+  progress: bool = True
+  eval_every: int = 0
+  eval_batches: int = 4
+
+  def check(self) -> 'LogSettings':
+    arguments.integer('LogSettings.log_every', self.log_every, 1)
+    arguments.integer('LogSettings.eval_every', self.eval_every, 0)
+    arguments.integer('LogSettings.eval_batches', self.eval_batches, 1)
+    return self
+
+
+@gin.configurable(module='calm_jax')
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """CALM's training objective: the per-exit weighting ('linear': w_i
+  proportional to i, the paper's; 'uniform'; 'geometric') and the z-loss."""
+  weighting: str = 'linear'
+  z_loss: float = 1e-4
+
+
+TRAIN_SETTINGS = ('calm_jax.CheckpointSettings', 'calm_jax.LogSettings',
+                  'calm_jax.LossSettings')

@@ -18,6 +18,7 @@ from clu import metric_writers
 from calm_jax import arguments
 from calm_jax import errors
 from calm_jax.data import pipeline
+from calm_jax.jobs import settings
 from calm_jax.model import models
 from calm_jax.model import network
 from calm_jax.parallel import multihost
@@ -32,7 +33,8 @@ make_optimizer = gin.external_configurable(optim.make_optimizer,
 
 
 STAGES = ('model', 'classifier')
-READS = ('calm_jax.train', 'calm_jax.T5Config', 'calm_jax.make_optimizer')
+READS = ('calm_jax.train', 'calm_jax.T5Config', 'calm_jax.make_optimizer',
+         *settings.TRAIN_SETTINGS)
 
 
 @gin.configurable(module='calm_jax')
@@ -40,15 +42,13 @@ def train(*, model_dir: str = gin.REQUIRED,
           mixture_or_task_name: str = gin.REQUIRED,
           model_config: Optional[network.T5Config] = None,
           optimizer=gin.REQUIRED, stage: str = 'model',
-          batch_size: int = 64, num_train_steps: int = 1000,
-          checkpoint_period: int = 500, keep_checkpoints: int = 3,
-          log_every: int = 50, seed: int = 0,
-          loss_weighting: str = 'linear', z_loss: float = 1e-4,
-          initial_checkpoint_path: Optional[str] = None,
-          progress: bool = True, shuffle: bool = True,
-          mesh_shape: Optional[Sequence[int]] = None,
-          max_bad_steps: int = 0,
-          restore_fallback: bool = True) -> trainer.TrainState:
+          batch_size: int = 64, num_train_steps: int = 1000, seed: int = 0,
+          shuffle: bool = True, initial_checkpoint_path: Optional[str] = None,
+          mesh_shape: Optional[Sequence[int]] = None, max_bad_steps: int = 0,
+          checkpointing: Optional[settings.CheckpointSettings] = None,
+          logging: Optional[settings.LogSettings] = None,
+          loss: Optional[settings.LossSettings] = None
+          ) -> trainer.TrainState:
   """Trains into `model_dir` on a SeqIO task or mixture.
 
   stage 'model' trains the CALM network (model_config required); stage
@@ -60,18 +60,19 @@ def train(*, model_dir: str = gin.REQUIRED,
   reads batch_size / processes rows from its own shard of the data.
 
   A NaN or infinite step is not applied: the run stops (or skips up to
-  `max_bad_steps`). A damaged latest checkpoint is reported and the newest
-  intact one resumed (`restore_fallback=False`: an error instead).
+  `max_bad_steps`). The settings groups default to their gin bindings
+  (calm_jax.CheckpointSettings, LogSettings, LossSettings).
   """
-  _check_arguments(
-      stage, num_train_steps=num_train_steps, batch_size=batch_size,
-      checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
-      log_every=log_every, max_bad_steps=max_bad_steps)
+  checkpointing = (checkpointing or settings.CheckpointSettings()).check()
+  logging = (logging or settings.LogSettings()).check()
+  loss = loss or settings.LossSettings()
+  _check_arguments(stage, num_train_steps=num_train_steps,
+                   batch_size=batch_size, max_bad_steps=max_bad_steps)
   mesh = partitioning.make_mesh(mesh_shape)
   local_batch = _local_batch_size(batch_size, mesh)
   if stage == 'model':
     objective = _model_stage(model_dir, mixture_or_task_name, model_config,
-                             loss_weighting, z_loss, initial_checkpoint_path)
+                             loss, initial_checkpoint_path)
     subdir = checkpoints.CHECKPOINT_SUBDIR
   else:
     objective = _classifier_stage(model_dir, mesh)
@@ -83,13 +84,23 @@ def train(*, model_dir: str = gin.REQUIRED,
   batches_from = lambda start: pipeline.train_batches(
       mixture_or_task_name, batch_size=local_batch, seed=seed,
       start_step=start, shuffle=shuffle, shard=shard)
+  validation = lambda: pipeline.first_batches(
+      mixture_or_task_name, 'validation', batch_size=local_batch,
+      batches_per_task=logging.eval_batches, shard=shard)
+  # One batch of each shape the run trains on: all compiled before step 1.
+  shapes = lambda: pipeline.first_batches(
+      mixture_or_task_name, 'train', batch_size=local_batch,
+      batches_per_task=1, shard=shard)
   state = trainer.train_loop(
       objective=objective, optimizer=optimizer, model_dir=model_dir,
       batches_from=batches_from, num_steps=num_train_steps,
-      checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
-      log_every=log_every, seed=seed, writer=writer, progress=progress,
+      checkpoint_period=checkpointing.period,
+      keep_checkpoints=checkpointing.keep, log_every=logging.log_every,
+      seed=seed, writer=writer, progress=logging.progress,
       checkpoint_subdir=subdir, mesh=mesh, max_bad_steps=max_bad_steps,
-      restore_fallback=restore_fallback)
+      restore_fallback=checkpointing.restore_fallback,
+      validation_batches=validation, eval_every=logging.eval_every,
+      shape_batches=shapes)
   writer.flush()
   return state
 
@@ -102,8 +113,6 @@ def _check_arguments(stage: str, **values) -> None:
                                f'{", ".join(STAGES)}')
   lows = {'max_bad_steps': 0}
   for name, value in values.items():
-    if name == 'keep_checkpoints' and value is None:
-      continue
     arguments.integer(name, value, lows.get(name, 1))
 
 
@@ -132,8 +141,8 @@ def initial_params_config(initial_checkpoint_path: str,
   return model_config
 
 
-def _model_stage(model_dir, task, model_config, loss_weighting, z_loss,
-                 initial_checkpoint_path=None):
+def _model_stage(model_dir, task, model_config,
+                 loss: settings.LossSettings, initial_checkpoint_path=None):
   """Checks and writes the model dir's files; the stage-1 objective."""
   if initial_checkpoint_path:
     model_config = initial_params_config(initial_checkpoint_path,
@@ -150,8 +159,8 @@ def _model_stage(model_dir, task, model_config, loss_weighting, z_loss,
                                   pipeline.vocabulary_path(task),
                                   gin.operative_config_str(),
                                   pipeline.max_feature_lengths(task))
-  model = models.CalmModel(model_config, loss_weighting=loss_weighting,
-                           z_loss=z_loss)
+  model = models.CalmModel(model_config, loss_weighting=loss.weighting,
+                           z_loss=loss.z_loss)
   objective = trainer.model_objective(model)
   if not initial_checkpoint_path:
     return objective

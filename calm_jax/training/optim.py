@@ -1,4 +1,7 @@
 """Optimizers and learning-rate schedules (optax); no gin here."""
+import dataclasses
+from typing import Callable
+
 import optax
 
 from calm_jax import errors
@@ -27,10 +30,24 @@ def learning_rate_schedule(learning_rate: float, *, schedule: str,
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """An optax transformation that also knows its learning-rate schedule
+  (for the logs: optax keeps it inside the update function)."""
+  transform: optax.GradientTransformation
+  learning_rate: Callable[[int], float]
+
+  def init(self, params):
+    return self.transform.init(params)
+
+  def update(self, updates, state, params=None):
+    return self.transform.update(updates, state, params)
+
+
 def make_optimizer(name: str = 'adafactor', *, learning_rate: float = 1e-3,
                    schedule: str = 'constant', warmup_steps: int = 0,
                    total_steps: int = 1, weight_decay: float = 0.0,
-                   grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
+                   grad_clip_norm: float = 0.0) -> Optimizer:
   """Adafactor (the paper's) or AdamW, with optional global-norm clipping."""
   lr = learning_rate_schedule(learning_rate, schedule=schedule,
                               warmup_steps=warmup_steps,
@@ -44,4 +61,4 @@ def make_optimizer(name: str = 'adafactor', *, learning_rate: float = 1e-3,
                      f'{", ".join(OPTIMIZERS)}')
   if grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
-  return opt
+  return Optimizer(opt, lr if callable(lr) else (lambda _: lr))

@@ -14,7 +14,7 @@ yields its own rows of every global batch.
 import dataclasses
 import sys
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol
 
 import flax
 import jax
@@ -24,6 +24,7 @@ import optax
 import tqdm
 from jax.sharding import Mesh, NamedSharding
 
+from calm_jax import console
 from calm_jax import errors
 from calm_jax.storage import checkpoints
 from calm_jax.decoding import confidence
@@ -130,39 +131,85 @@ def placement(objective: Objective, optimizer: optax.GradientTransformation,
                                                               shardings))
 
 
+class TrainStep:
+  """(state, batch, rng) -> (state, metrics), jitted over the mesh with the
+  placement's shardings, state donated; compiled ahead of the first step
+  with a notice, so that neither the wait nor the progress bar's rate is a
+  mystery."""
+
+  def __init__(self, objective: Objective,
+               optimizer: optax.GradientTransformation, place: Placement):
+    self.place = place
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array):
+      dropout_rng = (jax.random.fold_in(rng, state.step) if objective.dropout
+                     else None)
+      grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+      (loss, metrics), grads = grad_fn(state.params, batch, dropout_rng)
+      updates, opt_state = optimizer.update(grads, state.opt_state,
+                                            state.params)
+      params = optax.apply_updates(state.params, updates)
+      metrics['grad_norm'] = optax.global_norm(grads)
+      # A NaN or infinity anywhere in the gradients makes their norm one too.
+      finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+      metrics['finite'] = finite
+      keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+      return TrainState(
+          step=state.step + 1,
+          params=jax.tree_util.tree_map(keep_if_bad, params, state.params),
+          opt_state=jax.tree_util.tree_map(keep_if_bad, opt_state,
+                                           state.opt_state)), metrics
+
+    self._jitted = jax.jit(step, donate_argnums=(0,),
+                           in_shardings=(place.state, place.batch,
+                                         place.replicated),
+                           out_shardings=(place.state, place.replicated))
+    self._programs = {}  # one per batch shape: a mixture's tasks differ
+
+  def compile(self, state: TrainState, batch: Batch, rng: jax.Array):
+    """The program for this batch's shapes (compiled once, announced)."""
+    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    if key not in self._programs:
+      rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+      lengths = [batch[k].shape[1] for k in ('encoder_input_tokens',
+                                             'decoder_target_tokens')
+                 if k in batch]
+      shape = ', lengths ' + '/'.join(map(str, lengths)) if lengths else ''
+      with console.compiling(f'train step (batch {rows}{shape})'):
+        with partitioning.activation_rules(self.place.mesh):  # traced here
+          self._programs[key] = self._jitted.lower(state, batch,
+                                                   rng).compile()
+    return self._programs[key]
+
+  def __call__(self, state: TrainState, batch: Batch, rng: jax.Array):
+    return self.compile(state, batch, rng)(state, batch, rng)
+
+
 def make_train_step(objective: Objective,
                     optimizer: optax.GradientTransformation,
-                    place: Placement):
-  """(state, batch, rng) -> (state, metrics), jitted over the mesh with the
-  placement's shardings, state donated."""
+                    place: Placement) -> TrainStep:
+  return TrainStep(objective, optimizer, place)
 
-  def step(state: TrainState, batch: Batch, rng: jax.Array):
-    dropout_rng = (jax.random.fold_in(rng, state.step) if objective.dropout
-                   else None)
-    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, batch, dropout_rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
-    # A NaN or infinity anywhere in the gradients makes their norm one too.
-    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
-    metrics['finite'] = finite
-    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
-    return TrainState(
-        step=state.step + 1,
-        params=jax.tree_util.tree_map(keep_if_bad, params, state.params),
-        opt_state=jax.tree_util.tree_map(keep_if_bad, opt_state,
-                                         state.opt_state)), metrics
 
-  jitted = jax.jit(step, donate_argnums=(0,),
-                   in_shardings=(place.state, place.batch, place.replicated),
-                   out_shardings=(place.state, place.replicated))
+def make_eval_step(objective: Objective, place: Placement):
+  """params, batch -> the objective's metrics without dropout (jitted)."""
+  jitted = jax.jit(lambda params, batch: objective.loss(params, batch,
+                                                        None)[1],
+                   in_shardings=(place.state.params, place.batch),
+                   out_shardings=place.replicated)
 
-  def sharded_step(state: TrainState, batch: Batch, rng: jax.Array):
-    with partitioning.activation_rules(place.mesh):  # traced in here
-      return jitted(state, batch, rng)
+  def evaluate(params, batch):
+    with partitioning.activation_rules(place.mesh):
+      return jitted(params, batch)
 
-  return sharded_step
+  return evaluate
+
+
+def mean_metrics(per_batch: list) -> dict:
+  """The average of each metric (scalars and per-exit vectors) over batches."""
+  host = jax.device_get(per_batch)
+  return {name: np.mean([m[name] for m in host], axis=0)
+          for name in host[0]}
 
 
 def restore_or_init(objective, optimizer, mgr, rng, place: Placement,
@@ -207,13 +254,16 @@ def scalar_metrics(metrics: Mapping[str, Any], exit_layers) -> dict:
 
 
 class _Progress:
-  """Progress bar plus periodic scalar logging with a steps/s window."""
+  """Progress bar plus periodic scalar logging with a steps/s window; a
+  line per log step on the console with the loss, the learning rate and
+  the per-exit accuracies, which also go to TensorBoard."""
 
   def __init__(self, *, start: int, total: int, exit_layers, writer,
-               enabled: bool):
+               enabled: bool, learning_rate=None):
     self.bar = tqdm.tqdm(total=total, initial=start, disable=not enabled,
                          desc='train', unit='step', dynamic_ncols=True)
     self.exit_layers, self.writer = exit_layers, writer
+    self.learning_rate, self.enabled = learning_rate, enabled
     self.window_start, self.window_steps = time.perf_counter(), 0
 
   def step(self, step: int, metrics, log: bool) -> None:
@@ -224,11 +274,38 @@ class _Progress:
     scalars = scalar_metrics(jax.device_get(metrics), self.exit_layers)
     elapsed = max(time.perf_counter() - self.window_start, 1e-9)
     scalars['steps_per_second'] = self.window_steps / elapsed
+    if self.learning_rate is not None:
+      scalars['learning_rate'] = float(self.learning_rate(step))
     self.window_start, self.window_steps = time.perf_counter(), 0
     self.bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
                          steps_s=f'{scalars["steps_per_second"]:.2f}')
+    self.line(f'step {step}: {summary_line(scalars, self.exit_layers)}')
     if self.writer is not None:
       self.writer.write_scalars(step, scalars)
+
+  def validation(self, step: int, metrics: Mapping[str, Any]) -> None:
+    scalars = scalar_metrics(metrics, self.exit_layers)
+    self.line(f'step {step} validation: '
+              f'{summary_line(scalars, self.exit_layers)}')
+    if self.writer is not None:
+      self.writer.write_scalars(step, {f'validation/{k}': v
+                                       for k, v in scalars.items()})
+
+  def line(self, text: str) -> None:
+    if jax.process_index() == 0:
+      self.bar.write(text, file=sys.stderr)
+
+
+def summary_line(scalars: Mapping[str, float], exit_layers) -> str:
+  """'loss 2.31, lr 1.0e-03, accuracy by exit 0.41 0.52 ...' (what the
+  scalars hold)."""
+  parts = [f'loss {scalars["loss"]:.3f}']
+  if 'learning_rate' in scalars:
+    parts.append(f'lr {scalars["learning_rate"]:.2e}')
+  per_exit = [scalars.get(f'accuracy_per_exit/layer_{l}') for l in exit_layers]
+  if per_exit and all(v is not None for v in per_exit):
+    parts.append('accuracy by exit ' + ' '.join(f'{v:.3f}' for v in per_exit))
+  return ', '.join(parts)
 
 
 class NonFiniteStepError(errors.UserError, RuntimeError):
@@ -276,8 +353,18 @@ def train_loop(*, objective: Objective,
                progress: bool = True,
                checkpoint_subdir: str = checkpoints.CHECKPOINT_SUBDIR,
                mesh: Optional[Mesh] = None, max_bad_steps: int = 0,
-               restore_fallback: bool = True) -> TrainState:
+               restore_fallback: bool = True,
+               validation_batches: Optional[Callable[[], Iterable[Batch]]]
+               = None, eval_every: int = 0,
+               shape_batches: Optional[Callable[[], Iterable[Batch]]] = None
+               ) -> TrainState:
   """Trains to `num_steps`, resuming from the newest intact checkpoint.
+
+  Every `eval_every` steps (0: never) and at the end, the objective's
+  metrics on `validation_batches()` (no dropout) go to the console and to
+  TensorBoard under validation/. `shape_batches()` gives one batch of each
+  shape the run will meet (a mixture's tasks have their own lengths): all
+  are compiled before the first step, each with a notice.
 
   Runs on `mesh` (default: every device on 'data'). Saves every
   `checkpoint_period` steps, at the end, and on Ctrl-C (orbax commits
@@ -297,22 +384,32 @@ def train_loop(*, objective: Objective,
     mgr.close()
     return state
   train_step = make_train_step(objective, optimizer, place)
+  batches = batches_from(start)
+  first = partitioning.global_batch(_next_batch(batches, start + 1, start),
+                                    mesh)
+  for batch in [first, *(shape_batches() if shape_batches else [])]:
+    train_step.compile(state, partitioning.global_batch(batch, mesh)
+                       if batch is not first else batch, rng)
   bar = _Progress(start=start, total=num_steps, writer=writer,
                   exit_layers=objective.exit_layers,
-                  enabled=progress and jax.process_index() == 0)
-  batches = batches_from(start)
+                  enabled=progress and jax.process_index() == 0,
+                  learning_rate=getattr(optimizer, 'learning_rate', None))
+  validate = (_validation(objective, place, validation_batches, mesh)
+              if validation_batches is not None and eval_every > 0 else None)
   guard = _FiniteGuard(max_bad_steps, lambda: _last_saved(mgr))
   stopped = False  # by the guard: nothing more is saved
   try:
     for step in range(start + 1, num_steps + 1):
-      state, metrics = train_step(
-          state, partitioning.global_batch(_next_batch(batches, step, start),
-                                           mesh), rng)
+      batch = first if step == start + 1 else partitioning.global_batch(
+          _next_batch(batches, step, start), mesh)
+      state, metrics = train_step(state, batch, rng)
       guard.add(step, metrics['finite'])
       log = step % log_every == 0 or step == num_steps
       if log or step % checkpoint_period == 0:
         guard.check()
       bar.step(step, metrics, log)
+      if validate and (step % eval_every == 0 or step == num_steps):
+        bar.validation(step, validate(state.params))
       if step % checkpoint_period == 0:
         checkpoints.save(mgr, step, state.params, state.opt_state)
     guard.check()
@@ -326,6 +423,14 @@ def train_loop(*, objective: Objective,
     bar.bar.close()
     _close(mgr, None if stopped or int(state.step) <= start else state)
   return state
+
+
+def _validation(objective: Objective, place: Placement,
+                validation_batches: Callable[[], Iterable[Batch]], mesh):
+  """params -> the objective's mean metrics over the validation batches."""
+  evaluate = make_eval_step(objective, place)
+  batches = [partitioning.global_batch(b, mesh) for b in validation_batches()]
+  return lambda params: mean_metrics([evaluate(params, b) for b in batches])
 
 
 def _next_batch(batches: Iterator[Batch], step: int, start: int) -> Batch:
