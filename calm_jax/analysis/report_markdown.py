@@ -13,7 +13,7 @@ import numpy as np
 from calm_jax.analysis import split_protocol
 
 # The paper's tasks the embedded ones stand in for, and its figures for
-# them (CALM_SPEC section 8: softmax, textual consistency, delta 0.25).
+# them (the paper's Table 2: softmax, textual consistency, delta 0.25).
 PAPER = {'synth_summarize': ('CNN/DM', 2.62, 2.57),
          'synth_translate': ('WMT15 EN-FR', 1.76, 2.83),
          'synth_qa': ('SQuAD', 1.03, 1.88)}

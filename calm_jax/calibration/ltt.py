@@ -1,4 +1,5 @@
-"""Learn then Test: certified early-exit thresholds (CALM_SPEC section 7).
+"""Learn then Test: certified early-exit thresholds (the paper's
+calibration; Angelopoulos et al. 2021, fixed-sequence testing).
 
 Pure NumPy/SciPy. Each hypothesis H_j says "the risk at threshold lambda_j
 exceeds delta"; fixed-sequence testing walks a descending grid, rejecting

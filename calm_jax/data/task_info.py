@@ -92,9 +92,15 @@ class TaskMetrics:
     return name if name in scores else next(iter(scores))
 
   def per_example(self) -> str:
-    """Name in `metrics.PER_EXAMPLE` of the per-example metric."""
+    """Name in `metrics.PER_EXAMPLE` of the per-example metric: the
+    registered one, else the headline's per-example form."""
     entry = self._entry
     name = entry and (entry.per_example or entry.headline)
+    if name is None:  # unregistered: the first metric the functions return
+      try:
+        name = next(iter(self.scores(['a b'], ['a b'])), None)
+      except Exception:  # pylint: disable=broad-except
+        name = None  # a metric that cannot score a stand-in pair
     if name not in metrics.PER_EXAMPLE:
       raise DataError(
           f'no per-example metric known for task {self.task!r}: call '

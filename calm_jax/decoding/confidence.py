@@ -1,4 +1,5 @@
-"""Confidence measures, one score per row (CALM_SPEC section 3).
+"""Confidence measures, one score per row: the paper's softmax response,
+hidden-state saturation and learned early-exit classifier, and the oracle.
 
 Every measure has the signature
 
@@ -27,7 +28,8 @@ def top2(values: Array) -> tuple[Array, Array]:
 
   The optimization barrier keeps XLA:CPU from turning `top_k(., 2)` over a
   32k vocabulary into a full sort when its outputs are used separately
-  (CALM_SPEC section 11: ~6 ms vs ~0.1 ms at batch 1).
+  (measured on XLA:CPU at a 32k vocabulary: a full sort costs ~60 times
+  more at batch 1; a test checks the compiled HLO).
   """
   best, _ = jax.lax.optimization_barrier(jax.lax.top_k(values, 2))
   return best[..., 0], best[..., 1]

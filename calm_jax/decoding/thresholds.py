@@ -1,4 +1,5 @@
-"""Exit thresholds and which layers may exit (CALM_SPEC section 4).
+"""Exit thresholds and which layers may exit: the paper's constant and
+decaying thresholds, and the first_exit / exit_interval / min_exit grid.
 
 A threshold above 1.0 disables exits (a float32 softmax maximum can round to
 exactly 1.0, so 1.0 itself would still let some tokens out).

@@ -308,14 +308,27 @@ def markdown_table(cases: list[dict]) -> str:
       for c in cases])
 
 
-def print_tables(path: str) -> None:
-  """The markdown table of a bench.json, and its dtype agreement if any."""
-  results = files.read_json(path, what='benchmark results')
-  print(markdown_table(results['cases']))
+def tables_markdown(results: dict, source: str) -> str:
+  """The page of a bench.json: where it ran, the cases, the agreement."""
+  lines = [f'# Benchmark: {os.path.basename(source)}', '',
+           f'Generated from `{source}` by `python -m calm_jax.bench`; '
+           f'devices: {", ".join(results.get("devices", []))}. '
+           f'{results.get("note", "")}; timed: {results.get("timed", "")}.',
+           '', markdown_table(results['cases'])]
   if 'dtype_agreement' in results:
-    print('\nbfloat16 vs float32 greedy tokens (demo model): ' + ', '.join(
-        f"{task} {100 * r['token_agreement']:.1f}%"
-        for task, r in results['dtype_agreement'].items()))
+    lines += ['', 'bfloat16 vs float32 greedy tokens (demo model): ' +
+              ', '.join(f"{task} {100 * r['token_agreement']:.1f}% of "
+                        f"{r['tokens']} tokens"
+                        for task, r in results['dtype_agreement'].items())]
+  return '\n'.join(lines) + '\n'
+
+
+def write_tables(path: str) -> str:
+  """Writes the markdown page of a bench.json next to it; returns it."""
+  page = tables_markdown(files.read_json(path, what='benchmark results'),
+                         path)
+  files.atomic_write_text(os.path.splitext(path)[0] + '.md', page)
+  return page
 
 
 def _check_choices(name: str, values: Sequence[str], valid) -> list[str]:
@@ -338,13 +351,13 @@ def bench(*, output: str = 'runs/bench/bench.json',
           dtypes: Sequence[str] = ('float32',),
           compare_buckets: bool = True, agreement: bool = False,
           length: int = 64) -> Optional[dict]:
-  """Runs every case and writes `output`; with `table` (a bench.json),
-  prints its markdown table instead. `compare_buckets` compares bucket
+  """Runs every case and writes `output` (JSON) and its markdown page (.md);
+  with `table` (a bench.json), writes and prints that page instead. `compare_buckets` compares bucket
   sets on the mixed pattern; `agreement` also measures bfloat16 vs float32
   greedy tokens of the demo model; `length` is the paper-size model's
   input and output length."""
   if table:
-    print_tables(table)
+    print(write_tables(table))
     return None
   dtypes = _check_choices('dtype', dtypes, network.DTYPES)
   builders = {'paper_small': lambda: paper_small_model(max(batch_sizes),
@@ -376,7 +389,8 @@ def bench(*, output: str = 'runs/bench/bench.json',
          'timed': 'the decode loop; encoder and cross K/V computed once outside',
          'note': 'ratios from one run on this machine; absolute times are noise'}
   files.atomic_write_json(output, out)
-  console.info(f'wrote {output}')
+  write_tables(output)
+  console.info(f'wrote {output} and its markdown page')
   return out
 
 
