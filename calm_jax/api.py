@@ -25,6 +25,7 @@ from calm_jax.decoding import loops
 from calm_jax.model import models
 from calm_jax.parallel import partitioning
 from calm_jax.storage import checkpoints
+from calm_jax.storage import files
 from calm_jax.storage import provenance
 
 FULL_DEPTH = 1.5  # any threshold above 1 disables exits
@@ -78,7 +79,8 @@ class CalmLM:
                  if sharded else None)
     self.params, self.step = checkpoints.load_params(model_dir, self.config,
                                                      step, shardings)
-    self.vocab = input_files.SentencePieceVocabulary(self.vocab_path)
+    self.vocab = input_files.SentencePieceVocabulary(
+        files.local_copy(self.vocab_path))
     self.feature_lengths = checkpoints.read_feature_lengths(model_dir)
     self.classifier = checkpoints.load_classifier(model_dir, self.config)
     if sharded and self.classifier is not None:

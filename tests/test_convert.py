@@ -246,3 +246,50 @@ def test_bf16_import_runs_bf16_activations_close_to_transformers(untied,
 def test_relu_t5_is_refused():
   with pytest.raises(convert.ConversionError, match='gated-gelu'):
     convert.config_from_hf({**DIMS, 'feed_forward_proj': 'relu'})
+
+
+def _convert(source, target):
+  return entry_points.run_module('calm_jax.convert', f"--gin.FROM_HF='{source}'",
+                                 f"--gin.MODEL_DIR='{target}'")
+
+
+def _broken_copy(hf_dir, tmp_path, name='broken'):
+  broken = tmp_path / name
+  shutil.copytree(hf_dir, broken)
+  return broken
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda d: (d / 'config.json').write_text('{"d_model": 6'),
+     'HF config {dir}/config.json is not valid JSON'),
+    (lambda d: (d / 'config.json').write_text('{"d_model": 64}'),
+     'config.json lacks integer vocab_size, num_heads, d_kv, d_ff, '
+     'num_layers: not a T5 config'),
+    (lambda d: (d / convert.SAFETENSORS).write_bytes(
+        (d / convert.SAFETENSORS).read_bytes()[:5000]),
+     'cannot read the weights file {dir}/model.safetensors'),
+    (lambda d: shutil.rmtree(d), 'no Hugging Face checkpoint at {dir}'),
+])
+def test_broken_checkpoints_are_one_line_and_write_nothing(untied, tmp_path,
+                                                           damage, message):
+  broken = _broken_copy(untied[0], tmp_path)
+  damage(broken)
+  target = tmp_path / 'model'
+  result = _convert(broken, target)
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ' + message.format(dir=broken)), last
+  assert not target.exists()
+  # With the checkpoint intact again, the same command works.
+  assert _convert(untied[0], target).returncode == 0
+
+
+def test_a_transposed_tensor_names_the_shape_it_needs(untied):
+  hf_dir = untied[0]
+  tensors = _tensors(hf_dir)
+  name = 'decoder.block.0.layer.2.DenseReluDense.wo.weight'  # [64, 96]
+  tensors[name] = tensors[name].T
+  with pytest.raises(convert.ConversionError,
+                     match=rf'tensor {name} has shape \(96, 64\); a T5 1.1 '
+                     r'of these dims holds \(64, 96\) there'):
+    convert.hf_to_params(tensors, _config(hf_dir))

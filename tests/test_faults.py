@@ -225,3 +225,120 @@ def test_a_diverging_run_exits_2_and_the_next_run_works(tmp_path):
                                    '--gin.TRAIN_STEPS=3')
   assert normal.returncode == 0, normal.stderr[-2000:]
   assert _steps(model_dir) == [3]
+
+
+# --- model dirs and their files, through the commands ----------------------
+
+TRAIN = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+         '--gin_file=gin/runs/train.gin',
+         "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.BATCH_SIZE=8',
+         '--gin.TRAIN_STEPS=2', '--gin.calm_jax.LogSettings.progress=False']
+
+
+def _last(result) -> str:
+  return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize('layout', ['file', 'under_file'])
+def test_a_model_dir_that_cannot_be_a_directory_is_one_line(tmp_path,
+                                                            layout):
+  blocker = tmp_path / 'blocker'
+  blocker.write_text('not a directory')
+  model_dir = blocker if layout == 'file' else blocker / 'model'
+  result = entry_points.run_module('calm_jax.train', *TRAIN,
+                                   f"--gin.MODEL_DIR='{model_dir}'")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert _last(result) == (f'error: MODEL_DIR {model_dir} cannot be a '
+                           f'directory: {blocker} is a file')
+  assert blocker.read_text() == 'not a directory'
+
+
+def _read_only(path: pathlib.Path):
+  """Makes `path` unwritable even for root (immutable), or skips."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  path.chmod(0o555)
+  if os.access(path, os.W_OK):
+    if subprocess.run(['chattr', '+i', str(path)], capture_output=True,
+                      check=False).returncode != 0:
+      pytest.skip('cannot make a directory read-only here')
+  return lambda: (subprocess.run(['chattr', '-i', str(path)],
+                                 capture_output=True, check=False),
+                  path.chmod(0o755))
+
+
+def test_a_read_only_model_dir_is_one_line_and_nothing_changes(
+    tiny_model_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / 'model'
+  shutil.copytree(tiny_model_dir, model_dir)
+  before = sorted(str(p) for p in model_dir.rglob('*'))
+  restore = _read_only(model_dir)
+  try:
+    trained = entry_points.run_module('calm_jax.train', *TRAIN,
+                                      f"--gin.MODEL_DIR='{model_dir}'",
+                                      '--gin.TRAIN_STEPS=5')
+    decoded = entry_points.run_module(
+        'calm_jax.decode', '--gin_file=gin/runs/decode.gin',
+        f"--gin.MODEL_DIR='{model_dir}'",
+        "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.THRESHOLD=0.5')
+  finally:
+    restore()
+  for result in (trained, decoded):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert 'is not writable' in _last(result), _last(result)
+  assert sorted(str(p) for p in model_dir.rglob('*')) == before
+
+
+def test_corrupt_records_and_cache_entries_are_named_or_decoded_again(
+    tiny_model_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / 'model'
+  shutil.copytree(tiny_model_dir, model_dir)
+  calibrate = ['--gin_file=gin/runs/calibrate.gin',
+               f"--gin.MODEL_DIR='{model_dir}'",
+               "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.DELTA=0.3',
+               '--gin.EPSILON=0.2', '--gin.calm_jax.calibrate.num_examples=4',
+               '--gin.calm_jax.calibrate.grid_step=0.5']
+  assert entry_points.run_module('calm_jax.calibrate',
+                                 *calibrate).returncode == 0
+  [record] = (model_dir / 'calibration').glob('synth_qa_*.json')
+  cache = sorted((model_dir / 'calibration' / 'cache').glob('*.json'))
+  cache[0].write_text(cache[0].read_text()[:40])  # truncated on disk
+  again = entry_points.run_module('calm_jax.calibrate', *calibrate)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert ('warning: decode cache entry' in again.stderr
+          and 'ignored; decoding again' in again.stderr)
+  assert json.loads(cache[0].read_text())['outputs']  # written whole again
+  record.write_text(record.read_text()[:30])
+  decoded = entry_points.run_module(
+      'calm_jax.decode', '--gin_file=gin/runs/decode.gin',
+      f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.MIXTURE_OR_TASK_NAME='synth_qa'")
+  assert decoded.returncode == 2
+  assert _last(decoded).startswith(
+      f'error: calibration record {record} is not valid JSON')
+  record.unlink()  # the fix the message names; then decode works again
+  assert entry_points.run_module(
+      'calm_jax.decode', '--gin_file=gin/runs/decode.gin',
+      f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+      '--gin.calm_jax.DecodeInputs.num_examples=2').returncode == 0
+
+
+def test_files_go_through_epath(tmp_path):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  root = epath.Path(tmp_path) / 'dir'
+  files.atomic_write_json(root / 'a.json', {'x': float('nan')})
+  assert files.read_json(root / 'a.json') == {'x': None}
+  assert files.listdir(root) == ['a.json']
+  assert files.glob(str(root), '*.json') == [str(root / 'a.json')]
+  files.copy_file(root / 'a.json', files.join(str(tmp_path), 'b', 'c.json'))
+  assert files.read_json(tmp_path / 'b' / 'c.json') == {'x': None}
+  files.move(tmp_path / 'b', tmp_path / 'moved' / 'b')
+  assert files.exists(tmp_path / 'moved' / 'b' / 'c.json')
+  assert files.local_copy(str(root / 'a.json')) == str(root / 'a.json')
+  with pytest.raises(files.FileError, match='does not exist: write it'):
+    files.read_text(tmp_path / 'none.txt', what='model file',
+                    recovery='write it')
+  assert not files.is_local('gs://bucket/model') and files.is_local(root)

@@ -6,7 +6,6 @@ then Test chose, its table, and the fingerprint of everything it depends on
 A record applies only to a model whose fingerprint equals the record's
 (`api.CalmLM.resolve_threshold`). No JAX, no TensorFlow.
 """
-import glob
 import os
 import time
 from typing import Optional
@@ -18,7 +17,7 @@ SUBDIR = 'calibration'
 
 
 def directory(model_dir: str) -> str:
-  return os.path.join(model_dir, SUBDIR)
+  return files.join(model_dir, SUBDIR)
 
 
 def fingerprint(*, model: dict, data: dict, decode: dict, consistency: str,
@@ -42,7 +41,7 @@ def name(task: str, record_fingerprint: dict) -> str:
 
 def write(model_dir: str, record: dict) -> str:
   """Writes a record (whole or not at all); returns its path."""
-  path = os.path.join(directory(model_dir), record['name'] + '.json')
+  path = files.join(directory(model_dir), record['name'] + '.json')
   files.atomic_write_json(path, {'created': time.time(), **record})
   return path
 
@@ -50,8 +49,7 @@ def write(model_dir: str, record: dict) -> str:
 def all_records(model_dir: str) -> list[tuple[str, dict]]:
   """(path, record) of every calibration record of a model dir."""
   return [(path, files.read_json(path, what='calibration record'))
-          for path in sorted(glob.glob(os.path.join(directory(model_dir),
-                                                    '*.json')))]
+          for path in files.glob(directory(model_dir), '*.json')]
 
 
 def named(model_dir: str, record_name: str) -> list[tuple[str, dict]]:
@@ -62,9 +60,8 @@ def named(model_dir: str, record_name: str) -> list[tuple[str, dict]]:
            if os.path.basename(p)[:-len('.json')] == record_name
            or os.path.basename(p).startswith(record_name + '_')]
   if not found:
-    names = sorted(os.path.basename(p)[:-len('.json')]
-                   for p in glob.glob(os.path.join(directory(model_dir),
-                                                   '*.json')))
+    names = [os.path.basename(p)[:-len('.json')]
+             for p in files.glob(directory(model_dir), '*.json')]
     raise provenance.ProvenanceError(
         f'no calibration record {record_name!r} in {directory(model_dir)}; '
         f'there are: {", ".join(names) or "none"}')

@@ -340,8 +340,8 @@ class Evaluator:
     name = os.path.basename(examples.name.rstrip('/')).replace('.', '_')
     split = examples.fingerprint.get('split')
     label = '_'.join(str(x) for x in (name, split, mode.label) if x)
-    return os.path.join(self.cache_dir,
-                        f'{label}_{provenance.short_hash(fingerprint)}.json')
+    return files.join(self.cache_dir,
+                      f'{label}_{provenance.short_hash(fingerprint)}.json')
 
   def _decode(self, examples, mode: Mode, seed: int) -> Decoded:
     lm, max_length = self.lm, examples.lengths['targets']
@@ -442,9 +442,13 @@ class Evaluator:
   # -- timing --
   def speedup(self, examples: examples_lib.ExampleSet, early: EarlyExit, *,
               batch_size: int, repeats: int,
-              num_examples: Optional[int] = None) -> Speed:
-    """Full depth vs early exit on the same inputs (encoder included):
-    both compiled first, then alternating on every input batch."""
+              num_examples: Optional[int] = None,
+              alternate: str = 'input') -> Speed:
+    """Full depth vs early exit on the same inputs (encoder included),
+    both compiled first. `alternate='input'` takes turns on every input
+    batch, each waited for (as the paper times batch 1); 'pass' takes turns
+    on whole passes over the inputs, dispatched back to back and waited for
+    once (as a batch job runs)."""
     lm, max_length = self.lm, examples.lengths['targets']
     indices = list(range(len(examples)))[:num_examples]
     inputs = [jnp.asarray(b.encoder_tokens) for b in
@@ -460,7 +464,13 @@ class Evaluator:
                                 f'(batch {batch_size}, length {max_length})')
       runs[name] = (lambda e, c=compiled: c(lm.params, classifier, e,
                                             threshold, key, forced))
-    times = timing.alternating_seconds(runs, inputs, repeats)
+    if alternate == 'pass':
+      runs = {name: (lambda _, run=run: [run(e) for e in inputs])
+              for name, run in runs.items()}
+    elif alternate != 'input':
+      raise ValueError(f'alternate must be input or pass, got {alternate!r}')
+    times = timing.alternating_seconds(
+        runs, inputs if alternate == 'input' else [None], repeats)
     per_pass = [f / e for f, e in zip(times['full'], times['early'])]
     medians = {k: statistics.median(v) for k, v in times.items()}
     return Speed(medians['full'] / medians['early'], min(per_pass),
@@ -475,7 +485,7 @@ def process_share(num_examples: int, index: int, count: int) -> list[int]:
 
 def _read_entry(path: str, fingerprint: dict) -> Optional[dict]:
   """The cache entry at `path` if it is whole and has this fingerprint."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return None
   try:
     entry = files.read_json(path, what='decode cache entry',

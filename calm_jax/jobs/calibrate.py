@@ -25,6 +25,7 @@ from calm_jax.evaluation import engine
 from calm_jax.jobs import settings
 from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
+from calm_jax.storage import files
 
 READS = ('calm_jax.calibrate', *settings.SETTINGS)
 
@@ -98,6 +99,7 @@ def calibrate(*, model_dir: str = gin.REQUIRED,
   _validate(deltas, epsilon, consistency, grid_step, num_examples)
   lm = api.CalmLM(model_dir, mesh=partitioning.make_mesh(runtime.mesh_shape),
                   dtype=runtime.dtype)
+  files.check_writable_dir(records.directory(model_dir), 'MODEL_DIR')
   lm.classifier_for(exits.confidence)  # fails early without a classifier
   calibration = calibration_for(
       lm, list(pipeline.task_rates(mixture_or_task_name)), exits,

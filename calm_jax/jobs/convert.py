@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import gin
 import jax
 import numpy as np
+import safetensors
 
 from calm_jax import console
 from calm_jax import errors
@@ -144,8 +145,18 @@ def tensor_maps(config: network.T5Config) -> list[TensorMap]:
 
 # --- configs ---------------------------------------------------------------
 
+# The config.json fields the dims come from.
+HF_DIMS = ('vocab_size', 'd_model', 'num_heads', 'd_kv', 'd_ff', 'num_layers')
+
+
 def config_from_hf(hf: dict) -> tuple[network.T5Config, bool]:
   """(our config, whether the decoder output is scaled by d_model**-0.5)."""
+  if not isinstance(hf, dict):
+    raise ConversionError('config.json does not hold a JSON object')
+  missing = [k for k in HF_DIMS if not isinstance(hf.get(k), int)]
+  if missing:
+    raise ConversionError(f'config.json lacks integer {", ".join(missing)}: '
+                          'not a T5 config')
   if hf.get('feed_forward_proj') != 'gated-gelu':
     raise ConversionError(
         'only T5 1.1 checkpoints (feed_forward_proj="gated-gelu") map onto '
@@ -197,9 +208,8 @@ def model_gin(config: network.T5Config) -> str:
 # --- reading and writing tensors ------------------------------------------
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   # The flax framework reads bfloat16 too; parameters are kept in float32.
-  with safe_open(path, framework='flax') as f:
+  with safetensors.safe_open(path, framework='flax') as f:
     return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
 
 
@@ -216,28 +226,41 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
 
 def read_hf_checkpoint(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(config.json, tensors) of a checkpoint dir or of a weights file."""
+  if not os.path.exists(path):
+    raise ConversionError(f'no Hugging Face checkpoint at {path}')
   root = path if os.path.isdir(path) else os.path.dirname(path)
   config_path = os.path.join(root, 'config.json')
   if not os.path.isfile(config_path):
     raise ConversionError(f'no config.json next to {path}')
-  with open(config_path) as f:
-    config = json.load(f)
+  config = files.read_json(config_path, what='HF config',
+                           recovery='download the checkpoint again')
   if not os.path.isdir(path):
-    files = [path]
+    weights = [path]
   elif os.path.isfile(os.path.join(path, SAFETENSORS_INDEX)):
-    with open(os.path.join(path, SAFETENSORS_INDEX)) as f:
-      files = sorted({os.path.join(path, name)
-                      for name in json.load(f)['weight_map'].values()})
+    index = files.read_json(os.path.join(path, SAFETENSORS_INDEX),
+                            what='safetensors index',
+                            recovery='download the checkpoint again')
+    weights = sorted({os.path.join(path, name)
+                      for name in index.get('weight_map', {}).values()})
   else:
-    files = [os.path.join(path, n) for n in (SAFETENSORS, TORCH_BIN)
-             if os.path.isfile(os.path.join(path, n))][:1]
-  if not files:
+    weights = [os.path.join(path, n) for n in (SAFETENSORS, TORCH_BIN)
+               if os.path.isfile(os.path.join(path, n))][:1]
+  if not weights:
     raise ConversionError(f'no {SAFETENSORS}, {SAFETENSORS_INDEX} or '
                           f'{TORCH_BIN} in {path}')
   tensors = {}
-  for file in files:
+  for file in weights:
     read = _read_torch_bin if file.endswith('.bin') else _read_safetensors
-    tensors.update(read(file))
+    try:
+      tensors.update(read(file))
+    except (ConversionError, FileNotFoundError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # A truncated or corrupt file: safetensors and torch raise their own
+      # error types for it.
+      raise ConversionError(f'cannot read the weights file {file} '
+                            f'({errors.first_line(e)}): download it again'
+                            ) from e
   return config, tensors
 
 
@@ -293,9 +316,10 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: network.T5Config,
     want = expected.pop(m.path)
     converted = m.to_ours(value) if value.size == np.prod(want) else None
     if converted is None or converted.shape != want:
+      hf_shape = m.to_hf(np.zeros(want, np.float32)).shape
       raise ConversionError(
-          f'tensor {m.hf_name} has shape {value.shape}, which does not fit '
-          f'{"/".join(m.path)} {want}')
+          f'tensor {m.hf_name} has shape {value.shape}; a T5 1.1 of these '
+          f'dims holds {hf_shape} there (for {"/".join(m.path)})')
     _set(params, m.path, converted)
   if tensors:
     raise ConversionError(f'unexpected tensor {sorted(tensors)[0]} '
@@ -336,8 +360,8 @@ def import_hf(path: str, model_dir: str, vocab: Optional[str] = None,
   if os.path.exists(os.path.join(model_dir, checkpoints.MODEL_JSON)):
     raise ConversionError(f'{model_dir} already holds a model; choose a new '
                           'directory')
-  vocab = _vocab_for(path, vocab)
   hf, tensors = read_hf_checkpoint(path)
+  vocab = _vocab_for(path, vocab)
   config, scale = config_from_hf(hf)
   config = dataclasses.replace(config, dtype=dtype)
   params = hf_to_params(tensors, config, scale)  # every check before writing

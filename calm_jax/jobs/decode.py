@@ -66,7 +66,7 @@ def run_fingerprint(lm: api.CalmLM, choice: api.ThresholdChoice,
 def output_dir_for(model_dir: str, fingerprint: dict, label: str) -> str:
   """MODEL_DIR/decode/<split or file>_<measure>_<threshold>_<hash>: runs
   that differ in any setting never share a directory."""
-  return os.path.join(
+  return files.join(
       model_dir, 'decode',
       f'{label}_{fingerprint["decode"]["confidence"]}_'
       f'{fingerprint["threshold"]:g}_{provenance.short_hash(fingerprint, 8)}')
@@ -76,12 +76,13 @@ def claim_output_dir(output_dir: str, fingerprint: dict,
                      overwrite: bool) -> None:
   """Marks `output_dir` as this run's (run.json); refuses a directory that
   holds another run's files unless `overwrite`."""
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+  if files.exists(output_dir) and not files.is_dir(output_dir):
     raise arguments.InputError(f'output_dir {output_dir} is a file')
-  marker = os.path.join(output_dir, RUN_JSON)
-  if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+  files.check_writable_dir(output_dir, 'output_dir')
+  marker = files.join(output_dir, RUN_JSON)
+  if files.listdir(output_dir) and not overwrite:
     stored = (files.read_json(marker, what='decode run marker')
-              if os.path.exists(marker) else None)
+              if files.exists(marker) else None)
     if stored != fingerprint:
       what = (provenance.describe_changes(stored, fingerprint) if stored
               else f'files of another program, no {RUN_JSON}')
@@ -109,10 +110,10 @@ def _write(output_dir: str, output: settings.OutputSettings,
            examples: examples_lib.ExampleSet, decoded: engine.Decoded,
            mode: engine.EarlyExit, num_layers: int) -> None:
   records = engine.example_records(examples, decoded)
-  files.atomic_write_jsonl(os.path.join(output_dir, f'{_stem(examples)}.jsonl'),
-                           records)
+  files.atomic_write_jsonl(files.join(output_dir,
+                                      f'{_stem(examples)}.jsonl'), records)
   if output.exit_map:
-    stem = os.path.join(output.exit_map, _stem(examples))
+    stem = files.join(output.exit_map, _stem(examples))
     paths = plots.write_exit_map(
         records[:output.exit_map_examples], num_layers,
         f'{examples.name}: exit layer per token ({mode.measure}, threshold '
@@ -189,7 +190,7 @@ def decode(*, model_dir: str = gin.REQUIRED,
       console.info(f'{examples.name}: {score}average layers '
                    f"{result['avg_decoder_layers']:.2f}")
   if multihost.is_primary():
-    files.atomic_write_json(os.path.join(output_dir, 'summary.json'), summary)
+    files.atomic_write_json(files.join(output_dir, 'summary.json'), summary)
     console.info(f'wrote {output_dir}')
   return summary
 

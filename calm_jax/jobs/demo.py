@@ -49,11 +49,12 @@ def early_exit_test(evaluator: engine.Evaluator,
                     examples: examples_lib.ExampleSet, mode: engine.EarlyExit,
                     *, repeats: int) -> dict:
   """Full-depth vs early-exit decode of the test examples: quality, test
-  risk, layers and the alternately timed speed-up."""
+  risk, layers and the speed-up of whole passes over them, timed in turns
+  (the batch job a demo user runs)."""
   full = evaluator.decode(examples, engine.FullDepth())
   early = evaluator.decode(examples, mode)
   speed = evaluator.speedup(examples, mode, batch_size=evaluator.batch_size,
-                            repeats=repeats)
+                            repeats=repeats, alternate='pass')
   losses = evaluator.losses(examples, 'textual', early, full)
   return {
       'full_depth_metric': evaluator.score(examples, full.predictions).value,

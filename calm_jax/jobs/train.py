@@ -7,7 +7,6 @@ starts from another model dir's latest parameters (a pre-trained or imported
 T5) instead of a random init, with a fresh optimizer and step 0.
 """
 import dataclasses
-import os
 from typing import Optional, Sequence
 
 import gin
@@ -24,6 +23,7 @@ from calm_jax.model import network
 from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
 from calm_jax.storage import checkpoints
+from calm_jax.storage import files
 from calm_jax.training import optim
 from calm_jax.training import trainer
 
@@ -68,6 +68,7 @@ def train(*, model_dir: str = gin.REQUIRED,
   loss = loss or settings.LossSettings()
   _check_arguments(stage, num_train_steps=num_train_steps,
                    batch_size=batch_size, max_bad_steps=max_bad_steps)
+  files.check_writable_dir(model_dir, 'MODEL_DIR')
   mesh = partitioning.make_mesh(mesh_shape)
   local_batch = _local_batch_size(batch_size, mesh)
   if stage == 'model':
@@ -78,7 +79,7 @@ def train(*, model_dir: str = gin.REQUIRED,
     objective = _classifier_stage(model_dir, mesh)
     subdir = checkpoints.CLASSIFIER_SUBDIR
   writer = metric_writers.create_default_writer(
-      os.path.join(model_dir, 'train' if stage == 'model' else subdir),
+      files.join(model_dir, 'train' if stage == 'model' else subdir),
       just_logging=not multihost.is_primary(), asynchronous=False)
   shard = pipeline.process_shard() if jax.process_count() > 1 else None
   batches_from = lambda start: pipeline.train_batches(
@@ -154,7 +155,7 @@ def _model_stage(model_dir, task, model_config,
   pipeline.check_ready(task, 'train')  # before anything is written
   pipeline.check_vocab_fits(task, model_config.vocab_size)
   if multihost.is_primary():
-    os.makedirs(model_dir, exist_ok=True)
+    files.makedirs(model_dir)
     checkpoints.write_model_files(model_dir, model_config,
                                   pipeline.vocabulary_path(task),
                                   gin.operative_config_str(),

@@ -13,8 +13,6 @@ A model dir is self-contained:
 import dataclasses
 import hashlib
 import os
-import pathlib
-import shutil
 import sys
 from typing import Any, Optional
 
@@ -47,9 +45,9 @@ def manager(model_dir: str, *, max_to_keep: Optional[int] = None,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
       create=True)
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(model_dir), subdir),
-      options=options)
+  root = os.path.abspath(model_dir) if files.is_local(model_dir) else (
+      model_dir)
+  return ocp.CheckpointManager(files.join(root, subdir), options=options)
 
 
 def _abstract(tree: Any) -> Any:
@@ -64,7 +62,7 @@ def _abstract(tree: Any) -> Any:
 
 
 def manifest_path(mgr: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(f'{mgr.directory}.manifests', f'{step}.json')
+  return files.join(f'{mgr.directory}.manifests', f'{step}.json')
 
 
 def array_digests(tree: Any) -> tuple[dict[str, str], list[str]]:
@@ -131,16 +129,15 @@ def write_model_files(model_dir: str, config: network.T5Config,
   `feature_lengths` ({'inputs': s, 'targets': t}, the longest of the
   training tasks) is what decoding a user's file and `generate` default to.
   """
-  root = pathlib.Path(model_dir)
-  (root / 'vocab').mkdir(parents=True, exist_ok=True)
-  vocab_name = pathlib.Path(vocab_path).name
-  shutil.copyfile(vocab_path, root / 'vocab' / vocab_name)
+  vocab_name = files.as_path(vocab_path).name
+  files.copy_file(vocab_path, files.join(model_dir, 'vocab', vocab_name))
   meta = {'config': dataclasses.asdict(config), 'vocabulary': vocab_name}
   if feature_lengths:
     meta['feature_lengths'] = dict(feature_lengths)
-  files.atomic_write_json(str(root / MODEL_JSON), meta)
+  files.atomic_write_json(files.join(model_dir, MODEL_JSON), meta)
   if operative_gin:
-    files.atomic_write_text(str(root / 'config.gin'), operative_gin)
+    files.atomic_write_text(files.join(model_dir, 'config.gin'),
+                            operative_gin)
 
 
 # What decoding defaults to for a model dir that records no lengths (one
@@ -148,12 +145,12 @@ def write_model_files(model_dir: str, config: network.T5Config,
 DEFAULT_FEATURE_LENGTHS = {'inputs': 512, 'targets': 64}
 
 
-def _read_meta(model_dir: str) -> tuple[pathlib.Path, dict]:
-  path = pathlib.Path(model_dir) / MODEL_JSON
-  if not path.exists():
+def _read_meta(model_dir: str) -> tuple[str, dict]:
+  path = files.join(model_dir, MODEL_JSON)
+  if not files.exists(path):
     raise CheckpointError(f'{model_dir} is not a model dir: no {MODEL_JSON}')
   try:
-    meta = files.read_json(str(path), what=MODEL_JSON,
+    meta = files.read_json(path, what=MODEL_JSON,
                            recovery='restore it from a copy, or write it '
                            'again with the training run that made the dir')
   except files.FileError as e:
@@ -164,8 +161,8 @@ def _read_meta(model_dir: str) -> tuple[pathlib.Path, dict]:
 def read_model_config(model_dir: str) -> tuple[network.T5Config, str]:
   """(config, vocabulary path) of a model dir written by training."""
   path, meta = _read_meta(model_dir)
-  return _config_from(path, meta), str(
-      pathlib.Path(model_dir) / 'vocab' / meta['vocabulary'])
+  return _config_from(path, meta), files.join(model_dir, 'vocab',
+                                              meta['vocabulary'])
 
 
 def read_feature_lengths(model_dir: str) -> dict[str, int]:
@@ -180,7 +177,7 @@ def read_feature_lengths(model_dir: str) -> dict[str, int]:
   return {'inputs': lengths['inputs'], 'targets': lengths['targets']}
 
 
-def _config_from(path: pathlib.Path, meta: Any) -> network.T5Config:
+def _config_from(path: str, meta: Any) -> network.T5Config:
   """The T5Config in model.json; a missing or unknown field is named."""
   fields = {f.name for f in dataclasses.fields(network.T5Config)}
   stored = meta.get('config') if isinstance(meta, dict) else None
@@ -199,8 +196,7 @@ def _config_from(path: pathlib.Path, meta: Any) -> network.T5Config:
 
 def check_compatible(model_dir: str, config: network.T5Config) -> None:
   """Refuses to train into a dir whose model.json holds other dims."""
-  path = pathlib.Path(model_dir) / MODEL_JSON
-  if not path.exists():
+  if not files.exists(files.join(model_dir, MODEL_JSON)):
     return
   stored, _ = read_model_config(model_dir)
   if stored != config:
@@ -218,7 +214,7 @@ def damage(mgr: ocp.CheckpointManager, step: int,
   manifests) values that are not finite. None if it is intact."""
   path = manifest_path(mgr, step)
   manifest = (files.read_json(path, what='checkpoint manifest')
-              if os.path.exists(path) else None)
+              if files.exists(path) else None)
   for name, tree in restored.items():
     digests, non_finite = array_digests(tree)
     if manifest is None:
@@ -269,13 +265,11 @@ def restore_verified(mgr: ocp.CheckpointManager, step: Optional[int] = None,
 def move_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
   """Moves damaged steps out of the manager's directory (to
   MODEL_DIR/damaged/), so that training can save those steps again."""
-  root = pathlib.Path(str(mgr.directory))
+  root = files.as_path(str(mgr.directory))
   moved = []
   for step in steps:
-    target = root.parent / 'damaged' / f'{root.name}-{step}'
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(root / str(step), target)
-    moved.append(str(target))
+    moved.append(files.move(root / str(step),
+                            root.parent / 'damaged' / f'{root.name}-{step}'))
   mgr.reload()
   return moved
 
@@ -310,7 +304,7 @@ def load_classifier(model_dir: str, config: network.T5Config
                     ) -> Optional[Any]:
   """The latest exit classifier of a model dir, or None if never trained."""
   from calm_jax.decoding import confidence  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(os.path.join(model_dir, CLASSIFIER_SUBDIR)):
+  if not files.is_dir(files.join(model_dir, CLASSIFIER_SUBDIR)):
     return None
   mgr = manager(model_dir, subdir=CLASSIFIER_SUBDIR)
   if mgr.latest_step() is None:

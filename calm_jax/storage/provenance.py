@@ -13,6 +13,7 @@ import json
 from typing import Any, Iterator, Mapping, Optional
 
 import jax
+from etils import epath
 import numpy as np
 
 from calm_jax import errors
@@ -48,7 +49,7 @@ def digest_tree(tree: Any) -> str:
 
 def digest_file(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with epath.Path(path).open('rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       h.update(chunk)
   return h.hexdigest()
