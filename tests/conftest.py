@@ -1,6 +1,9 @@
-"""Test-wide guards: no network (TFDS would retry downloads for minutes)."""
+"""Test-wide settings: no network (TFDS would retry downloads for minutes),
+a persistent compilation cache, bf16 rounded at every op."""
 import os
+import pathlib
 import socket
+import sys
 
 import pytest
 
@@ -12,6 +15,15 @@ if '--xla_allow_excess_precision' not in os.environ.get('XLA_FLAGS', ''):
                              + ' --xla_allow_excess_precision=false').strip()
 # transformers must never look for files on the Hub.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# XLA programs are cached in the tests' venv (beside the interpreter), for
+# this process and the subprocesses it starts: a program compiled once, in
+# any test or any run, is loaded instead of compiled again. Set before JAX
+# is imported; CALM_TEST_COMPILATION_CACHE=0 turns it off.
+if os.environ.get('CALM_TEST_COMPILATION_CACHE', '1') != '0':
+  _CACHE = pathlib.Path(sys.prefix) / 'jax-compilation-cache'
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(_CACHE))
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 _real_connect = socket.socket.connect
 

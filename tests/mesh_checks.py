@@ -11,13 +11,13 @@ import tempfile
 import jax
 import numpy as np
 
-from calm_jax.storage import checkpoints
 from calm_jax.decoding import loops
 from calm_jax.evaluation import engine
 from calm_jax.model import models
 from calm_jax.model import network
-from calm_jax.training import optim
 from calm_jax.parallel import partitioning
+from calm_jax.storage import checkpoints
+from calm_jax.training import optim
 from calm_jax.training import trainer
 
 MESHES = ((8, 1), (4, 2), (2, 4))

@@ -11,9 +11,9 @@ import pytest
 
 from calm_jax.decoding import confidence
 from calm_jax.decoding import loops
+from calm_jax.decoding import thresholds
 from calm_jax.model import models
 from calm_jax.model import network
-from calm_jax.decoding import thresholds
 
 F32 = network.T5Config(vocab_size=40, emb_dim=32, num_heads=2, head_dim=8,
                        mlp_dim=48, num_encoder_layers=2, num_decoder_layers=4)

@@ -14,10 +14,10 @@ transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top,g-multiple-import
 
 import entry_points  # tests/entry_points.py
-from calm_jax.storage import checkpoints
 from calm_jax.jobs import convert
 from calm_jax.model import models
 from calm_jax.model import network
+from calm_jax.storage import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = os.path.join(REPO, 'tasks', 'vocab', 'calm_synth.model')

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from calm_jax.decoding import loops
+from calm_jax.decoding import thresholds
 from calm_jax.model import models
 from calm_jax.model import network
-from calm_jax.decoding import thresholds
 
 VOCAB = 6
 EOS = 1

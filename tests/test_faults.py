@@ -9,12 +9,12 @@ import optax
 import pytest
 
 import entry_points  # tests/entry_points.py
-from calm_jax.jobs import settings
 from calm_jax import arguments
+from calm_jax.jobs import settings
+from calm_jax.jobs import train
+from calm_jax.model import network
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
-from calm_jax.model import network
-from calm_jax.jobs import train
 from calm_jax.training import trainer
 
 

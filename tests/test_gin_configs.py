@@ -6,8 +6,8 @@ import gin
 import pytest
 
 from calm_jax import cli
-from calm_jax.model import network
 from calm_jax.jobs import train
+from calm_jax.model import network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = sorted(os.path.relpath(p, REPO) for p in

@@ -11,12 +11,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from calm_jax import api
-from calm_jax.jobs import calibrate
-from calm_jax.storage import checkpoints
-from calm_jax.jobs import decode
 from calm_jax import cli
+from calm_jax.jobs import calibrate
+from calm_jax.jobs import decode
 from calm_jax.jobs import environment
 from calm_jax.jobs import train
+from calm_jax.storage import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = 'cnn_dailymail_v3'

@@ -14,8 +14,8 @@ import optax
 import pytest
 
 from calm_jax.model import models
-from calm_jax.parallel import multihost
 from calm_jax.model import network
+from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

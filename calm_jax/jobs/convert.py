@@ -25,12 +25,14 @@ import gin
 import jax
 import numpy as np
 import safetensors
+import safetensors.numpy
 
 from calm_jax import console
 from calm_jax import errors
+from calm_jax.model import models
+from calm_jax.model import network
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
-from calm_jax.model import network
 
 SAFETENSORS = 'model.safetensors'
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
@@ -267,7 +269,6 @@ def read_hf_checkpoint(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 # --- the mapping -----------------------------------------------------------
 
 def _expected_shapes(config: network.T5Config) -> dict[tuple[str, ...], tuple]:
-  from calm_jax.model import models  # pylint: disable=g-import-not-at-top
   shapes = jax.eval_shape(lambda: models.CalmModel(config).init_params(
       jax.random.PRNGKey(0))['params'])
   return {tuple(k.key for k in path): leaf.shape for path, leaf
@@ -378,13 +379,12 @@ def import_hf(path: str, model_dir: str, vocab: Optional[str] = None,
 def export_hf(model_dir: str, out_dir: str, step: Optional[int] = None
               ) -> None:
   """Writes config.json, model.safetensors and spiece.model to out_dir."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   config, vocab = checkpoints.read_model_config(model_dir)
   params, _ = checkpoints.load_params(model_dir, config, step)
   tensors = params_to_hf(jax.device_get(params), config)
   os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
   tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)))
-  save_file(tensors, os.path.join(tmp, SAFETENSORS))
+  safetensors.numpy.save_file(tensors, os.path.join(tmp, SAFETENSORS))
   with open(os.path.join(tmp, 'config.json'), 'w') as f:
     json.dump(hf_config(config), f, indent=2)
   shutil.copyfile(vocab, os.path.join(tmp, HF_VOCAB))

@@ -91,6 +91,12 @@ def process_max(value: int) -> int:
   return int(np.max(values))
 
 
+def barrier(name: str) -> None:
+  """Waits until every process gets here (nothing with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def agree(flag: bool) -> bool:
   """Process 0's `flag`, on every process: for decisions that must not
   differ (whether to run a collective program at all)."""

@@ -21,9 +21,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from calm_jax import errors
-from calm_jax.storage import files
+from calm_jax.decoding import confidence
+from calm_jax.model import models
 from calm_jax.model import network
+from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
+from calm_jax.storage import files
 from calm_jax.storage import provenance
 
 CHECKPOINT_SUBDIR = 'checkpoints'
@@ -264,12 +267,16 @@ def restore_verified(mgr: ocp.CheckpointManager, step: Optional[int] = None,
 
 def move_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
   """Moves damaged steps out of the manager's directory (to
-  MODEL_DIR/damaged/), so that training can save those steps again."""
+  MODEL_DIR/damaged/), so that training can save those steps again. With
+  several processes, the primary moves them and every process then
+  reloads its manager (they all see the same steps)."""
   root = files.as_path(str(mgr.directory))
   moved = []
-  for step in steps:
-    moved.append(files.move(root / str(step),
-                            root.parent / 'damaged' / f'{root.name}-{step}'))
+  if jax.process_index() == 0:
+    for step in steps:
+      moved.append(files.move(
+          root / str(step), root.parent / 'damaged' / f'{root.name}-{step}'))
+  multihost.barrier('calm_jax.checkpoints.move_aside')
   mgr.reload()
   return moved
 
@@ -286,7 +293,6 @@ def load_params(model_dir: str, config: network.T5Config,
   shards, whatever mesh the checkpoint was saved from; else onto the
   default device.
   """
-  from calm_jax.model import models  # pylint: disable=g-import-not-at-top
   mgr = manager(model_dir)
   target = jax.eval_shape(
       lambda: models.CalmModel(config).init_params(jax.random.PRNGKey(0)))
@@ -303,7 +309,6 @@ def load_params(model_dir: str, config: network.T5Config,
 def load_classifier(model_dir: str, config: network.T5Config
                     ) -> Optional[Any]:
   """The latest exit classifier of a model dir, or None if never trained."""
-  from calm_jax.decoding import confidence  # pylint: disable=g-import-not-at-top
   if not files.is_dir(files.join(model_dir, CLASSIFIER_SUBDIR)):
     return None
   mgr = manager(model_dir, subdir=CLASSIFIER_SUBDIR)

@@ -13,6 +13,7 @@ import json
 from typing import Any, Iterator, Mapping, Optional
 
 import jax
+from jax.experimental import multihost_utils
 from etils import epath
 import numpy as np
 
@@ -26,7 +27,6 @@ class ProvenanceError(errors.UserError, ValueError):
 def host_array(x) -> np.ndarray:
   """A leaf as one contiguous host array (gathered across processes)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.ascontiguousarray(np.asarray(jax.device_get(x)))
 

@@ -26,10 +26,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from calm_jax import console
 from calm_jax import errors
-from calm_jax.storage import checkpoints
 from calm_jax.decoding import confidence
 from calm_jax.model import models
 from calm_jax.parallel import partitioning
+from calm_jax.storage import checkpoints
 
 Batch = Mapping[str, np.ndarray]
 
@@ -224,9 +224,9 @@ def restore_or_init(objective, optimizer, mgr, rng, place: Placement,
         mgr, params=target.params, opt_state=target.opt_state,
         fallback=fallback)
     newer = [s for s in mgr.all_steps() if s > step]
-    if newer and jax.process_index() == 0:
+    if newer:  # on every process: each one's manager must forget them
       for path in checkpoints.move_aside(mgr, newer):
-        print(f'moved the damaged step to {path}', file=sys.stderr)
+        console.info(f'moved the damaged step to {path}')
     return TrainState(
         step=partitioning.replicate(np.int32(step), place.mesh),
         params=restored['params'], opt_state=restored['opt_state'])
