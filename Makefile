@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-slow demo bench bench-dtype device-check validity reproduce vocab clean
+.PHONY: install test test-slow demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench-dtype: $(STAMP)
 	  --gin.MEASURES="['state']" --gin.PATTERNS="['exit@1','mixed','disabled']" \
 	  --gin.calm_jax.bench.compare_buckets=False \
 	  --gin.calm_jax.bench.agreement=True --gin.OUTPUT="'docs/bench_dtype.json'"
+
+# What the non-finite guard costs the demo config's training throughput
+# (docs/guard_cost.json and .md).
+bench-guard: $(STAMP)
+	$(PY) tools/guard_cost.py
 
 # The accelerator check (bf16/f32 tests and bench on whatever backend JAX
 # has); `bash tools/device_check.sh --quick` is its CPU dry run.

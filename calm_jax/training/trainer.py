@@ -138,27 +138,35 @@ class TrainStep:
   mystery."""
 
   def __init__(self, objective: Objective,
-               optimizer: optax.GradientTransformation, place: Placement):
+               optimizer: optax.GradientTransformation, place: Placement,
+               guard: bool = True):
+    """`guard`: a step whose loss or gradients are not finite leaves the
+    state as it was (False: only for measuring what the guard costs)."""
     self.place = place
+
+    def apply(args):
+      params, opt_state, grads = args
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
 
     def step(state: TrainState, batch: Batch, rng: jax.Array):
       dropout_rng = (jax.random.fold_in(rng, state.step) if objective.dropout
                      else None)
       grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
       (loss, metrics), grads = grad_fn(state.params, batch, dropout_rng)
-      updates, opt_state = optimizer.update(grads, state.opt_state,
-                                            state.params)
-      params = optax.apply_updates(state.params, updates)
       metrics['grad_norm'] = optax.global_norm(grads)
       # A NaN or infinity anywhere in the gradients makes their norm one too.
       finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
       metrics['finite'] = finite
-      keep_if_bad = lambda new, old: jnp.where(finite, new, old)
-      return TrainState(
-          step=state.step + 1,
-          params=jax.tree_util.tree_map(keep_if_bad, params, state.params),
-          opt_state=jax.tree_util.tree_map(keep_if_bad, opt_state,
-                                           state.opt_state)), metrics
+      args = (state.params, state.opt_state, grads)
+      # A branch, not an elementwise select of new and old: the update runs
+      # in place of the donated state, and a bad step runs nothing (the
+      # select measured 2-4% of the demo's step time, the branch < 1%).
+      params, opt_state = (
+          jax.lax.cond(finite, apply, lambda a: (a[0], a[1]), args)
+          if guard else apply(args))
+      return TrainState(step=state.step + 1, params=params,
+                        opt_state=opt_state), metrics
 
     self._jitted = jax.jit(step, donate_argnums=(0,),
                            in_shardings=(place.state, place.batch,
