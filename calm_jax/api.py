@@ -1,7 +1,7 @@
 """Python API for notebooks and services.
 
   model = calm_jax.load('runs/demo/model')
-  results = model.generate(['translate English to French: the cat sees a dog .'],
+  results = model.generate(['translate English to French: The cat sees a dog.'],
                            threshold=0.9, confidence='softmax')
   results[0].text, results[0].exit_layers, results[0].confidences
 

@@ -31,9 +31,9 @@ MIXTURE = 'synth_mix'
 
 # Lengths that hold every example of each task (EOS included).
 FEATURE_LENGTHS = {
-    'synth_summarize': {'inputs': 56, 'targets': 20},
-    'synth_translate': {'inputs': 24, 'targets': 20},
-    'synth_qa': {'inputs': 32, 'targets': 4},
+    'synth_summarize': {'inputs': 96, 'targets': 44},
+    'synth_translate': {'inputs': 32, 'targets': 40},
+    'synth_qa': {'inputs': 56, 'targets': 6},
 }
 
 
@@ -42,7 +42,8 @@ def _dataset_fn(generator: str, split: str, shuffle_files: bool,
   del shuffle_files, seed  # Examples are already a seeded function of index.
   spec = tf.TensorSpec((), tf.string)
   return tf.data.Dataset.from_generator(
-      lambda: synthetic.examples(generator, split),
+      lambda: ({'inputs': e['inputs'], 'targets': e['targets']}
+               for e in synthetic.examples(generator, split)),
       output_signature={'inputs': spec, 'targets': spec})
 
 

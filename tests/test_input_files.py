@@ -91,8 +91,8 @@ def test_decode_a_jsonl_file_of_three_inputs(tiny_model_dir, tmp_path):
                 '--gin.calm_jax.RunSettings.batch_size=2',
                 f"--gin.OUTPUT_DIR='{out}'")
   assert result.returncode == 0, result.stderr[-2000:]
-  # The model was trained on synth_qa: its input length is 32 tokens.
-  assert (f'warning: 1 of 3 inputs in {path} are longer than 32 tokens and '
+  # The model was trained on synth_qa: its input length is 56 tokens.
+  assert (f'warning: 1 of 3 inputs in {path} are longer than 56 tokens and '
           'were cut to that length') in result.stderr
   records = [json.loads(line) for line in
              (out / 'questions.jsonl').read_text().splitlines()]

@@ -1,4 +1,7 @@
 """Embedded tasks: generators, vocabulary, SeqIO registration."""
+import collections
+import re
+
 import numpy as np
 import pytest
 
@@ -17,49 +20,130 @@ def test_generators_are_deterministic_and_splits_differ():
       synthetic.generate('qa', 'validation', 999)]
 
 
-def test_qa_answer_is_the_span_after_the_asked_relation():
-  relation_words = {'where does': 'lives in', 'job of': 'works as a',
-                    'own': 'owns', 'like': 'likes', 'drive': 'drives a'}
-  for i in range(100):
-    ex = synthetic.generate('qa', 'train', i)
+@pytest.mark.parametrize('task', sorted(synthetic.GENERATORS))
+def test_splits_never_share_an_input(task):
+  inputs = {split: {synthetic.generate(task, split, i)['inputs']
+                    for i in range(count)}
+            for split, count in (('train', 3000), ('validation', 1000),
+                                 ('test', 1000))}
+  assert not inputs['train'] & inputs['validation']
+  assert not inputs['train'] & inputs['test']
+  assert not inputs['validation'] & inputs['test']
+  for split, texts in inputs.items():
+    assert {synthetic.split_of(t) for t in texts} == {split}
+
+
+_WORDS_TO_NUMBER = {synthetic.number_words(n): n for n in range(100)}
+_SUMMARY = re.compile(
+    r'(\S+) led with ([\w-]+) orders, ahead of (\S+) with ([\w-]+) and (\S+) '
+    r'with ([\w-]+)\. (\S+ \S+) (?:runs|heads) the (\S+) office, and sales '
+    r'of the (\w+) (went up|climbed|went down|dropped) (\d+) percent\.')
+_OFFICE = re.compile(r'(?:The (\S+) office reported (\d+) new orders|In '
+                     r'(\S+), the team booked (\d+) orders|(\S+) closed the '
+                     r'week with (\d+) orders)')
+
+
+def test_summary_ranks_the_offices_and_names_the_leaders_manager():
+  lengths = []
+  for i in range(200):
+    ex = synthetic.generate('summarize', 'validation', i)
+    match = _SUMMARY.fullmatch(ex['targets'])
+    assert match, ex['targets']
+    lead, w1, second, w2, third, w3, manager, office, product, trend, pct = (
+        match.groups())
+    offices = {}
+    for groups in _OFFICE.findall(ex['inputs']):
+      city, n = [g for g in groups if g]
+      offices[city] = int(n)
+    ranked = [(lead, w1), (second, w2), (third, w3)]
+    # The comparison: the three offices of the input, most orders first,
+    # their counts rewritten in words; the distractor city is not one.
+    assert {c: _WORDS_TO_NUMBER[w] for c, w in ranked} == offices
+    counts = [offices[c] for c, _ in ranked]
+    assert counts == sorted(counts, reverse=True)
+    # The hop: the manager of the office that the comparison picked.
+    assert office == lead
+    assert (f'{manager} runs the {lead} office' in ex['inputs'] or
+            f'The {lead} office is led by {manager}' in ex['inputs'])
+    change = 'rose' if trend in ('went up', 'climbed') else 'fell'
+    assert f'Sales of the {product} {change} by {pct} percent' in (
+        ex['inputs'])
+    lengths.append(len(ex['targets'].split()))
+  assert np.mean(lengths) >= 25  # words; about 38 tokens with EOS
+
+
+def _qa_fact_answer(context: str, person: str, relation: str) -> str:
+  return re.search(f'{person} {relation} ([^.]+)\\.', context).group(1)
+
+
+def test_qa_mixes_copies_with_questions_that_need_more_than_one_fact():
+  kinds = collections.Counter()
+  for i in range(400):
+    ex = synthetic.generate('qa', 'validation', i)
     question, context = ex['inputs'].split(' context: ')
-    person = [w for w in question.split()[1:] if w in synthetic._FIRST][0]
-    relation = [r for q, r in relation_words.items()
-                if f' {q} ' in question + ' '][0]
-    assert f'{person} {relation} {ex["targets"]} .' in context
-    assert len(ex['targets'].split()) in (1, 2)
+    kinds[ex['kind']] += 1
+    answer = ex['targets']
+    if ex['kind'] == 'span':
+      person = [w.rstrip('?') for w in question.split()
+                if w.rstrip('?') in synthetic._FIRST][0]
+      relation = next(r for q, r in (('live', 'lives in'), ('do for',
+                                     'works as a'), ('like', 'likes'),
+                                     ('drive', 'drives an?')) if q in question)
+      assert _qa_fact_answer(context, person, relation) == answer
+    elif ex['kind'] == 'sum':  # one fact, two counts added
+      n, m = map(int, re.findall(r'owns (\d+) \w+ and (\d+)', context)[0])
+      assert answer == synthetic.number_words(n + m)
+    elif ex['kind'] == 'compare':  # two facts compared
+      a, b = re.findall(r'Who is \w+, (\S+) or (\S+)\?', question)[0]
+      age = {p: int(_qa_fact_answer(context, p, 'is').split()[0])
+             for p in (a, b)}
+      pick = max if 'older' in question else min
+      assert answer == pick(age, key=age.get)
+    else:  # two hops: vehicle -> driver -> city
+      vehicle = re.search(r'drives an? (\w+ \w+) live', question).group(1)
+      driver = re.search(f'(\\S+) drives an? {vehicle}\\.', context).group(1)
+      assert _qa_fact_answer(context, driver, 'lives in') == answer
+      assert answer not in re.search(f'[^.]* {vehicle}\\.', context).group()
+  shares = {k: v / 400 for k, v in kinds.items()}
+  assert set(shares) == {'span', 'sum', 'compare', 'hop'}
+  assert all(0.15 < s < 0.35 for s in shares.values()), shares
+  # Three in four answers need arithmetic, a comparison or a second hop.
+  assert 1 - shares['span'] > 0.65
 
 
-def test_summary_copies_key_facts_not_distractors():
-  for i in range(50):
-    ex = synthetic.generate('summarize', 'train', i)
-    city = ex['targets'].split(' : ')[0]
-    words = ex['targets'].split(' : ')[1].split(' orders')[0]
-    orders = [n for n in range(2, 100) if synthetic.number_words(n) == words]
-    assert len(orders) == 1
-    assert f'the {city} office reported {orders[0]} new orders' in ex['inputs']
-    change = 'rose' if ' up ' in ex['targets'] else 'fell'
-    assert f' {change} by ' in ex['inputs']
-    manager = ex['targets'].split(' says ')[1].rstrip(' .')
-    assert f'manager {manager} said' in ex['inputs']
-
-
-def test_translation_agrees_in_gender_and_number():
+def test_translation_agrees_in_gender_and_number_and_far_back():
   ex = synthetic.translate_example(synthetic.example_rng('t', 'x', 0))
   assert ex['inputs'].startswith('translate English to French: ')
-  seen = set()
+  seen = collections.Counter()
   for i in range(300):
-    ex = synthetic.generate('translate', 'train', i)
-    en, fr = ex['inputs'].split(': ', 1)[1].split(), ex['targets'].split()
-    if en[0] == 'the' and en[1] in ('house', 'car', 'flower'):
-      assert fr[0] == 'la'
-      seen.add('f')
-    if en[0] == 'the' and en[1] in ('red', 'green') and en[2] in ('cats',
+    ex = synthetic.generate('translate', 'validation', i)
+    en = ex['inputs'].split(': ', 1)[1].rstrip('.').split()
+    fr = ex['targets'].rstrip('.').split()
+    if en[0] == 'The' and en[1] in ('house', 'car', 'flower'):
+      assert fr[0] == 'La'
+      seen['feminine'] += 1
+    if en[0] == 'The' and en[1] in ('red', 'green') and en[2] in ('cats',
                                                                   'dogs'):
-      assert fr[:3] == ['les', {'cats': 'chats', 'dogs': 'chiens'}[en[2]],
+      assert fr[:3] == ['Les', {'cats': 'chats', 'dogs': 'chiens'}[en[2]],
                         {'red': 'rouges', 'green': 'verts'}[en[1]]]
-      seen.add('p')
-  assert seen == {'f', 'p'}
+      seen['plural'] += 1
+    first_en = ex['inputs'].split(', and ')[0].split()
+    first_fr = ex['targets'].split(', et ')[0].split()
+    assert ('not' in first_en) == ('pas' in first_fr)  # ne ... pas
+    seen['negation'] += 'not' in first_en
+    if ex['kind'] == 'two clauses':  # the pronoun agrees with the subject
+      noun = next(w for w in en[1:4] if w.rstrip(',') in synthetic._NOUNS or
+                  w in ('children', 'women', 'men') or
+                  w[:-1] in synthetic._NOUNS)
+      singular = {'children': 'child', 'women': 'woman', 'men': 'man'}.get(
+          noun, noun if noun in synthetic._NOUNS else noun[:-1])
+      gender = synthetic._NOUNS[singular][1]
+      plural = singular != noun
+      pronoun = fr[fr.index('et') + 1]
+      assert pronoun == synthetic._PRONOUNS[gender, plural], ex
+      seen['pronoun'] += 1
+  assert min(seen[k] for k in ('feminine', 'plural', 'negation')) > 0
+  assert 100 < seen['pronoun'] < 200
 
 
 @pytest.fixture(scope='module')

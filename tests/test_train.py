@@ -44,7 +44,7 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
                                               'config.gin').read_text()
   assert list((model_dir / 'train').glob('events.out.tfevents*'))
   assert first.stderr.startswith('compiling train step (batch 8, lengths '
-                                 '32/4) ...')
+                                 '56/6) ...')
   assert model_dir.joinpath('model.json').exists()
 
   # The console shows what TensorBoard gets: per-exit accuracy, learning

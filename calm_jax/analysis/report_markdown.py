@@ -150,15 +150,66 @@ def _propagation_finding(task: str, modes: dict) -> str:
           f'(exit-state copy) vs {agreement["kv_copy"]:.3f} (K/V copy) vs '
           f'{agreement["none"]:.3f} (empty cache) -> ')
   if modes['hidden']['avg_layers'] <= 1.0:
-    return text + ('no test here: every token exits at layer 1, so no '
+    return text + ('not tested: every token exits at layer 1, so no '
                    'skipped layer is ever read.')
   if agreement['kv_copy'] < agreement['hidden'] - 0.01:
-    return text + 'the K/V copy degrades the output, as the paper found.'
-  return text + 'the K/V copy does not degrade it here.'
+    return text + 'held: the K/V copy degrades the output.'
+  return text + 'not held: the K/V copy does not degrade it here.'
+
+
+def _early_vs_static_finding(results: dict, task: str) -> str:
+  row = _find(results['table'], task=task, measure='softmax',
+              consistency='textual', delta=0.25)
+  paper = PAPER.get(task)
+  versus = (f' (paper, {paper[0]}: {paper[1]} layers, x{paper[2]} on '
+            'TPU)' if paper else '')
+  static = _static_at(results, task, row['avg_layers'])
+  text = (f'- `{task}`, softmax, textual δ = 0.25: {row["avg_layers"]:.2f} '
+          f'layers per token, x{row["speedup"]:.2f} wall-clock{versus}; '
+          f'quality {row["quality"]:.1f} against {static:.1f} for static '
+          'truncated models at the same average depth -> ')
+  if sum(c > 0 for c in row['exit_layers_histogram']) <= 1:
+    return text + 'not tested: every token stops at the same layer.'
+  verdict = _compare(row['quality'], static)
+  return text + (f'{"held" if verdict == "beat" else "not held"}: early '
+                 f'exit {verdict} them.')
+
+
+def _softmax_vs_state_finding(results: dict, task: str) -> str:
+  pairs = []
+  for consistency, delta in sorted({_settings_key(r)
+                                    for r in results['table']}):
+    layers = {m: _find(results['table'], task=task, measure=m,
+                       consistency=consistency, delta=delta)['avg_layers']
+              for m in ('softmax', 'state')}
+    pairs.append((f'{consistency} δ={delta:g}', layers))
+  fewer = sum(l['softmax'] < l['state'] for _, l in pairs)
+  cells = ', '.join(f'{name}: {l["softmax"]:.2f} vs {l["state"]:.2f}'
+                    for name, l in pairs)
+  verdict = ('held' if fewer == len(pairs) else
+             f'held in {fewer} of {len(pairs)} settings' if fewer else
+             'not held')
+  return (f'- Softmax needs fewer layers than the hidden-state measure at '
+          f'the same δ, `{task}` (softmax vs state: {cells}) -> {verdict}.')
+
+
+def _decay_finding(decay: dict) -> str:
+  constant, decaying = decay['constant'], decay['decaying_tau4']
+  changed = (abs(decaying['avg_layers'] - constant['avg_layers']) >= 0.01 or
+             abs(decaying['quality'] - constant['quality']) >= 0.1)
+  return (f'- Decaying threshold (tau 4) on `{decay["task"]}` '
+          f'({decay["mean_output_tokens"]:.1f} output tokens): '
+          f'{decaying["avg_layers"]:.2f} layers, quality '
+          f'{decaying["quality"]:.1f}, x{decaying["speedup"]:.2f} vs '
+          f'{constant["avg_layers"]:.2f}, {constant["quality"]:.1f}, '
+          f'x{constant["speedup"]:.2f} with a constant threshold -> '
+          + ('it changes layers or quality.' if changed else
+             'no change in layers or quality.'))
 
 
 def findings(results: dict) -> str:
-  """The paper's claims, each checked against this run's numbers."""
+  """The paper's claims, each checked against this run's numbers and
+  stated as held, not held or not tested."""
   out = []
   eps = results['settings']['epsilon']
   worst = max(r['violation_rate'] for r in results['validity'])
@@ -166,36 +217,69 @@ def findings(results: dict) -> str:
   out.append(f'- Calibration keeps its promise (violation rate <= ε = '
              f'{eps:g}; with 50 splits, binomial noise allows up to '
              f'{bound:.2f}): worst violation rate {worst:.2f} -> '
-             f'{"held" if worst <= bound else "did not hold"}.')
-  for task in results['tasks']:
-    row = _find(results['table'], task=task, measure='softmax',
-                consistency='textual', delta=0.25)
-    paper = PAPER.get(task)
-    versus = (f' (paper, {paper[0]}: {paper[1]} layers, x{paper[2]} on '
-              'TPU)' if paper else '')
-    static = _static_at(results, task, row['avg_layers'])
-    out.append(
-        f'- `{task}`, softmax, textual δ = 0.25: {row["avg_layers"]:.2f} '
-        f'layers per token, x{row["speedup"]:.2f} wall-clock{versus}; '
-        f'quality {row["quality"]:.1f} against {static:.1f} for static '
-        f'truncated models at the same average depth -> early exit '
-        f'{_compare(row["quality"], static)} them.')
+             f'{"held" if worst <= bound else "not held"}.')
+  out += [_early_vs_static_finding(results, task)
+          for task in results['tasks']]
   for task, by_exits in results['analyses']['ablation'].items():
     out.append(_propagation_finding(task, by_exits['oracle_exits']))
+  out += [_softmax_vs_state_finding(results, task)
+          for task in results['tasks']]
   oracle = [results['analyses']['oracle'][t]['avg_layers']
             for t in results['tasks']]
   out.append(f'- The oracle needs {min(oracle):.2f}-{max(oracle):.2f} '
              'layers per token (paper: about 1.2-1.5).')
-  for decay in results['decay']:
-    constant, decaying = decay['constant'], decay['decaying_tau4']
-    out.append(
-        f'- Decaying threshold (tau 4) on `{decay["task"]}` '
-        f'({decay["mean_output_tokens"]:.1f} output tokens): '
-        f'{decaying["avg_layers"]:.2f} layers, quality '
-        f'{decaying["quality"]:.1f}, x{decaying["speedup"]:.2f} vs '
-        f'{constant["avg_layers"]:.2f}, {constant["quality"]:.1f}, '
-        f'x{constant["speedup"]:.2f} with a constant threshold.')
-  return '\n'.join(out)
+  # Tasks come longest first: the paper's case for the decay is long
+  # outputs, so the first line is the verdict and the rest context.
+  decay = [_decay_finding(d) for d in results['decay']]
+  if decay:
+    decay[0] = decay[0].replace(' -> it changes', ' (the longest task) -> '
+                                'held: it changes').replace(
+                                    ' -> no change', ' (the longest task) '
+                                    '-> not held: no change')
+  return '\n'.join(out + decay)
+
+
+def _shares(histogram: Sequence[int]) -> str:
+  """Percent of tokens per exit layer, '·'-separated (layer 1 first)."""
+  total = max(sum(histogram), 1)
+  return ' · '.join(f'{100 * c / total:.0f}' for c in histogram)
+
+
+def _busy_layers(histogram: Sequence[int], share: float = 0.05) -> int:
+  total = max(sum(histogram), 1)
+  return sum(c / total >= share for c in histogram)
+
+
+def difficulty(results: dict) -> str:
+  """How much decoder computation the tokens need: the oracle's and the
+  calibrated run's exit layers per task, and whether risk and textual
+  consistency certify different thresholds."""
+  rows = []
+  for task in results['tasks']:
+    oracle = results['analyses']['oracle'][task]
+    headline = _find(results['table'], task=task, measure='softmax',
+                     consistency='textual', delta=0.25)
+    textual = _find(results['sweep'], task=task, measure='softmax',
+                    consistency='textual', delta=0.05)
+    risk = _find(results['table'], task=task, measure='softmax',
+                 consistency='risk', delta=0.05)
+    rows.append([
+        task, _fmt(oracle['mean_output_tokens'], 1),
+        _fmt(headline['full_quality'], 1), _fmt(oracle['avg_layers']),
+        _shares(oracle['exit_layers_histogram']),
+        _fmt(headline['avg_layers']),
+        _shares(headline['exit_layers_histogram']),
+        f'{_fmt(textual["threshold"])} / {_fmt(risk["threshold"])}'])
+  return ('Per token, the oracle stops at the first layer that already '
+          'predicts the full model\'s token: the spread of its exit layers '
+          'is how much computation the tokens need. Exit shares are percent '
+          'of test tokens at layers 1 to 8; the last column compares the '
+          'softmax thresholds certified at δ = 0.05 by textual and by risk '
+          'consistency (they differ only where the full model misses '
+          'references).\n\n' + table(
+              ['task', 'output tokens', 'full quality', 'oracle layers',
+               'oracle exit shares (%)', 'softmax δ=0.25 layers',
+               'its exit shares (%)', 'λ textual / risk (δ=0.05)'], rows))
 
 
 def _figure(path: str, docs: str, caption: str) -> str:
@@ -215,8 +299,8 @@ holds the raw numbers).
 
 **These are the embedded stand-in tasks, not the paper's datasets:**
 `synth_summarize` stands in for CNN/DailyMail, `synth_translate` for WMT15
-EN-FR, `synth_qa` for SQuAD (see the README, "The embedded tasks"). They are
-easy for the demo model, so compare trends, not values. To run the same
+EN-FR, `synth_qa` for SQuAD (see docs/tasks.md). Compare trends, not
+values. To run the same
 report on the paper's tasks, train and calibrate a model with a
 `gin/experiments/*.gin` file, then run
 `python -m calm_jax.report --model_dir=runs/cnn_dailymail --tasks=cnn_dailymail_v3`.
@@ -252,6 +336,7 @@ def render(results: dict, docs: str) -> str:
   sections = [
       _introduction(results),
       "## The paper's findings, re-measured\n\n" + findings(results),
+      '## How much computation the tokens need\n\n' + difficulty(results),
       "## Table 2, in the paper's shape\n\n" + table2(results),
       '## Full model and oracle\n\nThe oracle exits each token at the '
       'first layer whose prediction equals the\nfull model\'s, so its '

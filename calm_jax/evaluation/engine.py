@@ -157,6 +157,12 @@ class Decoded:
     layers = [l for row in self.exit_layers for l in row]
     return float(np.mean(layers)) if layers else float('nan')
 
+  def exit_shares(self, num_layers: int) -> list[float]:
+    """The fraction of output tokens that exit at each layer 1..num_layers."""
+    layers = [l for row in self.exit_layers for l in row]
+    counts = np.bincount(layers, minlength=num_layers + 1)[1:]
+    return (counts / max(len(layers), 1)).round(4).tolist()
+
 
 @dataclasses.dataclass(frozen=True)
 class Score:

@@ -8,7 +8,8 @@
    split (softmax, textual consistency, delta 0.25, epsilon 0.05 by
    default), then decodes the test split at full depth and with early exit
    at that threshold, times both alternately, and reports both metrics, the
-   test risk, the average decoder layers and the wall-clock speed-up.
+   test risk, the average decoder layers (and the share of tokens exiting
+   at each layer), the oracle's layers and the wall-clock speed-up.
 Writes REPORT_PATH (JSON). Every decode goes through the engine's cache in
 MODEL_DIR/calibration/cache, so a rerun re-measures only the timings.
 """
@@ -49,18 +50,25 @@ def early_exit_test(evaluator: engine.Evaluator,
                     examples: examples_lib.ExampleSet, mode: engine.EarlyExit,
                     *, repeats: int) -> dict:
   """Full-depth vs early-exit decode of the test examples: quality, test
-  risk, layers and the speed-up of whole passes over them, timed in turns
-  (the batch job a demo user runs)."""
+  risk, layers (and the share of tokens exiting at each), the oracle's
+  layers, and the speed-up of whole passes over them, timed in turns (the
+  batch job a demo user runs)."""
   full = evaluator.decode(examples, engine.FullDepth())
   early = evaluator.decode(examples, mode)
   speed = evaluator.speedup(examples, mode, batch_size=evaluator.batch_size,
                             repeats=repeats, alternate='pass')
   losses = evaluator.losses(examples, 'textual', early, full)
+  oracle = evaluator.decode(examples, engine.FullDepth(oracle=True))
+  num_layers = evaluator.lm.config.num_decoder_layers
   return {
       'full_depth_metric': evaluator.score(examples, full.predictions).value,
       'early_exit_metric': evaluator.score(examples, early.predictions).value,
       'test_textual_risk': float(losses.mean()),
       'avg_decoder_layers': early.avg_layers,
+      'exit_layer_shares': early.exit_shares(num_layers),
+      'oracle_avg_decoder_layers': oracle.avg_layers,
+      'oracle_exit_layer_shares': oracle.exit_shares(num_layers),
+      'mean_output_tokens': full.tokens / len(examples),
       'speedup_vs_full_depth': speed.ratio,
       'speedup_range': [speed.low, speed.high],
       'median_seconds': speed.median_seconds, 'num_examples': len(examples)}
@@ -130,8 +138,15 @@ def _print_task(task: str, summary: dict, accuracy: np.ndarray) -> None:
         f'  {early["calibration"]}; test: {summary["metric"]} '
         f'{early["full_depth_metric"]:.2f} -> {early["early_exit_metric"]:.2f}'
         f', risk {early["test_textual_risk"]:.3f}, layers '
-        f'{early["avg_decoder_layers"]:.2f}, speed-up '
-        f'x{early["speedup_vs_full_depth"]:.2f}', flush=True)
+        f'{early["avg_decoder_layers"]:.2f} (per layer '
+        f'{_shares(early["exit_layer_shares"])}), speed-up '
+        f'x{early["speedup_vs_full_depth"]:.2f}\n'
+        f'  oracle: {early["oracle_avg_decoder_layers"]:.2f} layers (per '
+        f'layer {_shares(early["oracle_exit_layer_shares"])})', flush=True)
+
+
+def _shares(shares) -> str:
+  return ' '.join(f'{s:.2f}' for s in shares)
 
 
 def run() -> None:

@@ -110,6 +110,11 @@ def analyses(setup, tasks: Sequence[str], table: Sequence[dict]) -> dict:
     oracle = findings.oracle(setup, task)
     out['oracle'][task] = {k: v for k, v in oracle.items()
                            if k != 'exit_layers'}
+    out['oracle'][task]['exit_layers_histogram'] = np.bincount(
+        [l for row in oracle['exit_layers'] for l in row],
+        minlength=setup.lm.config.num_decoder_layers + 1)[1:].tolist()
+    out['oracle'][task]['mean_output_tokens'] = float(np.mean(
+        [len(row) for row in oracle['exit_layers']]))
     threshold = _headline_row(table, task)['threshold']
     calibrated = setup.early(task, 'softmax', threshold).exit_layers
     out['ablation'][task] = {
