@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-slow demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
+.PHONY: install test test-slow test-time demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
+
+# `make test` on a fresh clone of HEAD, timed (docs/test_time.json and .md).
+test-time:
+	$(PYTHON) tools/test_time.py
 
 demo: $(STAMP)
 	$(PY) -m calm_jax.demo --gin_file=gin/experiments/demo.gin

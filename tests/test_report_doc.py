@@ -21,7 +21,8 @@ def _results(violation_rate=0.04, kv_agreement=0.6, state_layers=2.0,
   mode = lambda agreement: {'quality': 90.0, 'agreement_with_full': agreement,
                             'avg_layers': 1.4, 'metric': 'bleu'}
   return {
-      'tasks': ['t'], 'table': table, 'settings': {'epsilon': 0.05},
+      'tasks': ['t'], 'table': table, 'settings': {'epsilon': 0.05,
+                                                  'test_examples': 200},
       'sweep': [_row('softmax', 'textual', 0.05, 1.9, 95.0, threshold=0.8)],
       'validity': [{'consistency': 'textual', 'delta': 0.1, 'splits': 50,
                     'violation_rate': violation_rate, 'mean_test_risk': 0.05,
@@ -68,6 +69,14 @@ def test_findings_follow_the_numbers():
   text = report_markdown.findings(_results(state_layers=1.2,
                                            decay_layers=1.5))
   assert '1.50 vs 1.20) -> not held.' in text
+  # Both at full depth (nothing certified): no comparison in that setting.
+  results = _results()
+  for row in results['table']:
+    if row['consistency'] == 'risk' and row['measure'] in ('softmax',
+                                                           'state'):
+      row['avg_layers'] = 8.0
+  tied = report_markdown.findings(results)
+  assert '-> held (equal layers in 2 settings).' in tied
   assert '(the longest task) -> not held: no change in layers' in text
 
 
@@ -77,9 +86,21 @@ def test_difficulty_table_shows_exit_shares_and_both_thresholds():
           '1.50 | 60 · 30 · 10 · 0 · 0 · 0 · 0 · 0 | 0.80 / 0.60 |') in text
 
 
+def test_figures_link_relative_to_the_document(tmp_path):
+  docs = str(tmp_path / 'docs')
+  links = report_markdown._figures({
+      'figures': {'layers_speedup': 'figures/a.png', 'risk': 'figures/b.png',
+                  'quality': f'{docs}/figures/c.png',
+                  'histogram': 'figures/d.png'},
+      'exit_maps': {'t': ['figures/m.html', 'figures/m.png']}}, docs)
+  assert '](figures/a.png)' in links and '](figures/c.png)' in links
+  assert 'interactive: figures/m.html' in links and '../' not in links
+
+
 def test_table2_has_a_cell_per_measure_and_setting():
   text = report_markdown.table2(_results())
   assert text.count('1.50 · x2.50 · x2.00') == 2 * 4  # softmax, classifier
   assert text.count('2.00 · x2.50 · x2.00') == 4      # state
   assert '| t | classifier | 80.0 (0.100); λ 0.50 |' in text
   assert 'textual δ=0.1 | textual δ=0.25 | risk δ=0.02 | risk δ=0.05' in text
+  assert 'one standard error at risk 0.25: 0.031' in text

@@ -55,6 +55,7 @@ def table2(results: dict) -> str:
                     key=lambda s: (s[0] != 'textual', s[1]))
   header = ['task', 'measure'] + [f'{c} δ={d:g}' for c, d in settings]
   speed_rows, quality_rows = [], []
+  n = results['settings']['test_examples']
   for task in results['tasks']:
     for measure in MEASURE_NAMES:
       cells = [_find(rows, task=task, measure=measure, consistency=c,
@@ -70,8 +71,13 @@ def table2(results: dict) -> str:
           'wall-clock speed-up at batch 1.\n\n' + table(header, speed_rows)
           + '\n\nThe same cells: test quality (headline metric) with the '
           'test risk of the calibrated consistency in parentheses, and the '
-          'certified threshold λ ("none": nothing certified, full model).\n\n'
-          + table(header, quality_rows))
+          'certified threshold λ ("none": nothing certified, full model). '
+          'The promise is about the risk on new data: with probability '
+          f'1 - ε it is at most δ. A test risk measured on {n} examples '
+          'carries sampling noise (one standard error at risk 0.25: '
+          f'{math.sqrt(0.25 * 0.75 / n):.3f}), so a cell may exceed its δ '
+          'by that much; the validity section measures the promise over '
+          'many splits.\n\n' + table(header, quality_rows))
 
 
 def full_depth_table(results: dict) -> str:
@@ -184,11 +190,18 @@ def _softmax_vs_state_finding(results: dict, task: str) -> str:
               for m in ('softmax', 'state')}
     pairs.append((f'{consistency} δ={delta:g}', layers))
   fewer = sum(l['softmax'] < l['state'] for _, l in pairs)
+  # Equal layers: both at full depth (nothing certified) or both at one
+  # layer; no comparison there.
+  tested = sum(l['softmax'] != l['state'] for _, l in pairs)
   cells = ', '.join(f'{name}: {l["softmax"]:.2f} vs {l["state"]:.2f}'
                     for name, l in pairs)
-  verdict = ('held' if fewer == len(pairs) else
-             f'held in {fewer} of {len(pairs)} settings' if fewer else
+  verdict = ('not tested: equal layers in every setting' if not tested else
+             'held' if fewer == tested else
+             f'held in {fewer} of {tested} settings' if fewer else
              'not held')
+  if tested and tested < len(pairs):
+    ties = len(pairs) - tested
+    verdict += f' (equal layers in {ties} setting{"s" if ties > 1 else ""})'
   return (f'- Softmax needs fewer layers than the hidden-state measure at '
           f'the same δ, `{task}` (softmax vs state: {cells}) -> {verdict}.')
 
@@ -282,8 +295,14 @@ def difficulty(results: dict) -> str:
                'its exit shares (%)', 'λ textual / risk (δ=0.05)'], rows))
 
 
+def _link(path: str, docs: str) -> str:
+  """A figure's path as the document links it: relative to its folder
+  (the results already hold such paths; an absolute one is converted)."""
+  return os.path.relpath(path, docs) if os.path.isabs(path) else path
+
+
 def _figure(path: str, docs: str, caption: str) -> str:
-  return f'![{caption}]({os.path.relpath(path, docs)})\n\n*{caption}*'
+  return f'![{caption}]({_link(path, docs)})\n\n*{caption}*'
 
 
 def _introduction(results: dict) -> str:
@@ -326,7 +345,7 @@ def _figures(results: dict, docs: str) -> str:
       ('histogram', 'Exit layers per task (softmax, textual delta 0.25)'))
   parts = [_figure(figs[name], docs, caption) for name, caption in captions]
   parts += [_figure(png, docs, f'Exit map, {task} (interactive: '
-                    f'{os.path.relpath(html, docs)})')
+                    f'{_link(html, docs)})')
             for task, (html, png) in results['exit_maps'].items()]
   return '## Figures\n\n' + '\n\n'.join(parts)
 

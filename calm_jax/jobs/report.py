@@ -229,12 +229,26 @@ def _relative_paths(results, root: str):
   return results
 
 
+def render_saved(output: str) -> dict:
+  """Rewrites `output` from the reproduction.json beside it, measuring
+  nothing (after a change to the document's wording or layout)."""
+  docs = os.path.dirname(os.path.abspath(output))
+  results = files.read_json(os.path.join(docs, 'reproduction.json'))
+  files.atomic_write_text(output, report_markdown.render(results, docs))
+  console.info(f'wrote {output} from {docs}/reproduction.json')
+  return results
+
+
 @gin.configurable(module='calm_jax')
 def report(*, model_dir: str = gin.REQUIRED,
            output: str = 'docs/REPRODUCTION.md',
            tasks: Sequence[str] = DEFAULT_TASKS, cal_examples: int = 300,
-           test_examples: int = 200, timing_examples: int = 32) -> dict:
-  """Measures the paper's findings on `model_dir` and writes `output`."""
+           test_examples: int = 200, timing_examples: int = 32,
+           render_only: bool = False) -> dict:
+  """Measures the paper's findings on `model_dir` and writes `output`
+  (render_only: rewrites `output` from the saved numbers of the last run)."""
+  if render_only:
+    return render_saved(output)
   return measure(model_dir, output, list(tasks), cal_examples=cal_examples,
                  test_examples=test_examples,
                  timing_examples=timing_examples)
