@@ -50,7 +50,7 @@ def test_decode_writes_jsonl_and_summary(model_dir, tmp_path):
   assert set(record) == {'inputs', 'targets', 'prediction', 'tokens',
                          'exit_layers', 'confidences'}
   assert len(record['tokens']) == len(record['exit_layers'])
-  assert record['tokens'][-1] == '</s>' or len(record['tokens']) == 4
+  assert record['tokens'][-1] == '</s>' or len(record['tokens']) == 6
   records = [json.loads(line) for line in lines[:3]]
   page = (tmp_path / 'maps' / 'synth_qa.html').read_text()
   assert page.count('data-layer=') == sum(len(r['tokens']) for r in records)

@@ -27,8 +27,10 @@ def test_full_depth_is_the_static_decoder_and_early_exit_at_1_5_too(
   assert len(full.outputs) == 5 and full.seconds > 0
   assert all(set(row) == {4} for row in full.exit_layers)
   static = np.asarray(lm.model.predict_full_depth(
-      lm.params, np.stack([np.pad(e.input_ids, (0, 32 - len(e.input_ids)))
-                           for e in examples.examples]), 4))
+      lm.params, np.stack([np.pad(e.input_ids, (0, examples.lengths['inputs']
+                                                - len(e.input_ids)))
+                           for e in examples.examples]),
+      examples.lengths['targets']))
   for output, row in zip(full.outputs, static):
     ids = list(row)
     expected = ids[:ids.index(1) + 1] if 1 in ids else ids
@@ -51,7 +53,8 @@ def test_forced_exits_follow_the_given_layers(lm, examples):
   mixed = evaluator.decode(examples, engine.ForcedExits(config,
                                                         exit_layers=rows))
   for row, forced in zip(mixed.exit_layers, rows):
-    assert row == list(forced[:len(row)])
+    padded = list(forced) + [1] * len(row)  # past a row's end: layer 1
+    assert row == padded[:len(row)]
   mode = engine.ForcedExits(config, exit_layers=((2,), (3, 3)))
   np.testing.assert_array_equal(mode.rows([1, 0], (3, 4)),
                                 [[3, 3, 1, 1], [2, 1, 1, 1], [1, 1, 1, 1]])
