@@ -11,6 +11,7 @@ import argparse
 import statistics
 import time
 
+import gin
 import jax
 
 from calm_jax import cli
@@ -23,14 +24,19 @@ from calm_jax.storage import files
 from calm_jax.training import trainer
 
 
+CONFIG = 'gin/experiments/demo_train.gin'
+
+
 def measure(rounds: int, steps: int) -> dict:
-  cli.parse(['--gin_file=gin/experiments/demo_train.gin'])
+  cli.parse([f'--gin_file={CONFIG}'])
+  batch_size = gin.query_parameter('%BATCH_SIZE')
+  task = gin.query_parameter('%MIXTURE_OR_TASK_NAME')
   optimizer = train_job.make_optimizer()
   objective = trainer.model_objective(models.CalmModel(train_job.T5Config()))
   mesh = partitioning.make_mesh()
   place = trainer.placement(objective, optimizer, mesh)
   batches = [partitioning.global_batch(b, mesh) for b in
-             pipeline.first_batches('synth_mix', 'train', batch_size=64,
+             pipeline.first_batches(task, 'train', batch_size=batch_size,
                                     batches_per_task=4)]
   rng = partitioning.replicate(jax.random.PRNGKey(0), mesh)
   variants, states = {}, {}
@@ -50,7 +56,7 @@ def measure(rounds: int, steps: int) -> dict:
       states[name] = jax.block_until_ready(state)
       rates[name].append(steps / (time.perf_counter() - start))
   medians = {name: statistics.median(r) for name, r in rates.items()}
-  return {'config': 'gin/experiments/demo_train.gin (batch 64, synth_mix)',
+  return {'config': f'{CONFIG} (batch {batch_size}, {task})',
           'rounds': rounds, 'steps_per_round': steps,
           'steps_per_second': rates, 'median_steps_per_second': medians,
           'guard_cost_percent': 100 * (1 - medians['guarded']
