@@ -206,7 +206,9 @@ def _softmax_vs_state_finding(results: dict, task: str) -> str:
           f'the same δ, `{task}` (softmax vs state: {cells}) -> {verdict}.')
 
 
-def _decay_finding(decay: dict) -> str:
+def _decay_finding(decay: dict, longest: bool) -> str:
+  """The paper's case for the decay is long outputs: on the longest task
+  the line is the verdict (held / not held), elsewhere context."""
   constant, decaying = decay['constant'], decay['decaying_tau4']
   changed = (abs(decaying['avg_layers'] - constant['avg_layers']) >= 0.01 or
              abs(decaying['quality'] - constant['quality']) >= 0.1)
@@ -215,7 +217,9 @@ def _decay_finding(decay: dict) -> str:
           f'{decaying["avg_layers"]:.2f} layers, quality '
           f'{decaying["quality"]:.1f}, x{decaying["speedup"]:.2f} vs '
           f'{constant["avg_layers"]:.2f}, {constant["quality"]:.1f}, '
-          f'x{constant["speedup"]:.2f} with a constant threshold -> '
+          f'x{constant["speedup"]:.2f} with a constant threshold'
+          + (' (the longest task) -> ' + ('held: ' if changed else
+                                          'not held: ') if longest else ' -> ')
           + ('it changes layers or quality.' if changed else
              'no change in layers or quality.'))
 
@@ -241,14 +245,9 @@ def findings(results: dict) -> str:
             for t in results['tasks']]
   out.append(f'- The oracle needs {min(oracle):.2f}-{max(oracle):.2f} '
              'layers per token (paper: about 1.2-1.5).')
-  # Tasks come longest first: the paper's case for the decay is long
-  # outputs, so the first line is the verdict and the rest context.
-  decay = [_decay_finding(d) for d in results['decay']]
-  if decay:
-    decay[0] = decay[0].replace(' -> it changes', ' (the longest task) -> '
-                                'held: it changes').replace(
-                                    ' -> no change', ' (the longest task) '
-                                    '-> not held: no change')
+  # results['decay'] comes longest task first.
+  decay = [_decay_finding(d, longest=i == 0)
+           for i, d in enumerate(results['decay'])]
   return '\n'.join(out + decay)
 
 

@@ -159,9 +159,15 @@ class Decoded:
 
   def exit_shares(self, num_layers: int) -> list[float]:
     """The fraction of output tokens that exit at each layer 1..num_layers."""
-    layers = [l for row in self.exit_layers for l in row]
-    counts = np.bincount(layers, minlength=num_layers + 1)[1:]
-    return (counts / max(len(layers), 1)).round(4).tolist()
+    counts = np.asarray(exit_histogram(self.exit_layers, num_layers))
+    return (counts / max(counts.sum(), 1)).round(4).tolist()
+
+
+def exit_histogram(exit_layers: Sequence[Sequence[int]], num_layers: int
+                   ) -> list[int]:
+  """Tokens exiting at each layer 1..num_layers, over rows of exit layers."""
+  flat = [l for row in exit_layers for l in row]
+  return np.bincount(flat, minlength=num_layers + 1)[1:].tolist()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ from calm_jax import console
 from calm_jax.analysis import flops
 from calm_jax.analysis import report_markdown
 from calm_jax.decoding import loops
+from calm_jax.evaluation import engine
 from calm_jax.evaluation import timing
 from calm_jax.model import models
 from calm_jax.model import network
@@ -186,10 +187,10 @@ def demo_exit_distribution(threshold: float = 0.9, examples: int = 48
   texts = [synthetic.generate(task, 'validation', i)['inputs']
            for task in synthetic.GENERATORS for i in range(examples // 3)]
   results = lm.generate(texts, threshold=threshold, batch_size=16)
-  layers = np.concatenate([r.exit_layers for r in results])
-  counts = np.bincount(layers, minlength=lm.config.num_decoder_layers + 1)[1:]
+  counts = np.asarray(engine.exit_histogram(
+      [r.exit_layers for r in results], lm.config.num_decoder_layers))
   return (tuple((counts / counts.sum()).round(4).tolist()),
-          f'demo model, softmax threshold {threshold}, {len(layers)} tokens')
+          f'demo model, softmax threshold {threshold}, {counts.sum()} tokens')
 
 
 def demo_model(max_batch: int, length: int) -> Optional[BenchModel]:

@@ -110,9 +110,8 @@ def analyses(setup, tasks: Sequence[str], table: Sequence[dict]) -> dict:
     oracle = findings.oracle(setup, task)
     out['oracle'][task] = {k: v for k, v in oracle.items()
                            if k != 'exit_layers'}
-    out['oracle'][task]['exit_layers_histogram'] = np.bincount(
-        [l for row in oracle['exit_layers'] for l in row],
-        minlength=setup.lm.config.num_decoder_layers + 1)[1:].tolist()
+    out['oracle'][task]['exit_layers_histogram'] = engine.exit_histogram(
+        oracle['exit_layers'], setup.lm.config.num_decoder_layers)
     out['oracle'][task]['mean_output_tokens'] = float(np.mean(
         [len(row) for row in oracle['exit_layers']]))
     threshold = _headline_row(table, task)['threshold']
@@ -206,9 +205,8 @@ def measure(model_dir: str, output: str, tasks: Sequence[str], *,
   results['seconds'] = round(time.perf_counter() - start, 1)
   for rows in (results['table'], results['sweep']):
     for row in rows:
-      row['exit_layers_histogram'] = np.bincount(
-          row.pop('exit_layers'),
-          minlength=lm.config.num_decoder_layers + 1)[1:].tolist()
+      row['exit_layers_histogram'] = engine.exit_histogram(
+          [row.pop('exit_layers')], lm.config.num_decoder_layers)
   results = _relative_paths(results, docs)
   files.atomic_write_json(os.path.join(docs, 'reproduction.json'), results)
   files.atomic_write_text(output, report_markdown.render(results, docs))
