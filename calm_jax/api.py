@@ -24,6 +24,7 @@ from calm_jax.data import input_files
 from calm_jax.decoding import loops
 from calm_jax.model import models
 from calm_jax.parallel import partitioning
+from calm_jax.model import model_files
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
 from calm_jax.storage import provenance
@@ -70,19 +71,19 @@ class CalmLM:
     'bfloat16') replaces the activation dtype the model was trained with;
     parameters stay float32."""
     self.model_dir, self.mesh = model_dir, mesh
-    self.config, self.vocab_path = checkpoints.read_model_config(model_dir)
+    self.config, self.vocab_path = model_files.read_model_config(model_dir)
     if dtype is not None:
       self.config = dataclasses.replace(self.config, dtype=dtype)
     self.model = models.CalmModel(self.config)
     sharded = mesh is not None and mesh.size > 1
     shardings = (partitioning.param_shardings(self.model.param_axes(), mesh)
                  if sharded else None)
-    self.params, self.step = checkpoints.load_params(model_dir, self.config,
+    self.params, self.step = model_files.load_params(model_dir, self.config,
                                                      step, shardings)
     self.vocab = input_files.SentencePieceVocabulary(
         files.local_copy(self.vocab_path))
-    self.feature_lengths = checkpoints.read_feature_lengths(model_dir)
-    self.classifier = checkpoints.load_classifier(model_dir, self.config)
+    self.feature_lengths = model_files.read_feature_lengths(model_dir)
+    self.classifier = model_files.load_classifier(model_dir, self.config)
     if sharded and self.classifier is not None:
       self.classifier = partitioning.replicate(
           jax.device_get(self.classifier), mesh)

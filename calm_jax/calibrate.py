@@ -1,7 +1,7 @@
 r"""Calibration: the fastest early-exit threshold certified by Learn then Test.
 
   python -m calm_jax.calibrate --gin_file=gin/runs/calibrate.gin \
-    --gin.CHECKPOINT_PATH="'runs/demo/model'" \
+    --gin.MODEL_DIR="'runs/demo/model'" \
     --gin.MIXTURE_OR_TASK_NAME="'synth_mix'" --gin.DELTA=0.25 \
     [--gin.EPSILON=0.05] [--gin.CONSISTENCY="'risk'"] \
     [--gin.CONFIDENCE="'state'"] [--gin.TAU=4.0]

@@ -1,12 +1,12 @@
 r"""Batch decoding with early exit, of a SeqIO task or of your own file.
 
   python -m calm_jax.decode --gin_file=gin/runs/decode.gin \
-    --gin.CHECKPOINT_PATH="'runs/demo/model'" \
+    --gin.MODEL_DIR="'runs/demo/model'" \
     --gin.MIXTURE_OR_TASK_NAME="'synth_mix'" \
     [--gin.CONFIDENCE="'softmax'"] [--gin.THRESHOLD=0.9]
 
   python -m calm_jax.decode --gin_file=gin/runs/decode.gin \
-    --gin.CHECKPOINT_PATH="'runs/demo/model'" --gin.INPUT_FILE="'in.jsonl'"
+    --gin.MODEL_DIR="'runs/demo/model'" --gin.INPUT_FILE="'in.jsonl'"
 
 Without THRESHOLD, the calibration record certified for the task and this
 very model sets it (else full depth). Input files: JSONL (fields

@@ -27,7 +27,7 @@ import seqio
 import tensorflow as tf
 
 from calm_jax.data import task_info
-from calm_jax.evaluation import metrics
+from calm_jax.scoring import metrics
 from calm_jax.tasks import data_settings
 
 T5_EXTRA_IDS = 100

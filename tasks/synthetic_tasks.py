@@ -11,7 +11,7 @@ import seqio
 import tensorflow as tf
 
 from calm_jax.data import task_info
-from calm_jax.evaluation import metrics
+from calm_jax.scoring import metrics
 from calm_jax.tasks import synthetic
 
 VOCAB_PATH = pathlib.Path(__file__).parent / 'vocab' / 'calm_synth.model'

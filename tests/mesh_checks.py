@@ -16,6 +16,7 @@ from calm_jax.evaluation import engine
 from calm_jax.model import models
 from calm_jax.model import network
 from calm_jax.parallel import partitioning
+from calm_jax.model import model_files
 from calm_jax.storage import checkpoints
 from calm_jax.training import optim
 from calm_jax.training import trainer
@@ -101,13 +102,13 @@ def training_checks(one_device):
 
 def restore_checks(dirs, one_device):
   """The (4, 2) run's checkpoint onto (8, 1) and onto one device."""
-  saved, _ = checkpoints.load_params(dirs[(4, 2)], CONFIG)
+  saved, _ = model_files.load_params(dirs[(4, 2)], CONFIG)
   out = {}
   model = models.CalmModel(CONFIG)
   for name, mesh in (('(8, 1)', partitioning.make_mesh((8, 1))),
                      ('one device', one_device)):
     shardings = partitioning.param_shardings(model.param_axes(), mesh)
-    params, step = checkpoints.load_params(dirs[(4, 2)], CONFIG,
+    params, step = model_files.load_params(dirs[(4, 2)], CONFIG,
                                            shardings=shardings)
     # The whole train state too, as a resumed run restores it.
     objective = trainer.model_objective(model)

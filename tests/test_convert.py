@@ -14,10 +14,11 @@ transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top,g-multiple-import
 
 import entry_points  # tests/entry_points.py
-from calm_jax.jobs import convert
+from calm_jax.jobs import convert as convert_job
+from calm_jax.model import hf_t5
 from calm_jax.model import models
 from calm_jax.model import network
-from calm_jax.storage import checkpoints
+from calm_jax.model import model_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = os.path.join(REPO, 'tasks', 'vocab', 'calm_synth.model')
@@ -37,7 +38,7 @@ def _save_hf(path: str, *, tied: bool, seed: int = 0):
     model.lm_head.weight = torch.nn.Parameter(
         torch.randn(DIMS['vocab_size'], DIMS['d_model']))
   model.save_pretrained(path, safe_serialization=True)
-  shutil.copyfile(VOCAB, os.path.join(path, convert.HF_VOCAB))
+  shutil.copyfile(VOCAB, os.path.join(path, hf_t5.HF_VOCAB))
   return model
 
 
@@ -46,8 +47,8 @@ def untied(tmp_path_factory):
   root = tmp_path_factory.mktemp('hf')
   hf_dir, model_dir = str(root / 'hf'), str(root / 'model')
   hf_model = _save_hf(hf_dir, tied=False)
-  config = convert.import_hf(hf_dir, model_dir)
-  params, _ = checkpoints.load_params(model_dir, config)
+  config = hf_t5.import_hf(hf_dir, model_dir)
+  params, _ = model_files.load_params(model_dir, config)
   return hf_dir, model_dir, hf_model, models.CalmModel(config), params
 
 
@@ -111,17 +112,17 @@ def test_tied_checkpoint_folds_the_output_scale(tmp_path):
   hf_model = _save_hf(str(tmp_path / 'hf'), tied=True, seed=1)
   with open(tmp_path / 'hf' / 'config.json') as f:
     assert json.load(f)['scale_decoder_outputs'] is True
-  config = convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'model'))
-  params, _ = checkpoints.load_params(str(tmp_path / 'model'), config)
+  config = hf_t5.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'model'))
+  params, _ = model_files.load_params(str(tmp_path / 'model'), config)
   _check_equal_to_hf(hf_model, models.CalmModel(config), params)
 
 
 def test_export_round_trips_every_tensor(untied, tmp_path):
   hf_dir, model_dir, hf_model, _, _ = untied
   out = str(tmp_path / 'exported')
-  convert.convert(model_dir=model_dir, to_hf=out)
-  original = load_file(os.path.join(hf_dir, convert.SAFETENSORS))
-  exported = load_file(os.path.join(out, convert.SAFETENSORS))
+  convert_job.convert(model_dir=model_dir, to_hf=out)
+  original = load_file(os.path.join(hf_dir, hf_t5.SAFETENSORS))
+  exported = load_file(os.path.join(out, hf_t5.SAFETENSORS))
   assert sorted(exported) == sorted(original)
   for name, value in original.items():
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
@@ -134,12 +135,12 @@ def test_export_round_trips_every_tensor(untied, tmp_path):
 
 
 def _tensors(hf_dir):
-  return load_file(os.path.join(hf_dir, convert.SAFETENSORS))
+  return load_file(os.path.join(hf_dir, hf_t5.SAFETENSORS))
 
 
 def _config(hf_dir):
   with open(os.path.join(hf_dir, 'config.json')) as f:
-    return convert.config_from_hf(json.load(f))[0]
+    return hf_t5.config_from_hf(json.load(f))[0]
 
 
 def test_missing_extra_and_misshapen_tensors_are_named(untied):
@@ -148,20 +149,20 @@ def test_missing_extra_and_misshapen_tensors_are_named(untied):
   name = 'decoder.block.2.layer.1.EncDecAttention.k.weight'
   tensors = _tensors(hf_dir)
   del tensors[name]
-  with pytest.raises(convert.ConversionError, match=f'missing tensor {name}'):
-    convert.hf_to_params(tensors, config)
+  with pytest.raises(hf_t5.ConversionError, match=f'missing tensor {name}'):
+    hf_t5.hf_to_params(tensors, config)
   tensors = _tensors(hf_dir)
   tensors['decoder.block.3.layer.0.SelfAttention.q.weight'] = tensors[
       'decoder.block.0.layer.0.SelfAttention.q.weight']
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(hf_t5.ConversionError,
                      match='unexpected tensor decoder.block.3.layer.0'):
-    convert.hf_to_params(tensors, config)
+    hf_t5.hf_to_params(tensors, config)
   tensors = _tensors(hf_dir)
   name = 'encoder.block.1.layer.1.DenseReluDense.wi_1.weight'
   tensors[name] = tensors[name][:80]
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(hf_t5.ConversionError,
                      match=rf'tensor {name} has shape \(80, 64\)'):
-    convert.hf_to_params(tensors, config)
+    hf_t5.hf_to_params(tensors, config)
 
 
 def test_cli_error_is_one_line_and_writes_nothing(untied, tmp_path):
@@ -170,7 +171,7 @@ def test_cli_error_is_one_line_and_writes_nothing(untied, tmp_path):
   shutil.copytree(hf_dir, broken)
   tensors = _tensors(hf_dir)
   del tensors['encoder.final_layer_norm.weight']
-  save_file(tensors, str(broken / convert.SAFETENSORS))
+  save_file(tensors, str(broken / hf_t5.SAFETENSORS))
   target = tmp_path / 'model'
   result = entry_points.run_module('calm_jax.convert',
                                    f"--gin.FROM_HF='{broken}'",
@@ -199,9 +200,9 @@ def test_finetune_from_hf_gin_trains_the_imported_model(untied, tmp_path):
   finally:
     gin.clear_config()
   assert int(state.step) == 2
-  config, _ = checkpoints.read_model_config(tuned_dir)
+  config, _ = model_files.read_model_config(tuned_dir)
   assert config == model.config
-  tuned, _ = checkpoints.load_params(tuned_dir, config)
+  tuned, _ = model_files.load_params(tuned_dir, config)
   # Two Adafactor steps at 1e-3 from the imported weights, not a new init.
   change = max(float(np.max(np.abs(a - b))) for a, b in zip(
       jax.tree.leaves(tuned), jax.tree.leaves(params)))
@@ -213,9 +214,9 @@ def test_bfloat16_checkpoint_imports_as_float32(untied, tmp_path):
   model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir)
   model.to(torch.bfloat16).save_pretrained(str(tmp_path / 'bf16'),
                                            safe_serialization=True)
-  shutil.copyfile(VOCAB, tmp_path / 'bf16' / convert.HF_VOCAB)
-  config = convert.import_hf(str(tmp_path / 'bf16'), str(tmp_path / 'm'))
-  params, _ = checkpoints.load_params(str(tmp_path / 'm'), config)
+  shutil.copyfile(VOCAB, tmp_path / 'bf16' / hf_t5.HF_VOCAB)
+  config = hf_t5.import_hf(str(tmp_path / 'bf16'), str(tmp_path / 'm'))
+  params, _ = model_files.load_params(str(tmp_path / 'm'), config)
   shared = model.shared.weight.float().detach().numpy()
   embedding = np.asarray(params['token_embedder']['embedding'])
   assert embedding.dtype == np.float32
@@ -225,11 +226,11 @@ def test_bfloat16_checkpoint_imports_as_float32(untied, tmp_path):
 def test_bf16_import_runs_bf16_activations_close_to_transformers(untied,
                                                                tmp_path):
   hf_dir, _, hf_model, _, _ = untied
-  config = convert.import_hf(hf_dir, str(tmp_path / 'm'), dtype='bfloat16')
+  config = hf_t5.import_hf(hf_dir, str(tmp_path / 'm'), dtype='bfloat16')
   assert config.dtype == 'bfloat16'
-  stored, _ = checkpoints.read_model_config(str(tmp_path / 'm'))
+  stored, _ = model_files.read_model_config(str(tmp_path / 'm'))
   assert stored.dtype == 'bfloat16'
-  params, _ = checkpoints.load_params(str(tmp_path / 'm'), config)
+  params, _ = model_files.load_params(str(tmp_path / 'm'), config)
   encoder, decoder = _inputs()
   _, hf_logits = _hf_forward(hf_model, encoder, decoder)
   logits = models.CalmModel(config).all_layer_logits(
@@ -244,8 +245,8 @@ def test_bf16_import_runs_bf16_activations_close_to_transformers(untied,
 
 
 def test_relu_t5_is_refused():
-  with pytest.raises(convert.ConversionError, match='gated-gelu'):
-    convert.config_from_hf({**DIMS, 'feed_forward_proj': 'relu'})
+  with pytest.raises(hf_t5.ConversionError, match='gated-gelu'):
+    hf_t5.config_from_hf({**DIMS, 'feed_forward_proj': 'relu'})
 
 
 def _convert(source, target):
@@ -265,8 +266,8 @@ def _broken_copy(hf_dir, tmp_path, name='broken'):
     (lambda d: (d / 'config.json').write_text('{"d_model": 64}'),
      'config.json lacks integer vocab_size, num_heads, d_kv, d_ff, '
      'num_layers: not a T5 config'),
-    (lambda d: (d / convert.SAFETENSORS).write_bytes(
-        (d / convert.SAFETENSORS).read_bytes()[:5000]),
+    (lambda d: (d / hf_t5.SAFETENSORS).write_bytes(
+        (d / hf_t5.SAFETENSORS).read_bytes()[:5000]),
      'cannot read the weights file {dir}/model.safetensors'),
     (lambda d: shutil.rmtree(d), 'no Hugging Face checkpoint at {dir}'),
 ])
@@ -289,7 +290,7 @@ def test_a_transposed_tensor_names_the_shape_it_needs(untied):
   tensors = _tensors(hf_dir)
   name = 'decoder.block.0.layer.2.DenseReluDense.wo.weight'  # [64, 96]
   tensors[name] = tensors[name].T
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(hf_t5.ConversionError,
                      match=rf'tensor {name} has shape \(96, 64\); a T5 1.1 '
                      r'of these dims holds \(64, 96\) there'):
-    convert.hf_to_params(tensors, _config(hf_dir))
+    hf_t5.hf_to_params(tensors, _config(hf_dir))

@@ -183,10 +183,10 @@ def test_bf16_training_writes_a_bf16_model_dir(tmp_path):
                 "--gin.calm_jax.T5Config.dtype='bfloat16'",
                 '--gin.calm_jax.LogSettings.progress=False')
   assert result.returncode == 0, result.stderr[-2000:]
-  from calm_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
-  config, _ = checkpoints.read_model_config(str(path))
+  from calm_jax.model import model_files  # pylint: disable=g-import-not-at-top
+  config, _ = model_files.read_model_config(str(path))
   assert config.dtype == 'bfloat16'
-  params, step = checkpoints.load_params(str(path), config)
+  params, step = model_files.load_params(str(path), config)
   leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(params)]
   assert step == 2
   assert all(x.dtype == np.float32 and np.all(np.isfinite(x))

@@ -13,6 +13,7 @@ from calm_jax import arguments
 from calm_jax.jobs import settings
 from calm_jax.jobs import train
 from calm_jax.model import network
+from calm_jax.model import model_files
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
 from calm_jax.training import trainer
@@ -161,7 +162,7 @@ def test_corrupt_json_names_the_file_and_the_fix(tmp_path):
   (tmp_path / 'model.json').write_text('{"config": {"vocab')
   with pytest.raises(checkpoints.CheckpointError,
                      match=f'{tmp_path}/model.json is not valid JSON'):
-    checkpoints.read_model_config(str(tmp_path))
+    model_files.read_model_config(str(tmp_path))
   (tmp_path / 'record.json').write_text('{"threshold": 0.')
   with pytest.raises(files.FileError, match='record.json is not valid JSON'):
     files.read_json(str(tmp_path / 'record.json'), what='calibration record')
@@ -179,7 +180,7 @@ def test_a_model_json_with_bad_fields_is_one_named_error(tmp_path, meta,
   (tmp_path / 'model.json').write_text(json.dumps(meta))
   with pytest.raises(checkpoints.CheckpointError,
                      match=f'{tmp_path}/model.json.*{message}'):
-    checkpoints.read_model_config(str(tmp_path))
+    model_files.read_model_config(str(tmp_path))
 
 
 TINY = network.T5Config(vocab_size=1024, emb_dim=32, num_heads=2, head_dim=16,

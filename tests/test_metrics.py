@@ -7,7 +7,7 @@ after np.random.seed(0)).
 import numpy as np
 import pytest
 
-from calm_jax.evaluation import metrics
+from calm_jax.scoring import metrics
 
 
 def test_squad_normalisation_and_f1():

@@ -16,7 +16,7 @@ from calm_jax.jobs import calibrate
 from calm_jax.jobs import decode
 from calm_jax.jobs import environment
 from calm_jax.jobs import train
-from calm_jax.storage import checkpoints
+from calm_jax.model import model_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = 'cnn_dailymail_v3'
@@ -74,8 +74,8 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
 
   # Fine-tuning started from the initial model (seed 1), not from a fresh
   # init (seed 0): two small Adafactor steps stay close to the former.
-  init_params, _ = checkpoints.load_params(init_dir, config)
-  tuned, step = checkpoints.load_params(model_dir, config)
+  init_params, _ = model_files.load_params(init_dir, config)
+  tuned, step = model_files.load_params(model_dir, config)
   fresh = train.models.CalmModel(config).init_params(
       jax.random.PRNGKey(0))['params']
   assert step == 2

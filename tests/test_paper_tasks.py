@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 import entry_points  # tests/entry_points.py
 
 from calm_jax.data import pipeline
-from calm_jax.evaluation import metrics
+from calm_jax.scoring import metrics
 from calm_jax.tasks import data_settings
 from calm_jax.tasks import paper_tasks
 

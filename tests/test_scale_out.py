@@ -201,7 +201,7 @@ def _records(path: pathlib.Path) -> list:
 
 @pytest.mark.slow  # about 90 s: four jobs, each importing TF and compiling
 def test_two_processes_train_and_decode_like_one(tmp_path):
-  from calm_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
+  from calm_jax.model import model_files  # pylint: disable=g-import-not-at-top
   for processes in (1, 2):
     model_dir = tmp_path / f'model_{processes}'
     run_job('calm_jax.train', [*TRAIN, f"--gin.MODEL_DIR='{model_dir}'"],
@@ -211,9 +211,9 @@ def test_two_processes_train_and_decode_like_one(tmp_path):
         '--gin.THRESHOLD=0.02',
         f"--gin.OUTPUT_DIR='{tmp_path / f'decode_{processes}'}'"
     ], processes)
-  config, _ = checkpoints.read_model_config(str(tmp_path / 'model_1'))
-  one, step = checkpoints.load_params(str(tmp_path / 'model_1'), config)
-  two, step_two = checkpoints.load_params(str(tmp_path / 'model_2'), config)
+  config, _ = model_files.read_model_config(str(tmp_path / 'model_1'))
+  one, step = model_files.load_params(str(tmp_path / 'model_1'), config)
+  two, step_two = model_files.load_params(str(tmp_path / 'model_2'), config)
   assert step == step_two == 3
   difference = max(float(np.max(np.abs(a - b))) for a, b in zip(
       jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)))

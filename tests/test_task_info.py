@@ -8,14 +8,14 @@ import pytest
 
 import entry_points  # tests/entry_points.py
 from calm_jax.data import task_info
-from calm_jax.evaluation import metrics
+from calm_jax.scoring import metrics
 
 # A user module: a SeqIO task over in-memory examples, scored with the QA
 # metric, and no call into calm_jax at all.
 USER_MODULE = '''
 import seqio
 import tensorflow as tf
-from calm_jax.evaluation import metrics
+from calm_jax.scoring import metrics
 from calm_jax.tasks import synthetic, synthetic_tasks
 
 def _examples(split, shuffle_files, seed=None):

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from scipy import stats
 
-from calm_jax.evaluation import metrics
+from calm_jax.scoring import metrics
 
 CONSISTENCIES = ('textual', 'risk')
 

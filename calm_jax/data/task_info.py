@@ -20,7 +20,7 @@ import dataclasses
 from typing import Callable, Mapping, Optional, Sequence
 
 from calm_jax import errors
-from calm_jax.evaluation import metrics
+from calm_jax.scoring import metrics
 from calm_jax.tasks import data_settings
 
 MetricFn = Callable[..., Mapping[str, float]]

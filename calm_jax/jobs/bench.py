@@ -35,7 +35,7 @@ from calm_jax.evaluation import engine
 from calm_jax.evaluation import timing
 from calm_jax.model import models
 from calm_jax.model import network
-from calm_jax.storage import checkpoints
+from calm_jax.model import model_files
 from calm_jax.storage import files
 from calm_jax.tasks import synthetic
 
@@ -181,7 +181,7 @@ def paper_small_model(max_batch: int, length: int) -> BenchModel:
 def demo_exit_distribution(threshold: float = 0.9, examples: int = 48
                            ) -> tuple[tuple, str]:
   """Exit-layer distribution of the demo model (softmax at `threshold`)."""
-  if not os.path.exists(os.path.join(DEMO_DIR, checkpoints.MODEL_JSON)):
+  if not os.path.exists(os.path.join(DEMO_DIR, model_files.MODEL_JSON)):
     return FALLBACK_MIX, 'fallback (no demo model)'
   lm = api.CalmLM(DEMO_DIR)
   texts = [synthetic.generate(task, 'validation', i)['inputs']
@@ -194,7 +194,7 @@ def demo_exit_distribution(threshold: float = 0.9, examples: int = 48
 
 
 def demo_model(max_batch: int, length: int) -> Optional[BenchModel]:
-  if not os.path.exists(os.path.join(DEMO_DIR, checkpoints.MODEL_JSON)):
+  if not os.path.exists(os.path.join(DEMO_DIR, model_files.MODEL_JSON)):
     return None
   lm = api.CalmLM(DEMO_DIR)
   texts = [synthetic.generate('summarize', 'validation', i)['inputs']
@@ -382,7 +382,7 @@ def bench(*, output: str = 'runs/bench/bench.json',
                            lambda c: print(format_row(c), flush=True),
                            compare_buckets=compare_buckets)
   if agreement and os.path.exists(os.path.join(DEMO_DIR,
-                                               checkpoints.MODEL_JSON)):
+                                               model_files.MODEL_JSON)):
     results['dtype_agreement'] = dtype_agreement()
     console.info(f'bfloat16 vs float32 greedy tokens: '
                  f'{results["dtype_agreement"]}')

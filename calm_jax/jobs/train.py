@@ -22,6 +22,7 @@ from calm_jax.model import models
 from calm_jax.model import network
 from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
+from calm_jax.model import model_files
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
 from calm_jax.training import optim
@@ -128,7 +129,7 @@ def initial_params_config(initial_checkpoint_path: str,
                           ) -> network.T5Config:
   """The config to fine-tune with: the initial model's, with the requested
   dropout; other differences (dims, exits) are errors."""
-  initial, _ = checkpoints.read_model_config(initial_checkpoint_path)
+  initial, _ = model_files.read_model_config(initial_checkpoint_path)
   if model_config is None:
     return initial
   if dataclasses.replace(initial, dropout_rate=model_config.dropout_rate
@@ -151,12 +152,12 @@ def _model_stage(model_dir, task, model_config,
   if model_config is None:
     raise errors.ConfigError('stage "model" needs a model config: add a '
                      'gin/models/*.gin file')
-  checkpoints.check_compatible(model_dir, model_config)
+  model_files.check_compatible(model_dir, model_config)
   pipeline.check_ready(task, 'train')  # before anything is written
   pipeline.check_vocab_fits(task, model_config.vocab_size)
   if multihost.is_primary():
     files.makedirs(model_dir)
-    checkpoints.write_model_files(model_dir, model_config,
+    model_files.write_model_files(model_dir, model_config,
                                   pipeline.vocabulary_path(task),
                                   gin.operative_config_str(),
                                   pipeline.max_feature_lengths(task))
@@ -167,7 +168,7 @@ def _model_stage(model_dir, task, model_config,
     return objective
   # Used only when model_dir holds no checkpoint yet: a resumed fine-tune
   # restores its own latest step instead.
-  load = lambda shardings: checkpoints.load_params(
+  load = lambda shardings: model_files.load_params(
       initial_checkpoint_path, model_config, shardings=shardings)[0]
   return dataclasses.replace(objective, load=load)
 
@@ -175,9 +176,9 @@ def _model_stage(model_dir, task, model_config,
 def _classifier_stage(model_dir, mesh):
   """The stage-2 objective over the latest backbone in `model_dir`, placed
   on the mesh like a stage-1 run's parameters."""
-  config, _ = checkpoints.read_model_config(model_dir)
+  config, _ = model_files.read_model_config(model_dir)
   model = models.CalmModel(config)
-  backbone, step = checkpoints.load_params(
+  backbone, step = model_files.load_params(
       model_dir, config,
       shardings=partitioning.param_shardings(model.param_axes(), mesh))
   print(f'training the exit classifier on the frozen model of step {step}')

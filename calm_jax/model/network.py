@@ -5,7 +5,7 @@ layer; an exit's logits are `logits_dense(decoder_norm(h_i))`, the same final
 norm and untied head as the top layer, so exits add no parameters.
 
 Decoding uses the per-layer methods of `Decoder` (`layer_kv`, `layer_step`,
-`step_bias`, `logits`): the early-exit loop in `decoding.py` computes each
+`step_bias`, `logits`): the early-exit loop in `decoding/loops.py` computes each
 layer's keys/values for the current position outside any branch, writes them
 to its cache, and runs the rest of the layer only for rows that still need it.
 
@@ -250,7 +250,7 @@ class Decoder(nn.Module):
       hidden.append(x)
     return jnp.stack(hidden)
 
-  # --- Decode-time pieces, one position at a time (see decoding.py). ---
+  # --- Decode-time pieces, one position at a time (see decoding/loops.py). ---
 
   def embed(self, tokens: Array) -> Array:
     """[b] previous tokens -> [b, 1, e] input of the first layer."""

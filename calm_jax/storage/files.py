@@ -17,6 +17,7 @@ or remote (`gs://...`) for every file, not only for checkpoints.
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Any, Callable, Iterable, Union
 
@@ -156,6 +157,48 @@ def move(source: PathLike, target: PathLike) -> str:
   else:
     as_path(source).rename(as_path(target))
   return os.fspath(target)
+
+
+def new_directory(path: PathLike, fill: Callable[[str], None],
+                  what: str = 'directory') -> str:
+  """Creates the directory `path` whole: `fill(staging dir)` writes its
+  files, then the staging dir becomes `path`.
+
+  Locally the staging dir is a hidden sibling of `path`, renamed into place
+  at the end (atomic on POSIX); if `fill` fails it is removed and `path`
+  never appears. On an object store (no rename) the staged files are
+  uploaded after `fill` succeeds. An existing `path` is a FileError.
+  """
+  target = os.fspath(path)
+  if exists(target):
+    raise FileError(f'{what} {target} exists; choose a new directory')
+  local = is_local(target)
+  parent = (os.path.dirname(os.path.abspath(target)) if local
+            else tempfile.gettempdir())
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=parent,
+                             prefix=f'.{os.path.basename(target)}.')
+  try:
+    fill(staging)
+    if local:
+      _fsync_directory(staging)
+      os.rename(staging, target)  # fails, rather than merges, if it appeared
+      _fsync_directory(parent)
+    else:
+      _upload_tree(staging, target)
+  finally:
+    if os.path.exists(staging):
+      shutil.rmtree(staging)
+  return target
+
+
+def _upload_tree(local_dir: str, target: str) -> None:
+  for root, _, names in os.walk(local_dir):
+    for name in names:
+      source = os.path.join(root, name)
+      destination = as_path(target) / os.path.relpath(source, local_dir)
+      makedirs(destination.parent)
+      as_path(source).copy(destination)
 
 
 def local_copy(path: PathLike) -> str:
