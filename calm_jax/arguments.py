@@ -1,19 +1,34 @@
-"""One validation of the user's decoding and calibration arguments.
+"""The one validation of every setting a user gives (no JAX, no TensorFlow).
 
-Decode, calibrate and the Python API check every argument here before any
-work or any write: a wrong type or a value out of range is an `InputError`
-naming the argument and its valid range, which the entry points print as
-one line (exit 2). No JAX, no TensorFlow.
+Each setting has one rule, in `RULES`, and every caller checks through
+`check(name=value, ...)`: the command line's settings groups
+(`jobs.settings`), the jobs' own arguments, the Python API and the library
+objects that hold settings (`ExitConfig`, the model configs). A wrong type,
+a non-finite number, a value out of range or an unknown name is an
+`errors.SettingError` naming the setting and what is valid, which the
+commands print as one line (exit 2).
+
+The valid names of the settings that choose among alternatives (confidence
+measures, propagations, consistencies, dtypes) are defined here once; the
+modules that implement them import these tuples.
 """
+import dataclasses
 import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
 from calm_jax import errors
 
-
-class InputError(errors.UserError, ValueError):
-  """A user argument of the wrong type or out of range."""
+# The vocabularies of the choice settings.
+CONFIDENCE_MEASURES = ('softmax', 'softmax_max', 'state', 'classifier')
+ORACLE = 'oracle'  # decode at the consistency oracle's exits (analysis)
+PROPAGATIONS = ('hidden', 'kv_copy', 'none')
+CONSISTENCIES = ('textual', 'risk')
+DTYPES = ('float32', 'bfloat16')
+LOSS_WEIGHTINGS = ('linear', 'uniform', 'geometric')
 
 
 def _is_int(value: Any) -> bool:
@@ -28,10 +43,10 @@ def integer(name: str, value: Any, low: int,
             high: Optional[int] = None) -> int:
   """`value` as an int in [low, high] (high None: no upper bound)."""
   if not _is_int(value):
-    raise InputError(f'{name} must be an integer, got {value!r}')
+    raise errors.SettingError(f'{name} must be an integer, got {value!r}')
   if value < low or (high is not None and value > high):
     bound = f'[{low}, {high}]' if high is not None else f'>= {low}'
-    raise InputError(f'{name}={value} is out of range: valid {bound}')
+    raise errors.SettingError(f'{name}={value} is out of range: valid {bound}')
   return int(value)
 
 
@@ -39,52 +54,115 @@ def real(name: str, value: Any, low: float, high: float = math.inf, *,
          open_low: bool = False, open_high: bool = False) -> float:
   """`value` as a finite float in the interval (ends open or closed)."""
   if not _is_real(value) or not math.isfinite(value):
-    raise InputError(f'{name} must be a finite number, got {value!r}')
+    raise errors.SettingError(f'{name} must be a finite number, got '
+                              f'{value!r}')
   too_low = value <= low if open_low else value < low
   too_high = value >= high if open_high else value > high
   if too_low or too_high:
     left = '(' if open_low else '['
     right = ')' if open_high or high == math.inf else ']'
-    raise InputError(f'{name}={value} is out of range: valid '
-                     f'{left}{low:g}, {high:g}{right}')
+    raise errors.SettingError(f'{name}={value} is out of range: valid '
+                              f'{left}{low:g}, {high:g}{right}')
   return float(value)
 
 
-def optional(check, name: str, value: Any, *args, **kwargs):
-  return None if value is None else check(name, value, *args, **kwargs)
+def choice(name: str, value: Any, valid: Sequence[str]) -> str:
+  if value not in valid:
+    raise errors.SettingError(f'unknown {name} {value!r}; valid: '
+                              f'{", ".join(valid)}')
+  return value
 
 
 def texts(value: Any) -> list[str]:
   """A list of input strings (a lone string is refused, not split)."""
   if isinstance(value, (str, bytes)):
-    raise InputError('texts must be a list of strings; for one text pass '
-                     '[text]')
+    raise errors.SettingError('texts must be a list of strings; for one '
+                              'text pass [text]')
   if not isinstance(value, Sequence) or not all(isinstance(t, str)
                                                 for t in value):
-    raise InputError('texts must be a list of strings')
+    raise errors.SettingError('texts must be a list of strings')
   return list(value)
 
 
-def decoding(*, num_layers: int, threshold: Any = None, batch_size: Any = 1,
-             min_exit: Any = 1, tau: Any = None, temperature: Any = 0.0,
-             top_k: Any = 0, top_p: Any = 1.0,
-             max_length: Any = None) -> None:
-  """Checks the settings every decode takes (thresholds above 1 are valid:
-  they disable exits)."""
-  optional(real, 'threshold', threshold, 0.0)
-  integer('batch_size', batch_size, 1)
-  integer('min_exit', min_exit, 1, num_layers)
-  optional(real, 'tau', tau, 0.0, open_low=True)
-  real('temperature', temperature, 0.0)
-  integer('top_k', top_k, 0)
-  real('top_p', top_p, 0.0, 1.0, open_low=True)
-  optional(integer, 'max_length', max_length, 1)
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """How one setting is checked: `test(name, value, context)`; None is
+  valid when `optional`."""
+  test: Callable[[str, Any, dict], Any]
+  optional: bool = False
 
 
-def calibration(*, deltas: Sequence[Any], epsilon: Any, grid_step: Any,
-                num_examples: Any) -> None:
-  for delta in deltas:
-    real('delta', delta, 0.0, 1.0, open_low=True, open_high=True)
-  real('epsilon', epsilon, 0.0, 1.0, open_low=True, open_high=True)
-  real('grid_step', grid_step, 0.0, 1.0, open_low=True)
-  optional(integer, 'num_examples', num_examples, 1)
+def _int(low: int, high_key: Optional[str] = None, optional=False) -> Rule:
+  return Rule(lambda n, v, ctx: integer(n, v, low, ctx.get(high_key)),
+              optional)
+
+
+def _real(low: float, high: float = math.inf, optional=False, **ends) -> Rule:
+  return Rule(lambda n, v, ctx: real(n, v, low, high, **ends), optional)
+
+
+def _choice(valid: Sequence[str], optional=False) -> Rule:
+  return Rule(lambda n, v, ctx: choice(n, v, valid), optional)
+
+
+def _deltas(name: str, value: Any, ctx: dict) -> None:
+  for delta in value if isinstance(value, (list, tuple)) else [value]:
+    real(name, delta, 0.0, 1.0, open_low=True, open_high=True)
+
+
+# Each setting's one rule. Context values (`num_layers`) bound some.
+RULES: dict[str, Rule] = {
+    # decoding
+    'threshold': _real(0.0, optional=True),  # above 1: exits disabled
+    'confidence': _choice((*CONFIDENCE_MEASURES, ORACLE)),
+    'propagation': _choice(PROPAGATIONS),
+    'min_exit': _int(1, 'num_layers'),
+    'first_exit': _int(1, 'num_layers'),
+    'exit_interval': _int(1),
+    'tau': _real(0.0, optional=True, open_low=True),
+    'temperature': _real(0.0),
+    'top_k': _int(0),
+    'top_p': _real(0.0, 1.0, open_low=True),
+    'seed': _int(0),
+    'batch_size': _int(1),
+    'max_length': _int(1, optional=True),
+    'max_input_length': _int(2),
+    'num_examples': _int(1, optional=True),
+    'input_length': _int(2, optional=True),
+    'target_length': _int(1, optional=True),
+    'exit_map_examples': _int(0),
+    'dtype': _choice(DTYPES, optional=True),
+    # calibration
+    'delta': Rule(_deltas),
+    'epsilon': _real(0.0, 1.0, open_low=True, open_high=True),
+    'grid_step': _real(0.0, 1.0, open_low=True),
+    'consistency': _choice(CONSISTENCIES),
+    # training
+    'learning_rate': _real(0.0, open_low=True),
+    'warmup_steps': _int(0),
+    'weight_decay': _real(0.0),
+    'num_train_steps': _int(1),
+    'max_bad_steps': _int(0),
+    'weighting': _choice(LOSS_WEIGHTINGS),  # of the per-exit losses
+    'z_loss': _real(0.0),
+    'period': _int(1),
+    'keep': _int(1, optional=True),
+    'log_every': _int(1),
+    'eval_every': _int(0),
+    'eval_batches': _int(1),
+    # benchmarks
+    'repeats': _int(1),
+}
+
+
+def check(*, num_layers: Optional[int] = None, prefix: str = '',
+          **settings: Any) -> None:
+  """Checks each setting by its rule; `num_layers` bounds the exit layers,
+  `prefix` names the group in messages ('LogSettings.'). A name without a
+  rule is a bug (KeyError), not a user error."""
+  context = {'num_layers': num_layers}
+  for name, value in settings.items():
+    rule = RULES[name]
+    if value is None and rule.optional:
+      continue
+    rule.test(prefix + name, value, context)

@@ -23,17 +23,20 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
+from typing import Iterable
+from typing import Optional
+from typing import Sequence
 
 # Before anything can import TensorFlow: its C++ start-up lines (CUDA probes
 # on a machine without a GPU) are noise for every job here.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
-import gin  # pylint: disable=g-import-not-at-top
 
 from calm_jax import console  # pylint: disable=g-import-not-at-top
 from calm_jax import errors  # pylint: disable=g-import-not-at-top
+import gin  # pylint: disable=g-import-not-at-top
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent
 # Every job is configured with gin; all are registered before a config is

@@ -12,7 +12,10 @@ import os
 import sys
 import tempfile
 import time
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Iterable
+from typing import Iterator
+from typing import Optional
+from typing import TypeVar
 
 import tqdm
 

@@ -14,7 +14,8 @@ otherwise sit in retries.
 """
 import os
 import socket
-from typing import Mapping, Optional
+from typing import Mapping
+from typing import Optional
 
 from calm_jax import errors
 

@@ -21,7 +21,8 @@ SentencePiece model (32,000 pieces + 100 extra ids), resolved when first
 used; see tasks/data_settings.py for overriding it.
 """
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
+from typing import Optional
 
 import seqio
 import tensorflow as tf

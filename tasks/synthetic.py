@@ -37,7 +37,8 @@ in two splits.
 """
 import hashlib
 import random
-from typing import Callable, Iterator
+from typing import Callable
+from typing import Iterator
 
 SPLITS = {'train': 2_000_000, 'validation': 1000, 'test': 1000}
 # Every input hashes into one of 100 buckets and each split owns some of

@@ -16,10 +16,9 @@ import subprocess
 import sys
 import traceback
 
-import gin
-
 from calm_jax import cli
 from calm_jax.tasks import data_settings
+import gin
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

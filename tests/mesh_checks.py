@@ -4,6 +4,7 @@ Run by tests/test_scale_out.py in a subprocess (the device count is fixed
 when JAX starts): XLA_FLAGS=--xla_force_host_platform_device_count=8.
 Prints one JSON line of measurements; the tests assert on them.
 """
+import dataclasses
 import json
 import sys
 import tempfile
@@ -12,11 +13,13 @@ import jax
 import numpy as np
 
 from calm_jax.decoding import loops
-from calm_jax.evaluation import engine
+from calm_jax.inference import decoder as decoder_lib
+from calm_jax.inference import loaded as loaded_lib
+from calm_jax.inference import modes
+from calm_jax.model import model_files
 from calm_jax.model import models
 from calm_jax.model import network
 from calm_jax.parallel import partitioning
-from calm_jax.model import model_files
 from calm_jax.storage import checkpoints
 from calm_jax.training import optim
 from calm_jax.training import trainer
@@ -154,26 +157,23 @@ def decode_checks(params):
   tokens[3, 6:] = 0  # a padded row
   tokens = tokens.astype(np.int32)
   params = jax.device_get(params)
-  program = ('early', exit_config)  # the engine's program key
-  single = engine.decode_fn(model, program, 10)
-  forced = np.zeros((16, 1), np.int32)  # unused by the early-exit program
+  single = decoder_lib.Decoder(loaded_lib.in_memory(model, params))
+  decode = lambda decoder, threshold: decoder.decode(
+      modes.EarlyExit(exit_config, threshold), tokens, max_length=10)
   # Every token exits at layer 1 at threshold 0; the median of those
   # confidences as the threshold spreads the exits over the layers.
-  eager = jax.device_get(single(params, None, tokens, np.float32(0.0),
-                                jax.random.PRNGKey(0), forced))
+  eager = decode(single, 0.0)
   threshold = float(np.quantile(eager.confidences[eager.exit_layers > 0],
                                 0.5))
-  reference = jax.device_get(single(params, None, tokens,
-                                    np.float32(threshold),
-                                    jax.random.PRNGKey(0), forced))
+  reference = decode(single, threshold)
   mesh = partitioning.make_mesh((4, 2))
-  sharded = engine.decode_fn(model, program, 10, mesh)
   placed = jax.device_put(params, partitioning.param_shardings(
       model.param_axes(), mesh))
-  out = sharded(placed, None, partitioning.global_batch(tokens, mesh),
-                partitioning.replicate(np.float32(threshold), mesh),
-                partitioning.replicate(jax.random.PRNGKey(0), mesh),
-                partitioning.global_batch(forced, mesh))
+  sharded = decoder_lib.Decoder(dataclasses.replace(
+      loaded_lib.in_memory(model, placed), mesh=mesh))
+  on_mesh = sharded.runner(modes.EarlyExit(exit_config, threshold), tokens,
+                           max_length=10)(tokens)
+  out = sharded.fetch(on_mesh)
   exits = reference.exit_layers[reference.exit_layers > 0]
   return {
       'threshold': threshold,
@@ -188,7 +188,7 @@ def decode_checks(params):
           np.isnan(np.asarray(out.confidences)),
           np.isnan(reference.confidences))),
       'layer_evals': [int(reference.layer_evals), int(out.layer_evals)],
-      'tokens': spec(out.tokens),
+      'tokens': spec(on_mesh.tokens),
   }
 
 

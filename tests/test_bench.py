@@ -3,7 +3,10 @@ import jax
 import numpy as np
 import pytest
 
-from calm_jax import arguments
+from calm_jax import errors
+from calm_jax.inference import decoder as decoder_lib
+from calm_jax.inference import loaded as loaded_lib
+from calm_jax.inference import modes
 from calm_jax.jobs import bench
 from calm_jax.model import models
 from calm_jax.model import network
@@ -16,7 +19,9 @@ def _tiny_bench():
   model = models.CalmModel(cfg)
   params = model.init_params(jax.random.PRNGKey(0))['params']
   inputs = np.random.RandomState(0).randint(3, 64, (4, 6)).astype(np.int32)
-  return bench.BenchModel('tiny', model, params, inputs, 5,
+  loaded = loaded_lib.in_memory(model, params,
+                                classifier=bench.random_classifier(cfg))
+  return bench.BenchModel('tiny', decoder_lib.Decoder(loaded), inputs, 5,
                           (0.5, 0.25, 0.125, 0.125), 'test')
 
 
@@ -29,19 +34,20 @@ def test_forced_patterns():
   assert bench.forced_pattern('disabled', tiny, 1) is None
 
 
+def _static(tiny, batch):
+  return bench.loop_runner(tiny, modes.FullDepth(),
+                           bench.encoded_context(tiny, batch), batch)
+
+
 def _case(tiny, batch, measure, pattern):
   """One bench case after compiling the static decoder, as bench_model."""
-  static = bench.static_decoder(tiny)
-  context = bench.encoded_context(tiny, tiny.inputs[:batch])
-  compile_s, _ = bench.compile_seconds(
-      lambda: static(tiny.params, tiny.inputs[:batch], context))
-  return bench.run_case(tiny, batch, measure, pattern, static, compile_s,
-                        repeats=1), static
+  return bench.run_case(tiny, batch, measure, pattern, _static(tiny, batch),
+                        repeats=1)
 
 
 def test_run_case_reports_every_field():
   tiny = _tiny_bench()
-  case, static = _case(tiny, 4, 'softmax', 'exit@2')
+  case = _case(tiny, 4, 'softmax', 'exit@2')
   assert case['avg_layers'] == 2.0
   assert case['layer_ideal_speedup'] == 2.0
   assert 1.0 < case['flops_ideal_speedup'] < 2.0
@@ -53,21 +59,18 @@ def test_run_case_reports_every_field():
   ratio = case['measured_speedup'] / case['flops_ideal_speedup']
   assert abs(case['efficiency'] - ratio) <= 0.01 * ratio
   assert 0.05 < case['measured_speedup'] < 20
-  context = bench.encoded_context(tiny, tiny.inputs[:1])
-  bench.compile_seconds(lambda: static(tiny.params, tiny.inputs[:1], context))
-  disabled = bench.run_case(tiny, 1, 'state', 'disabled', static, 0.0,
-                            repeats=1)
+  disabled = _case(tiny, 1, 'state', 'disabled')
   assert disabled['avg_layers'] == 4.0
   assert disabled['flops_ideal_speedup'] < 1.0  # the checks cost something
 
 
 def test_bf16_case_and_dtype_flag(tmp_path):
   tiny = bench.with_dtype(_tiny_bench(), 'bfloat16')
-  assert tiny.model.config.dtype == 'bfloat16'
-  case, _ = _case(tiny, 2, 'softmax', 'exit@1')
+  assert tiny.config.dtype == 'bfloat16'
+  case = _case(tiny, 2, 'softmax', 'exit@1')
   assert case['dtype'] == 'bfloat16' and case['avg_layers'] == 1.0
   assert '| bfloat16 | 2 | softmax | exit@1 |' in bench.markdown_table([case])
-  with pytest.raises(arguments.InputError, match="unknown dtype 'float16'"):
+  with pytest.raises(errors.SettingError, match="unknown dtype 'float16'"):
     bench.bench(dtypes=['float16'], output=str(tmp_path / 'b.json'))
   assert not (tmp_path / 'b.json').exists()
 

@@ -3,12 +3,13 @@ import subprocess
 import sys
 import time
 
-import gin
 import pytest
 
-import entry_points  # tests/entry_points.py
 from calm_jax import cli
 from calm_jax import errors
+import gin
+
+import entry_points  # tests/entry_points.py
 
 _run = entry_points.run_module
 DECODE = ['--gin_file=gin/runs/decode.gin', "--gin.MODEL_DIR='/nonexistent'"]
@@ -109,15 +110,14 @@ def test_bugs_keep_their_traceback(monkeypatch):
 
 
 def test_user_errors_are_one_class():
-  from calm_jax import arguments  # pylint: disable=g-import-not-at-top
   from calm_jax.data import task_info  # pylint: disable=g-import-not-at-top
   from calm_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
   from calm_jax.storage import files  # pylint: disable=g-import-not-at-top
   from calm_jax.storage import provenance  # pylint: disable=g-import-not-at-top
-  for error in (arguments.InputError, task_info.DataError,
+  for error in (errors.SettingError, task_info.DataError,
                 checkpoints.CheckpointError, files.FileError,
                 provenance.ProvenanceError, cli.UsageError,
-                errors.ConfigError):
+                errors.SettingError):
     assert issubclass(error, errors.UserError), error
 
 

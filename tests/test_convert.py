@@ -11,14 +11,16 @@ import pytest
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
-from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top,g-multiple-import
+from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top,g-multiple-import
+from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top,g-multiple-import
 
-import entry_points  # tests/entry_points.py
 from calm_jax.jobs import convert as convert_job
 from calm_jax.model import hf_t5
+from calm_jax.model import model_files
 from calm_jax.model import models
 from calm_jax.model import network
-from calm_jax.model import model_files
+
+import entry_points  # tests/entry_points.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = os.path.join(REPO, 'tasks', 'vocab', 'calm_synth.model')
@@ -183,9 +185,9 @@ def test_cli_error_is_one_line_and_writes_nothing(untied, tmp_path):
 
 
 def test_finetune_from_hf_gin_trains_the_imported_model(untied, tmp_path):
-  import gin  # pylint: disable=g-import-not-at-top
   from calm_jax import cli  # pylint: disable=g-import-not-at-top
   from calm_jax.jobs import train  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
   _, imported, _, model, params = untied
   tuned_dir = str(tmp_path / 'tuned')
   gin.clear_config()

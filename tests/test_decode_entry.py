@@ -198,8 +198,8 @@ def test_bf16_calibrate_decode_and_generate(model_dir, tmp_path):
   import calm_jax  # pylint: disable=g-import-not-at-top
   from calm_jax.jobs import calibrate  # pylint: disable=g-import-not-at-top
   from calm_jax.jobs import decode  # pylint: disable=g-import-not-at-top
-  from calm_jax.tasks import synthetic  # pylint: disable=g-import-not-at-top
   from calm_jax.jobs import settings  # pylint: disable=g-import-not-at-top
+  from calm_jax.tasks import synthetic  # pylint: disable=g-import-not-at-top
   bf16 = settings.RunSettings(batch_size=4, dtype='bfloat16')
   record = calibrate.calibrate(
       model_dir=str(model_dir), mixture_or_task_name='synth_qa',

@@ -5,14 +5,22 @@ import jax
 import numpy as np
 import pytest
 
-import calm_jax
 from calm_jax.data import pipeline
 from calm_jax.evaluation import engine
+from calm_jax.inference import decoder as decoder_lib
+from calm_jax.inference import loaded as loaded_lib
+from calm_jax.inference import modes
 
 
 @pytest.fixture(scope='module')
 def lm(tiny_model_dir):
-  return calm_jax.load(str(tiny_model_dir))
+  """The loaded tiny model (one load for the module)."""
+  return loaded_lib.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope='module')
+def decoder(lm):
+  return decoder_lib.Decoder(lm)
 
 
 @pytest.fixture(scope='module')
@@ -21,9 +29,9 @@ def examples():
 
 
 def test_full_depth_is_the_static_decoder_and_early_exit_at_1_5_too(
-    lm, examples):
-  evaluator = engine.Evaluator(lm, batch_size=2, progress=False)
-  full = evaluator.decode(examples, engine.FullDepth())
+    lm, decoder, examples):
+  evaluator = engine.Evaluator(decoder, batch_size=2, progress=False)
+  full = evaluator.decode(examples, modes.FullDepth())
   assert len(full.outputs) == 5 and full.seconds > 0
   assert all(set(row) == {4} for row in full.exit_layers)
   static = np.asarray(lm.model.predict_full_depth(
@@ -35,36 +43,36 @@ def test_full_depth_is_the_static_decoder_and_early_exit_at_1_5_too(
     ids = list(row)
     expected = ids[:ids.index(1) + 1] if 1 in ids else ids
     assert output['token_ids'] == [int(i) for i in expected]
-  disabled = evaluator.decode(examples, engine.EarlyExit(
+  disabled = evaluator.decode(examples, modes.EarlyExit(
       lm.exit_config('softmax'), 1.5))
   assert disabled.predictions == full.predictions
   assert all(c is None for o in disabled.outputs for c in o['confidences'])
-  oracle = evaluator.decode(examples, engine.FullDepth(oracle=True))
+  oracle = evaluator.decode(examples, modes.FullDepth(oracle=True))
   assert oracle.predictions == full.predictions
   assert oracle.avg_layers <= full.avg_layers
 
 
-def test_forced_exits_follow_the_given_layers(lm, examples):
-  evaluator = engine.Evaluator(lm, batch_size=4, progress=False)
+def test_forced_exits_follow_the_given_layers(lm, decoder, examples):
+  evaluator = engine.Evaluator(decoder, batch_size=4, progress=False)
   config = lm.exit_config('softmax')
-  at_two = evaluator.decode(examples, engine.ForcedExits(config, layer=2))
+  at_two = evaluator.decode(examples, modes.ForcedExits(config, layer=2))
   assert all(set(row) == {2} for row in at_two.exit_layers)
   rows = tuple((1, 3, 2, 1) for _ in range(len(examples)))
-  mixed = evaluator.decode(examples, engine.ForcedExits(config,
+  mixed = evaluator.decode(examples, modes.ForcedExits(config,
                                                         exit_layers=rows))
   for row, forced in zip(mixed.exit_layers, rows):
     padded = list(forced) + [1] * len(row)  # past a row's end: layer 1
     assert row == padded[:len(row)]
-  mode = engine.ForcedExits(config, exit_layers=((2,), (3, 3)))
+  mode = modes.ForcedExits(config, exit_layers=((2,), (3, 3)))
   np.testing.assert_array_equal(mode.rows([1, 0], (3, 4)),
                                 [[3, 3, 1, 1], [2, 1, 1, 1], [1, 1, 1, 1]])
 
 
-def test_the_cache_answers_only_an_identical_fingerprint(lm, examples,
+def test_the_cache_answers_only_an_identical_fingerprint(lm, decoder, examples,
                                                          tmp_path, capsys):
-  evaluator = engine.Evaluator(lm, batch_size=4, cache_dir=str(tmp_path),
+  evaluator = engine.Evaluator(decoder, batch_size=4, cache_dir=str(tmp_path),
                                progress=False)
-  mode = engine.EarlyExit(lm.exit_config('state'), 0.5)
+  mode = modes.EarlyExit(lm.exit_config('state'), 0.5)
   first = evaluator.decode(examples, mode)
   [entry] = tmp_path.glob('*.json')
   stored = json.loads(entry.read_text())
@@ -73,7 +81,7 @@ def test_the_cache_answers_only_an_identical_fingerprint(lm, examples,
   entry.write_text(json.dumps(stored))
   again = evaluator.decode(examples, mode)
   assert again.predictions[0] == 'from the cache'  # a hit
-  other = evaluator.decode(examples, engine.EarlyExit(
+  other = evaluator.decode(examples, modes.EarlyExit(
       lm.exit_config('state', min_exit=3), 0.5))
   assert len(list(tmp_path.glob('*.json'))) == 2  # another setting: a miss
   assert other.avg_layers >= 3
@@ -87,9 +95,9 @@ def test_the_cache_answers_only_an_identical_fingerprint(lm, examples,
   assert json.loads(entry.read_text())['outputs']  # written whole again
 
 
-def test_scores_losses_and_layer_accuracy(lm, examples):
-  evaluator = engine.Evaluator(lm, batch_size=8, progress=False)
-  full = evaluator.decode(examples, engine.FullDepth())
+def test_scores_losses_and_layer_accuracy(lm, decoder, examples):
+  evaluator = engine.Evaluator(decoder, batch_size=8, progress=False)
+  full = evaluator.decode(examples, modes.FullDepth())
   score = evaluator.score(examples, full.predictions)
   assert score.metric == 'f1' and set(score.scores) == {'f1', 'em'}
   perfect = evaluator.score(examples, examples.references)
@@ -100,10 +108,10 @@ def test_scores_losses_and_layer_accuracy(lm, examples):
   assert accuracy.shape == (4,) and np.all((0 <= accuracy) & (accuracy <= 1))
 
 
-def test_speedup_times_both_decoders_alternately(lm, examples):
-  evaluator = engine.Evaluator(lm, batch_size=4, progress=False)
+def test_speedup_times_both_decoders_alternately(lm, decoder, examples):
+  evaluator = engine.Evaluator(decoder, batch_size=4, progress=False)
   speed = evaluator.speedup(
-      examples, engine.EarlyExit(lm.exit_config('softmax'), 0.0),
+      examples, modes.EarlyExit(lm.exit_config('softmax'), 0.0),
       batch_size=1, repeats=2, num_examples=3)
   assert set(speed.median_seconds) == {'full', 'early'}
   assert speed.low <= speed.ratio <= speed.high or np.isclose(

@@ -8,16 +8,16 @@ import numpy as np
 import optax
 import pytest
 
-import entry_points  # tests/entry_points.py
-from calm_jax import arguments
+from calm_jax import errors
 from calm_jax.jobs import settings
 from calm_jax.jobs import train
-from calm_jax.model import network
 from calm_jax.model import model_files
+from calm_jax.model import network
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
 from calm_jax.training import trainer
 
+import entry_points  # tests/entry_points.py
 
 SIZE = 4096
 
@@ -202,7 +202,7 @@ def test_bad_training_flags_are_refused_before_anything_is_written(
   model_dir = tmp_path / 'model'
   settings = dict(model_dir=str(model_dir), mixture_or_task_name='synth_qa',
                   model_config=TINY, optimizer=optax.sgd(0.1))
-  with pytest.raises(arguments.InputError, match=message):
+  with pytest.raises(errors.SettingError, match=message):
     train.train(**{**settings, **flags})
   assert not model_dir.exists()
 

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-import entry_points  # tests/entry_points.py
 from calm_jax.data import input_files
+
+import entry_points  # tests/entry_points.py
 
 _run = entry_points.run_module
 

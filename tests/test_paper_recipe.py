@@ -4,19 +4,19 @@ calibration and a calibrated early-exit decode. Slow (about a minute)."""
 import json
 import os
 
-import gin
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from calm_jax import api
 from calm_jax import cli
+from calm_jax.decoding import thresholds
 from calm_jax.jobs import calibrate
 from calm_jax.jobs import decode
 from calm_jax.jobs import environment
 from calm_jax.jobs import train
 from calm_jax.model import model_files
+import gin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = 'cnn_dailymail_v3'
@@ -94,7 +94,7 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
   # Six examples cannot certify anything at delta 0.25 (the best p-value,
   # e * 0.75**6 = 0.48, is above epsilon): the record says full depth.
   assert not records[1]['certified']
-  assert summary['threshold'] == api.FULL_DEPTH
+  assert summary['threshold'] == thresholds.EXITS_OFF
   assert result['metric'] == 'rougeL' and result['num_examples'] == 4
   assert 1 <= result['avg_decoder_layers'] <= config.num_decoder_layers
   assert set(result['scores']) == {'rouge1', 'rouge2', 'rougeL', 'rougeLsum'}

@@ -8,12 +8,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-import entry_points  # tests/entry_points.py
-
 from calm_jax.data import pipeline
 from calm_jax.scoring import metrics
 from calm_jax.tasks import data_settings
 from calm_jax.tasks import paper_tasks
+
+import entry_points  # tests/entry_points.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDIN_VOCAB = os.path.join(REPO, 'tasks', 'vocab', 'calm_synth.model')

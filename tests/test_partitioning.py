@@ -1,8 +1,8 @@
 """partitioning.py on the one device of this process (the 8-device checks
 run in a subprocess: tests/test_scale_out.py, tests/mesh_checks.py)."""
 import jax
-import pytest
 from jax.sharding import PartitionSpec as P
+import pytest
 
 from calm_jax.model import models
 from calm_jax.model import network

@@ -11,15 +11,16 @@ import sys
 
 import pytest
 
-import entry_points  # tests/entry_points.py
-import job_calls  # tests/job_calls.py
-
 import calm_jax
 from calm_jax import api
-from calm_jax import arguments
+from calm_jax import errors
+from calm_jax.decoding import thresholds
 from calm_jax.storage import provenance
 from calm_jax.tasks import data_settings
 from calm_jax.tasks import synthetic
+
+import entry_points  # tests/entry_points.py
+import job_calls  # tests/job_calls.py
 
 ROOT = entry_points.ROOT
 
@@ -82,7 +83,7 @@ def test_retrained_classifier_decodes_afresh_and_refuses_the_old_record(
   lm = calm_jax.load(str(model_dir))
   assert lm.generate(_texts(), confidence='classifier')[0].threshold == (
       first['threshold'] if first['threshold'] is not None
-      else api.FULL_DEPTH)
+      else thresholds.EXITS_OFF)
 
   _train_classifier(model_dir, 6)  # the classifier trains on: 2 -> 6
   retrained = calm_jax.load(str(model_dir))
@@ -111,14 +112,14 @@ def test_retrained_classifier_decodes_afresh_and_refuses_the_old_record(
 def test_records_are_per_task_and_generate_says_which_it_used(model_dir):
   lm = calm_jax.load(str(model_dir))
   none = lm.generate(_texts(), max_length=4)
-  assert none[0].threshold == api.FULL_DEPTH
+  assert none[0].threshold == thresholds.EXITS_OFF
   assert none[0].threshold_source.startswith('full depth: no calibration')
 
   translate = _calibrate(model_dir, task='synth_translate')
   only = lm.generate(_texts(), max_length=4)  # the only task with records
   assert translate['name'] in only[0].threshold_source
   qa = lm.generate(_texts(), task='synth_qa', max_length=4)
-  assert qa[0].threshold == api.FULL_DEPTH  # no record for QA: not borrowed
+  assert qa[0].threshold == thresholds.EXITS_OFF  # no record for QA: not borrowed
 
   _calibrate(model_dir, task='synth_qa')
   with pytest.raises(provenance.ProvenanceError,
@@ -191,7 +192,7 @@ def test_decode_outputs_never_overwrite_another_run(model_dir, tmp_path):
   _decode(model_dir, output_dir=str(mine))  # the same run again is fine
   with pytest.raises(provenance.ProvenanceError, match='temperature'):
     _decode(model_dir, output_dir=str(mine), temperature=0.5)
-  with pytest.raises(arguments.InputError, match='is a file'):
+  with pytest.raises(errors.SettingError, match='is a file'):
     _decode(model_dir, output_dir=str(mine / 'notes.txt'))
 
 
@@ -221,7 +222,7 @@ def test_a_record_is_refused_for_other_decode_settings(model_dir):
     (lambda lm: lm.generate(['a'], top_p=0.0), r'top_p=0.0 is out of range'),
 ])
 def test_generate_refuses_bad_arguments(trained, call, message):
-  with pytest.raises(arguments.InputError, match=message):
+  with pytest.raises(errors.SettingError, match=message):
     call(_lm(trained))
 
 
@@ -232,13 +233,13 @@ def _lm(path, cache={}):  # pylint: disable=dangerous-default-value
 
 
 def test_decode_and_calibrate_refuse_bad_arguments(trained):
-  with pytest.raises(arguments.InputError, match='threshold must be a finite'):
+  with pytest.raises(errors.SettingError, match='threshold must be a finite'):
     _decode(trained, threshold=math.nan)
-  with pytest.raises(arguments.InputError, match='min_exit=99'):
+  with pytest.raises(errors.SettingError, match='min_exit=99'):
     _decode(trained, min_exit=99)
-  with pytest.raises(arguments.InputError, match='grid_step=0'):
+  with pytest.raises(errors.SettingError, match='grid_step=0'):
     _calibrate(trained, grid_step=0)
-  with pytest.raises(arguments.InputError, match='delta must be a finite'):
+  with pytest.raises(errors.SettingError, match='delta must be a finite'):
     _calibrate(trained, delta='abc')
   assert not (trained / 'decode').exists()
   assert not (trained / 'calibration').exists()
@@ -254,7 +255,7 @@ def test_long_inputs_are_truncated_with_a_count_and_small_calls_stay_small(
   assert len(results) == 3
   assert '2 of 3 inputs were longer than max_input_length=64' in caplog.text
   assert lm.encode([long_text], 64).shape == (1, 64)
-  with pytest.raises(arguments.InputError, match='truncate=False'):
+  with pytest.raises(errors.SettingError, match='truncate=False'):
     lm.generate([long_text], max_input_length=64, truncate=False)
   assert api._rows_per_call(1, 4096) == 1
   assert api._rows_per_call(5, 4096) == 8

@@ -275,6 +275,7 @@ def test_process_shares_of_a_split_interleave_back_to_it():
 def test_training_shards_split_each_global_batch():
   """Unshuffled, the processes' rows of a step are the one-process batch."""
   import seqio  # pylint: disable=g-import-not-at-top
+
   from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   whole = next(pipeline.train_batches('synth_qa', batch_size=8, shuffle=False))
   halves = [next(pipeline.train_batches('synth_qa', batch_size=4, shuffle=False,

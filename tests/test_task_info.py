@@ -6,9 +6,10 @@ import textwrap
 
 import pytest
 
-import entry_points  # tests/entry_points.py
 from calm_jax.data import task_info
 from calm_jax.scoring import metrics
+
+import entry_points  # tests/entry_points.py
 
 # A user module: a SeqIO task over in-memory examples, scored with the QA
 # metric, and no call into calm_jax at all.

@@ -155,6 +155,7 @@ def test_translation_agrees_in_gender_and_number_and_far_back():
 @pytest.fixture(scope='module')
 def seqio_tasks():
   import seqio  # pylint: disable=g-import-not-at-top
+
   import tasks.synthetic_tasks as st  # pylint: disable=g-import-not-at-top
   return seqio, st
 

@@ -94,8 +94,10 @@ def test_bad_input_is_one_line_error(tmp_path, extra, message):
 
 
 def test_empty_training_data_is_an_error(tmp_path):
-  from calm_jax.model import models, network
-  from calm_jax.training import optim, trainer
+  from calm_jax.model import models
+  from calm_jax.model import network
+  from calm_jax.training import optim
+  from calm_jax.training import trainer
   model = models.CalmModel(network.T5Config(
       vocab_size=16, emb_dim=8, num_heads=1, head_dim=8, mlp_dim=8,
       num_encoder_layers=1, num_decoder_layers=2))

@@ -11,16 +11,20 @@ alternating on every input; medians over repeated passes.
 """
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
-
-from calm_jax import api
+from calm_jax import arguments
 from calm_jax.analysis import flops
 from calm_jax.calibration import ltt
 from calm_jax.data import examples as examples_lib
 from calm_jax.decoding import loops
 from calm_jax.evaluation import certify
 from calm_jax.evaluation import engine
+from calm_jax.inference import decoder as decoder_lib
+from calm_jax.inference import loaded as loaded_lib
+from calm_jax.inference import modes
 
 GRID = ltt.descending_grid(1.0, 0.0, 0.05)
 
@@ -28,8 +32,8 @@ GRID = ltt.descending_grid(1.0, 0.0, 0.05)
 @dataclasses.dataclass(eq=False)
 class Setup:
   """What every measurement shares: the model, its engine, the examples."""
-  lm: api.CalmLM
-  load_examples: callable   # (task, split, num_examples) -> ExampleSet
+  model: loaded_lib.LoadedModel
+  load_examples: Callable   # (task, split, num_examples) -> ExampleSet
   cache_dir: Optional[str]
   cal_examples: int
   test_examples: int
@@ -37,20 +41,25 @@ class Setup:
   batch_size: int = 32
   epsilon: float = 0.05
   repeats: int = 5
+  _examples: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @functools.cached_property
   def evaluator(self) -> engine.Evaluator:
-    return engine.Evaluator(self.lm, batch_size=self.batch_size,
+    return engine.Evaluator(decoder_lib.Decoder(self.model),
+                            batch_size=self.batch_size,
                             cache_dir=self.cache_dir)
 
-  @functools.lru_cache(maxsize=None)
   def examples(self, task: str, split: str) -> examples_lib.ExampleSet:
-    count = self.cal_examples if split == 'validation' else self.test_examples
-    return self.load_examples(task, split, count)
+    """A task split's examples, loaded once per Setup."""
+    if (task, split) not in self._examples:
+      count = (self.cal_examples if split == 'validation' else
+               self.test_examples)
+      self._examples[task, split] = self.load_examples(task, split, count)
+    return self._examples[task, split]
 
   def exit_config(self, measure: str, tau=None,
                   propagation: str = 'hidden') -> loops.ExitConfig:
-    return self.lm.exit_config(measure, tau=tau, propagation=propagation)
+    return self.model.exit_config(measure, tau=tau, propagation=propagation)
 
   def calibration(self, tasks: Sequence[str], measure: str, tau=None,
                   split: str = 'validation') -> certify.Calibration:
@@ -58,19 +67,19 @@ class Setup:
         self.evaluator, tuple(self.examples(t, split) for t in tasks),
         self.exit_config(measure, tau))
 
-  def decode(self, task: str, split: str, mode: engine.Mode
+  def decode(self, task: str, split: str, mode: modes.Mode
              ) -> engine.Decoded:
     return self.evaluator.decode(self.examples(task, split), mode)
 
   def full(self, task: str, split: str = 'test') -> engine.Decoded:
-    return self.decode(task, split, engine.FullDepth())
+    return self.decode(task, split, modes.FullDepth())
 
   def early(self, task: str, measure: str, threshold: Optional[float],
             tau=None, split: str = 'test') -> engine.Decoded:
     """The decode at a certified threshold (None: the full model)."""
     if threshold is None:
       return self.full(task, split)
-    return self.decode(task, split, engine.EarlyExit(
+    return self.decode(task, split, modes.EarlyExit(
         self.exit_config(measure, tau), threshold))
 
   def headline(self, task: str, predictions: Sequence[str]
@@ -94,10 +103,10 @@ def flops_ratio(setup: Setup, task: str, measure: str,
   lengths = setup.examples(task, 'test').lengths
   shape = dict(batch_size=1, input_length=lengths['inputs'],
                cache_length=lengths['targets'])
-  static = flops.static_flops(setup.lm.config,
+  static = flops.static_flops(setup.model.config,
                               num_tokens=sum(map(len, full_exits)), **shape)
   early = flops.early_exit_flops(
-      setup.lm.config, [l for row in early_exits for l in row],
+      setup.model.config, [l for row in early_exits for l in row],
       measure=measure, allowed_exits=setup.exit_config(measure).exit_layers,
       **shape)
   return static / early
@@ -138,7 +147,7 @@ def speedup(setup: Setup, task: str, measure: str, threshold: float,
   if key not in memo:
     memo[key] = setup.evaluator.speedup(
         setup.examples(task, 'test'),
-        engine.EarlyExit(setup.exit_config(measure, tau), threshold),
+        modes.EarlyExit(setup.exit_config(measure, tau), threshold),
         batch_size=1, repeats=setup.repeats,
         num_examples=setup.timing_examples)
   return memo[key]
@@ -149,7 +158,7 @@ def speedup(setup: Setup, task: str, measure: str, threshold: float,
 def oracle(setup: Setup, task: str) -> dict:
   """The consistency oracle: each token's first layer whose argmax equals
   the full model's; its tokens are the full model's."""
-  decoded = setup.decode(task, 'test', engine.FullDepth(oracle=True))
+  decoded = setup.decode(task, 'test', modes.FullDepth(oracle=True))
   metric, quality = setup.headline(task, decoded.predictions)
   return {'avg_layers': decoded.avg_layers, 'metric': metric,
           'quality': quality, 'exit_layers': decoded.exit_layers}
@@ -161,7 +170,7 @@ def forced_exits(setup: Setup, task: str, propagation: str, *,
                  ) -> dict:
   """Decodes the test split with every token stopping at `layer`, or at
   the given per-example exit layers (positions past a row's end: 1)."""
-  mode = engine.ForcedExits(
+  mode = modes.ForcedExits(
       setup.exit_config('softmax', propagation=propagation), layer=layer,
       exit_layers=None if exit_layers is None else tuple(
           tuple(int(l) for l in row) for row in exit_layers))
@@ -175,7 +184,7 @@ def forced_exits(setup: Setup, task: str, propagation: str, *,
 def truncated_curve(setup: Setup, task: str) -> list[tuple[float, float]]:
   """(k, quality) of static models that always stop at layer k."""
   return [(float(k), forced_exits(setup, task, 'hidden', layer=k)['quality'])
-          for k in range(1, setup.lm.config.num_decoder_layers + 1)]
+          for k in range(1, setup.model.config.num_decoder_layers + 1)]
 
 
 def propagation_ablation(setup: Setup, task: str,
@@ -185,7 +194,7 @@ def propagation_ablation(setup: Setup, task: str,
   examples = setup.examples(task, 'test')
   full = setup.full(task)
   out = {}
-  for mode in loops.PROPAGATIONS:
+  for mode in arguments.PROPAGATIONS:
     result = forced_exits(setup, task, mode, exit_layers=exit_layers)
     losses = ltt.consistency_losses(
         'textual', examples.require_metrics().per_example(),

@@ -4,7 +4,8 @@ Each function takes plain rows (lists of dicts) and writes one file, so the
 report, the decode job and tests call them alike. No TensorFlow, no gin.
 """
 import html
-from typing import Mapping, Sequence
+from typing import Mapping
+from typing import Sequence
 
 import matplotlib
 

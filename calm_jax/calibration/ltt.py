@@ -9,14 +9,15 @@ risk at the returned threshold is <= delta.
 """
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
 import numpy as np
 from scipy import stats
 
+from calm_jax import arguments
 from calm_jax.scoring import metrics
-
-CONSISTENCIES = ('textual', 'risk')
 
 
 def _h1(a: float, b: float) -> float:
@@ -85,6 +86,15 @@ class CalibrationResult:
             f'epsilon={self.epsilon} with {self.n} examples')
 
 
+def test_row(threshold: float, risk: float, n: int, avg_layers: Optional[float],
+             *, delta: float, epsilon: float) -> TestRow:
+  """One hypothesis of the sequence: "risk at `threshold` exceeds delta",
+  rejected (the threshold certified) when its p-value is <= epsilon."""
+  p_value = hb_p_value(risk, n, delta)
+  return TestRow(float(threshold), float(risk), p_value, avg_layers,
+                 p_value <= epsilon)
+
+
 def fixed_sequence_test(grid: Sequence[float],
                         losses_at: Callable[[float], tuple[np.ndarray,
                                                            Optional[float]]],
@@ -95,10 +105,7 @@ def fixed_sequence_test(grid: Sequence[float],
   the average layers there (or None); it is called only for thresholds that
   are reached, so lower thresholds are never decoded once a test fails.
   """
-  if not 0 < epsilon < 1:
-    raise ValueError(f'epsilon must be in (0, 1), got {epsilon}')
-  if not 0 < delta < 1:
-    raise ValueError(f'delta must be in (0, 1), got {delta}')
+  _check_levels(delta, epsilon)
   if list(grid) != sorted(grid, reverse=True):
     raise ValueError('the threshold grid must be in descending order')
   chosen, table, n = None, [], 0
@@ -106,15 +113,54 @@ def fixed_sequence_test(grid: Sequence[float],
     losses, avg_layers = losses_at(threshold)
     losses = np.asarray(losses, np.float64)
     n = losses.size
-    risk = float(losses.mean()) if n else 1.0
-    p_value = hb_p_value(risk, n, delta)
-    rejected = p_value <= epsilon
-    table.append(TestRow(float(threshold), risk, p_value, avg_layers,
-                         rejected))
-    if not rejected:
+    row = test_row(threshold, float(losses.mean()) if n else 1.0, n,
+                   avg_layers, delta=delta, epsilon=epsilon)
+    table.append(row)
+    if not row.rejected:
       break
-    chosen = float(threshold)
+    chosen = row.threshold
   return CalibrationResult(chosen, table, n, delta, epsilon)
+
+
+def replay(table: Sequence[dict], grid: Sequence[float], *, n: int,
+           delta: float, epsilon: float) -> Optional[float]:
+  """The threshold that fixed-sequence testing certifies from a record's
+  table of empirical risks: every row's p-value and decision recomputed,
+  the rows checked to be the grid's first thresholds in order, ending at
+  the first hypothesis not rejected (or at the grid's end). A ValueError
+  says which row does not follow."""
+  _check_levels(delta, epsilon)
+  if not table:
+    raise ValueError('the table has no rows')
+  chosen = None
+  for index, stored in enumerate(table):
+    if index >= len(grid) or abs(stored['threshold'] - grid[index]) > 1e-9:
+      raise ValueError(f'row {index + 1} tests threshold '
+                       f'{stored["threshold"]}, not the grid\'s next '
+                       'threshold')
+    row = test_row(stored['threshold'], stored['empirical_risk'], n,
+                   stored.get('avg_layers'), delta=delta, epsilon=epsilon)
+    if (not math.isclose(row.p_value, stored['p_value'], rel_tol=1e-9,
+                         abs_tol=1e-12) or row.rejected != stored['rejected']):
+      raise ValueError(f'row {index + 1} (threshold {row.threshold:g}) '
+                       f'does not follow from its risk {row.empirical_risk}')
+    if not row.rejected:
+      if index != len(table) - 1:
+        raise ValueError(f'the test stops at row {index + 1}, but the table '
+                         'goes on')
+      return chosen
+    chosen = row.threshold
+  if len(table) < len(grid):
+    raise ValueError(f'the table ends at row {len(table)} with a certified '
+                     'threshold, before the test does')
+  return chosen
+
+
+def _check_levels(delta: float, epsilon: float) -> None:
+  if not 0 < epsilon < 1:
+    raise ValueError(f'epsilon must be in (0, 1), got {epsilon}')
+  if not 0 < delta < 1:
+    raise ValueError(f'delta must be in (0, 1), got {delta}')
 
 
 def descending_grid(start: float = 1.0, stop: float = 0.0,
@@ -132,17 +178,15 @@ def consistency_losses(consistency: str, metric: str,
   textual: 1 - metric(early, full), the full model's output as reference.
   risk: max(0, (1 - metric(early, ref)) - (1 - metric(full, ref))).
   """
+  arguments.check(consistency=consistency)
   score = metrics.PER_EXAMPLE[metric]
   if consistency == 'textual':
     losses = np.clip(1.0 - score(list(full), list(early)), 0.0, 1.0)
     # Identical outputs agree fully, even where a metric scores '' as 0.
     same = np.array([e == f for e, f in zip(early, full)], bool)
     return np.where(same, 0.0, losses)
-  if consistency == 'risk':
-    if references is None:
-      raise ValueError('risk consistency needs reference targets')
-    early_risk = 1.0 - score(list(references), list(early))
-    full_risk = 1.0 - score(list(references), list(full))
-    return np.clip(early_risk - full_risk, 0.0, 1.0)
-  raise ValueError(f'unknown consistency {consistency!r}; valid: '
-                   f'{", ".join(CONSISTENCIES)}')
+  if references is None:  # risk consistency
+    raise ValueError('risk consistency needs reference targets')
+  early_risk = 1.0 - score(list(references), list(early))
+  full_risk = 1.0 - score(list(references), list(full))
+  return np.clip(early_risk - full_risk, 0.0, 1.0)

@@ -8,7 +8,11 @@ comes from a SeqIO task split (`data.pipeline.task_examples`) or from the
 user's own file (`data.input_files.file_examples`).
 """
 import dataclasses
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any
+from typing import Iterator
+from typing import Optional
+from typing import Protocol
+from typing import Sequence
 
 import numpy as np
 

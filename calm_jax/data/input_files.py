@@ -14,7 +14,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Optional, Sequence
+from typing import Optional
+from typing import Sequence
 
 import sentencepiece as spm
 

@@ -17,7 +17,10 @@ No TensorFlow: the SeqIO lookups happen in `data.pipeline`, which passes the
 task's metric functions in.
 """
 import dataclasses
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable
+from typing import Mapping
+from typing import Optional
+from typing import Sequence
 
 from calm_jax import errors
 from calm_jax.scoring import metrics

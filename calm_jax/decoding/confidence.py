@@ -12,11 +12,14 @@ vocabulary distribution call `logits_fn(hidden)` and hand the logits back so
 that the loop can reuse them for the emitted token. Pick one by name with
 `get`.
 """
-from typing import Any, Callable, Optional
+from typing import Any
+from typing import Callable
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from calm_jax import arguments
 from calm_jax import errors
 
 Array = jax.Array
@@ -86,21 +89,23 @@ def learned_classifier(hidden, previous_hidden, logits_fn=None,
   """P(this layer's argmax equals the top layer's), from the classifier."""
   del previous_hidden, logits_fn
   if classifier is None:
-    raise errors.ConfigError("confidence 'classifier' needs trained classifier "
+    raise errors.SettingError("confidence 'classifier' needs trained classifier "
                      'parameters (train them with gin/runs/train_classifier.gin)')
   return classifier_head(classifier, hidden), None
 
 
+# Keyed by the names `arguments.CONFIDENCE_MEASURES` defines (a test checks
+# that they match).
 MEASURES: dict[str, Callable] = {
     'softmax': softmax_response,
     'softmax_max': softmax_max,
     'state': state_saturation,
     'classifier': learned_classifier,
 }
-# The oracle needs the full model's prediction; the decode loop runs it as a
-# mode of its own (see decoding.oracle_decode).
-ORACLE = 'oracle'
-NAMES = (*MEASURES, ORACLE)
+# The oracle needs the full model's prediction; the static decoder records
+# it (`loops.static_decode(oracle=True)`).
+ORACLE = arguments.ORACLE
+NAMES = (*arguments.CONFIDENCE_MEASURES, ORACLE)
 
 
 def lowest_exit_layer(name: str) -> int:
@@ -111,7 +116,8 @@ def lowest_exit_layer(name: str) -> int:
 
 def get(name: str) -> Callable:
   """The measure called `name`; an unknown name lists the valid ones."""
+  arguments.check(confidence=name)
   if name not in MEASURES:
-    raise errors.ConfigError(f'unknown confidence measure {name!r}; valid: '
-                     f'{", ".join(NAMES)}')
+    raise errors.SettingError(f'the {name!r} measure is a decode mode of '
+                              'its own, not a per-layer confidence')
   return MEASURES[name]

@@ -28,13 +28,15 @@ Einsum/shape letters: b batch, t max decode length (cache length), h heads,
 d head dim, e embed, v vocab.
 """
 import dataclasses
-from typing import Any, Optional, Protocol
+from typing import Any
+from typing import Optional
+from typing import Protocol
 
 import flax
 import jax
 import jax.numpy as jnp
 
-from calm_jax import errors
+from calm_jax import arguments
 from calm_jax.decoding import confidence as confidence_lib
 from calm_jax.decoding import thresholds
 
@@ -246,7 +248,6 @@ def static_decode(fns: StepFns, *, batch_size: int, max_length: int,
   return _run_positions(step, state, max_length)
 
 
-PROPAGATIONS = ('hidden', 'kv_copy', 'none')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,9 +276,7 @@ class ExitConfig:
 
   def __post_init__(self):
     confidence_lib.get(self.confidence)
-    if self.propagation not in PROPAGATIONS:
-      raise errors.ConfigError(f'unknown propagation {self.propagation!r}; valid: '
-                       f'{", ".join(PROPAGATIONS)}')
+    arguments.check(propagation=self.propagation)
 
   @classmethod
   def create(cls, num_layers: int, *, confidence: str, first_exit: int = 1,

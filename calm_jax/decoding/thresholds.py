@@ -7,9 +7,12 @@ exactly 1.0, so 1.0 itself would still let some tokens out).
 import jax
 import jax.numpy as jnp
 
-from calm_jax import errors
+from calm_jax import arguments
 
 Array = jax.Array
+
+# The one threshold every job passes for "full depth, exits off".
+EXITS_OFF = 1.5
 
 
 def exits_disabled(threshold: float) -> bool:
@@ -52,11 +55,8 @@ def allowed_exit_layers(num_layers: int, *, first_exit: int = 1,
   and on the `exit_interval` grid that starts at `first_exit`. The top layer
   is where every remaining token stops, so it is not listed.
   """
-  if exit_interval < 1:
-    raise errors.ConfigError(f'exit_interval must be >= 1, got {exit_interval}')
-  if first_exit < 1 or min_exit < 1:
-    raise errors.ConfigError(f'first_exit ({first_exit}) and min_exit ({min_exit}) '
-                     'are 1-based layers')
+  arguments.check(exit_interval=exit_interval, first_exit=first_exit,
+                  min_exit=min_exit)
   lowest = max(first_exit, min_exit, 1)
   return tuple(layer for layer in range(lowest, num_layers)
                if (layer - first_exit) % exit_interval == 0)

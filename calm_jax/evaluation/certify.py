@@ -9,7 +9,8 @@ reproduction report and the validity protocol all use it. No gin, no
 TensorFlow.
 """
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional
+from typing import Sequence
 
 import numpy as np
 
@@ -18,22 +19,38 @@ from calm_jax.calibration import records
 from calm_jax.data import examples as examples_lib
 from calm_jax.decoding import loops
 from calm_jax.evaluation import engine
+from calm_jax.inference import modes
+from calm_jax.storage import provenance
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class Calibration:
-  """LTT for one exit configuration over pooled calibration examples."""
+  """LTT for one exit configuration over pooled calibration examples.
+
+  Each decode is made once per Calibration (kept in memory by its mode,
+  besides the evaluator's disk cache, which may be off): the full-depth
+  reference is decoded once, not once per threshold tested.
+  """
   evaluator: engine.Evaluator
   example_sets: tuple[examples_lib.ExampleSet, ...]
   exit_config: loops.ExitConfig
+  _decoded: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def _decode(self, examples: examples_lib.ExampleSet, mode: modes.Mode
+              ) -> engine.Decoded:
+    key = (examples.name, provenance.short_hash(examples.fingerprint),
+           provenance.short_hash(mode.fingerprint()))
+    if key not in self._decoded:
+      self._decoded[key] = self.evaluator.decode(examples, mode)
+    return self._decoded[key]
 
   def full(self, examples: examples_lib.ExampleSet) -> engine.Decoded:
-    return self.evaluator.decode(examples, engine.FullDepth())
+    return self._decode(examples, modes.FullDepth())
 
   def early(self, examples: examples_lib.ExampleSet, threshold: float
             ) -> engine.Decoded:
-    return self.evaluator.decode(
-        examples, engine.EarlyExit(self.exit_config, threshold))
+    return self._decode(examples, modes.EarlyExit(self.exit_config,
+                                                  threshold))
 
   def losses(self, consistency: str, threshold: float
              ) -> tuple[np.ndarray, float]:
@@ -77,21 +94,16 @@ class Calibration:
 
   def record(self, result: ltt.CalibrationResult, *, task: str,
              consistency: str, delta: float, epsilon: float,
-             grid_step: float, extra: Optional[dict] = None) -> dict:
+             grid_step: float, extra: Optional[dict] = None
+             ) -> records.CalibrationRecord:
     """The record of a certificate, with the fingerprint it depends on."""
-    lm = self.evaluator.lm
+    model = self.evaluator.model
     fingerprint = records.fingerprint(
-        model=lm.model_fingerprint(self.exit_config.confidence),
+        model=model.fingerprint(self.exit_config.confidence),
         data={e.name: e.fingerprint for e in self.example_sets},
         decode=self.exit_config.fingerprint(), consistency=consistency,
         delta=delta, epsilon=epsilon, grid_step=grid_step)
-    return {
-        'name': records.name(task, fingerprint),
-        'threshold': result.threshold,
-        'certified': result.threshold is not None,
-        'message': result.message, 'delta': delta, 'epsilon': epsilon,
-        'consistency': consistency, 'confidence': self.exit_config.confidence,
-        'tau': self.exit_config.tau, 'n': result.n, 'task': task,
-        'checkpoint_step': lm.step, 'dtype': lm.config.dtype,
-        **(extra or {}), 'fingerprint': fingerprint,
-        'table': [row.as_dict() for row in result.table]}
+    return records.new_record(
+        result, task=task, record_fingerprint=fingerprint,
+        tau=self.exit_config.tau, checkpoint_step=model.step,
+        dtype=model.config.dtype, extra=extra)

@@ -1,7 +1,10 @@
 """Wall-clock timing of compiled callables, alternating so that the drifts
 of a shared machine hit every callable alike. No TensorFlow, no gin."""
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from typing import Callable
+from typing import Mapping
+from typing import Sequence
 
 import jax
 

@@ -17,10 +17,9 @@ decoders; the demo's speed-ups include them).
 import dataclasses
 import os
 import statistics
-import time
-from typing import Callable, Optional, Sequence
+from typing import Optional
+from typing import Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,21 +30,26 @@ from calm_jax import console
 from calm_jax.analysis import flops
 from calm_jax.analysis import report_markdown
 from calm_jax.decoding import loops
+from calm_jax.decoding import thresholds
 from calm_jax.evaluation import engine
 from calm_jax.evaluation import timing
+from calm_jax.inference import decoder as decoder_lib
+from calm_jax.inference import loaded as loaded_lib
+from calm_jax.inference import modes
+from calm_jax.model import model_files
 from calm_jax.model import models
 from calm_jax.model import network
-from calm_jax.model import model_files
 from calm_jax.storage import files
 from calm_jax.tasks import synthetic
+import gin
 
 READS = ('calm_jax.bench',)
 DEFAULT_GIN_FILES = ('gin/runs/bench.gin',)
 
 NO_EOS = -1
 MEASURES = ('softmax', 'state', 'classifier')
+MODELS = ('paper_small', 'demo')
 PAPER_SMALL = network.T5Config()  # 8+8 layers, d_model 512, vocab 32,128
-DEMO_DIR = 'runs/demo/model'
 # Used when no demo model exists to measure a distribution from.
 FALLBACK_MIX = (0.45, 0.2, 0.1, 0.08, 0.06, 0.04, 0.03, 0.04)
 
@@ -53,34 +57,21 @@ FALLBACK_MIX = (0.45, 0.2, 0.1, 0.08, 0.06, 0.04, 0.03, 0.04)
 @dataclasses.dataclass
 class BenchModel:
   name: str
-  model: models.CalmModel
-  params: object
+  decoder: decoder_lib.Decoder
   inputs: np.ndarray        # [max batch, s] encoder tokens
   output_length: int
   exit_distribution: tuple  # P(exit at layer k), k = 1..L
   distribution_source: str
 
+  @property
+  def config(self) -> network.T5Config:
+    return self.decoder.model.config
+
 
 def with_dtype(bench: BenchModel, dtype: str) -> BenchModel:
   """The same model and parameters (float32) with another activation dtype."""
-  config = dataclasses.replace(bench.model.config, dtype=dtype)
-  return dataclasses.replace(
-      bench, model=dataclasses.replace(bench.model, config=config))
-
-
-def time_alternating(static: Callable, early: Callable, repeats: int
-                     ) -> tuple[list[float], list[float]]:
-  """Alternates the two (already compiled) calls; returns their times."""
-  times = timing.alternating_seconds(
-      {'static': lambda _: static(), 'early': lambda _: early()}, [None],
-      repeats)
-  return times['static'], times['early']
-
-
-def compile_seconds(fn: Callable) -> tuple[float, object]:
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn())
-  return time.perf_counter() - start, out
+  return dataclasses.replace(bench, decoder=decoder_lib.Decoder(
+      bench.decoder.model.with_dtype(dtype)))
 
 
 def random_classifier(cfg: network.T5Config) -> dict:
@@ -104,21 +95,36 @@ def forced_pattern(pattern: str, bench: BenchModel, batch: int,
   return None
 
 
-def encoded_context(bench: BenchModel, enc):
-  """Cross K/V and mask of the inputs, computed once outside the timing."""
-  return jax.block_until_ready(
-      jax.jit(bench.model.encode_context)(bench.params, enc))
+def pattern_mode(pattern: str, bench: BenchModel, batch: int,
+                 exit_config: loops.ExitConfig) -> modes.Mode:
+  """The early-exit decode of a pattern: forced exits, or exits disabled."""
+  forced = forced_pattern(pattern, bench, batch)
+  if forced is None:  # 'disabled': the early-exit loop at full depth
+    return modes.EarlyExit(exit_config, thresholds.EXITS_OFF)
+  return modes.ForcedExits(exit_config,
+                           exit_layers=tuple(map(tuple, forced.tolist())))
 
 
-def static_decoder(bench: BenchModel):
-  """Jitted full-depth decode loop over a precomputed context."""
-  return jax.jit(lambda p, e, c: bench.model.decode_static(
-      p, e, bench.output_length, eos_id=NO_EOS, context=c).tokens)
+def encoded_context(bench: BenchModel, batch: int):
+  """Cross K/V and mask of the first `batch` inputs, computed once outside
+  the timing (the same work for both decoders)."""
+  model = bench.decoder.model
+  return jax.block_until_ready(jax.jit(model.model.encode_context)(
+      model.params, jnp.asarray(bench.inputs[:batch])))
+
+
+def loop_runner(bench: BenchModel, mode: modes.Mode, context, batch: int
+                ) -> decoder_lib.Runner:
+  """The decode loop of `mode` alone, compiled, over an encoded context;
+  EOS is ignored so that every decode runs the same number of positions."""
+  return bench.decoder.runner(mode, context, max_length=bench.output_length,
+                              encoded=True, eos_id=NO_EOS,
+                              indices=range(batch))
 
 
 def case_flops(bench: BenchModel, out: loops.DecodeOutput, measure: str,
                exit_config: loops.ExitConfig, batch: int) -> dict:
-  cfg = bench.model.config
+  cfg = bench.config
   sizes = dict(input_length=bench.inputs.shape[1],
                cache_length=bench.output_length, batch_size=batch)
   layers = np.asarray(out.exit_layers).reshape(-1)
@@ -131,25 +137,23 @@ def case_flops(bench: BenchModel, out: loops.DecodeOutput, measure: str,
 
 
 def run_case(bench: BenchModel, batch: int, measure: str, pattern: str,
-             static_fn, static_compile: float, repeats: int,
+             static: decoder_lib.Runner, repeats: int,
              bucket_sizes=None) -> dict:
-  """Times one case against the (compiled) static decode of the same inputs."""
-  cfg = bench.model.config
-  exit_config = bench.model.exit_config(measure, bucket_sizes=bucket_sizes)
-  enc = jnp.asarray(bench.inputs[:batch])
-  context = encoded_context(bench, enc)
-  forced = forced_pattern(pattern, bench, batch)
-  classifier = random_classifier(cfg) if measure == 'classifier' else None
-  threshold = 1.5 if pattern == 'disabled' else 0.0
-  early = jax.jit(lambda p, e, c, f: bench.model.decode_early_exit(
-      p, e, bench.output_length, exit_config=exit_config, threshold=threshold,
-      eos_id=NO_EOS, classifier=classifier, forced_exit_layers=f, context=c))
-  early_call = lambda: early(bench.params, enc, context, forced)
-  compile_early, out = compile_seconds(early_call)
-  static_times, early_times = time_alternating(
-      lambda: static_fn(bench.params, enc, context), early_call, repeats)
+  """Times one case against the (compiled) static decode of the same
+  inputs, alternating."""
+  cfg = bench.config
+  exit_config = bench.decoder.model.exit_config(measure,
+                                                bucket_sizes=bucket_sizes)
+  context = encoded_context(bench, batch)
+  early = loop_runner(bench, pattern_mode(pattern, bench, batch,
+                                          exit_config), context, batch)
+  out = jax.device_get(early(context))
+  times = timing.alternating_seconds(
+      {'static': lambda _: static(context), 'early': lambda _: early(context)},
+      [None], repeats)
   stats = case_flops(bench, out, measure, exit_config, batch)
-  measured = statistics.median(static_times) / statistics.median(early_times)
+  static_s, early_s = (statistics.median(times[k])
+                       for k in ('static', 'early'))
   return {
       'model': bench.name, 'dtype': cfg.dtype, 'batch_size': batch,
       'pattern': pattern, 'confidence': measure,
@@ -158,32 +162,36 @@ def run_case(bench: BenchModel, batch: int, measure: str, pattern: str,
       'layer_ideal_speedup': round(cfg.num_decoder_layers
                                    / stats['avg_layers'], 3),
       'flops_ideal_speedup': round(stats['flops_ideal_speedup'], 3),
-      'measured_speedup': round(measured, 3),
-      'efficiency': round(measured / stats['flops_ideal_speedup'], 3),
-      'static_median_s': round(statistics.median(static_times), 5),
-      'early_median_s': round(statistics.median(early_times), 5),
-      'compile_s_static': round(static_compile, 2),
-      'compile_s_early': round(compile_early, 2),
+      'measured_speedup': round(static_s / early_s, 3),
+      'efficiency': round(static_s / early_s / stats['flops_ideal_speedup'],
+                          3),
+      'static_median_s': round(static_s, 5),
+      'early_median_s': round(early_s, 5),
+      'compile_s_static': round(static.compile_seconds, 2),
+      'compile_s_early': round(early.compile_seconds, 2),
       'repeats': repeats,
   }
 
 
-def paper_small_model(max_batch: int, length: int) -> BenchModel:
+def paper_small_model(max_batch: int, length: int,
+                      distribution: tuple[tuple, str]) -> BenchModel:
+  """The paper's small dims with random weights (and a random classifier)."""
   model = models.CalmModel(PAPER_SMALL)
   params = model.init_params(jax.random.PRNGKey(0))['params']
   inputs = np.random.RandomState(0).randint(
       3, PAPER_SMALL.vocab_size, size=(max_batch, length)).astype(np.int32)
-  mix, source = demo_exit_distribution()
-  return BenchModel('paper_small_random', model, params, inputs, length, mix,
-                    source)
+  loaded = loaded_lib.in_memory(
+      model, params, classifier=random_classifier(PAPER_SMALL),
+      name='paper_small_random')
+  return BenchModel('paper_small_random', decoder_lib.Decoder(loaded),
+                    inputs, length, *distribution)
 
 
-def demo_exit_distribution(threshold: float = 0.9, examples: int = 48
-                           ) -> tuple[tuple, str]:
+def exit_distribution(lm: Optional[api.CalmLM], threshold: float = 0.9,
+                      examples: int = 48) -> tuple[tuple, str]:
   """Exit-layer distribution of the demo model (softmax at `threshold`)."""
-  if not os.path.exists(os.path.join(DEMO_DIR, model_files.MODEL_JSON)):
+  if lm is None:
     return FALLBACK_MIX, 'fallback (no demo model)'
-  lm = api.CalmLM(DEMO_DIR)
   texts = [synthetic.generate(task, 'validation', i)['inputs']
            for task in synthetic.GENERATORS for i in range(examples // 3)]
   results = lm.generate(texts, threshold=threshold, batch_size=16)
@@ -193,15 +201,13 @@ def demo_exit_distribution(threshold: float = 0.9, examples: int = 48
           f'demo model, softmax threshold {threshold}, {counts.sum()} tokens')
 
 
-def demo_model(max_batch: int, length: int) -> Optional[BenchModel]:
-  if not os.path.exists(os.path.join(DEMO_DIR, model_files.MODEL_JSON)):
-    return None
-  lm = api.CalmLM(DEMO_DIR)
+def demo_model(lm: api.CalmLM, max_batch: int, length: int,
+               distribution: tuple[tuple, str]) -> BenchModel:
+  """The trained demo model on summarisation inputs."""
   texts = [synthetic.generate('summarize', 'validation', i)['inputs']
            for i in range(max_batch)]
-  mix, source = demo_exit_distribution()
-  return BenchModel('demo', lm.model, lm.params, lm.encode(texts), length,
-                    mix, source)
+  return BenchModel('demo', lm.decoder, lm.encode(texts), length,
+                    *distribution)
 
 
 def token_agreement(reference: list, other: list) -> dict:
@@ -223,16 +229,17 @@ def token_agreement(reference: list, other: list) -> dict:
           'tokens': total, 'examples': len(reference)}
 
 
-def dtype_agreement(model_dir: str = DEMO_DIR, examples: int = 100) -> dict:
-  """bfloat16 vs float32 full-depth greedy decodes of a trained model, per
-  embedded task (validation inputs)."""
-  lms = {dtype: api.CalmLM(model_dir, dtype=dtype)
-         for dtype in network.DTYPES}
+def dtype_agreement(lm: api.CalmLM, examples: int = 100) -> dict:
+  """bfloat16 vs float32 full-depth greedy decodes of a trained model (its
+  parameters loaded once), per embedded task (validation inputs)."""
+  lms = {dtype: api.CalmLM.wrap(lm.loaded.with_dtype(dtype))
+         for dtype in arguments.DTYPES}
   result = {}
   for task in synthetic.GENERATORS:
     texts = [synthetic.generate(task, 'validation', i)['inputs']
              for i in range(examples)]
-    decodes = {dtype: lm.generate(texts, threshold=1.5, batch_size=16)
+    decodes = {dtype: lm.generate(texts, threshold=thresholds.EXITS_OFF,
+                                  batch_size=16)
                for dtype, lm in lms.items()}
     result[task] = token_agreement(decodes['float32'], decodes['bfloat16'])
   return result
@@ -248,18 +255,15 @@ def bench_model(bench: BenchModel, batches, measures, patterns, repeats,
                 log, compare_buckets: bool = True) -> list[dict]:
   cases = []
   for batch in batches:
-    static = static_decoder(bench)
-    enc = jnp.asarray(bench.inputs[:batch])
-    context = encoded_context(bench, enc)
-    compile_static, _ = compile_seconds(
-        lambda: static(bench.params, enc, context))
+    static = loop_runner(bench, modes.FullDepth(),
+                         encoded_context(bench, batch), batch)
     for measure in measures:
       for pattern in patterns:
         variants = (bucket_variants(batch) if compare_buckets and batch > 1
                     and pattern == 'mixed' else {'halvings': None})
         for name, sizes in variants.items():
-          case = run_case(bench, batch, measure, pattern, static,
-                          compile_static, repeats, bucket_sizes=sizes)
+          case = run_case(bench, batch, measure, pattern, static, repeats,
+                          bucket_sizes=sizes)
           case['bucket_set'] = name
           cases.append(case)
           log(case)
@@ -332,15 +336,6 @@ def write_tables(path: str) -> str:
   return page
 
 
-def _check_choices(name: str, values: Sequence[str], valid) -> list[str]:
-  values = [values] if isinstance(values, str) else list(values)
-  for value in values:
-    if value not in valid:
-      raise arguments.InputError(f'unknown {name} {value!r}; valid: '
-                                 f'{", ".join(valid)}')
-  return values
-
-
 @gin.configurable(module='calm_jax')
 def bench(*, output: str = 'runs/bench/bench.json',
           table: Optional[str] = None, repeats: int = 5,
@@ -348,29 +343,40 @@ def bench(*, output: str = 'runs/bench/bench.json',
           measures: Sequence[str] = MEASURES,
           patterns: Sequence[str] = ('exit@1', 'exit@2', 'exit@4', 'exit@8',
                                      'mixed', 'disabled'),
-          models: Sequence[str] = ('paper_small', 'demo'),
+          models: Sequence[str] = MODELS,
           dtypes: Sequence[str] = ('float32',),
+          demo_model_dir: str = 'runs/demo/model',
           compare_buckets: bool = True, agreement: bool = False,
           length: int = 64) -> Optional[dict]:
-  """Runs every case and writes `output` (JSON) and its markdown page (.md);
-  with `table` (a bench.json), writes and prints that page instead. `compare_buckets` compares bucket
-  sets on the mixed pattern; `agreement` also measures bfloat16 vs float32
-  greedy tokens of the demo model; `length` is the paper-size model's
-  input and output length."""
+  """Runs every case and writes `output` (JSON) and its markdown page
+  (.md); with `table` (a bench.json), writes and prints that page instead.
+  `demo_model_dir`: the trained model of the 'demo' cases and of the mixed
+  pattern's exit distribution (loaded once; skipped when absent).
+  `compare_buckets` compares bucket sets on the mixed pattern; `agreement`
+  also measures bfloat16 vs float32 greedy tokens of the demo model;
+  `length` is the paper-size model's input and output length."""
   if table:
     print(write_tables(table))
     return None
-  dtypes = _check_choices('dtype', dtypes, network.DTYPES)
-  builders = {'paper_small': lambda: paper_small_model(max(batch_sizes),
-                                                       length),
-              'demo': lambda: demo_model(max(batch_sizes), 16)}
-  _check_choices('model', models, builders)
-  arguments.integer('repeats', repeats, 1)
+  for value in dtypes:
+    arguments.check(dtype=value)
+  for value in models:
+    arguments.choice('model', value, MODELS)
+  for value in measures:
+    arguments.choice('measure', value, MEASURES)
+  arguments.check(repeats=repeats)
+  demo = (api.CalmLM(demo_model_dir) if files.exists(
+      files.join(demo_model_dir, model_files.MODEL_JSON)) else None)
+  distribution = exit_distribution(demo)
+  builders = {'paper_small': lambda: paper_small_model(
+                  max(batch_sizes), length, distribution),
+              'demo': lambda: demo and demo_model(
+                  demo, max(batch_sizes), 16, distribution)}
   cases, results = [], {'mixed_pattern': {}}
   for name in models:
     model = builders[name]()
     if model is None:
-      console.info(f'skipping {name}: no trained model in {DEMO_DIR} '
+      console.info(f'skipping {name}: no trained model in {demo_model_dir} '
                    '(make demo)')
       continue
     results['mixed_pattern'][model.name] = {
@@ -381,9 +387,8 @@ def bench(*, output: str = 'runs/bench/bench.json',
                            list(measures), list(patterns), repeats,
                            lambda c: print(format_row(c), flush=True),
                            compare_buckets=compare_buckets)
-  if agreement and os.path.exists(os.path.join(DEMO_DIR,
-                                               model_files.MODEL_JSON)):
-    results['dtype_agreement'] = dtype_agreement()
+  if agreement and demo is not None:
+    results['dtype_agreement'] = dtype_agreement(demo)
     console.info(f'bfloat16 vs float32 greedy tokens: '
                  f'{results["dtype_agreement"]}')
   out = {**results, 'cases': cases, 'devices': [str(d) for d in jax.devices()],

@@ -10,22 +10,22 @@ and `calm_jax.load(...).generate` use for that task when no threshold is
 given, and refuse once the model dir has changed.
 """
 import os
-from typing import Optional, Sequence
+from typing import Optional
+from typing import Sequence
 
-import gin
-
-from calm_jax import api
 from calm_jax import arguments
 from calm_jax import console
-from calm_jax.calibration import ltt
 from calm_jax.calibration import records
 from calm_jax.data import pipeline
 from calm_jax.evaluation import certify
 from calm_jax.evaluation import engine
+from calm_jax.inference import decoder as decoder_lib
+from calm_jax.inference import loaded as loaded_lib
 from calm_jax.jobs import settings
 from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
 from calm_jax.storage import files
+import gin
 
 READS = ('calm_jax.calibrate', *settings.SETTINGS)
 
@@ -35,34 +35,26 @@ def cache_dir(model_dir: str) -> str:
   return os.path.join(records.directory(model_dir), 'cache')
 
 
-def _validate(deltas, epsilon, consistency: str, grid_step,
-              num_examples) -> None:
-  arguments.calibration(deltas=deltas, epsilon=epsilon, grid_step=grid_step,
-                        num_examples=num_examples)
-  if consistency not in ltt.CONSISTENCIES:
-    raise arguments.InputError(
-        f'unknown consistency {consistency!r}; valid: '
-        f'{", ".join(ltt.CONSISTENCIES)}')
-
-
-def calibration_for(lm: api.CalmLM, task_names: Sequence[str],
+def calibration_for(decoder: decoder_lib.Decoder, task_names: Sequence[str],
                     exits: settings.ExitSettings, *, split: str,
                     num_examples: Optional[int], batch_size: int
                     ) -> certify.Calibration:
   """LTT over the pooled split of these tasks, cached in the model dir."""
-  evaluator = engine.Evaluator(lm, batch_size=batch_size,
-                               cache_dir=cache_dir(lm.model_dir))
+  model = decoder.model
+  evaluator = engine.Evaluator(decoder, batch_size=batch_size,
+                               cache_dir=cache_dir(model.model_dir))
   return certify.Calibration(
       evaluator, tuple(pipeline.task_examples(t, split,
                                               num_examples=num_examples)
                        for t in task_names),
-      lm.exit_config(exits.confidence, min_exit=exits.min_exit, tau=exits.tau,
-                     propagation=exits.propagation))
+      model.exit_config(exits.confidence, min_exit=exits.min_exit,
+                        tau=exits.tau, propagation=exits.propagation))
 
 
 def certify_and_write(calibration: certify.Calibration, *, task: str,
                       consistency: str, delta: float, epsilon: float,
-                      grid_step: float, split: str, min_exit: int) -> dict:
+                      grid_step: float, split: str, min_exit: int
+                      ) -> records.CalibrationRecord:
   """Runs Learn then Test for one delta and writes its record."""
   result = calibration.certify(consistency, delta, epsilon, grid_step)
   record = calibration.record(
@@ -70,7 +62,7 @@ def certify_and_write(calibration: certify.Calibration, *, task: str,
       epsilon=epsilon, grid_step=grid_step,
       extra={'split': split, 'min_exit': min_exit})
   if multihost.is_primary():
-    path = records.write(calibration.evaluator.lm.model_dir, record)
+    path = records.write(calibration.evaluator.model.model_dir, record)
     console.info(f'delta {delta:g}: {result.message}\nwrote {path}')
   return record
 
@@ -96,13 +88,16 @@ def calibrate(*, model_dir: str = gin.REQUIRED,
   deltas = list(delta) if isinstance(delta, (list, tuple)) else [delta]
   exits = (exits or settings.ExitSettings()).check()
   runtime = (runtime or settings.RunSettings()).check()
-  _validate(deltas, epsilon, consistency, grid_step, num_examples)
-  lm = api.CalmLM(model_dir, mesh=partitioning.make_mesh(runtime.mesh_shape),
-                  dtype=runtime.dtype)
+  arguments.check(delta=deltas, epsilon=epsilon, consistency=consistency,
+                  grid_step=grid_step, num_examples=num_examples)
   files.check_writable_dir(records.directory(model_dir), 'MODEL_DIR')
-  lm.classifier_for(exits.confidence)  # fails early without a classifier
+  model = loaded_lib.load(
+      model_dir, mesh=partitioning.make_mesh(runtime.mesh_shape),
+      dtype=runtime.dtype)
+  model.classifier_for(exits.confidence)  # fails early without a classifier
   calibration = calibration_for(
-      lm, list(pipeline.task_rates(mixture_or_task_name)), exits,
+      decoder_lib.Decoder(model),
+      list(pipeline.task_rates(mixture_or_task_name)), exits,
       split=split, num_examples=num_examples, batch_size=runtime.batch_size)
   out = [certify_and_write(calibration, task=mixture_or_task_name,
                            consistency=consistency, delta=value,

@@ -2,11 +2,10 @@
 dirs (the library is `calm_jax.model.hf_t5`)."""
 from typing import Optional
 
-import gin
-
+from calm_jax import arguments
 from calm_jax import console
 from calm_jax.model import hf_t5
-from calm_jax.model import network
+import gin
 
 READS = ('calm_jax.convert',)
 DEFAULT_GIN_FILES = ('gin/runs/convert.gin',)
@@ -25,9 +24,7 @@ def convert(*, model_dir: str = gin.REQUIRED, from_hf: Optional[str] = None,
     raise hf_t5.ConversionError('give FROM_HF (import into MODEL_DIR) or '
                                 'TO_HF (export MODEL_DIR), not both or '
                                 'neither')
-  if dtype not in network.DTYPES:
-    raise hf_t5.ConversionError(f'unknown dtype {dtype!r}; valid: '
-                                f'{", ".join(network.DTYPES)}')
+  arguments.check(dtype=dtype)
   if from_hf:
     config = hf_t5.import_hf(from_hf, model_dir, vocab, dtype)
     console.info(f'wrote {model_dir}: {config.num_encoder_layers}+'

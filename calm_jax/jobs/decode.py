@@ -10,27 +10,31 @@ Files appear whole or not at all.
 import os
 from typing import Optional
 
-import gin
-
-from calm_jax import api
 from calm_jax import arguments
 from calm_jax import console
+from calm_jax import errors
 from calm_jax.analysis import plots
+from calm_jax.calibration import records
 from calm_jax.data import examples as examples_lib
 from calm_jax.data import input_files
 from calm_jax.data import pipeline
 from calm_jax.evaluation import engine
+from calm_jax.inference import decoder as decoder_lib
+from calm_jax.inference import loaded as loaded_lib
+from calm_jax.inference import modes
 from calm_jax.jobs import settings
 from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
 from calm_jax.storage import files
 from calm_jax.storage import provenance
+import gin
 
 READS = ('calm_jax.decode', *settings.DECODE_SETTINGS)
 RUN_JSON = 'run.json'
 
 
-def example_sets(lm: api.CalmLM, inputs: settings.DecodeInputs
+def example_sets(model: loaded_lib.LoadedModel,
+                 inputs: settings.DecodeInputs
                  ) -> list[examples_lib.ExampleSet]:
   """The task splits of a mixture, or the user's file."""
   if not inputs.input_file:
@@ -39,13 +43,13 @@ def example_sets(lm: api.CalmLM, inputs: settings.DecodeInputs
             for task in pipeline.task_rates(inputs.mixture_or_task_name)]
   task = inputs.mixture_or_task_name
   lengths = (pipeline.feature_lengths(task) if task else
-             dict(lm.feature_lengths))
+             dict(model.feature_lengths))
   lengths['inputs'] = inputs.input_length or lengths['inputs']
   lengths['targets'] = inputs.target_length or lengths['targets']
   spec = input_files.InputFile(inputs.input_file, inputs.input_format,
                                inputs.input_field, inputs.target_field)
   return [input_files.file_examples(
-      spec, lm.vocab, lengths, num_examples=inputs.num_examples,
+      spec, model.vocab, lengths, num_examples=inputs.num_examples,
       metrics=pipeline.task_metrics(task) if task else None)]
 
 
@@ -53,10 +57,11 @@ def _stem(examples: examples_lib.ExampleSet) -> str:
   return os.path.splitext(os.path.basename(examples.name))[0]
 
 
-def run_fingerprint(lm: api.CalmLM, choice: api.ThresholdChoice,
-                    mode: engine.EarlyExit, sets, seed: int) -> dict:
+def run_fingerprint(model: loaded_lib.LoadedModel,
+                    choice: records.ThresholdChoice, mode: modes.EarlyExit,
+                    sets, seed: int) -> dict:
   """Everything that determines a decode job's outputs."""
-  return {'model': lm.model_fingerprint(mode.measure),
+  return {'model': model.fingerprint(mode.measure),
           'data': {e.name: e.fingerprint for e in sets},
           'decode': mode.exit_config.fingerprint(), 'threshold': choice.value,
           'threshold_source': choice.source,
@@ -77,7 +82,7 @@ def claim_output_dir(output_dir: str, fingerprint: dict,
   """Marks `output_dir` as this run's (run.json); refuses a directory that
   holds another run's files unless `overwrite`."""
   if files.exists(output_dir) and not files.is_dir(output_dir):
-    raise arguments.InputError(f'output_dir {output_dir} is a file')
+    raise errors.SettingError(f'output_dir {output_dir} is a file')
   files.check_writable_dir(output_dir, 'output_dir')
   marker = files.join(output_dir, RUN_JSON)
   if files.listdir(output_dir) and not overwrite:
@@ -108,7 +113,7 @@ def summarize(examples: examples_lib.ExampleSet, decoded: engine.Decoded
 
 def _write(output_dir: str, output: settings.OutputSettings,
            examples: examples_lib.ExampleSet, decoded: engine.Decoded,
-           mode: engine.EarlyExit, num_layers: int) -> None:
+           mode: modes.EarlyExit, num_layers: int) -> None:
   records = engine.example_records(examples, decoded)
   files.atomic_write_jsonl(files.join(output_dir,
                                       f'{_stem(examples)}.jsonl'), records)
@@ -142,29 +147,28 @@ def decode(*, model_dir: str = gin.REQUIRED,
   each decodes its share and the primary one writes everything in input
   order.
   """
+  # Every setting is checked before the model is loaded or a file written.
   inputs = (inputs or settings.DecodeInputs()).check()
   exits = (exits or settings.ExitSettings()).check()
-  sampling = sampling or settings.SamplingSettings()
+  sampling = (sampling or settings.SamplingSettings()).check()
   output = (output or settings.OutputSettings()).check()
   runtime = (runtime or settings.RunSettings()).check()
-  lm = api.CalmLM(model_dir, mesh=partitioning.make_mesh(runtime.mesh_shape),
-                  dtype=runtime.dtype)
-  arguments.decoding(num_layers=lm.config.num_decoder_layers,
-                     threshold=threshold, batch_size=runtime.batch_size,
-                     min_exit=exits.min_exit, tau=exits.tau,
-                     temperature=sampling.temperature, top_k=sampling.top_k,
-                     top_p=sampling.top_p)
+  arguments.check(threshold=threshold)
+  model = loaded_lib.load(
+      model_dir, mesh=partitioning.make_mesh(runtime.mesh_shape),
+      dtype=runtime.dtype)
   task = inputs.mixture_or_task_name
-  choice = lm.resolve_threshold(threshold, exits.confidence, exits.tau,
-                                calibration_record, task=task)
-  mode = engine.EarlyExit(lm.exit_config(
+  choice = records.choose_threshold(model_dir, model.fingerprint, threshold,
+                                    exits.confidence, exits.tau,
+                                    calibration_record, task)
+  mode = modes.EarlyExit(model.exit_config(
       exits.confidence, min_exit=exits.min_exit, tau=choice.tau,
       propagation=exits.propagation, sampling=sampling.sampling()),
-                          choice.value)
-  lm.check_settings(choice, mode.exit_config)
-  lm.classifier_for(exits.confidence)
-  sets = example_sets(lm, inputs)
-  fingerprint = run_fingerprint(lm, choice, mode, sets, sampling.seed)
+                         choice.value)
+  records.check_decode_settings(choice, mode.exit_config.fingerprint())
+  model.classifier_for(exits.confidence)
+  sets = example_sets(model, inputs)
+  fingerprint = run_fingerprint(model, choice, mode, sets, sampling.seed)
   label = inputs.split if not inputs.input_file else _stem(sets[0])
   output_dir = output.output_dir or output_dir_for(model_dir,
                                                    fingerprint, label)
@@ -172,8 +176,9 @@ def decode(*, model_dir: str = gin.REQUIRED,
     console.info(f'threshold {choice.value} ({choice.source}), confidence '
                  f'{exits.confidence!r}, tau {choice.tau}')
     claim_output_dir(output_dir, fingerprint, output.overwrite)
-  evaluator = engine.Evaluator(lm, batch_size=runtime.batch_size)
-  summary = {'checkpoint_step': lm.step, 'dtype': lm.config.dtype,
+  evaluator = engine.Evaluator(decoder_lib.Decoder(model),
+                               batch_size=runtime.batch_size)
+  summary = {'checkpoint_step': model.step, 'dtype': model.config.dtype,
              'confidence': exits.confidence, 'threshold': choice.value,
              'threshold_source': choice.source, 'tau': choice.tau,
              'split': None if inputs.input_file else inputs.split,
@@ -184,7 +189,7 @@ def decode(*, model_dir: str = gin.REQUIRED,
     summary['tasks'][examples.name] = result
     if multihost.is_primary():
       _write(output_dir, output, examples, decoded, mode,
-             lm.config.num_decoder_layers)
+             model.config.num_decoder_layers)
       score = (f"{result['metric']} = {result['value']:.2f}, "
                if 'metric' in result else '')
       console.info(f'{examples.name}: {score}average layers '

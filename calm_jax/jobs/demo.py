@@ -16,18 +16,19 @@ MODEL_DIR/calibration/cache, so a rerun re-measures only the timings.
 import dataclasses
 import time
 
-import gin
 import numpy as np
 
-from calm_jax import api
 from calm_jax import console
 from calm_jax.data import examples as examples_lib
 from calm_jax.data import pipeline
+from calm_jax.decoding import thresholds
 from calm_jax.evaluation import certify
 from calm_jax.evaluation import engine
+from calm_jax.inference import modes
 from calm_jax.jobs import calibrate as calibrate_job
 from calm_jax.jobs import train as train_job
 from calm_jax.storage import files
+import gin
 
 READS = ('calm_jax.demo', *train_job.READS)
 
@@ -36,7 +37,7 @@ def full_depth_eval(evaluator: engine.Evaluator,
                     examples: examples_lib.ExampleSet
                     ) -> tuple[dict, np.ndarray]:
   """Task metric of greedy full-depth decoding, and per-layer accuracy."""
-  full = evaluator.decode(examples, engine.FullDepth())
+  full = evaluator.decode(examples, modes.FullDepth())
   score = evaluator.score(examples, full.predictions)
   samples = [{'inputs': e.inputs, 'targets': r, 'prediction': p}
              for e, r, p in zip(examples.examples, examples.references,
@@ -47,19 +48,19 @@ def full_depth_eval(evaluator: engine.Evaluator,
 
 
 def early_exit_test(evaluator: engine.Evaluator,
-                    examples: examples_lib.ExampleSet, mode: engine.EarlyExit,
+                    examples: examples_lib.ExampleSet, mode: modes.EarlyExit,
                     *, repeats: int) -> dict:
   """Full-depth vs early-exit decode of the test examples: quality, test
   risk, layers (and the share of tokens exiting at each), the oracle's
   layers, and the speed-up of whole passes over them, timed in turns (the
   batch job a demo user runs)."""
-  full = evaluator.decode(examples, engine.FullDepth())
+  full = evaluator.decode(examples, modes.FullDepth())
   early = evaluator.decode(examples, mode)
   speed = evaluator.speedup(examples, mode, batch_size=evaluator.batch_size,
                             repeats=repeats, alternate='pass')
   losses = evaluator.losses(examples, 'textual', early, full)
-  oracle = evaluator.decode(examples, engine.FullDepth(oracle=True))
-  num_layers = evaluator.lm.config.num_decoder_layers
+  oracle = evaluator.decode(examples, modes.FullDepth(oracle=True))
+  num_layers = evaluator.model.config.num_decoder_layers
   return {
       'full_depth_metric': evaluator.score(examples, full.predictions).value,
       'early_exit_metric': evaluator.score(examples, early.predictions).value,
@@ -87,12 +88,14 @@ def demo(*, model_dir: str = gin.REQUIRED,
                'finished model is reused)')
   train_job.train()
   train_seconds = time.perf_counter() - start
-  lm = api.CalmLM(model_dir)
-  evaluator = engine.Evaluator(lm, batch_size=eval_batch_size,
-                               cache_dir=calibrate_job.cache_dir(model_dir))
-  exit_config = lm.exit_config(confidence)
+  evaluator = engine.Evaluator.load(
+      model_dir, batch_size=eval_batch_size,
+      cache_dir=calibrate_job.cache_dir(model_dir))
+  model = evaluator.model
+  exit_config = model.exit_config(confidence)
   report = {'tasks': {}, 'per_layer_accuracy_by_task': {},
-            'train_steps': lm.step, 'model': dataclasses.asdict(lm.config),
+            'train_steps': model.step,
+            'model': dataclasses.asdict(model.config),
             'eval_examples_per_task': eval_examples,
             'calibration': {'delta': delta, 'epsilon': epsilon,
                             'consistency': consistency,
@@ -109,15 +112,15 @@ def demo(*, model_dir: str = gin.REQUIRED,
         certify.Calibration(evaluator, (validation,), exit_config),
         task=task, consistency=consistency, delta=delta, epsilon=epsilon,
         grid_step=0.05, split='validation', min_exit=1)
-    threshold = (record['threshold'] if record['threshold'] is not None
-                 else api.FULL_DEPTH)
+    threshold = (record.threshold if record.certified
+                 else thresholds.EXITS_OFF)
     summary['early_exit'] = {
-        'certified_threshold': record['threshold'],
-        'calibration': record['message'],
+        'certified_threshold': record.threshold,
+        'calibration': record.message,
         **early_exit_test(evaluator,
                           pipeline.task_examples(task, 'test',
                                                  num_examples=eval_examples),
-                          engine.EarlyExit(exit_config, threshold),
+                          modes.EarlyExit(exit_config, threshold),
                           repeats=timing_repeats)}
     report['tasks'][task] = summary
     report['per_layer_accuracy_by_task'][task] = accuracy.round(4).tolist()

@@ -16,19 +16,20 @@ import os
 import time
 from typing import Sequence
 
-import gin
 import numpy as np
 
-from calm_jax import api
 from calm_jax import console
 from calm_jax.analysis import findings
 from calm_jax.analysis import plots
 from calm_jax.analysis import report_markdown
 from calm_jax.analysis import split_protocol
 from calm_jax.data import pipeline
+from calm_jax.decoding import thresholds
 from calm_jax.evaluation import engine
+from calm_jax.inference import loaded as loaded_lib
 from calm_jax.jobs import calibrate as calibrate_job
 from calm_jax.storage import files
+import gin
 
 READS = ('calm_jax.report',)
 DEFAULT_GIN_FILES = ('gin/runs/report.gin',)
@@ -72,7 +73,7 @@ def validity_rows(setup, tasks: Sequence[str], splits: int = 50
       result = split_protocol.run_splits(
           *table, findings.GRID, delta=delta, epsilon=setup.epsilon,
           splits=splits, seed=0,
-          num_layers=setup.lm.config.num_decoder_layers, speedups={})
+          num_layers=setup.model.config.num_decoder_layers, speedups={})
       rows.append({'consistency': consistency, **result})
   return rows
 
@@ -111,7 +112,7 @@ def analyses(setup, tasks: Sequence[str], table: Sequence[dict]) -> dict:
     out['oracle'][task] = {k: v for k, v in oracle.items()
                            if k != 'exit_layers'}
     out['oracle'][task]['exit_layers_histogram'] = engine.exit_histogram(
-        oracle['exit_layers'], setup.lm.config.num_decoder_layers)
+        oracle['exit_layers'], setup.model.config.num_decoder_layers)
     out['oracle'][task]['mean_output_tokens'] = float(np.mean(
         [len(row) for row in oracle['exit_layers']]))
     threshold = _headline_row(table, task)['threshold']
@@ -143,11 +144,11 @@ def exit_maps(setup, tasks: Sequence[str], table: Sequence[dict],
     examples = setup.examples(task, 'test')
     records = engine.example_records(
         examples, setup.early(task, 'softmax', threshold))
-    shown = api.FULL_DEPTH if threshold is None else threshold
+    shown = thresholds.EXITS_OFF if threshold is None else threshold
     title = (f'{task}: exit layer per token (softmax, textual delta 0.25, '
              f'threshold {shown:g})')
     paths[task] = plots.write_exit_map(
-        records[:EXIT_MAP_EXAMPLES], setup.lm.config.num_decoder_layers,
+        records[:EXIT_MAP_EXAMPLES], setup.model.config.num_decoder_layers,
         title, os.path.join(figures_dir, f'exit_map_{task}.html'),
         os.path.join(figures_dir, f'exit_map_{task}.png'))
   return paths
@@ -176,14 +177,14 @@ def measure(model_dir: str, output: str, tasks: Sequence[str], *,
             ) -> dict:
   """All measurements, figures and the document."""
   start = time.perf_counter()
-  lm = api.CalmLM(model_dir)
-  lm.classifier_for('classifier')  # one-line error if never trained
+  model = loaded_lib.load(model_dir)
+  model.classifier_for('classifier')  # one-line error if never trained
   setup = findings.Setup(
-      lm, lambda task, split, n: pipeline.task_examples(task, split,
+      model, lambda task, split, n: pipeline.task_examples(task, split,
                                                         num_examples=n),
       calibrate_job.cache_dir(model_dir), cal_examples=cal_examples,
       test_examples=test_examples, timing_examples=timing_examples)
-  results = {'model_dir': model_dir, 'checkpoint_step': lm.step,
+  results = {'model_dir': model_dir, 'checkpoint_step': model.step,
              'tasks': list(tasks),
              'settings': {'cal_examples': cal_examples,
                           'test_examples': test_examples,
@@ -199,14 +200,14 @@ def measure(model_dir: str, output: str, tasks: Sequence[str], *,
   docs = os.path.dirname(os.path.abspath(output))
   figures_dir = os.path.join(docs, 'figures')
   results['figures'] = figures(results, figures_dir,
-                               lm.config.num_decoder_layers)
+                               model.config.num_decoder_layers)
   results['exit_maps'] = exit_maps(setup, tasks, results['table'],
                                    figures_dir)
   results['seconds'] = round(time.perf_counter() - start, 1)
   for rows in (results['table'], results['sweep']):
     for row in rows:
       row['exit_layers_histogram'] = engine.exit_histogram(
-          [row.pop('exit_layers')], lm.config.num_decoder_layers)
+          [row.pop('exit_layers')], model.config.num_decoder_layers)
   results = _relative_paths(results, docs)
   files.atomic_write_json(os.path.join(docs, 'reproduction.json'), results)
   files.atomic_write_text(output, report_markdown.render(results, docs))

@@ -7,13 +7,13 @@ so a binding applies wherever the group is used: `ExitSettings` and
 calibration record's settings and the decode that uses it the same.
 """
 import dataclasses
-from typing import Optional, Sequence
-
-import gin
+from typing import Optional
+from typing import Sequence
 
 from calm_jax import arguments
-from calm_jax.decoding import confidence as confidence_lib
+from calm_jax import errors
 from calm_jax.decoding import loops
+import gin
 
 
 @gin.configurable(module='calm_jax')
@@ -35,13 +35,7 @@ class ExitSettings:
   propagation: str = 'hidden'
 
   def check(self) -> 'ExitSettings':
-    confidence_lib.get(self.confidence)
-    arguments.optional(arguments.real, 'tau', self.tau, 0.0, open_low=True)
-    arguments.integer('min_exit', self.min_exit, 1)
-    if self.propagation not in loops.PROPAGATIONS:
-      raise arguments.InputError(
-          f'unknown propagation {self.propagation!r}; valid: '
-          f'{", ".join(loops.PROPAGATIONS)}')
+    arguments.check(**dataclasses.asdict(self))
     return self
 
 
@@ -61,7 +55,7 @@ class RunSettings:
   dtype: Optional[str] = None
 
   def check(self) -> 'RunSettings':
-    arguments.integer('batch_size', self.batch_size, 1)
+    arguments.check(batch_size=self.batch_size, dtype=self.dtype)
     return self
 
 
@@ -93,15 +87,12 @@ class DecodeInputs:
 
   def check(self) -> 'DecodeInputs':
     if not self.mixture_or_task_name and not self.input_file:
-      raise arguments.InputError(
+      raise errors.SettingError(
           'nothing to decode: set MIXTURE_OR_TASK_NAME (a SeqIO task) or '
           'INPUT_FILE (a JSONL, TSV or text file)')
-    arguments.optional(arguments.integer, 'num_examples', self.num_examples,
-                       1)
-    arguments.optional(arguments.integer, 'input_length', self.input_length,
-                       2)
-    arguments.optional(arguments.integer, 'target_length',
-                       self.target_length, 1)
+    arguments.check(num_examples=self.num_examples,
+                    input_length=self.input_length,
+                    target_length=self.target_length)
     return self
 
 
@@ -113,6 +104,10 @@ class SamplingSettings:
   top_k: int = 0
   top_p: float = 1.0
   seed: int = 0
+
+  def check(self) -> 'SamplingSettings':
+    arguments.check(**dataclasses.asdict(self))
+    return self
 
   def sampling(self) -> loops.Sampling:
     return loops.Sampling(float(self.temperature), self.top_k,
@@ -137,7 +132,7 @@ class OutputSettings:
   exit_map_examples: int = 10
 
   def check(self) -> 'OutputSettings':
-    arguments.integer('exit_map_examples', self.exit_map_examples, 0)
+    arguments.check(exit_map_examples=self.exit_map_examples)
     return self
 
 
@@ -163,9 +158,8 @@ class CheckpointSettings:
   restore_fallback: bool = True
 
   def check(self) -> 'CheckpointSettings':
-    arguments.integer('CheckpointSettings.period', self.period, 1)
-    arguments.optional(arguments.integer, 'CheckpointSettings.keep',
-                       self.keep, 1)
+    arguments.check(prefix='CheckpointSettings.', period=self.period,
+                    keep=self.keep)
     return self
 
 
@@ -189,9 +183,9 @@ class LogSettings:
   eval_batches: int = 4
 
   def check(self) -> 'LogSettings':
-    arguments.integer('LogSettings.log_every', self.log_every, 1)
-    arguments.integer('LogSettings.eval_every', self.eval_every, 0)
-    arguments.integer('LogSettings.eval_batches', self.eval_batches, 1)
+    arguments.check(prefix='LogSettings.', log_every=self.log_every,
+                    eval_every=self.eval_every,
+                    eval_batches=self.eval_batches)
     return self
 
 
@@ -202,6 +196,11 @@ class LossSettings:
   proportional to i, the paper's; 'uniform'; 'geometric') and the z-loss."""
   weighting: str = 'linear'
   z_loss: float = 1e-4
+
+  def check(self) -> 'LossSettings':
+    arguments.check(prefix='LossSettings.', weighting=self.weighting,
+                    z_loss=self.z_loss)
+    return self
 
 
 TRAIN_SETTINGS = ('calm_jax.CheckpointSettings', 'calm_jax.LogSettings',

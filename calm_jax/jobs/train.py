@@ -7,26 +7,26 @@ starts from another model dir's latest parameters (a pre-trained or imported
 T5) instead of a random init, with a fresh optimizer and step 0.
 """
 import dataclasses
-from typing import Optional, Sequence
-
-import gin
-import jax
+from typing import Optional
+from typing import Sequence
 
 from clu import metric_writers
+import jax
 
 from calm_jax import arguments
 from calm_jax import errors
 from calm_jax.data import pipeline
 from calm_jax.jobs import settings
+from calm_jax.model import model_files
 from calm_jax.model import models
 from calm_jax.model import network
 from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
-from calm_jax.model import model_files
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
 from calm_jax.training import optim
 from calm_jax.training import trainer
+import gin
 
 T5Config = gin.external_configurable(network.T5Config, module='calm_jax')
 make_optimizer = gin.external_configurable(optim.make_optimizer,
@@ -111,7 +111,7 @@ def _check_arguments(stage: str, **values) -> None:
   """The stage, and integers in range, before config.gin or any directory
   is touched."""
   if stage not in STAGES:
-    raise arguments.InputError(f'unknown stage {stage!r}; valid: '
+    raise errors.SettingError(f'unknown stage {stage!r}; valid: '
                                f'{", ".join(STAGES)}')
   lows = {'max_bad_steps': 0}
   for name, value in values.items():
@@ -150,7 +150,7 @@ def _model_stage(model_dir, task, model_config,
     model_config = initial_params_config(initial_checkpoint_path,
                                          model_config)
   if model_config is None:
-    raise errors.ConfigError('stage "model" needs a model config: add a '
+    raise errors.SettingError('stage "model" needs a model config: add a '
                      'gin/models/*.gin file')
   model_files.check_compatible(model_dir, model_config)
   pipeline.check_ready(task, 'train')  # before anything is written

@@ -12,17 +12,18 @@ decoding). Writes OUTPUT_DIR/validity.json and validity.png.
 import os
 from typing import Sequence
 
-import gin
-
-from calm_jax import api
+from calm_jax import arguments
 from calm_jax import console
 from calm_jax.analysis import plots
 from calm_jax.analysis import split_protocol
 from calm_jax.calibration import ltt
 from calm_jax.data import pipeline
+from calm_jax.inference import decoder as decoder_lib
+from calm_jax.inference import loaded as loaded_lib
 from calm_jax.jobs import calibrate as calibrate_job
 from calm_jax.jobs import settings
 from calm_jax.storage import files
+import gin
 
 READS = ('calm_jax.validity',)
 DEFAULT_GIN_FILES = ('gin/runs/validity.gin',)
@@ -37,20 +38,20 @@ def validity(*, model_dir: str = gin.REQUIRED,
              deltas: Sequence[float] = DELTAS,
              output_dir: str = 'runs/validity') -> dict:
   """Runs the split protocol per consistency and delta; writes the results."""
-  lm = api.CalmLM(model_dir)
+  model = loaded_lib.load(model_dir)
   calibration = calibrate_job.calibration_for(
-      lm, list(pipeline.task_rates(mixture_or_task_name)),
+      decoder_lib.Decoder(model), list(pipeline.task_rates(mixture_or_task_name)),
       settings.ExitSettings(confidence=confidence).check(),
       split='validation', num_examples=num_examples, batch_size=32)
   grid = ltt.descending_grid(1.0, 0.0, 0.05)
   speedups = calibration.speedups(grid)
   results = []
-  for consistency in ltt.CONSISTENCIES:
+  for consistency in arguments.CONSISTENCIES:
     table = calibration.loss_table(consistency, grid)
     for delta in deltas:
       row = split_protocol.run_splits(
           *table, grid, delta=delta, epsilon=epsilon, splits=splits, seed=0,
-          num_layers=lm.config.num_decoder_layers, speedups=speedups)
+          num_layers=model.config.num_decoder_layers, speedups=speedups)
       row['consistency'] = consistency
       results.append(row)
       console.info(
@@ -58,7 +59,7 @@ def validity(*, model_dir: str = gin.REQUIRED,
           f"{row['violation_rate']:.3f} risk={row['mean_test_risk']:.4f} "
           f"layers={row['mean_avg_layers']:.2f} "
           f"speedup={row['mean_speedup']:.2f}")
-  out = {'model_dir': model_dir, 'checkpoint_step': lm.step,
+  out = {'model_dir': model_dir, 'checkpoint_step': model.step,
          'confidence': confidence, 'n': int(table[0].shape[1]),
          'grid': grid, 'speedup_by_threshold': speedups, 'results': results}
   files.atomic_write_json(os.path.join(output_dir, 'validity.json'), out)

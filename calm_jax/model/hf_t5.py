@@ -20,7 +20,9 @@ whole or nothing).
 """
 import dataclasses
 import os
-from typing import Any, Callable, Optional
+from typing import Any
+from typing import Callable
+from typing import Optional
 
 import jax
 import numpy as np

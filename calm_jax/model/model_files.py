@@ -9,7 +9,8 @@ loading its parameters.
                              (`storage.checkpoints`)
 """
 import dataclasses
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import jax
 

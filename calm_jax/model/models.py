@@ -4,14 +4,15 @@ No nn.Module is defined here; `CalmModel` pairs a `network.EncoderDecoder`
 with pure functions over its parameters.
 """
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calm_jax import errors
+from calm_jax import arguments
 from calm_jax.decoding import confidence
 from calm_jax.decoding import loops
 from calm_jax.model import network
@@ -19,7 +20,6 @@ from calm_jax.model import network
 Array = jax.Array
 Params = Mapping[str, Any]
 
-LOSS_WEIGHTINGS = ('linear', 'uniform', 'geometric')
 
 
 def exit_loss_weights(exit_layers: tuple[int, ...], weighting: str = 'linear'
@@ -29,16 +29,14 @@ def exit_loss_weights(exit_layers: tuple[int, ...], weighting: str = 'linear'
   linear: w_i proportional to the layer index i (CALM's choice, higher layers
   weigh more); uniform: equal; geometric: w_i proportional to 2**i.
   """
+  arguments.check(weighting=weighting)
   layers = np.asarray(exit_layers, np.float64)
   if weighting == 'linear':
     raw = layers
   elif weighting == 'uniform':
     raw = np.ones_like(layers)
-  elif weighting == 'geometric':
+  else:  # geometric
     raw = 2.0 ** (layers - layers.max())
-  else:
-    raise errors.ConfigError(f'unknown loss weighting {weighting!r}; valid: '
-                     f'{", ".join(LOSS_WEIGHTINGS)}')
   return (raw / raw.sum()).astype(np.float32)
 
 
@@ -256,6 +254,13 @@ class CalmModel:
     return ModelStepFns(module=self.module, params=params, cross_kv=cross_kv,
                         encoder_mask=mask, max_length=max_length)
 
+  @staticmethod
+  def _batch_size(encoder_tokens: Array | None, context) -> int:
+    """Rows of a decode: of the inputs, or of their encoded context."""
+    if encoder_tokens is not None:
+      return encoder_tokens.shape[0]
+    return context[1].shape[0]  # the encoder mask [b, 1, 1, s]
+
   def _cache_args(self) -> dict:
     return dict(cache_shape=(self.config.num_heads, self.config.head_dim),
                 cache_dtype=self.config.jnp_dtype)
@@ -265,10 +270,13 @@ class CalmModel:
                     sampling: loops.Sampling = loops.Sampling(),
                     rng: Array | None = None, oracle: bool = False,
                     context=None) -> loops.DecodeOutput:
-    """Full-depth decode (optionally with the oracle's exit layers)."""
+    """Full-depth decode of [b, s] inputs, or of their `context` (from
+    `encode_context`; encoder_tokens may then be None), optionally with
+    the oracle's exit layers."""
     fns = self.step_fns(params, encoder_tokens, max_length, context)
     return loops.static_decode(
-        fns, batch_size=encoder_tokens.shape[0], max_length=max_length,
+        fns, batch_size=self._batch_size(encoder_tokens, context),
+        max_length=max_length,
         eos_id=eos_id, sampling=sampling, rng=rng, oracle=oracle,
         **self._cache_args())
 
@@ -279,12 +287,13 @@ class CalmModel:
                         rng: Array | None = None,
                         forced_exit_layers: Array | None = None,
                         context=None) -> loops.DecodeOutput:
-    """CALM decode of [b, s] inputs (jit it with exit_config static)."""
+    """CALM decode of [b, s] inputs or of their `context`, as in
+    `decode_static` (jit it with exit_config static)."""
     fns = self.step_fns(params, encoder_tokens, max_length, context)
     return loops.early_exit_decode(
         fns, exit_config, threshold=threshold,
-        batch_size=encoder_tokens.shape[0], max_length=max_length,
-        eos_id=eos_id, classifier=classifier, rng=rng,
+        batch_size=self._batch_size(encoder_tokens, context),
+        max_length=max_length, eos_id=eos_id, classifier=classifier, rng=rng,
         forced_exit_layers=forced_exit_layers, **self._cache_args())
 
   def predict_full_depth(self, params: Params, encoder_tokens: Array,

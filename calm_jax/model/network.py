@@ -19,16 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calm_jax import errors
+from calm_jax import arguments
 from calm_jax.model import layers
 
 Array = jax.Array
-
-
-# Activation dtypes. Parameters are float32 in every case (t5x's default);
-# bfloat16 runs matmuls in bfloat16 with float32 accumulation, while norm
-# statistics, attention softmax, logits and confidences are float32.
-DTYPES = ('float32', 'bfloat16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +46,16 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   first_exit: int = 1
   exit_interval: int = 1
+  # Activation dtype (`arguments.DTYPES`). Parameters are float32 in every
+  # case (t5x's default); bfloat16 runs matmuls in bfloat16 with float32
+  # accumulation, while norm statistics, attention softmax, logits and
+  # confidences are float32.
   dtype: str = 'float32'
 
   def __post_init__(self):
-    if not 1 <= self.first_exit <= self.num_decoder_layers:
-      raise errors.ConfigError(f'first_exit={self.first_exit} must be in '
-                       f'[1, {self.num_decoder_layers}]')
-    if self.exit_interval < 1:
-      raise errors.ConfigError(f'exit_interval={self.exit_interval} must be >= 1')
-    if self.dtype not in DTYPES:
-      raise errors.ConfigError(f'dtype={self.dtype!r}; valid: {", ".join(DTYPES)}')
+    arguments.check(first_exit=self.first_exit,
+                    exit_interval=self.exit_interval, dtype=self.dtype,
+                    num_layers=self.num_decoder_layers)
 
   @property
   def exit_layers(self) -> tuple[int, ...]:

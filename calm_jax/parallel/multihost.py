@@ -11,11 +11,14 @@ No TensorFlow, no gin.
 """
 import json
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+import numpy as np
 
 from calm_jax import errors
 
@@ -53,12 +56,12 @@ def initialize(coordinator_address: Optional[str] = None,
     process_id = (process_id if process_id is not None
                   else _env_int(PROCESS_ID_ENV))
     if num_processes is None or process_id is None:
-      raise errors.ConfigError(
+      raise errors.SettingError(
           f'a coordinator address needs the process count and this '
           f'process id: set {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} (or '
           'calm_jax.distributed.num_processes / process_id)')
     if not 0 <= process_id < num_processes:
-      raise errors.ConfigError(f'process id {process_id} is not in '
+      raise errors.SettingError(f'process id {process_id} is not in '
                        f'[0, {num_processes})')
     kwargs = dict(coordinator_address=coordinator_address,
                   num_processes=num_processes, process_id=process_id)
@@ -78,7 +81,7 @@ def local_batch_size(global_batch_size: int) -> int:
   """This process's rows of each global batch (processes split it evenly)."""
   processes = jax.process_count()
   if global_batch_size % processes:
-    raise errors.ConfigError(f'batch size {global_batch_size} does not split over '
+    raise errors.SettingError(f'batch size {global_batch_size} does not split over '
                      f'{processes} processes')
   return global_batch_size // processes
 

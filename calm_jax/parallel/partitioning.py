@@ -12,12 +12,17 @@ per 'data' shard (`per_data_shard`), so that each shard's rows decide its own
 exits and loop length. No TensorFlow, no gin.
 """
 import contextlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
+from typing import Callable
+from typing import Optional
+from typing import Sequence
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from calm_jax import errors
 
@@ -35,7 +40,7 @@ def make_mesh(shape: Optional[Sequence[int]] = None,
   devices = list(jax.devices() if devices is None else devices)
   shape = tuple(shape or (len(devices), 1))
   if len(shape) != len(MESH_AXES) or int(np.prod(shape)) != len(devices):
-    raise errors.ConfigError(f'mesh shape {shape} does not hold {len(devices)} '
+    raise errors.SettingError(f'mesh shape {shape} does not hold {len(devices)} '
                      f'devices as (data, model)')
   return Mesh(np.array(devices).reshape(shape), MESH_AXES)
 
@@ -125,7 +130,7 @@ def shardings_like_params(tree: Any, params: Any, params_shardings: Any,
 def check_batch_fits(global_batch_size: int, mesh: Mesh) -> None:
   data = mesh.shape['data']
   if global_batch_size % data:
-    raise errors.ConfigError(f'batch size {global_batch_size} does not split over '
+    raise errors.SettingError(f'batch size {global_batch_size} does not split over '
                      f"the mesh's {data} 'data' shards; use a multiple of "
                      f'{data}')
 

@@ -12,9 +12,9 @@ import string
 from typing import Sequence
 
 import numpy as np
-import sacrebleu
 from rouge_score import rouge_scorer
 from rouge_score import scoring
+import sacrebleu
 
 # T5's three keys first, in T5's order, so that the seeded bootstrap draws
 # the same resamples for them as t5.evaluation.metrics.rouge does; ROUGE-L

@@ -14,7 +14,8 @@ model.
 import hashlib
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import jax
 import numpy as np

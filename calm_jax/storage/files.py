@@ -19,7 +19,10 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable, Union
+from typing import Any
+from typing import Callable
+from typing import Iterable
+from typing import Union
 
 from etils import epath
 

@@ -10,11 +10,14 @@ the list of what changed. No JAX below the array digest, no TensorFlow.
 """
 import hashlib
 import json
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
+from typing import Iterator
+from typing import Mapping
+from typing import Optional
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
-from etils import epath
 import numpy as np
 
 from calm_jax import errors

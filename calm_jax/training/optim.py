@@ -22,7 +22,7 @@ def learning_rate_schedule(learning_rate: float, *, schedule: str,
     decay = optax.cosine_decay_schedule(
         learning_rate, max(total_steps - warmup_steps, 1), alpha=0.05)
   else:
-    raise errors.ConfigError(f'unknown schedule {schedule!r}; valid: '
+    raise errors.SettingError(f'unknown schedule {schedule!r}; valid: '
                      f'{", ".join(SCHEDULES)}')
   if warmup_steps <= 0:
     return decay
@@ -57,7 +57,7 @@ def make_optimizer(name: str = 'adafactor', *, learning_rate: float = 1e-3,
   elif name == 'adamw':
     opt = optax.adamw(lr, weight_decay=weight_decay)
   else:
-    raise errors.ConfigError(f'unknown optimizer {name!r}; valid: '
+    raise errors.SettingError(f'unknown optimizer {name!r}; valid: '
                      f'{", ".join(OPTIMIZERS)}')
   if grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)

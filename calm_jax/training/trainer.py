@@ -14,15 +14,22 @@ yields its own rows of every global batch.
 import dataclasses
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol
+from typing import Any
+from typing import Callable
+from typing import Iterable
+from typing import Iterator
+from typing import Mapping
+from typing import Optional
+from typing import Protocol
 
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 import numpy as np
 import optax
 import tqdm
-from jax.sharding import Mesh, NamedSharding
 
 from calm_jax import console
 from calm_jax import errors
@@ -444,7 +451,7 @@ def _validation(objective: Objective, place: Placement,
 def _next_batch(batches: Iterator[Batch], step: int, start: int) -> Batch:
   batch = next(batches, None)
   if batch is None:
-    raise errors.ConfigError(f'no training data: the dataset ended after '
+    raise errors.SettingError(f'no training data: the dataset ended after '
                      f'{step - 1 - start} batches (at step {step})')
   return batch
 
