@@ -29,6 +29,8 @@ PROPAGATIONS = ('hidden', 'kv_copy', 'none')
 CONSISTENCIES = ('textual', 'risk')
 DTYPES = ('float32', 'bfloat16')
 LOSS_WEIGHTINGS = ('linear', 'uniform', 'geometric')
+OPTIMIZERS = ('adafactor', 'adamw')
+SCHEDULES = ('constant', 'rsqrt', 'cosine')
 
 
 def _is_int(value: Any) -> bool:
@@ -105,6 +107,13 @@ def _choice(valid: Sequence[str], optional=False) -> Rule:
   return Rule(lambda n, v, ctx: choice(n, v, valid), optional)
 
 
+def _mesh_shape(name: str, value: Any, ctx: dict) -> None:
+  if (not isinstance(value, (list, tuple)) or len(value) != 2
+      or not all(_is_int(v) and v >= 1 for v in value)):
+    raise errors.SettingError(f'{name} must be (data, model): two positive '
+                              f'integers, got {value!r}')
+
+
 def _deltas(name: str, value: Any, ctx: dict) -> None:
   for delta in value if isinstance(value, (list, tuple)) else [value]:
     real(name, delta, 0.0, 1.0, open_low=True, open_high=True)
@@ -125,6 +134,8 @@ RULES: dict[str, Rule] = {
     'top_p': _real(0.0, 1.0, open_low=True),
     'seed': _int(0),
     'batch_size': _int(1),
+    'mesh_shape': Rule(_mesh_shape, optional=True),  # fits the devices?
+    # checked when the mesh is made
     'max_length': _int(1, optional=True),
     'max_input_length': _int(2),
     'num_examples': _int(1, optional=True),
@@ -138,9 +149,13 @@ RULES: dict[str, Rule] = {
     'grid_step': _real(0.0, 1.0, open_low=True),
     'consistency': _choice(CONSISTENCIES),
     # training
+    'optimizer': _choice(OPTIMIZERS),
+    'schedule': _choice(SCHEDULES),
     'learning_rate': _real(0.0, open_low=True),
     'warmup_steps': _int(0),
+    'total_steps': _int(1),
     'weight_decay': _real(0.0),
+    'grad_clip_norm': _real(0.0),
     'num_train_steps': _int(1),
     'max_bad_steps': _int(0),
     'weighting': _choice(LOSS_WEIGHTINGS),  # of the per-exit losses
@@ -150,8 +165,12 @@ RULES: dict[str, Rule] = {
     'log_every': _int(1),
     'eval_every': _int(0),
     'eval_batches': _int(1),
-    # benchmarks
+    # benchmarks, the demo, the report and the validity protocol
     'repeats': _int(1),
+    'splits': _int(1),
+    **{name: _int(1) for name in (
+        'eval_examples', 'eval_batch_size', 'timing_repeats', 'cal_examples',
+        'test_examples', 'timing_examples', 'length')},
 }
 
 

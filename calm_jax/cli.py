@@ -33,10 +33,10 @@ from typing import Sequence
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+import gin  # pylint: disable=g-import-not-at-top
 
 from calm_jax import console  # pylint: disable=g-import-not-at-top
 from calm_jax import errors  # pylint: disable=g-import-not-at-top
-import gin  # pylint: disable=g-import-not-at-top
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent
 # Every job is configured with gin; all are registered before a config is
@@ -283,9 +283,12 @@ def parse(argv: Sequence[str]) -> None:
   parse_gin(flags.gin_file, flags.gin_bindings, flags.gin_search_paths)
 
 
-def run_command(job: str, doc: str, argv: Sequence[str]) -> int:
+def run_command(job: str, doc: str, argv: Sequence[str], *,
+                check_only: bool = False) -> int:
   """Runs a job from its command line; returns the exit status. User
-  errors print one line and give 2; other exceptions propagate."""
+  errors print one line and give 2; other exceptions propagate. With
+  `check_only`, the command line and every setting are checked and nothing
+  runs (what the tests of the documented examples do)."""
   if any(arg in HELP_FLAGS for arg in argv):
     print(doc.strip() + '\n\nflags:\n' + _flag_help())
     return 0
@@ -302,6 +305,9 @@ def run_command(job: str, doc: str, argv: Sequence[str]) -> int:
     reads = (*module.READS, *environment.READS)
     check_command_line(flags.gin_bindings, reads, job)
     check_required(reads)
+    if check_only:
+      module.run(check_only=True)
+      return 0
     environment.setup()
     module.run()
   except errors.UserError as e:

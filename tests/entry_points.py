@@ -16,15 +16,18 @@ import subprocess
 import sys
 import traceback
 
+import gin
+
 from calm_jax import cli
 from calm_jax.tasks import data_settings
-import gin
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-  """In-process `python -m MODULE ARGS` from the repository root."""
+def run_module(module: str, *args: str, check_only: bool = False
+               ) -> subprocess.CompletedProcess:
+  """In-process `python -m MODULE ARGS` from the repository root (with
+  `check_only`: the command line and settings checked, nothing run)."""
   command = importlib.import_module(module)
   job = module.rsplit('.', 1)[-1]
   out, err = io.StringIO(), io.StringIO()
@@ -33,7 +36,8 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
   try:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
       try:
-        code = cli.run_command(job, command.__doc__, list(args))
+        code = cli.run_command(job, command.__doc__, list(args),
+                               check_only=check_only)
       except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
       except Exception:  # pylint: disable=broad-except

@@ -3,11 +3,11 @@ import subprocess
 import sys
 import time
 
+import gin
 import pytest
 
 from calm_jax import cli
 from calm_jax import errors
-import gin
 
 import entry_points  # tests/entry_points.py
 

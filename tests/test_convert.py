@@ -185,9 +185,10 @@ def test_cli_error_is_one_line_and_writes_nothing(untied, tmp_path):
 
 
 def test_finetune_from_hf_gin_trains_the_imported_model(untied, tmp_path):
+  import gin  # pylint: disable=g-import-not-at-top
+
   from calm_jax import cli  # pylint: disable=g-import-not-at-top
   from calm_jax.jobs import train  # pylint: disable=g-import-not-at-top
-  import gin  # pylint: disable=g-import-not-at-top
   _, imported, _, model, params = untied
   tuned_dir = str(tmp_path / 'tuned')
   gin.clear_config()

@@ -2,12 +2,12 @@
 import glob
 import os
 
+import gin
 import pytest
 
 from calm_jax import cli
 from calm_jax.jobs import train
 from calm_jax.model import network
-import gin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = sorted(os.path.relpath(p, REPO) for p in

@@ -4,6 +4,7 @@ calibration and a calibrated early-exit decode. Slow (about a minute)."""
 import json
 import os
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -16,7 +17,6 @@ from calm_jax.jobs import decode
 from calm_jax.jobs import environment
 from calm_jax.jobs import train
 from calm_jax.model import model_files
-import gin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = 'cnn_dailymail_v3'

@@ -11,6 +11,7 @@ import argparse
 import statistics
 import time
 
+import gin
 import jax
 
 from calm_jax import cli
@@ -21,7 +22,6 @@ from calm_jax.model import models
 from calm_jax.parallel import partitioning
 from calm_jax.storage import files
 from calm_jax.training import trainer
-import gin
 
 CONFIG = 'gin/experiments/demo_train.gin'
 

@@ -321,7 +321,7 @@ EN-FR, `synth_qa` for SQuAD (see docs/tasks.md). Compare trends, not
 values. To run the same
 report on the paper's tasks, train and calibrate a model with a
 `gin/experiments/*.gin` file, then run
-`python -m calm_jax.report --model_dir=runs/cnn_dailymail --tasks=cnn_dailymail_v3`.
+`python -m calm_jax.report --gin.MODEL_DIR="'runs/cnn_dailymail'" --gin.TASKS="['cnn_dailymail_v3']"`.
 
 Protocol: thresholds certified by Learn then Test (ε = {s["epsilon"]:g},
 grid 1.0, 0.95, ..., 0) on {s["cal_examples"]} validation examples per task;

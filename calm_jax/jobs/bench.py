@@ -20,6 +20,7 @@ import statistics
 from typing import Optional
 from typing import Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +42,6 @@ from calm_jax.model import models
 from calm_jax.model import network
 from calm_jax.storage import files
 from calm_jax.tasks import synthetic
-import gin
 
 READS = ('calm_jax.bench',)
 DEFAULT_GIN_FILES = ('gin/runs/bench.gin',)
@@ -347,24 +347,29 @@ def bench(*, output: str = 'runs/bench/bench.json',
           dtypes: Sequence[str] = ('float32',),
           demo_model_dir: str = 'runs/demo/model',
           compare_buckets: bool = True, agreement: bool = False,
-          length: int = 64) -> Optional[dict]:
+          length: int = 64, check_only: bool = False) -> Optional[dict]:
   """Runs every case and writes `output` (JSON) and its markdown page
   (.md); with `table` (a bench.json), writes and prints that page instead.
   `demo_model_dir`: the trained model of the 'demo' cases and of the mixed
   pattern's exit distribution (loaded once; skipped when absent).
   `compare_buckets` compares bucket sets on the mixed pattern; `agreement`
   also measures bfloat16 vs float32 greedy tokens of the demo model;
-  `length` is the paper-size model's input and output length."""
-  if table:
-    print(write_tables(table))
-    return None
+  `length` is the paper-size model's input and output length.
+  `check_only`: check the settings, measure nothing."""
   for value in dtypes:
     arguments.check(dtype=value)
   for value in models:
     arguments.choice('model', value, MODELS)
   for value in measures:
     arguments.choice('measure', value, MEASURES)
-  arguments.check(repeats=repeats)
+  arguments.check(repeats=repeats, length=length)
+  for value in batch_sizes:
+    arguments.check(batch_size=value)
+  if check_only:
+    return None
+  if table:
+    print(write_tables(table))
+    return None
   demo = (api.CalmLM(demo_model_dir) if files.exists(
       files.join(demo_model_dir, model_files.MODEL_JSON)) else None)
   distribution = exit_distribution(demo)
@@ -400,5 +405,5 @@ def bench(*, output: str = 'runs/bench/bench.json',
   return out
 
 
-def run() -> None:
-  bench()
+def run(check_only: bool = False) -> None:
+  bench(check_only=check_only)

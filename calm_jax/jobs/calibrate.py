@@ -13,10 +13,12 @@ import os
 from typing import Optional
 from typing import Sequence
 
+from etils import epy
+import gin
+
 from calm_jax import arguments
 from calm_jax import console
 from calm_jax.calibration import records
-from calm_jax.data import pipeline
 from calm_jax.evaluation import certify
 from calm_jax.evaluation import engine
 from calm_jax.inference import decoder as decoder_lib
@@ -25,7 +27,11 @@ from calm_jax.jobs import settings
 from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
 from calm_jax.storage import files
-import gin
+
+# The SeqIO pipeline (and with it TensorFlow) loads when a job first
+# reads data, not when the command line registers every job.
+with epy.lazy_imports():
+  from calm_jax.data import pipeline
 
 READS = ('calm_jax.calibrate', *settings.SETTINGS)
 
@@ -74,7 +80,8 @@ def calibrate(*, model_dir: str = gin.REQUIRED,
               consistency: str = 'textual', split: str = 'validation',
               num_examples: Optional[int] = None, grid_step: float = 0.05,
               exits: Optional[settings.ExitSettings] = None,
-              runtime: Optional[settings.RunSettings] = None):
+              runtime: Optional[settings.RunSettings] = None,
+              check_only: bool = False):
   """Certifies a threshold per delta and writes the calibration records.
 
   `delta` is one tolerance or a list of them (a paper-style sweep); the
@@ -83,7 +90,8 @@ def calibrate(*, model_dir: str = gin.REQUIRED,
   `exits` and `runtime` default to their gin bindings (calm_jax.ExitSettings,
   shared with decode so that a record's settings are the decode's, and
   calm_jax.RunSettings: batch, mesh, dtype). Decodes run over every process;
-  the primary one writes.
+  the primary one writes. Every setting is checked before the model is
+  loaded; `check_only` stops there.
   """
   deltas = list(delta) if isinstance(delta, (list, tuple)) else [delta]
   exits = (exits or settings.ExitSettings()).check()
@@ -91,6 +99,8 @@ def calibrate(*, model_dir: str = gin.REQUIRED,
   arguments.check(delta=deltas, epsilon=epsilon, consistency=consistency,
                   grid_step=grid_step, num_examples=num_examples)
   files.check_writable_dir(records.directory(model_dir), 'MODEL_DIR')
+  if check_only:
+    return None
   model = loaded_lib.load(
       model_dir, mesh=partitioning.make_mesh(runtime.mesh_shape),
       dtype=runtime.dtype)
@@ -106,5 +116,5 @@ def calibrate(*, model_dir: str = gin.REQUIRED,
   return out if isinstance(delta, (list, tuple)) else out[0]
 
 
-def run() -> None:
-  calibrate()
+def run(check_only: bool = False) -> None:
+  calibrate(check_only=check_only)

@@ -10,6 +10,9 @@ Files appear whole or not at all.
 import os
 from typing import Optional
 
+from etils import epy
+import gin
+
 from calm_jax import arguments
 from calm_jax import console
 from calm_jax import errors
@@ -17,7 +20,6 @@ from calm_jax.analysis import plots
 from calm_jax.calibration import records
 from calm_jax.data import examples as examples_lib
 from calm_jax.data import input_files
-from calm_jax.data import pipeline
 from calm_jax.evaluation import engine
 from calm_jax.inference import decoder as decoder_lib
 from calm_jax.inference import loaded as loaded_lib
@@ -27,7 +29,11 @@ from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
 from calm_jax.storage import files
 from calm_jax.storage import provenance
-import gin
+
+# The SeqIO pipeline (and with it TensorFlow) loads when a job first
+# reads data, not when the command line registers every job.
+with epy.lazy_imports():
+  from calm_jax.data import pipeline
 
 READS = ('calm_jax.decode', *settings.DECODE_SETTINGS)
 RUN_JSON = 'run.json'
@@ -134,7 +140,8 @@ def decode(*, model_dir: str = gin.REQUIRED,
            exits: Optional[settings.ExitSettings] = None,
            sampling: Optional[settings.SamplingSettings] = None,
            output: Optional[settings.OutputSettings] = None,
-           runtime: Optional[settings.RunSettings] = None) -> dict:
+           runtime: Optional[settings.RunSettings] = None,
+           check_only: bool = False) -> Optional[dict]:
   """Decodes every task of a mixture (or the input file) with early exit;
   returns the summary.
 
@@ -145,15 +152,17 @@ def decode(*, model_dir: str = gin.REQUIRED,
   (calm_jax.DecodeInputs, ExitSettings, SamplingSettings, OutputSettings,
   RunSettings). `RunSettings.batch_size` is global: with several processes
   each decodes its share and the primary one writes everything in input
-  order.
+  order. Every setting is checked before the model is loaded or a file
+  written; `check_only` stops there.
   """
-  # Every setting is checked before the model is loaded or a file written.
   inputs = (inputs or settings.DecodeInputs()).check()
   exits = (exits or settings.ExitSettings()).check()
   sampling = (sampling or settings.SamplingSettings()).check()
   output = (output or settings.OutputSettings()).check()
   runtime = (runtime or settings.RunSettings()).check()
   arguments.check(threshold=threshold)
+  if check_only:
+    return None
   model = loaded_lib.load(
       model_dir, mesh=partitioning.make_mesh(runtime.mesh_shape),
       dtype=runtime.dtype)
@@ -200,5 +209,5 @@ def decode(*, model_dir: str = gin.REQUIRED,
   return summary
 
 
-def run() -> None:
-  decode()
+def run(check_only: bool = False) -> None:
+  decode(check_only=check_only)

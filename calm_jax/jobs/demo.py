@@ -15,12 +15,15 @@ MODEL_DIR/calibration/cache, so a rerun re-measures only the timings.
 """
 import dataclasses
 import time
+from typing import Optional
 
+from etils import epy
+import gin
 import numpy as np
 
+from calm_jax import arguments
 from calm_jax import console
 from calm_jax.data import examples as examples_lib
-from calm_jax.data import pipeline
 from calm_jax.decoding import thresholds
 from calm_jax.evaluation import certify
 from calm_jax.evaluation import engine
@@ -28,7 +31,11 @@ from calm_jax.inference import modes
 from calm_jax.jobs import calibrate as calibrate_job
 from calm_jax.jobs import train as train_job
 from calm_jax.storage import files
-import gin
+
+# The SeqIO pipeline (and with it TensorFlow) loads when a job first
+# reads data, not when the command line registers every job.
+with epy.lazy_imports():
+  from calm_jax.data import pipeline
 
 READS = ('calm_jax.demo', *train_job.READS)
 
@@ -81,8 +88,18 @@ def demo(*, model_dir: str = gin.REQUIRED,
          report_path: str = gin.REQUIRED, eval_examples: int = 200,
          eval_batch_size: int = 50, delta: float = 0.25,
          epsilon: float = 0.05, consistency: str = 'textual',
-         confidence: str = 'softmax', timing_repeats: int = 3) -> dict:
-  """Runs the whole main job and writes the report; returns it."""
+         confidence: str = 'softmax', timing_repeats: int = 3,
+         check_only: bool = False) -> Optional[dict]:
+  """Runs the whole main job and writes the report; returns it. Every
+  setting (the training run's too) is checked first; `check_only` stops
+  there."""
+  arguments.check(eval_examples=eval_examples,
+                  eval_batch_size=eval_batch_size, delta=delta,
+                  epsilon=epsilon, consistency=consistency,
+                  confidence=confidence, timing_repeats=timing_repeats)
+  train_job.train(check_only=True)
+  if check_only:
+    return None
   start = time.perf_counter()
   console.info(f'[1/3] training the demo model in {model_dir} (resumes; a '
                'finished model is reused)')
@@ -152,5 +169,5 @@ def _shares(shares) -> str:
   return ' '.join(f'{s:.2f}' for s in shares)
 
 
-def run() -> None:
-  demo()
+def run(check_only: bool = False) -> None:
+  demo(check_only=check_only)

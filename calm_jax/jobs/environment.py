@@ -5,9 +5,10 @@
 - `calm_jax.data_settings`: where the paper tasks read T5's vocabulary and
   TFDS data, and per-task feature lengths.
 """
+import gin
+
 from calm_jax.parallel import multihost
 from calm_jax.tasks import data_settings as settings
-import gin
 
 READS = ('calm_jax.data_settings', 'calm_jax.distributed')
 

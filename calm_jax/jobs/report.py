@@ -14,22 +14,29 @@ resumes; running it again rewrites every file.
 """
 import os
 import time
+from typing import Optional
 from typing import Sequence
 
+from etils import epy
+import gin
 import numpy as np
 
+from calm_jax import arguments
 from calm_jax import console
 from calm_jax.analysis import findings
 from calm_jax.analysis import plots
 from calm_jax.analysis import report_markdown
 from calm_jax.analysis import split_protocol
-from calm_jax.data import pipeline
 from calm_jax.decoding import thresholds
 from calm_jax.evaluation import engine
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.jobs import calibrate as calibrate_job
 from calm_jax.storage import files
-import gin
+
+# The SeqIO pipeline (and with it TensorFlow) loads when a job first
+# reads data, not when the command line registers every job.
+with epy.lazy_imports():
+  from calm_jax.data import pipeline
 
 READS = ('calm_jax.report',)
 DEFAULT_GIN_FILES = ('gin/runs/report.gin',)
@@ -243,9 +250,15 @@ def report(*, model_dir: str = gin.REQUIRED,
            output: str = 'docs/REPRODUCTION.md',
            tasks: Sequence[str] = DEFAULT_TASKS, cal_examples: int = 300,
            test_examples: int = 200, timing_examples: int = 32,
-           render_only: bool = False) -> dict:
+           render_only: bool = False,
+           check_only: bool = False) -> Optional[dict]:
   """Measures the paper's findings on `model_dir` and writes `output`
-  (render_only: rewrites `output` from the saved numbers of the last run)."""
+  (render_only: rewrites `output` from the saved numbers of the last run;
+  check_only: checks the settings, runs nothing)."""
+  arguments.check(cal_examples=cal_examples, test_examples=test_examples,
+                  timing_examples=timing_examples)
+  if check_only:
+    return None
   if render_only:
     return render_saved(output)
   return measure(model_dir, output, list(tasks), cal_examples=cal_examples,
@@ -253,5 +266,5 @@ def report(*, model_dir: str = gin.REQUIRED,
                  timing_examples=timing_examples)
 
 
-def run() -> None:
-  report()
+def run(check_only: bool = False) -> None:
+  report(check_only=check_only)

@@ -10,10 +10,11 @@ import dataclasses
 from typing import Optional
 from typing import Sequence
 
+import gin
+
 from calm_jax import arguments
 from calm_jax import errors
 from calm_jax.decoding import loops
-import gin
 
 
 @gin.configurable(module='calm_jax')
@@ -55,7 +56,8 @@ class RunSettings:
   dtype: Optional[str] = None
 
   def check(self) -> 'RunSettings':
-    arguments.check(batch_size=self.batch_size, dtype=self.dtype)
+    arguments.check(batch_size=self.batch_size, dtype=self.dtype,
+                    mesh_shape=self.mesh_shape)
     return self
 
 

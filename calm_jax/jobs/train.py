@@ -11,11 +11,12 @@ from typing import Optional
 from typing import Sequence
 
 from clu import metric_writers
+from etils import epy
+import gin
 import jax
 
 from calm_jax import arguments
 from calm_jax import errors
-from calm_jax.data import pipeline
 from calm_jax.jobs import settings
 from calm_jax.model import model_files
 from calm_jax.model import models
@@ -26,7 +27,11 @@ from calm_jax.storage import checkpoints
 from calm_jax.storage import files
 from calm_jax.training import optim
 from calm_jax.training import trainer
-import gin
+
+# The SeqIO pipeline (and with it TensorFlow) loads when a job first
+# reads data, not when the command line registers every job.
+with epy.lazy_imports():
+  from calm_jax.data import pipeline
 
 T5Config = gin.external_configurable(network.T5Config, module='calm_jax')
 make_optimizer = gin.external_configurable(optim.make_optimizer,
@@ -48,8 +53,8 @@ def train(*, model_dir: str = gin.REQUIRED,
           mesh_shape: Optional[Sequence[int]] = None, max_bad_steps: int = 0,
           checkpointing: Optional[settings.CheckpointSettings] = None,
           logging: Optional[settings.LogSettings] = None,
-          loss: Optional[settings.LossSettings] = None
-          ) -> trainer.TrainState:
+          loss: Optional[settings.LossSettings] = None,
+          check_only: bool = False) -> Optional[trainer.TrainState]:
   """Trains into `model_dir` on a SeqIO task or mixture.
 
   stage 'model' trains the CALM network (model_config required); stage
@@ -62,14 +67,23 @@ def train(*, model_dir: str = gin.REQUIRED,
 
   A NaN or infinite step is not applied: the run stops (or skips up to
   `max_bad_steps`). The settings groups default to their gin bindings
-  (calm_jax.CheckpointSettings, LogSettings, LossSettings).
+  (calm_jax.CheckpointSettings, LogSettings, LossSettings). Every setting
+  is checked before anything is read or written; `check_only` stops
+  there.
   """
   checkpointing = (checkpointing or settings.CheckpointSettings()).check()
   logging = (logging or settings.LogSettings()).check()
-  loss = loss or settings.LossSettings()
-  _check_arguments(stage, num_train_steps=num_train_steps,
-                   batch_size=batch_size, max_bad_steps=max_bad_steps)
+  loss = (loss or settings.LossSettings()).check()
+  arguments.choice('stage', stage, STAGES)
+  arguments.check(num_train_steps=num_train_steps, batch_size=batch_size,
+                  max_bad_steps=max_bad_steps, seed=seed,
+                  mesh_shape=mesh_shape)
+  if stage == 'model' and model_config is None and not initial_checkpoint_path:
+    raise errors.SettingError('stage "model" needs a model config: add a '
+                              'gin/models/*.gin file')
   files.check_writable_dir(model_dir, 'MODEL_DIR')
+  if check_only:
+    return None
   mesh = partitioning.make_mesh(mesh_shape)
   local_batch = _local_batch_size(batch_size, mesh)
   if stage == 'model':
@@ -107,17 +121,6 @@ def train(*, model_dir: str = gin.REQUIRED,
   return state
 
 
-def _check_arguments(stage: str, **values) -> None:
-  """The stage, and integers in range, before config.gin or any directory
-  is touched."""
-  if stage not in STAGES:
-    raise errors.SettingError(f'unknown stage {stage!r}; valid: '
-                               f'{", ".join(STAGES)}')
-  lows = {'max_bad_steps': 0}
-  for name, value in values.items():
-    arguments.integer(name, value, lows.get(name, 1))
-
-
 def _local_batch_size(batch_size: int, mesh) -> int:
   """This process's rows of each global batch."""
   partitioning.check_batch_fits(batch_size, mesh)
@@ -149,9 +152,6 @@ def _model_stage(model_dir, task, model_config,
   if initial_checkpoint_path:
     model_config = initial_params_config(initial_checkpoint_path,
                                          model_config)
-  if model_config is None:
-    raise errors.SettingError('stage "model" needs a model config: add a '
-                     'gin/models/*.gin file')
   model_files.check_compatible(model_dir, model_config)
   pipeline.check_ready(task, 'train')  # before anything is written
   pipeline.check_vocab_fits(task, model_config.vocab_size)
@@ -185,5 +185,5 @@ def _classifier_stage(model_dir, mesh):
   return trainer.classifier_objective(model, backbone)
 
 
-def run() -> None:
-  train()
+def run(check_only: bool = False) -> None:
+  train(check_only=check_only)

@@ -10,20 +10,27 @@ time over early-exit decode time of the same examples, as measured while
 decoding). Writes OUTPUT_DIR/validity.json and validity.png.
 """
 import os
+from typing import Optional
 from typing import Sequence
+
+from etils import epy
+import gin
 
 from calm_jax import arguments
 from calm_jax import console
 from calm_jax.analysis import plots
 from calm_jax.analysis import split_protocol
 from calm_jax.calibration import ltt
-from calm_jax.data import pipeline
 from calm_jax.inference import decoder as decoder_lib
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.jobs import calibrate as calibrate_job
 from calm_jax.jobs import settings
 from calm_jax.storage import files
-import gin
+
+# The SeqIO pipeline (and with it TensorFlow) loads when a job first
+# reads data, not when the command line registers every job.
+with epy.lazy_imports():
+  from calm_jax.data import pipeline
 
 READS = ('calm_jax.validity',)
 DEFAULT_GIN_FILES = ('gin/runs/validity.gin',)
@@ -36,8 +43,15 @@ def validity(*, model_dir: str = gin.REQUIRED,
              num_examples: int = 300, splits: int = 50,
              epsilon: float = 0.05, confidence: str = 'softmax',
              deltas: Sequence[float] = DELTAS,
-             output_dir: str = 'runs/validity') -> dict:
-  """Runs the split protocol per consistency and delta; writes the results."""
+             output_dir: str = 'runs/validity',
+             check_only: bool = False) -> Optional[dict]:
+  """Runs the split protocol per consistency and delta; writes the results
+  (`check_only`: checks the settings, runs nothing)."""
+  arguments.check(num_examples=num_examples, splits=splits, epsilon=epsilon,
+                  confidence=confidence, delta=list(deltas))
+  files.check_writable_dir(output_dir, 'output_dir')
+  if check_only:
+    return None
   model = loaded_lib.load(model_dir)
   calibration = calibrate_job.calibration_for(
       decoder_lib.Decoder(model), list(pipeline.task_rates(mixture_or_task_name)),
@@ -68,5 +82,5 @@ def validity(*, model_dir: str = gin.REQUIRED,
   return out
 
 
-def run() -> None:
-  validity()
+def run(check_only: bool = False) -> None:
+  validity(check_only=check_only)

@@ -4,10 +4,7 @@ from typing import Callable
 
 import optax
 
-from calm_jax import errors
-
-OPTIMIZERS = ('adafactor', 'adamw')
-SCHEDULES = ('constant', 'rsqrt', 'cosine')
+from calm_jax import arguments
 
 
 def learning_rate_schedule(learning_rate: float, *, schedule: str,
@@ -18,12 +15,9 @@ def learning_rate_schedule(learning_rate: float, *, schedule: str,
   elif schedule == 'rsqrt':
     start = max(warmup_steps, 1)
     decay = lambda step: learning_rate * (start / (step + start)) ** 0.5
-  elif schedule == 'cosine':
+  else:  # cosine
     decay = optax.cosine_decay_schedule(
         learning_rate, max(total_steps - warmup_steps, 1), alpha=0.05)
-  else:
-    raise errors.SettingError(f'unknown schedule {schedule!r}; valid: '
-                     f'{", ".join(SCHEDULES)}')
   if warmup_steps <= 0:
     return decay
   warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
@@ -48,17 +42,20 @@ def make_optimizer(name: str = 'adafactor', *, learning_rate: float = 1e-3,
                    schedule: str = 'constant', warmup_steps: int = 0,
                    total_steps: int = 1, weight_decay: float = 0.0,
                    grad_clip_norm: float = 0.0) -> Optimizer:
-  """Adafactor (the paper's) or AdamW, with optional global-norm clipping."""
+  """Adafactor (the paper's) or AdamW, with optional global-norm clipping.
+  Every setting is checked here, when the job's config is applied, before
+  any file is written."""
+  arguments.check(optimizer=name, learning_rate=learning_rate,
+                  schedule=schedule, warmup_steps=warmup_steps,
+                  total_steps=total_steps, weight_decay=weight_decay,
+                  grad_clip_norm=grad_clip_norm)
   lr = learning_rate_schedule(learning_rate, schedule=schedule,
                               warmup_steps=warmup_steps,
                               total_steps=total_steps)
   if name == 'adafactor':
     opt = optax.adafactor(lr, weight_decay_rate=weight_decay or None)
-  elif name == 'adamw':
+  else:  # adamw
     opt = optax.adamw(lr, weight_decay=weight_decay)
-  else:
-    raise errors.SettingError(f'unknown optimizer {name!r}; valid: '
-                     f'{", ".join(OPTIMIZERS)}')
   if grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
   return Optimizer(opt, lr if callable(lr) else (lambda _: lr))
