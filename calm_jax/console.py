@@ -29,7 +29,14 @@ def is_primary() -> bool:
   return jax is None or jax.process_index() == 0
 
 
+def result(text: str) -> None:
+  """A job's results (tables, summaries) on stdout, from the primary."""
+  if is_primary():
+    print(text, flush=True)
+
+
 def info(message: str) -> None:
+  """A status line on stderr, from the primary."""
   if is_primary():
     print(message, file=sys.stderr, flush=True)
 

@@ -39,6 +39,25 @@ def test_help_prints_at_once_without_tensorflow(command):
   assert wall < 3.0, wall
 
 
+def test_convert_and_flag_errors_do_not_load_tensorflow(tmp_path):
+  """Every job is registered with gin before a config is parsed; none of
+  them loads the SeqIO pipeline until it reads data."""
+  code = ('import sys\nfrom calm_jax import cli\n'
+          'codes = [cli.run_command("convert", "", ["--gin.MODEL_DIR=\'%s\'", '
+          '"--gin.FROM_HF=\'%s\'"]), cli.run_command("decode", "", '
+          '["--gin_file=gin/runs/decode.gin", "--gin.MODEL_DIR=\'m\'", '
+          '"--gin.MIXTURE_OR_TASK_NAME=\'synth_qa\'", '
+          '"--gin.THRESHOLD=-1"])]\n'
+          'print("CODES", codes, "TF", "tensorflow" in sys.modules)'
+          % (tmp_path / 'model', tmp_path / 'no_checkpoint'))
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, check=False, timeout=120,
+                          cwd=entry_points.ROOT)
+  assert 'CODES [2, 2] TF False' in result.stdout, result.stderr[-2000:]
+  assert 'no Hugging Face checkpoint at' in result.stderr
+  assert 'threshold=-1 is out of range' in result.stderr
+
+
 def test_a_misspelt_macro_exits_2_naming_the_close_match():
   result = _run('calm_jax.decode', *DECODE, '--gin.THRESHHOLD=0.9')
   assert result.returncode == 2

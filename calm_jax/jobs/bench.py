@@ -368,7 +368,7 @@ def bench(*, output: str = 'runs/bench/bench.json',
   if check_only:
     return None
   if table:
-    print(write_tables(table))
+    console.result(write_tables(table))
     return None
   demo = (api.CalmLM(demo_model_dir) if files.exists(
       files.join(demo_model_dir, model_files.MODEL_JSON)) else None)
@@ -390,7 +390,7 @@ def bench(*, output: str = 'runs/bench/bench.json',
     for dtype in dtypes:
       cases += bench_model(with_dtype(model, dtype), list(batch_sizes),
                            list(measures), list(patterns), repeats,
-                           lambda c: print(format_row(c), flush=True),
+                           lambda c: console.result(format_row(c)),
                            compare_buckets=compare_buckets)
   if agreement and demo is not None:
     results['dtype_agreement'] = dtype_agreement(demo)

@@ -153,7 +153,7 @@ def demo(*, model_dir: str = gin.REQUIRED,
 
 def _print_task(task: str, summary: dict, accuracy: np.ndarray) -> None:
   early = summary['early_exit']
-  print(f'{task}: full depth {summary["metric"]} = {summary["value"]:.2f}; '
+  console.result(f'{task}: full depth {summary["metric"]} = {summary["value"]:.2f}; '
         f'per-layer accuracy {" ".join(f"{a:.3f}" for a in accuracy)}\n'
         f'  {early["calibration"]}; test: {summary["metric"]} '
         f'{early["full_depth_metric"]:.2f} -> {early["early_exit_metric"]:.2f}'
@@ -162,7 +162,7 @@ def _print_task(task: str, summary: dict, accuracy: np.ndarray) -> None:
         f'{_shares(early["exit_layer_shares"])}), speed-up '
         f'x{early["speedup_vs_full_depth"]:.2f}\n'
         f'  oracle: {early["oracle_avg_decoder_layers"]:.2f} layers (per '
-        f'layer {_shares(early["oracle_exit_layer_shares"])})', flush=True)
+        f'layer {_shares(early["oracle_exit_layer_shares"])})')
 
 
 def _shares(shares) -> str:

@@ -63,9 +63,9 @@ def calibrated_rows(setup, tasks: Sequence[str], settings) -> list[dict]:
                                          threshold)
         rows.append({'task': task, 'measure': measure,
                      'consistency': consistency, 'delta': delta, **outcome})
-        print(f'{task} {measure} {consistency} delta {delta}: threshold '
-              f'{threshold}, layers {outcome["avg_layers"]:.2f}, '
-              f'x{outcome["speedup"]:.2f}', flush=True)
+        console.info(f'{task} {measure} {consistency} delta {delta}: '
+                     f'threshold {threshold}, layers '
+                     f'{outcome["avg_layers"]:.2f}, x{outcome["speedup"]:.2f}')
   return rows
 
 

@@ -10,12 +10,12 @@ import dataclasses
 from typing import Optional
 from typing import Sequence
 
-from clu import metric_writers
 from etils import epy
 import gin
 import jax
 
 from calm_jax import arguments
+from calm_jax import console
 from calm_jax import errors
 from calm_jax.jobs import settings
 from calm_jax.model import model_files
@@ -31,6 +31,8 @@ from calm_jax.training import trainer
 # The SeqIO pipeline (and with it TensorFlow) loads when a job first
 # reads data, not when the command line registers every job.
 with epy.lazy_imports():
+  from clu import metric_writers  # TensorBoard through TensorFlow
+
   from calm_jax.data import pipeline
 
 T5Config = gin.external_configurable(network.T5Config, module='calm_jax')
@@ -181,7 +183,8 @@ def _classifier_stage(model_dir, mesh):
   backbone, step = model_files.load_params(
       model_dir, config,
       shardings=partitioning.param_shardings(model.param_axes(), mesh))
-  print(f'training the exit classifier on the frozen model of step {step}')
+  console.info(f'training the exit classifier on the frozen model of step '
+               f'{step}')
   return trainer.classifier_objective(model, backbone)
 
 

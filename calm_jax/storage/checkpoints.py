@@ -13,7 +13,6 @@ model.
 """
 import hashlib
 import os
-import sys
 from typing import Any
 from typing import Optional
 
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from calm_jax import console
 from calm_jax import errors
 from calm_jax.parallel import multihost
 from calm_jax.storage import files
@@ -169,8 +169,8 @@ def restore_verified(mgr: ocp.CheckpointManager, step: Optional[int] = None,
     where = f'{mgr.directory}/{candidate}'
     if step is not None or not fallback:
       raise CheckpointError(f'checkpoint {where} is damaged: {problem}')
-    print(f'warning: checkpoint {where} is damaged ({problem}); trying the '
-          'step before it', file=sys.stderr)
+    console.warn(f'checkpoint {where} is damaged ({problem}); trying the '
+                 'step before it')
   raise CheckpointError(f'no usable checkpoint in {mgr.directory}: step '
                         f'{steps[-1]}: {problems[-1]}')
 

@@ -354,9 +354,8 @@ class _FiniteGuard:
             f'the update was not applied and the run stops (last good '
             f'checkpoint: {self.last_good()}); lower the learning rate, or '
             'skip such batches with --gin.calm_jax.train.max_bad_steps=N')
-      print(f'warning: step {step} is not finite; its update was skipped '
-            f'({self.bad_steps} of at most {self.max_bad_steps})',
-            file=sys.stderr)
+      console.warn(f'step {step} is not finite; its update was skipped '
+                   f'({self.bad_steps} of at most {self.max_bad_steps})')
 
 
 def train_loop(*, objective: Objective,
@@ -429,7 +428,7 @@ def train_loop(*, objective: Objective,
         checkpoints.save(mgr, step, state.params, state.opt_state)
     guard.check()
   except KeyboardInterrupt:
-    print(f'\ninterrupted: saving step {int(state.step)}')
+    console.info(f'\ninterrupted: saving step {int(state.step)}')
     raise
   except NonFiniteStepError:
     stopped = True
