@@ -49,7 +49,7 @@ def _classifier():
 
 
 def test_unknown_dtype_is_refused():
-  with pytest.raises(ValueError, match="dtype='float16'; valid: float32, "
+  with pytest.raises(ValueError, match="unknown dtype 'float16'; valid: float32, "
                      'bfloat16'):
     dataclasses.replace(F32, dtype='float16')
 

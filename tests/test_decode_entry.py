@@ -72,7 +72,9 @@ def test_decode_rejects_unknown_measure(model_dir):
                 "--gin.CONFIDENCE='entropy'")
   assert result.returncode == 2
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith('error: unknown confidence measure'), last
+  assert last.startswith("error: unknown confidence 'entropy'; valid: "
+                         'softmax, softmax_max, state, classifier, oracle'
+                         ), last
   assert 'softmax, softmax_max, state, classifier, oracle' in last
 
 
@@ -205,9 +207,8 @@ def test_bf16_calibrate_decode_and_generate(model_dir, tmp_path):
       model_dir=str(model_dir), mixture_or_task_name='synth_qa',
       delta=0.3, epsilon=0.2, num_examples=8, grid_step=0.5,
       exits=settings.ExitSettings(confidence='softmax'), runtime=bf16)
-  assert record['dtype'] == 'bfloat16' and record['n'] == 8
-  assert (model_dir / 'calibration' /
-          f"{record['name']}.json").is_file()
+  assert record.dtype == 'bfloat16' and record.n == 8
+  assert (model_dir / 'calibration' / f'{record.name}.json').is_file()
   summary = decode.decode(
       model_dir=str(model_dir), threshold=0.0,
       inputs=settings.DecodeInputs(mixture_or_task_name='synth_qa',

@@ -64,7 +64,7 @@ def test_forced_exits_follow_the_given_layers(lm, decoder, examples):
     padded = list(forced) + [1] * len(row)  # past a row's end: layer 1
     assert row == padded[:len(row)]
   mode = modes.ForcedExits(config, exit_layers=((2,), (3, 3)))
-  np.testing.assert_array_equal(mode.rows([1, 0], (3, 4)),
+  np.testing.assert_array_equal(mode.forced_layers([1, 0], (3, 4)),
                                 [[3, 3, 1, 1], [2, 1, 1, 1], [1, 1, 1, 1]])
 
 

@@ -173,7 +173,7 @@ def test_corrupt_json_names_the_file_and_the_fix(tmp_path):
      r"unknown config fields \['colour'\]"),
     ({'config': {'vocab_size': 64}}, 'lacks "config" or "vocabulary"'),
     ({'config': {'vocab_size': 64, 'first_exit': 0}, 'vocabulary': 'v'},
-     'first_exit=0 must be in'),
+     'first_exit=0 is out of range: valid'),
 ])
 def test_a_model_json_with_bad_fields_is_one_named_error(tmp_path, meta,
                                                         message):

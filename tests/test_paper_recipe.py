@@ -82,12 +82,12 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
   assert _max_abs_diff(tuned, init_params) < 0.05
   assert _max_abs_diff(tuned, fresh) > 0.5
 
-  assert [r['delta'] for r in records] == [0.1, 0.25]
+  assert [r.delta for r in records] == [0.1, 0.25]
   for record in records:
-    assert record['task'] == TASK and record['tau'] == 4.0
-    assert record['n'] == 6
+    assert record.task == TASK and record.tau == 4.0
+    assert record.n == 6
     assert os.path.exists(os.path.join(model_dir, 'calibration',
-                                       record['name'] + '.json'))
+                                       record.name + '.json'))
   result = summary['tasks'][TASK]
   assert f'{TASK}_softmax_textual_delta0.25_eps0.05_' in summary[
       'threshold_source']

@@ -82,7 +82,7 @@ def test_retrained_classifier_decodes_afresh_and_refuses_the_old_record(
   cached = _cache_files(model_dir)
   lm = calm_jax.load(str(model_dir))
   assert lm.generate(_texts(), confidence='classifier')[0].threshold == (
-      first['threshold'] if first['threshold'] is not None
+      first.threshold if first.threshold is not None
       else thresholds.EXITS_OFF)
 
   _train_classifier(model_dir, 6)  # the classifier trains on: 2 -> 6
@@ -101,12 +101,12 @@ def test_retrained_classifier_decodes_afresh_and_refuses_the_old_record(
   second = _calibrate(model_dir, confidence='classifier')
   new_entries = set(_cache_files(model_dir)) - set(cached)
   assert any('_full_' not in p.name for p in new_entries)  # decoded afresh
-  assert second['name'] == first['name']  # same settings: replaces it
-  assert (second['fingerprint']['model']['classifier'] !=
-          first['fingerprint']['model']['classifier'])
+  assert second.name == first.name  # same settings: replaces it
+  assert (second.fingerprint['model']['classifier'] !=
+          first.fingerprint['model']['classifier'])
   result = calm_jax.load(str(model_dir)).generate(_texts(),
                                                   confidence='classifier')
-  assert second['name'] in result[0].threshold_source
+  assert second.name in result[0].threshold_source
 
 
 def test_records_are_per_task_and_generate_says_which_it_used(model_dir):
@@ -117,7 +117,7 @@ def test_records_are_per_task_and_generate_says_which_it_used(model_dir):
 
   translate = _calibrate(model_dir, task='synth_translate')
   only = lm.generate(_texts(), max_length=4)  # the only task with records
-  assert translate['name'] in only[0].threshold_source
+  assert translate.name in only[0].threshold_source
   qa = lm.generate(_texts(), task='synth_qa', max_length=4)
   assert qa[0].threshold == thresholds.EXITS_OFF  # no record for QA: not borrowed
 
@@ -137,7 +137,7 @@ def test_record_names_hold_every_setting(model_dir):
   small = _calibrate(model_dir, num_examples=4)
   large = _calibrate(model_dir, num_examples=8)
   other_grid = _calibrate(model_dir, num_examples=8, grid_step=0.25)
-  names = {small['name'], large['name'], other_grid['name']}
+  names = {small.name, large.name, other_grid.name}
   assert len(names) == 3
   stored = sorted(p.stem for p in (model_dir / 'calibration').glob('*.json'))
   assert stored == sorted(names)
@@ -159,7 +159,7 @@ def test_cache_misses_when_feature_lengths_change(model_dir):
   finally:
     data_settings.set_overrides()
   assert len(set(_cache_files(model_dir)) - before) >= 2  # full + a threshold
-  assert record['fingerprint']['data']['synth_qa']['feature_lengths'] == {
+  assert record.fingerprint['data']['synth_qa']['feature_lengths'] == {
       'inputs': 32, 'targets': 6}
 
 
