@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-slow test-time demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
+.PHONY: install lint format test test-slow test-time demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -17,7 +17,16 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[test,hf]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff (settings in pyproject.toml): lint, and the tree must be formatted.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest -q -m 'not slow' tests
 
 test-slow: $(STAMP)

@@ -11,4 +11,5 @@ def load(model_dir: str, **kwargs):
   # Imported here, not at the top: the commands import this package, and
   # their --help must not wait for JAX.
   from calm_jax import api  # pylint: disable=g-import-not-at-top
+
   return api.CalmLM(model_dir, **kwargs)

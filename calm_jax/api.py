@@ -7,6 +7,7 @@
 
 Tokenizes with the SentencePiece model kept in the model dir (no TensorFlow).
 """
+
 import dataclasses
 import logging
 from typing import Optional
@@ -30,14 +31,15 @@ _log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Generation:
   """One decoded input, and the threshold that decoded it."""
+
   text: str
-  exit_layers: list[int]    # 1-based decoder layer per output token
+  exit_layers: list[int]  # 1-based decoder layer per output token
   # Confidence at each token's exit; None for a token that ran through the
   # top layer (no exit test is made there), as in the static decoder.
   confidences: list[Optional[float]]
   tokens: list[int]
-  threshold: float          # above 1: exits disabled (full depth)
-  threshold_source: str     # 'given', a record file, or 'full depth: ...'
+  threshold: float  # above 1: exits disabled (full depth)
+  threshold_source: str  # 'given', a record file, or 'full depth: ...'
 
 
 def _pad_to(length: int, multiple: int = 16) -> int:
@@ -49,13 +51,17 @@ class CalmLM:
   """A trained CALM model dir, ready to generate with early exit: a
   tokenizer and the threshold policy over an `inference` Decoder."""
 
-  def __init__(self, model_dir: str, step: Optional[int] = None,
-               mesh: Optional[Mesh] = None, dtype: Optional[str] = None):
+  def __init__(
+    self,
+    model_dir: str,
+    step: Optional[int] = None,
+    mesh: Optional[Mesh] = None,
+    dtype: Optional[str] = None,
+  ):
     """Loads the model dir (see `inference.loaded.load`). `dtype`
     ('float32' or 'bfloat16') replaces the activation dtype the model was
     trained with; parameters stay float32."""
-    self.loaded = loaded_lib.load(model_dir, step=step, mesh=mesh,
-                                  dtype=dtype)
+    self.loaded = loaded_lib.load(model_dir, step=step, mesh=mesh, dtype=dtype)
     self.decoder = decoder_lib.Decoder(self.loaded)
 
   @classmethod
@@ -70,22 +76,35 @@ class CalmLM:
   def config(self):
     return self.loaded.config
 
-  def resolve_threshold(self, threshold: Optional[float], confidence: str,
-                        tau: Optional[float] = None,
-                        record_name: Optional[str] = None,
-                        task: Optional[str] = None
-                        ) -> records.ThresholdChoice:
+  def resolve_threshold(
+    self,
+    threshold: Optional[float],
+    confidence: str,
+    tau: Optional[float] = None,
+    record_name: Optional[str] = None,
+    task: Optional[str] = None,
+  ) -> records.ThresholdChoice:
     """The threshold to decode with: given, calibrated on this very model
     (`records.choose_threshold`), or full depth."""
     return records.choose_threshold(
-        self.loaded.model_dir, self.loaded.fingerprint, threshold,
-        confidence, tau, record_name, task)
+      self.loaded.model_dir,
+      self.loaded.fingerprint,
+      threshold,
+      confidence,
+      tau,
+      record_name,
+      task,
+    )
 
   def exit_config(self, confidence: str, **options) -> loops.ExitConfig:
     return self.loaded.exit_config(confidence, **options)
 
-  def encode(self, texts: Sequence[str], max_input_length: int = 512,
-             truncate: bool = True) -> np.ndarray:
+  def encode(
+    self,
+    texts: Sequence[str],
+    max_input_length: int = 512,
+    truncate: bool = True,
+  ) -> np.ndarray:
     """Token ids [len(texts), padded length] with EOS. Inputs longer than
     `max_input_length` tokens are cut to it with a warning that counts them
     (or, with truncate=False, refused)."""
@@ -94,26 +113,42 @@ class CalmLM:
     too_long = sum(len(seq) > limit for seq in ids)
     if too_long and not truncate:
       raise errors.SettingError(
-          f'{too_long} of {len(ids)} inputs are longer than max_input_length'
-          f'={max_input_length} tokens (truncate=False)')
+        f'{too_long} of {len(ids)} inputs are longer than max_input_length'
+        f'={max_input_length} tokens (truncate=False)'
+      )
     if too_long:
-      _log.warning('%d of %d inputs were longer than max_input_length=%d '
-                      'tokens and were truncated', too_long, len(ids),
-                      max_input_length)
+      _log.warning(
+        '%d of %d inputs were longer than max_input_length=%d '
+        'tokens and were truncated',
+        too_long,
+        len(ids),
+        max_input_length,
+      )
     ids = [seq[:limit] + [examples.EOS_ID] for seq in ids]
     out = np.zeros((len(ids), _pad_to(max(map(len, ids)))), np.int32)
     for row, seq in enumerate(ids):
-      out[row, :len(seq)] = seq
+      out[row, : len(seq)] = seq
     return out
 
-  def generate(self, texts: Sequence[str], *, threshold: Optional[float] = None,
-               confidence: str = 'softmax', task: Optional[str] = None,
-               batch_size: int = 8, max_length: Optional[int] = None,
-               max_input_length: int = 512, truncate: bool = True,
-               tau: Optional[float] = None, min_exit: int = 1,
-               propagation: str = 'hidden', temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0,
-               seed: int = 0) -> list[Generation]:
+  def generate(
+    self,
+    texts: Sequence[str],
+    *,
+    threshold: Optional[float] = None,
+    confidence: str = 'softmax',
+    task: Optional[str] = None,
+    batch_size: int = 8,
+    max_length: Optional[int] = None,
+    max_input_length: int = 512,
+    truncate: bool = True,
+    tau: Optional[float] = None,
+    min_exit: int = 1,
+    propagation: str = 'hidden',
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+  ) -> list[Generation]:
     """Decodes each text with early exit; one `Generation` per input (an
     empty list gives an empty list).
 
@@ -126,45 +161,66 @@ class CalmLM:
     """
     texts = arguments.texts(texts)
     arguments.check(
-        threshold=threshold, confidence=confidence, batch_size=batch_size,
-        max_length=max_length, max_input_length=max_input_length,
-        tau=tau, min_exit=min_exit, propagation=propagation,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        num_layers=self.config.num_decoder_layers)
+      threshold=threshold,
+      confidence=confidence,
+      batch_size=batch_size,
+      max_length=max_length,
+      max_input_length=max_input_length,
+      tau=tau,
+      min_exit=min_exit,
+      propagation=propagation,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      seed=seed,
+      num_layers=self.config.num_decoder_layers,
+    )
     choice = self.resolve_threshold(threshold, confidence, tau, task=task)
-    mode = modes.EarlyExit(self.exit_config(
-        confidence, min_exit=min_exit, tau=choice.tau, propagation=propagation,
-        sampling=loops.Sampling(float(temperature), top_k, float(top_p))),
-                           choice.value)
+    mode = modes.EarlyExit(
+      self.exit_config(
+        confidence,
+        min_exit=min_exit,
+        tau=choice.tau,
+        propagation=propagation,
+        sampling=loops.Sampling(float(temperature), top_k, float(top_p)),
+      ),
+      choice.value,
+    )
     records.check_decode_settings(choice, mode.exit_config.fingerprint())
     self.loaded.classifier_for(confidence)
     if not texts:
       return []
-    max_length = (max_length or records.certified_target_length(choice.record)
-                  or self.loaded.feature_lengths['targets'])
+    max_length = (
+      max_length
+      or records.certified_target_length(choice.record)
+      or self.loaded.feature_lengths['targets']
+    )
     encoded = self.encode(texts, max_input_length, truncate)
     rows = _rows_per_call(len(texts), batch_size)
     results = []
     for start in range(0, len(texts), rows):
-      chunk = encoded[start:start + rows]
+      chunk = encoded[start : start + rows]
       inputs = np.zeros((rows, encoded.shape[1]), np.int32)
-      inputs[:len(chunk)] = chunk
-      out = self.decoder.decode(mode, inputs, max_length=max_length,
-                                seed=seed + start)
+      inputs[: len(chunk)] = chunk
+      out = self.decoder.decode(
+        mode, inputs, max_length=max_length, seed=seed + start
+      )
       results += [self._result(out, row, choice) for row in range(len(chunk))]
     return results
 
-  def _result(self, out: loops.DecodeOutput, row: int,
-              choice: records.ThresholdChoice) -> Generation:
+  def _result(
+    self, out: loops.DecodeOutput, row: int, choice: records.ThresholdChoice
+  ) -> Generation:
     tokens = examples.until_eos(out.tokens[row], keep_eos=True)
     length = len(tokens)
     return Generation(
-        text=self.loaded.vocab.decode(examples.until_eos(tokens)),
-        exit_layers=[int(l) for l in out.exit_layers[row, :length]],
-        confidences=decoder_lib.token_confidences(
-            out.confidences[row, :length]),
-        tokens=tokens, threshold=choice.value,
-        threshold_source=choice.source)
+      text=self.loaded.vocab.decode(examples.until_eos(tokens)),
+      exit_layers=[int(l) for l in out.exit_layers[row, :length]],
+      confidences=decoder_lib.token_confidences(out.confidences[row, :length]),
+      tokens=tokens,
+      threshold=choice.value,
+      threshold_source=choice.source,
+    )
 
 
 def _rows_per_call(num_texts: int, batch_size: int) -> int:

@@ -12,6 +12,7 @@ The valid names of the settings that choose among alternatives (confidence
 measures, propagations, consistencies, dtypes) are defined here once; the
 modules that implement them import these tuples.
 """
+
 import dataclasses
 import math
 import numbers
@@ -41,8 +42,7 @@ def _is_real(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def integer(name: str, value: Any, low: int,
-            high: Optional[int] = None) -> int:
+def integer(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
   """`value` as an int in [low, high] (high None: no upper bound)."""
   if not _is_int(value):
     raise errors.SettingError(f'{name} must be an integer, got {value!r}')
@@ -52,36 +52,46 @@ def integer(name: str, value: Any, low: int,
   return int(value)
 
 
-def real(name: str, value: Any, low: float, high: float = math.inf, *,
-         open_low: bool = False, open_high: bool = False) -> float:
+def real(
+  name: str,
+  value: Any,
+  low: float,
+  high: float = math.inf,
+  *,
+  open_low: bool = False,
+  open_high: bool = False,
+) -> float:
   """`value` as a finite float in the interval (ends open or closed)."""
   if not _is_real(value) or not math.isfinite(value):
-    raise errors.SettingError(f'{name} must be a finite number, got '
-                              f'{value!r}')
+    raise errors.SettingError(f'{name} must be a finite number, got {value!r}')
   too_low = value <= low if open_low else value < low
   too_high = value >= high if open_high else value > high
   if too_low or too_high:
     left = '(' if open_low else '['
     right = ')' if open_high or high == math.inf else ']'
-    raise errors.SettingError(f'{name}={value} is out of range: valid '
-                              f'{left}{low:g}, {high:g}{right}')
+    raise errors.SettingError(
+      f'{name}={value} is out of range: valid {left}{low:g}, {high:g}{right}'
+    )
   return float(value)
 
 
 def choice(name: str, value: Any, valid: Sequence[str]) -> str:
   if value not in valid:
-    raise errors.SettingError(f'unknown {name} {value!r}; valid: '
-                              f'{", ".join(valid)}')
+    raise errors.SettingError(
+      f'unknown {name} {value!r}; valid: {", ".join(valid)}'
+    )
   return value
 
 
 def texts(value: Any) -> list[str]:
   """A list of input strings (a lone string is refused, not split)."""
   if isinstance(value, (str, bytes)):
-    raise errors.SettingError('texts must be a list of strings; for one '
-                              'text pass [text]')
-  if not isinstance(value, Sequence) or not all(isinstance(t, str)
-                                                for t in value):
+    raise errors.SettingError(
+      'texts must be a list of strings; for one text pass [text]'
+    )
+  if not isinstance(value, Sequence) or not all(
+    isinstance(t, str) for t in value
+  ):
     raise errors.SettingError('texts must be a list of strings')
   return list(value)
 
@@ -90,13 +100,13 @@ def texts(value: Any) -> list[str]:
 class Rule:
   """How one setting is checked: `test(name, value, context)`; None is
   valid when `optional`."""
+
   test: Callable[[str, Any, dict], Any]
   optional: bool = False
 
 
 def _int(low: int, high_key: Optional[str] = None, optional=False) -> Rule:
-  return Rule(lambda n, v, ctx: integer(n, v, low, ctx.get(high_key)),
-              optional)
+  return Rule(lambda n, v, ctx: integer(n, v, low, ctx.get(high_key)), optional)
 
 
 def _real(low: float, high: float = math.inf, optional=False, **ends) -> Rule:
@@ -108,10 +118,14 @@ def _choice(valid: Sequence[str], optional=False) -> Rule:
 
 
 def _mesh_shape(name: str, value: Any, ctx: dict) -> None:
-  if (not isinstance(value, (list, tuple)) or len(value) != 2
-      or not all(_is_int(v) and v >= 1 for v in value)):
-    raise errors.SettingError(f'{name} must be (data, model): two positive '
-                              f'integers, got {value!r}')
+  if (
+    not isinstance(value, (list, tuple))
+    or len(value) != 2
+    or not all(_is_int(v) and v >= 1 for v in value)
+  ):
+    raise errors.SettingError(
+      f'{name} must be (data, model): two positive integers, got {value!r}'
+    )
 
 
 def _deltas(name: str, value: Any, ctx: dict) -> None:
@@ -121,61 +135,71 @@ def _deltas(name: str, value: Any, ctx: dict) -> None:
 
 # Each setting's one rule. Context values (`num_layers`) bound some.
 RULES: dict[str, Rule] = {
-    # decoding
-    'threshold': _real(0.0, optional=True),  # above 1: exits disabled
-    'confidence': _choice((*CONFIDENCE_MEASURES, ORACLE)),
-    'propagation': _choice(PROPAGATIONS),
-    'min_exit': _int(1, 'num_layers'),
-    'first_exit': _int(1, 'num_layers'),
-    'exit_interval': _int(1),
-    'tau': _real(0.0, optional=True, open_low=True),
-    'temperature': _real(0.0),
-    'top_k': _int(0),
-    'top_p': _real(0.0, 1.0, open_low=True),
-    'seed': _int(0),
-    'batch_size': _int(1),
-    'mesh_shape': Rule(_mesh_shape, optional=True),  # fits the devices?
-    # checked when the mesh is made
-    'max_length': _int(1, optional=True),
-    'max_input_length': _int(2),
-    'num_examples': _int(1, optional=True),
-    'input_length': _int(2, optional=True),
-    'target_length': _int(1, optional=True),
-    'exit_map_examples': _int(0),
-    'dtype': _choice(DTYPES, optional=True),
-    # calibration
-    'delta': Rule(_deltas),
-    'epsilon': _real(0.0, 1.0, open_low=True, open_high=True),
-    'grid_step': _real(0.0, 1.0, open_low=True),
-    'consistency': _choice(CONSISTENCIES),
-    # training
-    'optimizer': _choice(OPTIMIZERS),
-    'schedule': _choice(SCHEDULES),
-    'learning_rate': _real(0.0, open_low=True),
-    'warmup_steps': _int(0),
-    'total_steps': _int(1),
-    'weight_decay': _real(0.0),
-    'grad_clip_norm': _real(0.0),
-    'num_train_steps': _int(1),
-    'max_bad_steps': _int(0),
-    'weighting': _choice(LOSS_WEIGHTINGS),  # of the per-exit losses
-    'z_loss': _real(0.0),
-    'period': _int(1),
-    'keep': _int(1, optional=True),
-    'log_every': _int(1),
-    'eval_every': _int(0),
-    'eval_batches': _int(1),
-    # benchmarks, the demo, the report and the validity protocol
-    'repeats': _int(1),
-    'splits': _int(1),
-    **{name: _int(1) for name in (
-        'eval_examples', 'eval_batch_size', 'timing_repeats', 'cal_examples',
-        'test_examples', 'timing_examples', 'length')},
+  # decoding
+  'threshold': _real(0.0, optional=True),  # above 1: exits disabled
+  'confidence': _choice((*CONFIDENCE_MEASURES, ORACLE)),
+  'propagation': _choice(PROPAGATIONS),
+  'min_exit': _int(1, 'num_layers'),
+  'first_exit': _int(1, 'num_layers'),
+  'exit_interval': _int(1),
+  'tau': _real(0.0, optional=True, open_low=True),
+  'temperature': _real(0.0),
+  'top_k': _int(0),
+  'top_p': _real(0.0, 1.0, open_low=True),
+  'seed': _int(0),
+  'batch_size': _int(1),
+  'mesh_shape': Rule(_mesh_shape, optional=True),  # fits the devices?
+  # checked when the mesh is made
+  'max_length': _int(1, optional=True),
+  'max_input_length': _int(2),
+  'num_examples': _int(1, optional=True),
+  'input_length': _int(2, optional=True),
+  'target_length': _int(1, optional=True),
+  'exit_map_examples': _int(0),
+  'dtype': _choice(DTYPES, optional=True),
+  # calibration
+  'delta': Rule(_deltas),
+  'epsilon': _real(0.0, 1.0, open_low=True, open_high=True),
+  'grid_step': _real(0.0, 1.0, open_low=True),
+  'consistency': _choice(CONSISTENCIES),
+  # training
+  'optimizer': _choice(OPTIMIZERS),
+  'schedule': _choice(SCHEDULES),
+  'learning_rate': _real(0.0, open_low=True),
+  'warmup_steps': _int(0),
+  'total_steps': _int(1),
+  'weight_decay': _real(0.0),
+  'grad_clip_norm': _real(0.0),
+  'num_train_steps': _int(1),
+  'max_bad_steps': _int(0),
+  'weighting': _choice(LOSS_WEIGHTINGS),  # of the per-exit losses
+  'z_loss': _real(0.0),
+  'period': _int(1),
+  'keep': _int(1, optional=True),
+  'log_every': _int(1),
+  'eval_every': _int(0),
+  'eval_batches': _int(1),
+  # benchmarks, the demo, the report and the validity protocol
+  'repeats': _int(1),
+  'splits': _int(1),
+  **{
+    name: _int(1)
+    for name in (
+      'eval_examples',
+      'eval_batch_size',
+      'timing_repeats',
+      'cal_examples',
+      'test_examples',
+      'timing_examples',
+      'length',
+    )
+  },
 }
 
 
-def check(*, num_layers: Optional[int] = None, prefix: str = '',
-          **settings: Any) -> None:
+def check(
+  *, num_layers: Optional[int] = None, prefix: str = '', **settings: Any
+) -> None:
   """Checks each setting by its rule; `num_layers` bounds the exit layers,
   `prefix` names the group in messages ('LogSettings.'). A name without a
   rule is a bug (KeyError), not a user error."""

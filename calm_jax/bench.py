@@ -9,6 +9,7 @@ batch size, measure and exit pattern: the static and the early-exit decode
 loop of the same inputs, compiled, then timed alternately; medians, the
 layer- and FLOPs-ideal speed-ups and the efficiency. Writes OUTPUT (JSON).
 """
+
 from calm_jax import cli
 
 

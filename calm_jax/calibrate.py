@@ -11,6 +11,7 @@ Writes MODEL_DIR/calibration/<task>_<measure>_<consistency>_delta_eps_<hash>
 model, data and settings it holds for. Decodes are cached in
 MODEL_DIR/calibration/cache, so another delta or epsilon decodes nothing new.
 """
+
 from calm_jax import cli
 
 

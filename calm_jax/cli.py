@@ -16,6 +16,7 @@ unused macro or binding is an error that names the closest valid ones.
 User errors (`errors.UserError`) print one line and exit 2; any other
 exception keeps its traceback (exit 1).
 """
+
 import difflib
 import importlib
 import inspect
@@ -41,8 +42,16 @@ from calm_jax import errors  # pylint: disable=g-import-not-at-top
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent
 # Every job is configured with gin; all are registered before a config is
 # parsed, so that any config file parses in any job.
-JOBS = ('train', 'decode', 'calibrate', 'demo', 'report', 'validity',
-        'bench', 'convert')
+JOBS = (
+  'train',
+  'decode',
+  'calibrate',
+  'demo',
+  'report',
+  'validity',
+  'bench',
+  'convert',
+)
 HELP_FLAGS = ('--help', '-h', '--helpshort', '--helpfull', '-help')
 
 
@@ -65,7 +74,7 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   out = []
   for arg in argv:
     if arg.startswith('--gin.'):
-      name, sep, value = arg[len('--gin.'):].partition('=')
+      name, sep, value = arg[len('--gin.') :].partition('=')
       if not sep or not name or not value:
         raise UsageError(f'{arg!r}: expected --gin.NAME=VALUE')
       arg = f'--gin_bindings={name} = {value}'
@@ -76,14 +85,23 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
 def _flag_values() -> absl_flags.FlagValues:
   values = absl_flags.FlagValues()
   absl_flags.DEFINE_multi_string(
-      'gin_file', [], 'a gin config file (repeatable, stacked in order)',
-      flag_values=values)
+    'gin_file',
+    [],
+    'a gin config file (repeatable, stacked in order)',
+    flag_values=values,
+  )
   absl_flags.DEFINE_multi_string(
-      'gin_bindings', [], "a binding 'NAME = VALUE' (repeatable); "
-      '--gin.NAME=VALUE is the same', flag_values=values)
+    'gin_bindings',
+    [],
+    "a binding 'NAME = VALUE' (repeatable); --gin.NAME=VALUE is the same",
+    flag_values=values,
+  )
   absl_flags.DEFINE_list(
-      'gin_search_paths', [], 'folders where include and --gin_file look',
-      flag_values=values)
+    'gin_search_paths',
+    [],
+    'folders where include and --gin_file look',
+    flag_values=values,
+  )
   return values
 
 
@@ -94,14 +112,17 @@ def parse_flags(argv: Sequence[str]) -> absl_flags.FlagValues:
     rest = values(['calm_jax', *rewrite_gin_args(argv)])
   except absl_flags.UnrecognizedFlagError as e:
     raise UsageError(
-        f'unknown flag --{e.flagname}{_close(e.flagname, values)}; flags '
-        'are --gin_file, --gin.NAME=VALUE, --gin_bindings, '
-        '--gin_search_paths, --help') from e
+      f'unknown flag --{e.flagname}{_close(e.flagname, values)}; flags '
+      'are --gin_file, --gin.NAME=VALUE, --gin_bindings, '
+      '--gin_search_paths, --help'
+    ) from e
   except absl_flags.Error as e:
     raise UsageError(errors.first_line(e)) from e
   if rest[1:]:
-    raise UsageError(f'unexpected argument {rest[1]!r}; flags are '
-                     '--gin_file=..., --gin.NAME=VALUE, --gin_search_paths')
+    raise UsageError(
+      f'unexpected argument {rest[1]!r}; flags are '
+      '--gin_file=..., --gin.NAME=VALUE, --gin_search_paths'
+    )
   return values
 
 
@@ -110,11 +131,14 @@ def _resolve(path: str, search_paths: Sequence[str]) -> str:
     candidate = os.path.join(root, path)
     if os.path.isfile(candidate):
       return candidate
-  raise UsageError(f'gin file not found: {path} (searched: '
-                   f'{", ".join(["."] + list(search_paths))})')
+  raise UsageError(
+    f'gin file not found: {path} (searched: '
+    f'{", ".join(["."] + list(search_paths))})'
+  )
 
 
 # --- gin errors made readable ----------------------------------------------
+
 
 def _registered_selectors() -> list[str]:
   return sorted({c.selector for _, c in gin.config._REGISTRY.items()})  # pylint: disable=protected-access
@@ -144,16 +168,23 @@ def _gin_error(error: Exception) -> UsageError:
   unknown = re.match(r"No configurable matching '([^']+)'", head)
   if unknown:
     head += _close(unknown.group(1), _registered_selectors())
-  unknown = re.match(r"Configurable '([^']+)' doesn't have a parameter "
-                     r"named '([^']+)'", head)
+  unknown = re.match(
+    r"Configurable '([^']+)' doesn't have a parameter "
+    r"named '([^']+)'",
+    head,
+  )
   if unknown:
     head += _close(unknown.group(2), _parameters(unknown.group(1)))
-  return UsageError(f'bad gin config: {head}' + (f' [{where}]' if where
-                                                  else ''))
+  return UsageError(
+    f'bad gin config: {head}' + (f' [{where}]' if where else '')
+  )
 
 
-def parse_gin(files: Sequence[str], bindings: Sequence[str],
-              search_paths: Sequence[str] = ()) -> None:
+def parse_gin(
+  files: Sequence[str],
+  bindings: Sequence[str],
+  search_paths: Sequence[str] = (),
+) -> None:
   """Parses gin files and bindings into a fresh config."""
   paths = [*search_paths, *gin_search_paths()]
   gin.clear_config()
@@ -161,15 +192,15 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
     gin.add_config_file_search_path(path)
   files = [_resolve(f, paths) for f in files]
   try:
-    gin.parse_config_files_and_bindings(files, bindings,
-                                        finalize_config=False)
+    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
   except (ValueError, IOError, SyntaxError, KeyError) as e:
     raise _gin_error(e) from e
   except Exception as e:  # tokenize.TokenError: an unclosed bracket
     if type(e).__name__ != 'TokenError':
       raise
-    raise UsageError(f'bad gin config: unbalanced brackets or quotes '
-                     f'({e})') from e
+    raise UsageError(
+      f'bad gin config: unbalanced brackets or quotes ({e})'
+    ) from e
   try:
     gin.finalize()
   except ValueError as e:  # a %gin.REQUIRED macro left unset
@@ -177,18 +208,18 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
     if not missing:
       raise
     name = missing.group(1)
-    raise UsageError(f'{name} is required: set it with --gin.{name}=...'
-                     ) from e
+    raise UsageError(f'{name} is required: set it with --gin.{name}=...') from e
 
 
 # --- what a job reads -------------------------------------------------------
+
 
 def _macro_references(value: Any) -> Iterable[str]:
   """Names of the macros (%NAME) inside a bound value."""
   if isinstance(value, gin.config.ConfigurableReference):
     selector = value.scoped_selector
     if selector.endswith('/gin.macro'):
-      yield selector[:-len('/gin.macro')]
+      yield selector[: -len('/gin.macro')]
   elif isinstance(value, (list, tuple, set)):
     for item in value:
       yield from _macro_references(item)
@@ -201,17 +232,22 @@ def macros_read_by(selectors: Sequence[str]) -> set[str]:
   """The macros that bindings of these configurables use, also through
   other macros."""
   config = gin.config._CONFIG  # pylint: disable=protected-access
-  pending = [ref for (scope, selector), params in config.items()
-             if selector in selectors
-             for value in params.values() for ref in _macro_references(value)]
+  pending = [
+    ref
+    for (scope, selector), params in config.items()
+    if selector in selectors
+    for value in params.values()
+    for ref in _macro_references(value)
+  ]
   seen = set()
   while pending:
     name = pending.pop()
     if name in seen:
       continue
     seen.add(name)
-    pending += list(_macro_references(
-        config.get((name, 'gin.macro'), {}).get('value')))
+    pending += list(
+      _macro_references(config.get((name, 'gin.macro'), {}).get('value'))
+    )
   return seen
 
 
@@ -224,8 +260,9 @@ def _canonical(selector: str) -> Optional[str]:
   return None if match is None else match.selector
 
 
-def check_command_line(bindings: Sequence[str], reads: Sequence[str],
-                       job: str) -> None:
+def check_command_line(
+  bindings: Sequence[str], reads: Sequence[str], job: str
+) -> None:
   """Each command-line binding must reach the job: a macro that some
   binding of the job's configurables uses, or a parameter of one of them."""
   macros = macros_read_by(reads)
@@ -234,15 +271,17 @@ def check_command_line(bindings: Sequence[str], reads: Sequence[str],
     if '.' not in name and '/' not in name:
       if name not in macros:
         raise UsageError(
-            f'--gin.{name} is not used by calm_jax.{job}'
-            f'{_close(name, macros)}; its macros: '
-            f'{", ".join(sorted(macros)) or "none"}')
+          f'--gin.{name} is not used by calm_jax.{job}'
+          f'{_close(name, macros)}; its macros: '
+          f'{", ".join(sorted(macros)) or "none"}'
+        )
       continue
     selector = _canonical(name.rsplit('.', 1)[0])
     if selector not in reads:
       raise UsageError(
-          f'--gin.{name}: calm_jax.{job} does not read {selector}; it '
-          f'reads {", ".join(reads)}')
+        f'--gin.{name}: calm_jax.{job} does not read {selector}; it '
+        f'reads {", ".join(reads)}'
+      )
 
 
 def check_required(reads: Sequence[str]) -> None:
@@ -259,12 +298,14 @@ def check_required(reads: Sequence[str]) -> None:
       except ValueError:
         macro = name.upper()
         raise UsageError(
-            f'{selector} needs {name}: set it in a gin file or with '
-            f'--gin.{selector}.{name}=... (the run files use '
-            f'--gin.{macro}=...)') from None
+          f'{selector} needs {name}: set it in a gin file or with '
+          f'--gin.{selector}.{name}=... (the run files use '
+          f'--gin.{macro}=...)'
+        ) from None
 
 
 # --- running a command ------------------------------------------------------
+
 
 def load_jobs(job: str):
   """The job's module, after registering every job's configurables."""
@@ -283,8 +324,9 @@ def parse(argv: Sequence[str]) -> None:
   parse_gin(flags.gin_file, flags.gin_bindings, flags.gin_search_paths)
 
 
-def run_command(job: str, doc: str, argv: Sequence[str], *,
-                check_only: bool = False) -> int:
+def run_command(
+  job: str, doc: str, argv: Sequence[str], *, check_only: bool = False
+) -> int:
   """Runs a job from its command line; returns the exit status. User
   errors print one line and give 2; other exceptions propagate. With
   `check_only`, the command line and every setting are checked and nothing
@@ -317,8 +359,9 @@ def run_command(job: str, doc: str, argv: Sequence[str], *,
 
 
 def _flag_help() -> str:
-  lines = [f'  --{flag.name}: {flag.help}'
-           for flag in _flag_values()._flags().values()]  # pylint: disable=protected-access
+  lines = [
+    f'  --{flag.name}: {flag.help}' for flag in _flag_values()._flags().values()
+  ]  # pylint: disable=protected-access
   lines.append("  --gin.NAME=VALUE: the same as --gin_bindings='NAME = VALUE'")
   lines.append('  --help: this text')
   return '\n'.join(sorted(set(lines)))

@@ -6,6 +6,7 @@ multi-process run. The library logs warnings to the `calm_jax` logger;
 `show_warnings` makes them plain `warning: ...` lines, without absl's
 prefixes.
 """
+
 import contextlib
 import logging
 import os
@@ -52,8 +53,11 @@ class _WarningLines(logging.Handler):
 
   def emit(self, record: logging.LogRecord) -> None:
     if is_primary():
-      print(f'{record.levelname.lower()}: {record.getMessage()}',
-            file=sys.stderr, flush=True)
+      print(
+        f'{record.levelname.lower()}: {record.getMessage()}',
+        file=sys.stderr,
+        flush=True,
+      )
 
 
 def show_warnings() -> None:
@@ -99,15 +103,22 @@ def compiling(what: str) -> Iterator[None]:
     yield
   finally:
     if is_primary():
-      print(f' {time.perf_counter() - start:.1f} s', file=sys.stderr,
-            flush=True)
+      print(
+        f' {time.perf_counter() - start:.1f} s', file=sys.stderr, flush=True
+      )
 
 
-def progress(items: Iterable[T], *, desc: str, unit: str,
-             total: Optional[int] = None, disable: bool = False
-             ) -> Iterable[T]:
+def progress(
+  items: Iterable[T],
+  *,
+  desc: str,
+  unit: str,
+  total: Optional[int] = None,
+  disable: bool = False,
+) -> Iterable[T]:
   """A tqdm bar on stderr (primary process only; off when not a terminal
   and CALM_PROGRESS=0)."""
   off = disable or not is_primary() or os.environ.get('CALM_PROGRESS') == '0'
-  return tqdm.tqdm(items, desc=desc, unit=unit, total=total, disable=off,
-                   dynamic_ncols=True)
+  return tqdm.tqdm(
+    items, desc=desc, unit=unit, total=total, disable=off, dynamic_ncols=True
+  )

@@ -9,6 +9,7 @@ config.json and model.safetensors (sharded too) or pytorch_model.bin, checks
 every tensor's name and shape, and writes a new model dir (step 0); export
 writes an untied T5 1.1 HF dir. Nothing is written when a check fails.
 """
+
 from calm_jax import cli
 
 

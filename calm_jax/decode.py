@@ -15,6 +15,7 @@ input per line. Writes OUTPUT_DIR/<task or file>.jsonl in input order
 (inputs, targets, prediction, tokens, exit_layers, confidences),
 summary.json and run.json.
 """
+
 from calm_jax import cli
 
 

@@ -8,6 +8,7 @@ Test on validation data, then decodes the test split at full depth and with
 early exit and reports quality, test risk, average layers and the measured
 speed-up. Writes runs/demo/report.json.
 """
+
 from calm_jax import cli
 
 

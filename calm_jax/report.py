@@ -10,6 +10,7 @@ constant thresholds and the split protocol of the guarantee; writes OUTPUT,
 reproduction.json next to it and figures/. Decodes are cached in the model
 dir, so an interrupted run resumes.
 """
+
 from calm_jax import cli
 
 

@@ -11,6 +11,7 @@ new model dir from another one's parameters (INITIAL_CHECKPOINT_PATH);
 gin/runs/train_classifier.gin trains the learned exit classifier of a model
 dir, backbone frozen. A NaN or infinite step is never applied or saved.
 """
+
 from calm_jax import cli
 
 

@@ -8,6 +8,7 @@ consistency, certifies on 80% of the validation examples and measures on
 the other 20%, over random splits: the violation rate that Learn then Test
 promises to keep at or below epsilon. Writes validity.json and validity.png.
 """
+
 from calm_jax import cli
 
 

@@ -5,6 +5,7 @@ tasks/vocab/. T5's id layout: pad 0, EOS 1, unk 2, no BOS.
 
   python -m calm_jax.tasks.build_vocab [--examples_per_task 20000] [--vocab_size 1024]
 """
+
 import argparse
 import io
 import pathlib
@@ -32,11 +33,19 @@ def main(argv=None):
   args = parser.parse_args(argv)
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=corpus(args.examples_per_task), model_writer=model,
-      vocab_size=args.vocab_size, model_type='bpe',
-      hard_vocab_limit=False, character_coverage=1.0,
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=2,
-      minloglevel=2)
+    sentence_iterator=corpus(args.examples_per_task),
+    model_writer=model,
+    vocab_size=args.vocab_size,
+    model_type='bpe',
+    hard_vocab_limit=False,
+    character_coverage=1.0,
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    num_threads=2,
+    minloglevel=2,
+  )
   VOCAB_DIR.mkdir(exist_ok=True)
   path = VOCAB_DIR / f'{MODEL_PREFIX}.model'
   path.write_bytes(model.getvalue())

@@ -12,6 +12,7 @@ A vocabulary that cannot be read fails in about a second with a message
 saying how to point at a local copy: without network a `gs://` read would
 otherwise sit in retries.
 """
+
 import os
 import socket
 from typing import Mapping
@@ -25,24 +26,30 @@ TFDS_DATA_DIR_ENV = 'TFDS_DATA_DIR'
 # The cloud storage host a gs:// path is read from.
 _GCS_HOST = ('storage.googleapis.com', 443)
 
-_overrides: dict = {'t5_vocabulary': None, 'tfds_data_dir': None,
-                    'task_feature_lengths': {}}
+_overrides: dict = {
+  't5_vocabulary': None,
+  'tfds_data_dir': None,
+  'task_feature_lengths': {},
+}
 
 
 class VocabularyError(errors.UserError, ValueError):
   """The T5 vocabulary cannot be read."""
 
 
-def set_overrides(*, t5_vocabulary: Optional[str] = None,
-                  tfds_data_dir: Optional[str] = None,
-                  task_feature_lengths: Optional[
-                      Mapping[str, Mapping[str, int]]] = None) -> None:
+def set_overrides(
+  *,
+  t5_vocabulary: Optional[str] = None,
+  tfds_data_dir: Optional[str] = None,
+  task_feature_lengths: Optional[Mapping[str, Mapping[str, int]]] = None,
+) -> None:
   """Sets (or, with None, clears) the entry point's choices."""
   _overrides['t5_vocabulary'] = t5_vocabulary
   _overrides['tfds_data_dir'] = tfds_data_dir
   _overrides['task_feature_lengths'] = {
-      task: dict(lengths)
-      for task, lengths in (task_feature_lengths or {}).items()}
+    task: dict(lengths)
+    for task, lengths in (task_feature_lengths or {}).items()
+  }
 
 
 def feature_lengths_override(task: str) -> Optional[dict[str, int]]:
@@ -52,8 +59,11 @@ def feature_lengths_override(task: str) -> Optional[dict[str, int]]:
 
 
 def t5_vocabulary_path() -> str:
-  return (_overrides['t5_vocabulary'] or os.environ.get(VOCABULARY_ENV)
-          or DEFAULT_T5_VOCABULARY)
+  return (
+    _overrides['t5_vocabulary']
+    or os.environ.get(VOCABULARY_ENV)
+    or DEFAULT_T5_VOCABULARY
+  )
 
 
 def tfds_data_dir() -> Optional[str]:
@@ -62,10 +72,12 @@ def tfds_data_dir() -> Optional[str]:
 
 
 def _how_to_override() -> str:
-  return (f'copy sentencepiece.model to a local file and set {VOCABULARY_ENV}'
-          '=/path/sentencepiece.model or '
-          "--gin.calm_jax.data_settings.t5_vocabulary=\"'/path/"
-          "sentencepiece.model'\"")
+  return (
+    f'copy sentencepiece.model to a local file and set {VOCABULARY_ENV}'
+    '=/path/sentencepiece.model or '
+    '--gin.calm_jax.data_settings.t5_vocabulary="\'/path/'
+    'sentencepiece.model\'"'
+  )
 
 
 def _reachable(host: tuple[str, int], timeout_s: float = 3.0) -> bool:
@@ -81,10 +93,12 @@ def readable_vocabulary_path() -> str:
   path = t5_vocabulary_path()
   if path.startswith('gs://'):
     if not _reachable(_GCS_HOST):
-      raise VocabularyError(f'cannot read the T5 vocabulary {path}: '
-                            f'{_GCS_HOST[0]} is unreachable; '
-                            + _how_to_override())
+      raise VocabularyError(
+        f'cannot read the T5 vocabulary {path}: '
+        f'{_GCS_HOST[0]} is unreachable; ' + _how_to_override()
+      )
   elif not os.path.isfile(path):
-    raise VocabularyError(f'T5 vocabulary not found at {path}; '
-                          + _how_to_override())
+    raise VocabularyError(
+      f'T5 vocabulary not found at {path}; ' + _how_to_override()
+    )
   return path

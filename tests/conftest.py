@@ -1,5 +1,6 @@
 """Test-wide settings: no network (TFDS would retry downloads for minutes),
 a persistent compilation cache, bf16 rounded at every op."""
+
 import os
 import pathlib
 import socket
@@ -11,8 +12,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # bfloat16 rounded at every op, as the bf16 tests compare two programs token
 # for token (no effect on float32). Subprocesses inherit it.
 if '--xla_allow_excess_precision' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                             + ' --xla_allow_excess_precision=false').strip()
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_allow_excess_precision=false'
+  ).strip()
 # transformers must never look for files on the Hub.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 # XLA programs are cached in the tests' venv (beside the interpreter), for
@@ -30,8 +32,11 @@ _real_connect = socket.socket.connect
 
 def _local_only_connect(self, address):
   host = address[0] if isinstance(address, tuple) else address
-  if isinstance(host, str) and (host.startswith('127.') or host in (
-      'localhost', '::1') or self.family == socket.AF_UNIX):
+  if isinstance(host, str) and (
+    host.startswith('127.')
+    or host in ('localhost', '::1')
+    or self.family == socket.AF_UNIX
+  ):
     return _real_connect(self, address)
   raise OSError(f'network disabled in tests (tried {address!r})')
 
@@ -49,16 +54,27 @@ def tiny_model_dir(tmp_path_factory):
   (2 steps), made once per test session through the train command. Tests
   that write into a model dir take a copy (`shutil.copytree`)."""
   import entry_points  # pylint: disable=g-import-not-at-top
+
   path = tmp_path_factory.mktemp('tiny_model') / 'model'
-  common = [f"--gin.MODEL_DIR='{path}'",
-            "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.BATCH_SIZE=8',
-            '--gin.calm_jax.LogSettings.progress=False']
+  common = [
+    f"--gin.MODEL_DIR='{path}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    '--gin.BATCH_SIZE=8',
+    '--gin.calm_jax.LogSettings.progress=False',
+  ]
   result = entry_points.run_module(
-      'calm_jax.train', '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
-      '--gin_file=gin/runs/train.gin', '--gin.TRAIN_STEPS=3', *common)
+    'calm_jax.train',
+    '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+    '--gin_file=gin/runs/train.gin',
+    '--gin.TRAIN_STEPS=3',
+    *common,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   result = entry_points.run_module(
-      'calm_jax.train', '--gin_file=gin/runs/train_classifier.gin',
-      '--gin.TRAIN_STEPS=2', *common)
+    'calm_jax.train',
+    '--gin_file=gin/runs/train_classifier.gin',
+    '--gin.TRAIN_STEPS=2',
+    *common,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   return path

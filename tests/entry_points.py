@@ -7,6 +7,7 @@ process: TensorFlow and the jit caches are already loaded, which saves the
 `python -m` for what only a new process shows (start-up time, the C++ log
 lines, a traceback's exit status).
 """
+
 import contextlib
 import importlib
 import io
@@ -24,8 +25,9 @@ from calm_jax.tasks import data_settings
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run_module(module: str, *args: str, check_only: bool = False
-               ) -> subprocess.CompletedProcess:
+def run_module(
+  module: str, *args: str, check_only: bool = False
+) -> subprocess.CompletedProcess:
   """In-process `python -m MODULE ARGS` from the repository root (with
   `check_only`: the command line and settings checked, nothing run)."""
   command = importlib.import_module(module)
@@ -36,8 +38,9 @@ def run_module(module: str, *args: str, check_only: bool = False
   try:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
       try:
-        code = cli.run_command(job, command.__doc__, list(args),
-                               check_only=check_only)
+        code = cli.run_command(
+          job, command.__doc__, list(args), check_only=check_only
+        )
       except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
       except Exception:  # pylint: disable=broad-except
@@ -47,12 +50,18 @@ def run_module(module: str, *args: str, check_only: bool = False
     os.chdir(cwd)
     gin.clear_config()  # nothing of this run reaches the next call
     data_settings.set_overrides()
-  return subprocess.CompletedProcess([module, *args], code, out.getvalue(),
-                                     err.getvalue())
+  return subprocess.CompletedProcess(
+    [module, *args], code, out.getvalue(), err.getvalue()
+  )
 
 
 def run_subprocess(module: str, *args: str) -> subprocess.CompletedProcess:
   """`python -m MODULE ARGS` in a new process, from the repository root."""
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300,
-                        check=False)
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )

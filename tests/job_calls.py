@@ -3,15 +3,20 @@
 Tests name one setting at a time; the jobs take settings groups. These
 helpers sort each keyword into its group (an unknown one is a TypeError).
 """
+
 import dataclasses
 
 from calm_jax.jobs import calibrate as calibrate_job
 from calm_jax.jobs import decode as decode_job
 from calm_jax.jobs import settings
 
-_GROUPS = {'inputs': settings.DecodeInputs, 'exits': settings.ExitSettings,
-           'sampling': settings.SamplingSettings,
-           'output': settings.OutputSettings, 'runtime': settings.RunSettings}
+_GROUPS = {
+  'inputs': settings.DecodeInputs,
+  'exits': settings.ExitSettings,
+  'sampling': settings.SamplingSettings,
+  'output': settings.OutputSettings,
+  'runtime': settings.RunSettings,
+}
 
 
 def _grouped(kwargs: dict, groups: tuple[str, ...]) -> dict:
@@ -19,8 +24,9 @@ def _grouped(kwargs: dict, groups: tuple[str, ...]) -> dict:
   out = {}
   for name in groups:
     fields = {f.name for f in dataclasses.fields(_GROUPS[name])}
-    out[name] = _GROUPS[name](**{k: rest.pop(k) for k in list(rest)
-                                 if k in fields})
+    out[name] = _GROUPS[name](
+      **{k: rest.pop(k) for k in list(rest) if k in fields}
+    )
   return {**out, **rest}
 
 

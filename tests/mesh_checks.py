@@ -4,6 +4,7 @@ Run by tests/test_scale_out.py in a subprocess (the device count is fixed
 when JAX starts): XLA_FLAGS=--xla_force_host_platform_device_count=8.
 Prints one JSON line of measurements; the tests assert on them.
 """
+
 import dataclasses
 import json
 import sys
@@ -26,9 +27,15 @@ from calm_jax.training import trainer
 
 MESHES = ((8, 1), (4, 2), (2, 4))
 STEPS = 3
-CONFIG = network.T5Config(vocab_size=256, emb_dim=32, num_heads=4,
-                          head_dim=8, mlp_dim=64, num_encoder_layers=2,
-                          num_decoder_layers=4)
+CONFIG = network.T5Config(
+  vocab_size=256,
+  emb_dim=32,
+  num_heads=4,
+  head_dim=8,
+  mlp_dim=64,
+  num_encoder_layers=2,
+  num_decoder_layers=4,
+)
 
 
 def batches_from(start):
@@ -36,12 +43,16 @@ def batches_from(start):
   rng = np.random.default_rng(start)
   while True:
     targets = rng.integers(2, CONFIG.vocab_size, (8, 6)).astype(np.int32)
-    yield {'encoder_input_tokens': rng.integers(
-               2, CONFIG.vocab_size, (8, 10)).astype(np.int32),
-           'decoder_target_tokens': targets,
-           'decoder_input_tokens': np.concatenate(
-               [np.zeros((8, 1), np.int32), targets[:, :-1]], 1),
-           'decoder_loss_weights': np.ones((8, 6), np.float32)}
+    yield {
+      'encoder_input_tokens': rng.integers(
+        2, CONFIG.vocab_size, (8, 10)
+      ).astype(np.int32),
+      'decoder_target_tokens': targets,
+      'decoder_input_tokens': np.concatenate(
+        [np.zeros((8, 1), np.int32), targets[:, :-1]], 1
+      ),
+      'decoder_loss_weights': np.ones((8, 6), np.float32),
+    }
 
 
 class Losses:
@@ -55,23 +66,32 @@ class Losses:
 def train(mesh, model_dir):
   losses = Losses()
   state = trainer.train_loop(
-      objective=trainer.model_objective(models.CalmModel(CONFIG)),
-      optimizer=optim.make_optimizer('adafactor', learning_rate=1e-2),
-      model_dir=model_dir, batches_from=batches_from, num_steps=STEPS,
-      log_every=1, progress=False, writer=losses, mesh=mesh)
+    objective=trainer.model_objective(models.CalmModel(CONFIG)),
+    optimizer=optim.make_optimizer('adafactor', learning_rate=1e-2),
+    model_dir=model_dir,
+    batches_from=batches_from,
+    num_steps=STEPS,
+    log_every=1,
+    progress=False,
+    writer=losses,
+    mesh=mesh,
+  )
   return state, losses.values
 
 
 def max_difference(a, b):
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree_util.tree_leaves(a),
-                             jax.tree_util.tree_leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+  )
 
 
 def spec(array):
   """The array's PartitionSpec and the shape of one device's shard."""
-  return {'spec': [None if a is None else str(a) for a in array.sharding.spec],
-          'shard_shape': list(array.addressable_shards[0].data.shape)}
+  return {
+    'spec': [None if a is None else str(a) for a in array.sharding.spec],
+    'shard_shape': list(array.addressable_shards[0].data.shape),
+  }
 
 
 def training_checks(one_device):
@@ -83,22 +103,26 @@ def training_checks(one_device):
     state, losses = train(partitioning.make_mesh(shape), dirs[shape])
     attention = state.params['decoder']['layers_0']['self_attention']
     out['meshes'][str(shape)] = {
-        'losses': losses,
-        'params_difference': max_difference(state.params, reference.params),
-        'opt_state_difference': max_difference(state.opt_state,
-                                               reference.opt_state),
-        'specs': {
-            'query': spec(attention['query']),
-            'out': spec(attention['out']),
-            'wi_0': spec(state.params['encoder']['layers_0']['mlp']['wi_0']),
-            'embedding': spec(state.params['token_embedder']['embedding']),
-            'norm': spec(state.params['encoder']['encoder_norm']['scale']),
-        },
-        # Shard shapes of the optimizer state leaves shaped like the query.
-        'opt_state_query_shards': sorted({
-            str(spec(x)['shard_shape'])
-            for x in jax.tree_util.tree_leaves(state.opt_state)
-            if x.shape == attention['query'].shape}),
+      'losses': losses,
+      'params_difference': max_difference(state.params, reference.params),
+      'opt_state_difference': max_difference(
+        state.opt_state, reference.opt_state
+      ),
+      'specs': {
+        'query': spec(attention['query']),
+        'out': spec(attention['out']),
+        'wi_0': spec(state.params['encoder']['layers_0']['mlp']['wi_0']),
+        'embedding': spec(state.params['token_embedder']['embedding']),
+        'norm': spec(state.params['encoder']['encoder_norm']['scale']),
+      },
+      # Shard shapes of the optimizer state leaves shaped like the query.
+      'opt_state_query_shards': sorted(
+        {
+          str(spec(x)['shard_shape'])
+          for x in jax.tree_util.tree_leaves(state.opt_state)
+          if x.shape == attention['query'].shape
+        }
+      ),
     }
   return out, dirs, reference
 
@@ -108,25 +132,32 @@ def restore_checks(dirs, one_device):
   saved, _ = model_files.load_params(dirs[(4, 2)], CONFIG)
   out = {}
   model = models.CalmModel(CONFIG)
-  for name, mesh in (('(8, 1)', partitioning.make_mesh((8, 1))),
-                     ('one device', one_device)):
+  for name, mesh in (
+    ('(8, 1)', partitioning.make_mesh((8, 1))),
+    ('one device', one_device),
+  ):
     shardings = partitioning.param_shardings(model.param_axes(), mesh)
-    params, step = model_files.load_params(dirs[(4, 2)], CONFIG,
-                                           shardings=shardings)
+    params, step = model_files.load_params(
+      dirs[(4, 2)], CONFIG, shardings=shardings
+    )
     # The whole train state too, as a resumed run restores it.
     objective = trainer.model_objective(model)
     optimizer = optim.make_optimizer('adafactor', learning_rate=1e-2)
     place = trainer.placement(objective, optimizer, mesh)
     mgr = checkpoints.manager(dirs[(4, 2)])
-    state = trainer.restore_or_init(objective, optimizer, mgr,
-                                    jax.random.PRNGKey(0), place)
+    state = trainer.restore_or_init(
+      objective, optimizer, mgr, jax.random.PRNGKey(0), place
+    )
     mgr.close()
     query = params['decoder']['layers_0']['self_attention']['query']
-    out[name] = {'step': step, 'resumed_step': int(state.step),
-                 'difference': max_difference(params, saved),
-                 'state_difference': max_difference(state.params, saved),
-                 'query': spec(query),
-                 'query_devices': len(query.sharding.device_set)}
+    out[name] = {
+      'step': step,
+      'resumed_step': int(state.step),
+      'difference': max_difference(params, saved),
+      'state_difference': max_difference(state.params, saved),
+      'query': spec(query),
+      'query_devices': len(query.sharding.device_set),
+    }
   return out
 
 
@@ -141,11 +172,14 @@ def constraint_checks(params):
   plain = jax.jit(loss).lower(params, batch).as_text()
   with partitioning.activation_rules(mesh):
     ruled = jax.jit(loss).lower(params, batch).as_text()
-  return {'without_rules': count(plain), 'with_rules': count(ruled),
-          # [batch, length, heads, kv]: batch on 'data', heads on 'model'.
-          'heads_layout': ruled.count('[{"data"}, {}, {"model"}, {}]'),
-          # [batch, length, embed] after each layer.
-          'embed_layout': ruled.count('[{"data"}, {}, {}]')}
+  return {
+    'without_rules': count(plain),
+    'with_rules': count(ruled),
+    # [batch, length, heads, kv]: batch on 'data', heads on 'model'.
+    'heads_layout': ruled.count('[{"data"}, {}, {"model"}, {}]'),
+    # [batch, length, embed] after each layer.
+    'embed_layout': ruled.count('[{"data"}, {}, {}]'),
+  }
 
 
 def decode_checks(params):
@@ -159,36 +193,44 @@ def decode_checks(params):
   params = jax.device_get(params)
   single = decoder_lib.Decoder(loaded_lib.in_memory(model, params))
   decode = lambda decoder, threshold: decoder.decode(
-      modes.EarlyExit(exit_config, threshold), tokens, max_length=10)
+    modes.EarlyExit(exit_config, threshold), tokens, max_length=10
+  )
   # Every token exits at layer 1 at threshold 0; the median of those
   # confidences as the threshold spreads the exits over the layers.
   eager = decode(single, 0.0)
-  threshold = float(np.quantile(eager.confidences[eager.exit_layers > 0],
-                                0.5))
+  threshold = float(np.quantile(eager.confidences[eager.exit_layers > 0], 0.5))
   reference = decode(single, threshold)
   mesh = partitioning.make_mesh((4, 2))
-  placed = jax.device_put(params, partitioning.param_shardings(
-      model.param_axes(), mesh))
-  sharded = decoder_lib.Decoder(dataclasses.replace(
-      loaded_lib.in_memory(model, placed), mesh=mesh))
-  on_mesh = sharded.runner(modes.EarlyExit(exit_config, threshold), tokens,
-                           max_length=10)(tokens)
+  placed = jax.device_put(
+    params, partitioning.param_shardings(model.param_axes(), mesh)
+  )
+  sharded = decoder_lib.Decoder(
+    dataclasses.replace(loaded_lib.in_memory(model, placed), mesh=mesh)
+  )
+  on_mesh = sharded.runner(
+    modes.EarlyExit(exit_config, threshold), tokens, max_length=10
+  )(tokens)
   out = sharded.fetch(on_mesh)
   exits = reference.exit_layers[reference.exit_layers > 0]
   return {
-      'threshold': threshold,
-      'distinct_exit_layers': sorted({int(l) for l in exits}),
-      'same_tokens': bool(np.array_equal(np.asarray(out.tokens),
-                                         reference.tokens)),
-      'same_exit_layers': bool(np.array_equal(np.asarray(out.exit_layers),
-                                              reference.exit_layers)),
-      'confidence_difference': float(np.nanmax(np.abs(
-          np.asarray(out.confidences) - reference.confidences))),
-      'same_top_layer_tokens': bool(np.array_equal(
-          np.isnan(np.asarray(out.confidences)),
-          np.isnan(reference.confidences))),
-      'layer_evals': [int(reference.layer_evals), int(out.layer_evals)],
-      'tokens': spec(on_mesh.tokens),
+    'threshold': threshold,
+    'distinct_exit_layers': sorted({int(l) for l in exits}),
+    'same_tokens': bool(
+      np.array_equal(np.asarray(out.tokens), reference.tokens)
+    ),
+    'same_exit_layers': bool(
+      np.array_equal(np.asarray(out.exit_layers), reference.exit_layers)
+    ),
+    'confidence_difference': float(
+      np.nanmax(np.abs(np.asarray(out.confidences) - reference.confidences))
+    ),
+    'same_top_layer_tokens': bool(
+      np.array_equal(
+        np.isnan(np.asarray(out.confidences)), np.isnan(reference.confidences)
+      )
+    ),
+    'layer_evals': [int(reference.layer_evals), int(out.layer_evals)],
+    'tokens': spec(on_mesh.tokens),
   }
 
 

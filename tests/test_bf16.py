@@ -1,5 +1,6 @@
 """bfloat16 activations over float32 parameters (t5x's default on TPU/GPU):
 every decoding path, the training loss and its gradients, on a tiny model."""
+
 import dataclasses
 import functools
 import os
@@ -15,8 +16,15 @@ from calm_jax.decoding import thresholds
 from calm_jax.model import models
 from calm_jax.model import network
 
-F32 = network.T5Config(vocab_size=40, emb_dim=32, num_heads=2, head_dim=8,
-                       mlp_dim=48, num_encoder_layers=2, num_decoder_layers=4)
+F32 = network.T5Config(
+  vocab_size=40,
+  emb_dim=32,
+  num_heads=2,
+  head_dim=8,
+  mlp_dim=48,
+  num_encoder_layers=2,
+  num_decoder_layers=4,
+)
 BF16 = dataclasses.replace(F32, dtype='bfloat16')
 MAX_LENGTH = 7
 
@@ -30,8 +38,7 @@ def params():
 
 
 def _inputs(batch, seed=0):
-  enc = np.random.RandomState(seed).randint(3, 40, (batch, 6)).astype(
-      np.int32)
+  enc = np.random.RandomState(seed).randint(3, 40, (batch, 6)).astype(np.int32)
   enc[:, -1] = 1
   return jnp.asarray(enc)
 
@@ -39,8 +46,11 @@ def _inputs(batch, seed=0):
 @functools.lru_cache(maxsize=None)
 def _early(config, exit_config):
   model = models.CalmModel(config)
-  return jax.jit(lambda p, c, e, t: model.decode_early_exit(
-      p, e, MAX_LENGTH, exit_config=exit_config, threshold=t, classifier=c))
+  return jax.jit(
+    lambda p, c, e, t: model.decode_early_exit(
+      p, e, MAX_LENGTH, exit_config=exit_config, threshold=t, classifier=c
+    )
+  )
 
 
 def _classifier():
@@ -49,8 +59,9 @@ def _classifier():
 
 
 def test_unknown_dtype_is_refused():
-  with pytest.raises(ValueError, match="unknown dtype 'float16'; valid: float32, "
-                     'bfloat16'):
+  with pytest.raises(
+    ValueError, match="unknown dtype 'float16'; valid: float32, bfloat16"
+  ):
     dataclasses.replace(F32, dtype='float16')
 
 
@@ -64,22 +75,32 @@ def test_activations_are_bf16_and_logits_float32(params):
   assert fns.logits(out[:, 0]).dtype == jnp.float32
   assert fns.cross_kv[0][0].dtype == jnp.bfloat16
   # The float32 model computes the same function, to bfloat16 precision.
-  f32 = models.CalmModel(F32).all_layer_logits(params, _inputs(2),
-                                               _inputs(2, seed=1))
-  bf16 = models.CalmModel(BF16).all_layer_logits(params, _inputs(2),
-                                                 _inputs(2, seed=1))
+  f32 = models.CalmModel(F32).all_layer_logits(
+    params, _inputs(2), _inputs(2, seed=1)
+  )
+  bf16 = models.CalmModel(BF16).all_layer_logits(
+    params, _inputs(2), _inputs(2, seed=1)
+  )
   assert bf16.dtype == jnp.float32
   scale = float(jnp.abs(f32).max())
   assert float(jnp.abs(f32 - bf16).max()) < 0.05 * scale
 
 
-@pytest.mark.parametrize('measure, propagation', [
-    ('softmax', 'hidden'), ('softmax_max', 'hidden'), ('state', 'hidden'),
-    ('classifier', 'hidden'), ('softmax', 'kv_copy'), ('softmax', 'none')])
-def test_every_measure_and_propagation_decodes_in_bf16(params, measure,
-                                                       propagation):
-  cfg = loops.ExitConfig.create(4, confidence=measure,
-                                   propagation=propagation)
+@pytest.mark.parametrize(
+  'measure, propagation',
+  [
+    ('softmax', 'hidden'),
+    ('softmax_max', 'hidden'),
+    ('state', 'hidden'),
+    ('classifier', 'hidden'),
+    ('softmax', 'kv_copy'),
+    ('softmax', 'none'),
+  ],
+)
+def test_every_measure_and_propagation_decodes_in_bf16(
+  params, measure, propagation
+):
+  cfg = loops.ExitConfig.create(4, confidence=measure, propagation=propagation)
   classifier = _classifier() if measure == 'classifier' else None
   out = _early(BF16, cfg)(params, classifier, _inputs(5), 0.5)
   layers = np.asarray(out.exit_layers)
@@ -99,38 +120,45 @@ def test_bf16_disabled_exits_equal_static_decode(params, measure):
   # --xla_allow_excess_precision=false): XLA's default may keep a fused
   # intermediate in float32 in one program and not the other.
   batch = 4
-  cfg = loops.ExitConfig(confidence=measure,
-                            exit_layers=thresholds.allowed_exit_layers(4))
+  cfg = loops.ExitConfig(
+    confidence=measure, exit_layers=thresholds.allowed_exit_layers(4)
+  )
   early = _early(BF16, cfg)(params, None, _inputs(batch), 1.5)
   model = models.CalmModel(BF16)
   static = jax.jit(lambda p, e: model.decode_static(p, e, MAX_LENGTH))(
-      params, _inputs(batch))
+    params, _inputs(batch)
+  )
   np.testing.assert_array_equal(early.tokens, static.tokens)
   np.testing.assert_array_equal(early.exit_layers, static.exit_layers)
 
 
 def test_bf16_oracle_keeps_the_full_models_tokens(params):
   model = models.CalmModel(BF16)
-  oracle = jax.jit(lambda p, e: model.decode_static(
-      p, e, MAX_LENGTH, oracle=True))(params, _inputs(4, seed=5))
+  oracle = jax.jit(
+    lambda p, e: model.decode_static(p, e, MAX_LENGTH, oracle=True)
+  )(params, _inputs(4, seed=5))
   static = jax.jit(lambda p, e: model.decode_static(p, e, MAX_LENGTH))(
-      params, _inputs(4, seed=5))
+    params, _inputs(4, seed=5)
+  )
   np.testing.assert_array_equal(oracle.tokens, static.tokens)
 
 
 def test_bf16_training_loss_and_gradients_are_float32_and_close(params):
   targets = np.asarray(_inputs(3, seed=2))
-  batch = {'encoder_input_tokens': _inputs(3),
-           'decoder_input_tokens': jnp.asarray(
-               np.concatenate([np.zeros((3, 1), np.int32),
-                               targets[:, :-1]], 1)),
-           'decoder_target_tokens': jnp.asarray(targets),
-           'decoder_loss_weights': jnp.asarray(targets > 0)}
+  batch = {
+    'encoder_input_tokens': _inputs(3),
+    'decoder_input_tokens': jnp.asarray(
+      np.concatenate([np.zeros((3, 1), np.int32), targets[:, :-1]], 1)
+    ),
+    'decoder_target_tokens': jnp.asarray(targets),
+    'decoder_loss_weights': jnp.asarray(targets > 0),
+  }
   losses = {}
   for config in (F32, BF16):
     model = models.CalmModel(config)
-    (loss, _), grads = jax.value_and_grad(model.loss, has_aux=True)(params,
-                                                                    batch)
+    (loss, _), grads = jax.value_and_grad(model.loss, has_aux=True)(
+      params, batch
+    )
     leaves = jax.tree_util.tree_leaves(grads)
     assert all(g.dtype == jnp.float32 for g in leaves)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
@@ -145,6 +173,7 @@ def test_bf16_training_loss_and_gradients_are_float32_and_close(params):
 @pytest.mark.slow
 def test_bf16_agrees_with_f32_on_the_demo_model():
   from calm_jax.jobs import bench  # pylint: disable=g-import-not-at-top
+
   if not os.path.exists(os.path.join(bench.DEMO_DIR, 'model.json')):
     pytest.skip('no demo model: run make demo first')
   for task, result in bench.dtype_agreement(examples=48).items():

@@ -1,4 +1,5 @@
 """Decode entry point, classifier stage and Python API on a tiny model."""
+
 import json
 
 import jax
@@ -13,19 +14,26 @@ _run = entry_points.run_module
 @pytest.fixture(scope='module')
 def model_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp('tiny') / 'model'
-  result = _run('calm_jax.train',
-                '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
-                '--gin_file=gin/runs/train.gin',
-                f"--gin.MODEL_DIR='{path}'",
-                "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
-                '--gin.BATCH_SIZE=8', '--gin.TRAIN_STEPS=3',
-                '--gin.calm_jax.LogSettings.progress=False')
+  result = _run(
+    'calm_jax.train',
+    '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+    '--gin_file=gin/runs/train.gin',
+    f"--gin.MODEL_DIR='{path}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    '--gin.BATCH_SIZE=8',
+    '--gin.TRAIN_STEPS=3',
+    '--gin.calm_jax.LogSettings.progress=False',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
-  result = _run('calm_jax.train', '--gin_file=gin/runs/train_classifier.gin',
-                f"--gin.MODEL_DIR='{path}'",
-                "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
-                '--gin.BATCH_SIZE=8', '--gin.TRAIN_STEPS=2',
-                '--gin.calm_jax.LogSettings.progress=False')
+  result = _run(
+    'calm_jax.train',
+    '--gin_file=gin/runs/train_classifier.gin',
+    f"--gin.MODEL_DIR='{path}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    '--gin.BATCH_SIZE=8',
+    '--gin.TRAIN_STEPS=2',
+    '--gin.calm_jax.LogSettings.progress=False',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert (path / 'classifier' / '2').is_dir()
   assert sorted(p.name for p in (path / 'checkpoints').iterdir()) == ['3']
@@ -34,21 +42,31 @@ def model_dir(tmp_path_factory):
 
 def test_decode_writes_jsonl_and_summary(model_dir, tmp_path):
   out = tmp_path / 'decode'
-  result = _run('calm_jax.decode', '--gin_file=gin/runs/decode.gin',
-                f"--gin.MODEL_DIR='{model_dir}'",
-                "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
-                "--gin.CONFIDENCE='classifier'", '--gin.THRESHOLD=0.5',
-                '--gin.calm_jax.DecodeInputs.num_examples=6',
-                '--gin.calm_jax.RunSettings.batch_size=4',
-                f"--gin.OUTPUT_DIR='{out}'",
-                f"--gin.EXIT_MAP='{tmp_path / 'maps'}'",
-                '--gin.calm_jax.OutputSettings.exit_map_examples=3')
+  result = _run(
+    'calm_jax.decode',
+    '--gin_file=gin/runs/decode.gin',
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    "--gin.CONFIDENCE='classifier'",
+    '--gin.THRESHOLD=0.5',
+    '--gin.calm_jax.DecodeInputs.num_examples=6',
+    '--gin.calm_jax.RunSettings.batch_size=4',
+    f"--gin.OUTPUT_DIR='{out}'",
+    f"--gin.EXIT_MAP='{tmp_path / 'maps'}'",
+    '--gin.calm_jax.OutputSettings.exit_map_examples=3',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   lines = (out / 'synth_qa.jsonl').read_text().splitlines()
   assert len(lines) == 6
   record = json.loads(lines[0])
-  assert set(record) == {'inputs', 'targets', 'prediction', 'tokens',
-                         'exit_layers', 'confidences'}
+  assert set(record) == {
+    'inputs',
+    'targets',
+    'prediction',
+    'tokens',
+    'exit_layers',
+    'confidences',
+  }
   assert len(record['tokens']) == len(record['exit_layers'])
   assert record['tokens'][-1] == '</s>' or len(record['tokens']) == 6
   records = [json.loads(line) for line in lines[:3]]
@@ -66,21 +84,26 @@ def test_decode_writes_jsonl_and_summary(model_dir, tmp_path):
 
 
 def test_decode_rejects_unknown_measure(model_dir):
-  result = _run('calm_jax.decode', '--gin_file=gin/runs/decode.gin',
-                f"--gin.MODEL_DIR='{model_dir}'",
-                "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
-                "--gin.CONFIDENCE='entropy'")
+  result = _run(
+    'calm_jax.decode',
+    '--gin_file=gin/runs/decode.gin',
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    "--gin.CONFIDENCE='entropy'",
+  )
   assert result.returncode == 2
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: unknown confidence 'entropy'; valid: "
-                         'softmax, softmax_max, state, classifier, oracle'
-                         ), last
+  assert last.startswith(
+    "error: unknown confidence 'entropy'; valid: "
+    'softmax, softmax_max, state, classifier, oracle'
+  ), last
   assert 'softmax, softmax_max, state, classifier, oracle' in last
 
 
 def test_python_api_generate(model_dir):
   import calm_jax  # pylint: disable=g-import-not-at-top
   from calm_jax.tasks import synthetic  # pylint: disable=g-import-not-at-top
+
   lm = calm_jax.load(str(model_dir))
   texts = [synthetic.generate('qa', 'test', i)['inputs'] for i in range(3)]
   full = lm.generate(texts, batch_size=2, max_length=4)
@@ -88,11 +111,13 @@ def test_python_api_generate(model_dir):
   for result in full:  # no calibration record: full depth
     assert result.exit_layers and set(result.exit_layers) == {4}
     assert isinstance(result.text, str)
-  early = lm.generate(texts, threshold=0.0, confidence='state', batch_size=2,
-                      max_length=4)
+  early = lm.generate(
+    texts, threshold=0.0, confidence='state', batch_size=2, max_length=4
+  )
   assert all(set(r.exit_layers) == {2} for r in early)
-  clf = lm.generate(texts, threshold=0.0, confidence='classifier',
-                    batch_size=4, max_length=4)
+  clf = lm.generate(
+    texts, threshold=0.0, confidence='classifier', batch_size=4, max_length=4
+  )
   assert all(set(r.exit_layers) == {1} for r in clf)
   assert np.all([0 <= c <= 1 for r in clf for c in r.confidences])
   # Exits disabled: no token was decided by an exit test.
@@ -100,20 +125,27 @@ def test_python_api_generate(model_dir):
 
 
 def _calibrate(model_dir, *extra):
-  return _run('calm_jax.calibrate', '--gin_file=gin/runs/calibrate.gin',
-              f"--gin.MODEL_DIR='{model_dir}'",
-              "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
-              '--gin.calm_jax.calibrate.num_examples=12',
-              '--gin.calm_jax.calibrate.grid_step=0.25', *extra)
+  return _run(
+    'calm_jax.calibrate',
+    '--gin_file=gin/runs/calibrate.gin',
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    '--gin.calm_jax.calibrate.num_examples=12',
+    '--gin.calm_jax.calibrate.grid_step=0.25',
+    *extra,
+  )
 
 
 def test_calibrate_writes_a_record_that_decode_uses(model_dir, tmp_path):
-  result = _calibrate(model_dir, '--gin.DELTA=0.3', '--gin.EPSILON=0.2',
-                      "--gin.CONFIDENCE='state'")
+  result = _calibrate(
+    model_dir,
+    '--gin.DELTA=0.3',
+    '--gin.EPSILON=0.2',
+    "--gin.CONFIDENCE='state'",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   calibration_dir = model_dir / 'calibration'
-  [path] = calibration_dir.glob('synth_qa_state_textual_delta0.3_eps0.2_*'
-                                '.json')
+  [path] = calibration_dir.glob('synth_qa_state_textual_delta0.3_eps0.2_*.json')
   record = json.loads(path.read_text())
   assert record['n'] == 12 and record['confidence'] == 'state'
   table = record['table']
@@ -125,34 +157,48 @@ def test_calibrate_writes_a_record_that_decode_uses(model_dir, tmp_path):
 
   # A second delta reuses every cached decode.
   before = {p: p.stat().st_mtime for p in cached}
-  again = _calibrate(model_dir, '--gin.DELTA=0.5', '--gin.EPSILON=0.2',
-                     "--gin.CONFIDENCE='state'")
+  again = _calibrate(
+    model_dir,
+    '--gin.DELTA=0.5',
+    '--gin.EPSILON=0.2',
+    "--gin.CONFIDENCE='state'",
+  )
   assert again.returncode == 0, again.stderr[-2000:]
   for path, mtime in before.items():
     assert path.stat().st_mtime == mtime
 
   out = tmp_path / 'decode'
-  decoded = _run('calm_jax.decode', '--gin_file=gin/runs/decode.gin',
-                 f"--gin.MODEL_DIR='{model_dir}'",
-                 "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
-                 "--gin.CONFIDENCE='state'",
-                 '--gin.calm_jax.DecodeInputs.num_examples=4',
-                 f"--gin.OUTPUT_DIR='{out}'")
+  decoded = _run(
+    'calm_jax.decode',
+    '--gin_file=gin/runs/decode.gin',
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    "--gin.CONFIDENCE='state'",
+    '--gin.calm_jax.DecodeInputs.num_examples=4',
+    f"--gin.OUTPUT_DIR='{out}'",
+  )
   assert decoded.returncode == 0, decoded.stderr[-2000:]
   summary = json.loads((out / 'summary.json').read_text())
-  assert 'synth_qa_state_textual_delta0.5_eps0.2_' in summary[
-      'threshold_source']
+  assert (
+    'synth_qa_state_textual_delta0.5_eps0.2_' in summary['threshold_source']
+  )
 
 
-@pytest.mark.parametrize('extra, message', [
+@pytest.mark.parametrize(
+  'extra, message',
+  [
     (['--gin.DELTA=1.5'], 'delta=1.5 is out of range: valid (0, 1)'),
-    (['--gin.DELTA=0.2', '--gin.EPSILON=0'],
-     'epsilon=0 is out of range: valid (0, 1)'),
-    (['--gin.DELTA=0.2', "--gin.calm_jax.calibrate.split='nope'"],
-     "has no split 'nope'"),
-    (['--gin.DELTA=0.2', "--gin.CONSISTENCY='bleurt'"],
-     'unknown consistency'),
-])
+    (
+      ['--gin.DELTA=0.2', '--gin.EPSILON=0'],
+      'epsilon=0 is out of range: valid (0, 1)',
+    ),
+    (
+      ['--gin.DELTA=0.2', "--gin.calm_jax.calibrate.split='nope'"],
+      "has no split 'nope'",
+    ),
+    (['--gin.DELTA=0.2', "--gin.CONSISTENCY='bleurt'"], 'unknown consistency'),
+  ],
+)
 def test_calibrate_bad_input_changes_nothing(model_dir, extra, message):
   before = sorted(str(p) for p in model_dir.rglob('*'))
   result = _calibrate(model_dir, *extra)
@@ -164,9 +210,11 @@ def test_calibrate_bad_input_changes_nothing(model_dir, extra, message):
 
 def test_calibrate_refuses_a_measure_the_model_lacks(model_dir, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
+
   bare = tmp_path / 'bare'
-  shutil.copytree(model_dir, bare,
-                  ignore=shutil.ignore_patterns('classifier', 'calibration'))
+  shutil.copytree(
+    model_dir, bare, ignore=shutil.ignore_patterns('classifier', 'calibration')
+  )
   before = sorted(str(p) for p in bare.rglob('*'))
   result = _calibrate(bare, '--gin.DELTA=0.2', "--gin.CONFIDENCE='classifier'")
   assert result.returncode == 2
@@ -177,22 +225,26 @@ def test_calibrate_refuses_a_measure_the_model_lacks(model_dir, tmp_path):
 
 def test_bf16_training_writes_a_bf16_model_dir(tmp_path):
   path = tmp_path / 'bf16'
-  result = _run('calm_jax.train',
-                '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
-                '--gin_file=gin/runs/train.gin', f"--gin.MODEL_DIR='{path}'",
-                "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
-                '--gin.BATCH_SIZE=8', '--gin.TRAIN_STEPS=2',
-                "--gin.calm_jax.T5Config.dtype='bfloat16'",
-                '--gin.calm_jax.LogSettings.progress=False')
+  result = _run(
+    'calm_jax.train',
+    '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+    '--gin_file=gin/runs/train.gin',
+    f"--gin.MODEL_DIR='{path}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    '--gin.BATCH_SIZE=8',
+    '--gin.TRAIN_STEPS=2',
+    "--gin.calm_jax.T5Config.dtype='bfloat16'",
+    '--gin.calm_jax.LogSettings.progress=False',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   from calm_jax.model import model_files  # pylint: disable=g-import-not-at-top
+
   config, _ = model_files.read_model_config(str(path))
   assert config.dtype == 'bfloat16'
   params, step = model_files.load_params(str(path), config)
   leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(params)]
   assert step == 2
-  assert all(x.dtype == np.float32 and np.all(np.isfinite(x))
-             for x in leaves)
+  assert all(x.dtype == np.float32 and np.all(np.isfinite(x)) for x in leaves)
 
 
 def test_bf16_calibrate_decode_and_generate(model_dir, tmp_path):
@@ -202,29 +254,41 @@ def test_bf16_calibrate_decode_and_generate(model_dir, tmp_path):
   from calm_jax.jobs import decode  # pylint: disable=g-import-not-at-top
   from calm_jax.jobs import settings  # pylint: disable=g-import-not-at-top
   from calm_jax.tasks import synthetic  # pylint: disable=g-import-not-at-top
+
   bf16 = settings.RunSettings(batch_size=4, dtype='bfloat16')
   record = calibrate.calibrate(
-      model_dir=str(model_dir), mixture_or_task_name='synth_qa',
-      delta=0.3, epsilon=0.2, num_examples=8, grid_step=0.5,
-      exits=settings.ExitSettings(confidence='softmax'), runtime=bf16)
+    model_dir=str(model_dir),
+    mixture_or_task_name='synth_qa',
+    delta=0.3,
+    epsilon=0.2,
+    num_examples=8,
+    grid_step=0.5,
+    exits=settings.ExitSettings(confidence='softmax'),
+    runtime=bf16,
+  )
   assert record.dtype == 'bfloat16' and record.n == 8
   assert (model_dir / 'calibration' / f'{record.name}.json').is_file()
   summary = decode.decode(
-      model_dir=str(model_dir), threshold=0.0,
-      inputs=settings.DecodeInputs(mixture_or_task_name='synth_qa',
-                                   num_examples=4),
-      exits=settings.ExitSettings(confidence='classifier'),
-      output=settings.OutputSettings(output_dir=str(tmp_path / 'decode')),
-      runtime=bf16)
+    model_dir=str(model_dir),
+    threshold=0.0,
+    inputs=settings.DecodeInputs(
+      mixture_or_task_name='synth_qa', num_examples=4
+    ),
+    exits=settings.ExitSettings(confidence='classifier'),
+    output=settings.OutputSettings(output_dir=str(tmp_path / 'decode')),
+    runtime=bf16,
+  )
   assert summary['dtype'] == 'bfloat16'
   assert summary['tasks']['synth_qa']['avg_decoder_layers'] == 1.0
   texts = [synthetic.generate('qa', 'test', i)['inputs'] for i in range(3)]
-  f32 = calm_jax.load(str(model_dir)).generate(texts, threshold=1.5,
-                                               batch_size=4, max_length=4)
+  f32 = calm_jax.load(str(model_dir)).generate(
+    texts, threshold=1.5, batch_size=4, max_length=4
+  )
   bf16_lm = calm_jax.load(str(model_dir), dtype='bfloat16')
   assert bf16_lm.config.dtype == 'bfloat16'
   bf16 = bf16_lm.generate(texts, threshold=1.5, batch_size=4, max_length=4)
   assert [r.text for r in bf16] == [r.text for r in f32]
-  state = bf16_lm.generate(texts, threshold=0.0, confidence='state',
-                           batch_size=4, max_length=4)
+  state = bf16_lm.generate(
+    texts, threshold=0.0, confidence='state', batch_size=4, max_length=4
+  )
   assert all(set(r.exit_layers) == {2} for r in state)

@@ -9,6 +9,7 @@ rule run, and nothing is loaded, trained or written. Printed fix hints are
 commands too: tests/test_faults.py and test_provenance.py run the ones the
 code prints.
 """
+
 import ast
 import importlib.util
 import pathlib
@@ -20,8 +21,16 @@ import pytest
 import entry_points  # tests/entry_points.py
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COMMANDS = ('train', 'decode', 'calibrate', 'demo', 'report', 'validity',
-            'bench', 'convert')
+COMMANDS = (
+  'train',
+  'decode',
+  'calibrate',
+  'demo',
+  'report',
+  'validity',
+  'bench',
+  'convert',
+)
 _PYTHON = re.compile(r'(^|/)python3?$')
 
 
@@ -39,10 +48,13 @@ def commands_in(text: str) -> list[tuple[str, list[str]]]:
     for index, token in enumerate(tokens):
       if ' -m calm_jax.' in token:  # a command inside a quoted argument
         found += commands_in(token)
-      elif (_PYTHON.search(token) and tokens[index + 1:index + 2] == ['-m']
-            and index + 2 < len(tokens)):
+      elif (
+        _PYTHON.search(token)
+        and tokens[index + 1 : index + 2] == ['-m']
+        and index + 2 < len(tokens)
+      ):
         args = []
-        for arg in tokens[index + 3:]:
+        for arg in tokens[index + 3 :]:
           if arg in ('&&', ';', '|', '||'):
             break
           args.append(arg)
@@ -68,9 +80,11 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
     for snippet in _markdown_snippets(path.read_text()):
       out += [(path.name, m, a) for m, a in commands_in(snippet)]
   for path in sorted((ROOT / 'gin').rglob('*.gin')):
-    comments = '\n'.join(re.sub(r'^#\s?', '', line)
-                         for line in path.read_text().splitlines()
-                         if line.startswith('#'))
+    comments = '\n'.join(
+      re.sub(r'^#\s?', '', line)
+      for line in path.read_text().splitlines()
+      if line.startswith('#')
+    )
     out += [(path.name, m, a) for m, a in commands_in(comments)]
   return out
 
@@ -86,12 +100,15 @@ def test_the_examples_are_found():
 
 
 def test_commands_nested_and_optional_flags_are_parsed():
-  snippet = ('ssh host --command="cd x && .venv/bin/python -m calm_jax.train '
-             "--gin.MODEL_DIR=\\\"'/m'\\\"\" # note\n"
-             'python -m calm_jax.bench [--gin.REPEATS=3]  # a comment')
+  snippet = (
+    'ssh host --command="cd x && .venv/bin/python -m calm_jax.train '
+    '--gin.MODEL_DIR=\\"\'/m\'\\"" # note\n'
+    'python -m calm_jax.bench [--gin.REPEATS=3]  # a comment'
+  )
   assert commands_in(snippet) == [
-      ('calm_jax.train', ["--gin.MODEL_DIR='/m'"]),
-      ('calm_jax.bench', ['--gin.REPEATS=3'])]
+    ('calm_jax.train', ["--gin.MODEL_DIR='/m'"]),
+    ('calm_jax.bench', ['--gin.REPEATS=3']),
+  ]
 
 
 def test_other_documented_modules_exist():
@@ -100,13 +117,14 @@ def test_other_documented_modules_exist():
       assert importlib.util.find_spec(module) is not None, (where, module)
 
 
-COMMAND_EXAMPLES = [e for e in EXAMPLES
-                    if e[1].rsplit('.', 1)[-1] in COMMANDS]
+COMMAND_EXAMPLES = [e for e in EXAMPLES if e[1].rsplit('.', 1)[-1] in COMMANDS]
 
 
-@pytest.mark.parametrize('where,module,args', COMMAND_EXAMPLES,
-                         ids=[f'{w}:{m}:{i}' for i, (w, m, _)
-                              in enumerate(COMMAND_EXAMPLES)])
+@pytest.mark.parametrize(
+  'where,module,args',
+  COMMAND_EXAMPLES,
+  ids=[f'{w}:{m}:{i}' for i, (w, m, _) in enumerate(COMMAND_EXAMPLES)],
+)
 def test_documented_command_parses_and_its_settings_pass(where, module, args):
   result = entry_points.run_module(module, *args, check_only=True)
   assert result.returncode == 0, (where, args, result.stderr[-1500:])

@@ -1,4 +1,5 @@
 """The evaluation engine: modes, provenance-keyed cache, scores, timing."""
+
 import json
 
 import jax
@@ -29,22 +30,33 @@ def examples():
 
 
 def test_full_depth_is_the_static_decoder_and_early_exit_at_1_5_too(
-    lm, decoder, examples):
+  lm, decoder, examples
+):
   evaluator = engine.Evaluator(decoder, batch_size=2, progress=False)
   full = evaluator.decode(examples, modes.FullDepth())
   assert len(full.outputs) == 5 and full.seconds > 0
   assert all(set(row) == {4} for row in full.exit_layers)
-  static = np.asarray(lm.model.predict_full_depth(
-      lm.params, np.stack([np.pad(e.input_ids, (0, examples.lengths['inputs']
-                                                - len(e.input_ids)))
-                           for e in examples.examples]),
-      examples.lengths['targets']))
+  static = np.asarray(
+    lm.model.predict_full_depth(
+      lm.params,
+      np.stack(
+        [
+          np.pad(
+            e.input_ids, (0, examples.lengths['inputs'] - len(e.input_ids))
+          )
+          for e in examples.examples
+        ]
+      ),
+      examples.lengths['targets'],
+    )
+  )
   for output, row in zip(full.outputs, static):
     ids = list(row)
-    expected = ids[:ids.index(1) + 1] if 1 in ids else ids
+    expected = ids[: ids.index(1) + 1] if 1 in ids else ids
     assert output['token_ids'] == [int(i) for i in expected]
-  disabled = evaluator.decode(examples, modes.EarlyExit(
-      lm.exit_config('softmax'), 1.5))
+  disabled = evaluator.decode(
+    examples, modes.EarlyExit(lm.exit_config('softmax'), 1.5)
+  )
   assert disabled.predictions == full.predictions
   assert all(c is None for o in disabled.outputs for c in o['confidences'])
   oracle = evaluator.decode(examples, modes.FullDepth(oracle=True))
@@ -58,20 +70,25 @@ def test_forced_exits_follow_the_given_layers(lm, decoder, examples):
   at_two = evaluator.decode(examples, modes.ForcedExits(config, layer=2))
   assert all(set(row) == {2} for row in at_two.exit_layers)
   rows = tuple((1, 3, 2, 1) for _ in range(len(examples)))
-  mixed = evaluator.decode(examples, modes.ForcedExits(config,
-                                                        exit_layers=rows))
+  mixed = evaluator.decode(
+    examples, modes.ForcedExits(config, exit_layers=rows)
+  )
   for row, forced in zip(mixed.exit_layers, rows):
     padded = list(forced) + [1] * len(row)  # past a row's end: layer 1
-    assert row == padded[:len(row)]
+    assert row == padded[: len(row)]
   mode = modes.ForcedExits(config, exit_layers=((2,), (3, 3)))
-  np.testing.assert_array_equal(mode.forced_layers([1, 0], (3, 4)),
-                                [[3, 3, 1, 1], [2, 1, 1, 1], [1, 1, 1, 1]])
+  np.testing.assert_array_equal(
+    mode.forced_layers([1, 0], (3, 4)),
+    [[3, 3, 1, 1], [2, 1, 1, 1], [1, 1, 1, 1]],
+  )
 
 
-def test_the_cache_answers_only_an_identical_fingerprint(lm, decoder, examples,
-                                                         tmp_path, capsys):
-  evaluator = engine.Evaluator(decoder, batch_size=4, cache_dir=str(tmp_path),
-                               progress=False)
+def test_the_cache_answers_only_an_identical_fingerprint(
+  lm, decoder, examples, tmp_path, capsys
+):
+  evaluator = engine.Evaluator(
+    decoder, batch_size=4, cache_dir=str(tmp_path), progress=False
+  )
   mode = modes.EarlyExit(lm.exit_config('state'), 0.5)
   first = evaluator.decode(examples, mode)
   [entry] = tmp_path.glob('*.json')
@@ -81,8 +98,9 @@ def test_the_cache_answers_only_an_identical_fingerprint(lm, decoder, examples,
   entry.write_text(json.dumps(stored))
   again = evaluator.decode(examples, mode)
   assert again.predictions[0] == 'from the cache'  # a hit
-  other = evaluator.decode(examples, modes.EarlyExit(
-      lm.exit_config('state', min_exit=3), 0.5))
+  other = evaluator.decode(
+    examples, modes.EarlyExit(lm.exit_config('state', min_exit=3), 0.5)
+  )
   assert len(list(tmp_path.glob('*.json'))) == 2  # another setting: a miss
   assert other.avg_layers >= 3
   fewer = pipeline.task_examples('synth_qa', 'validation', num_examples=4)
@@ -111,11 +129,16 @@ def test_scores_losses_and_layer_accuracy(lm, decoder, examples):
 def test_speedup_times_both_decoders_alternately(lm, decoder, examples):
   evaluator = engine.Evaluator(decoder, batch_size=4, progress=False)
   speed = evaluator.speedup(
-      examples, modes.EarlyExit(lm.exit_config('softmax'), 0.0),
-      batch_size=1, repeats=2, num_examples=3)
+    examples,
+    modes.EarlyExit(lm.exit_config('softmax'), 0.0),
+    batch_size=1,
+    repeats=2,
+    num_examples=3,
+  )
   assert set(speed.median_seconds) == {'full', 'early'}
   assert speed.low <= speed.ratio <= speed.high or np.isclose(
-      speed.low, speed.high)
+    speed.low, speed.high
+  )
   assert 0.05 < speed.ratio < 50
 
 

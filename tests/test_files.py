@@ -1,4 +1,5 @@
 """files.py: whole-or-nothing writes under concurrent writers and readers."""
+
 import json
 import multiprocessing
 import os
@@ -41,17 +42,21 @@ def test_two_writers_and_a_reader_never_see_a_partial_file(tmp_path):
 
 def test_json_holds_no_nan_and_a_failed_write_leaves_nothing(tmp_path):
   path = tmp_path / 'summary.json'
-  files.atomic_write_json(str(path), {'value': float('nan'),
-                                      'rows': [1.0, float('inf')]})
-  assert path.read_text() == ('{\n  "value": null,\n  "rows": [\n    1.0,\n'
-                              '    null\n  ]\n}\n')
-  files.atomic_write_jsonl(str(tmp_path / 'a.jsonl'), [{'x': float('nan')},
-                                                       {'x': 1}])
+  files.atomic_write_json(
+    str(path), {'value': float('nan'), 'rows': [1.0, float('inf')]}
+  )
+  assert path.read_text() == (
+    '{\n  "value": null,\n  "rows": [\n    1.0,\n    null\n  ]\n}\n'
+  )
+  files.atomic_write_jsonl(
+    str(tmp_path / 'a.jsonl'), [{'x': float('nan')}, {'x': 1}]
+  )
   assert (tmp_path / 'a.jsonl').read_text() == '{"x": null}\n{"x": 1}\n'
 
   def fail(tmp):
     open(tmp, 'w').write('half')
     raise RuntimeError('disk gone')
+
   with pytest.raises(RuntimeError):
     files.atomic_write(str(tmp_path / 'b.txt'), fail)
   assert sorted(os.listdir(tmp_path)) == ['a.jsonl', 'summary.json']

@@ -1,4 +1,5 @@
 """Every gin file parses and binds against the real configurables."""
+
 import glob
 import os
 
@@ -10,13 +11,18 @@ from calm_jax.jobs import train
 from calm_jax.model import network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIN_FILES = sorted(os.path.relpath(p, REPO) for p in
-                   glob.glob(os.path.join(REPO, 'gin', '**', '*.gin'),
-                             recursive=True))
+GIN_FILES = sorted(
+  os.path.relpath(p, REPO)
+  for p in glob.glob(os.path.join(REPO, 'gin', '**', '*.gin'), recursive=True)
+)
 # Values for the macros that files leave to the command line.
-REQUIRED = ["--gin.MODEL_DIR='/tmp/model'", "--gin.MODEL_DIR='/tmp/m'",
-            "--gin.MIXTURE_OR_TASK_NAME='synth_qa'", '--gin.DELTA=0.1',
-            "--gin.INITIAL_CHECKPOINT_PATH='/tmp/init'"]
+REQUIRED = [
+  "--gin.MODEL_DIR='/tmp/model'",
+  "--gin.MODEL_DIR='/tmp/m'",
+  "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+  '--gin.DELTA=0.1',
+  "--gin.INITIAL_CHECKPOINT_PATH='/tmp/init'",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -36,16 +42,29 @@ def _value(key: str):
 
 def _flags(path: str) -> list[str]:
   # A run file is a fragment: stack it after a model, as users do.
-  model = (['--gin_file=gin/models/calm_t5_1_1_tiny.gin']
-           if path.startswith(os.path.join('gin', 'runs')) else [])
+  model = (
+    ['--gin_file=gin/models/calm_t5_1_1_tiny.gin']
+    if path.startswith(os.path.join('gin', 'runs'))
+    else []
+  )
   return model + [f'--gin_file={path}']
 
 
 def test_the_expected_files_exist():
   names = {os.path.basename(p) for p in GIN_FILES}
-  for name in ('calm_t5_1_1_tiny', 'calm_t5_1_1_small', 'calm_t5_1_1_base',
-               'pretrain', 'finetune', 'train_classifier', 'decode',
-               'calibrate', 'cnn_dailymail', 'wmt15_enfr', 'squad'):
+  for name in (
+    'calm_t5_1_1_tiny',
+    'calm_t5_1_1_small',
+    'calm_t5_1_1_base',
+    'pretrain',
+    'finetune',
+    'train_classifier',
+    'decode',
+    'calibrate',
+    'cnn_dailymail',
+    'wmt15_enfr',
+    'squad',
+  ):
     assert f'{name}.gin' in names
 
 
@@ -70,28 +89,42 @@ def test_gin_file_parses_and_binds(path):
   train.make_optimizer()
 
 
-@pytest.mark.parametrize('name,task', [
-    ('cnn_dailymail', 'cnn_dailymail_v3'), ('wmt15_enfr', 'wmt15_enfr'),
-    ('squad', 'squad_v010_allanswers')])
+@pytest.mark.parametrize(
+  'name,task',
+  [
+    ('cnn_dailymail', 'cnn_dailymail_v3'),
+    ('wmt15_enfr', 'wmt15_enfr'),
+    ('squad', 'squad_v010_allanswers'),
+  ],
+)
 def test_paper_experiments_hold_the_whole_recipe(name, task):
-  cli.parse([f'--gin_file=gin/experiments/{name}.gin',
-                   "--gin.MODEL_DIR='runs/x'"])
+  cli.parse(
+    [f'--gin_file=gin/experiments/{name}.gin', "--gin.MODEL_DIR='runs/x'"]
+  )
   assert train.T5Config() == network.T5Config(
-      vocab_size=32128, emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
-      num_encoder_layers=8, num_decoder_layers=8, dropout_rate=0.1)
+    vocab_size=32128,
+    emb_dim=512,
+    num_heads=6,
+    head_dim=64,
+    mlp_dim=1024,
+    num_encoder_layers=8,
+    num_decoder_layers=8,
+    dropout_rate=0.1,
+  )
   for selector in ('train', 'calibrate', 'DecodeInputs'):
     assert _value(f'calm_jax.{selector}.mixture_or_task_name') == task
   assert _value('calm_jax.train.initial_checkpoint_path')
   assert _value('calm_jax.LossSettings.weighting') == 'linear'
-  assert _value('calm_jax.calibrate.delta') == [
-      0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+  assert _value('calm_jax.calibrate.delta') == [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
   tau = _value('calm_jax.ExitSettings.tau')
   assert tau == (None if name == 'squad' else 4.0)
   assert _value('calm_jax.decode.calibration_record') == (
-      f'{task}_softmax_textual_delta0.25_eps0.05')
+    f'{task}_softmax_textual_delta0.25_eps0.05'
+  )
 
 
 def test_paper_task_names_are_registered():
   from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   for task in ('cnn_dailymail_v3', 'wmt15_enfr', 'squad_v010_allanswers'):
     assert pipeline.task_rates(task) == {task: 1.0}

@@ -1,4 +1,5 @@
 """The layering table of docs/architecture.md, enforced import by import."""
+
 import ast
 import pathlib
 import re
@@ -11,7 +12,7 @@ TABLE_MARK = '<!-- layers: top to bottom -->'
 
 def layer_table(doc: str) -> list[list[str]]:
   """The table's rows, top layer first: the module names of each row."""
-  lines = doc[doc.index(TABLE_MARK):].splitlines()[1:]
+  lines = doc[doc.index(TABLE_MARK) :].splitlines()[1:]
   rows = []
   for line in lines:
     if not line.startswith('|'):
@@ -29,8 +30,10 @@ def module_files(root: pathlib.Path) -> dict[str, pathlib.Path]:
   """Dotted module name -> file, for the package and the tasks it
   installs as calm_jax.tasks."""
   out = {}
-  for base, prefix in ((root / 'calm_jax', 'calm_jax'),
-                       (root / 'tasks', 'calm_jax.tasks')):
+  for base, prefix in (
+    (root / 'calm_jax', 'calm_jax'),
+    (root / 'tasks', 'calm_jax.tasks'),
+  ):
     for path in base.rglob('*.py'):
       parts = list(path.relative_to(base).with_suffix('').parts)
       if parts[-1] == '__init__':
@@ -45,8 +48,9 @@ def rank_of(module: str, rows: list[list[str]]) -> int | None:
   best, rank = -1, None
   for index, names in enumerate(reversed(rows)):
     for name in names:
-      covers = module == name or (module.startswith(name + '.')
-                                  and name != 'calm_jax')
+      covers = module == name or (
+        module.startswith(name + '.') and name != 'calm_jax'
+      )
       if covers and len(name) > best:
         best, rank = len(name), index
   return rank
@@ -63,8 +67,11 @@ def imports(path: pathlib.Path, modules: dict) -> list[tuple[int, str]]:
       for alias in node.names:
         name = f'{node.module}.{alias.name}'
         found.append((node.lineno, name if name in modules else node.module))
-  return [(line, name) for line, name in found
-          if name == 'calm_jax' or name.startswith('calm_jax.')]
+  return [
+    (line, name)
+    for line, name in found
+    if name == 'calm_jax' or name.startswith('calm_jax.')
+  ]
 
 
 def violations(root: pathlib.Path, rows: list[list[str]]) -> list[str]:
@@ -78,8 +85,10 @@ def violations(root: pathlib.Path, rows: list[list[str]]) -> list[str]:
     for line, imported in imports(path, modules):
       theirs = rank_of(imported, rows)
       if theirs is not None and theirs > own:
-        out.append(f'{path.relative_to(root)}:{line}: {module} imports '
-                   f'{imported}, a layer above it')
+        out.append(
+          f'{path.relative_to(root)}:{line}: {module} imports '
+          f'{imported}, a layer above it'
+        )
   return out
 
 
@@ -98,13 +107,19 @@ def test_the_check_catches_an_upward_import(rows, tmp_path):
     (tmp_path / name).mkdir(parents=True)
   (tmp_path / 'calm_jax' / 'api.py').write_text('')
   (tmp_path / 'calm_jax' / 'evaluation' / 'engine.py').write_text(
-      'def f():\n  from calm_jax import api\n')
+    'def f():\n  from calm_jax import api\n'
+  )
   (tmp_path / 'calm_jax' / 'calibration' / 'ltt.py').write_text(
-      'from calm_jax.evaluation import engine\n')
+    'from calm_jax.evaluation import engine\n'
+  )
   (tmp_path / 'calm_jax' / 'stray.py').write_text('')
   found = violations(tmp_path, rows)
-  assert any('engine.py:2: calm_jax.evaluation.engine imports calm_jax.api'
-             in v for v in found)
-  assert any('calm_jax.calibration.ltt imports calm_jax.evaluation.engine'
-             in v for v in found)
+  assert any(
+    'engine.py:2: calm_jax.evaluation.engine imports calm_jax.api' in v
+    for v in found
+  )
+  assert any(
+    'calm_jax.calibration.ltt imports calm_jax.evaluation.engine' in v
+    for v in found
+  )
   assert 'calm_jax.stray: in no row of the layer table' in found

@@ -1,4 +1,5 @@
 """layers.py against NumPy references."""
+
 import math
 
 import flax.linen as nn
@@ -15,8 +16,9 @@ def _init_apply(module, *args, **kwargs):
   return variables['params'], module.apply(variables, *args, **kwargs)
 
 
-def _bucket_reference(relative_position, bidirectional, num_buckets,
-                      max_distance):
+def _bucket_reference(
+  relative_position, bidirectional, num_buckets, max_distance
+):
   """T5's bucketing, one integer at a time."""
   n = -relative_position
   offset = 0
@@ -30,17 +32,25 @@ def _bucket_reference(relative_position, bidirectional, num_buckets,
   max_exact = num_buckets // 2
   if n < max_exact:
     return offset + n
-  large = max_exact + int(math.log(n / max_exact) / math.log(
-      max_distance / max_exact) * (num_buckets - max_exact))
+  large = max_exact + int(
+    math.log(n / max_exact)
+    / math.log(max_distance / max_exact)
+    * (num_buckets - max_exact)
+  )
   return offset + min(large, num_buckets - 1)
 
 
 @pytest.mark.parametrize('bidirectional', [True, False])
 def test_relative_position_bucket_matches_reference(bidirectional):
   relative = np.arange(-300, 301)
-  got = np.asarray(layers.relative_position_bucket(
-      jnp.asarray(relative), bidirectional=bidirectional, num_buckets=32,
-      max_distance=128))
+  got = np.asarray(
+    layers.relative_position_bucket(
+      jnp.asarray(relative),
+      bidirectional=bidirectional,
+      num_buckets=32,
+      max_distance=128,
+    )
+  )
   want = [_bucket_reference(int(r), bidirectional, 32, 128) for r in relative]
   np.testing.assert_array_equal(got, want)
   assert got.max() == 31 and got.min() == 0
@@ -50,7 +60,7 @@ def test_rms_norm_matches_numpy():
   x = np.random.RandomState(0).randn(2, 3, 8).astype(np.float32)
   params, y = _init_apply(layers.RMSNorm(), jnp.asarray(x))
   scale = np.asarray(params['scale'])
-  want = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * scale
+  want = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * scale
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
 
 
@@ -66,9 +76,14 @@ def test_attention_matches_numpy():
   bias = rng.randn(1, 4, 3, 5).astype(np.float32)
   mask = rng.rand(2, 1, 3, 5) > 0.3
   module = layers.MultiHeadAttention(embed_dim=16, num_heads=4, head_dim=8)
-  params, y = _init_apply(module, jnp.asarray(xq), jnp.asarray(xkv),
-                          bias=jnp.asarray(bias), mask=jnp.asarray(mask),
-                          deterministic=True)
+  params, y = _init_apply(
+    module,
+    jnp.asarray(xq),
+    jnp.asarray(xkv),
+    bias=jnp.asarray(bias),
+    mask=jnp.asarray(mask),
+    deterministic=True,
+  )
   p = {k: np.asarray(v) for k, v in params.items()}
   q = np.einsum('bqe,ehd->bqhd', xq, p['query'])
   k = np.einsum('bke,ehd->bkhd', xkv, p['key'])

@@ -1,4 +1,5 @@
 """models.py: CALM's loss and full-depth prediction."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,9 @@ def test_linear_weights_sum_to_one_and_grow_with_depth():
   np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
   np.testing.assert_allclose(w, np.arange(1, 9) / 36, rtol=1e-6)
   assert np.all(np.diff(w) > 0)
-  np.testing.assert_allclose(models.exit_loss_weights((2, 4), 'uniform'),
-                             [0.5, 0.5])
+  np.testing.assert_allclose(
+    models.exit_loss_weights((2, 4), 'uniform'), [0.5, 0.5]
+  )
   g = models.exit_loss_weights((1, 2, 3), 'geometric')
   np.testing.assert_allclose(g, np.array([1, 2, 4]) / 7, rtol=1e-6)
   with pytest.raises(ValueError, match='linear, uniform, geometric'):
@@ -27,13 +29,19 @@ def test_calm_loss_is_weighted_masked_cross_entropy():
   targets = rng.randint(0, 5, size=(2, 4))
   mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
   weights = np.array([0.2, 0.3, 0.5], np.float32)
-  loss, metrics = models.calm_loss(jnp.asarray(logits), jnp.asarray(targets),
-                                   jnp.asarray(mask), jnp.asarray(weights),
-                                   z_loss=1e-4)
+  loss, metrics = models.calm_loss(
+    jnp.asarray(logits),
+    jnp.asarray(targets),
+    jnp.asarray(mask),
+    jnp.asarray(weights),
+    z_loss=1e-4,
+  )
   log_z = np.log(np.exp(logits).sum(-1))
-  target_logit = np.take_along_axis(logits, targets[None, ..., None], -1)[..., 0]
+  target_logit = np.take_along_axis(logits, targets[None, ..., None], -1)[
+    ..., 0
+  ]
   ce = ((log_z - target_logit) * mask).sum((1, 2)) / mask.sum()
-  z = (1e-4 * log_z ** 2 * mask).sum((1, 2)) / mask.sum()
+  z = (1e-4 * log_z**2 * mask).sum((1, 2)) / mask.sum()
   np.testing.assert_allclose(metrics['loss_per_exit'], ce, rtol=1e-5)
   np.testing.assert_allclose(loss, (weights * (ce + z)).sum(), rtol=1e-5)
   acc = ((logits.argmax(-1) == targets[None]) * mask).sum((1, 2)) / mask.sum()
@@ -41,14 +49,19 @@ def test_calm_loss_is_weighted_masked_cross_entropy():
 
 
 def test_full_depth_prediction_is_greedy_argmax_of_the_top_layer():
-  cfg = network.T5Config(vocab_size=50, emb_dim=16, num_heads=2, head_dim=8,
-                         mlp_dim=32, num_encoder_layers=1,
-                         num_decoder_layers=3)
+  cfg = network.T5Config(
+    vocab_size=50,
+    emb_dim=16,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    num_encoder_layers=1,
+    num_decoder_layers=3,
+  )
   model = models.CalmModel(cfg)
   params = model.init_params(jax.random.PRNGKey(1))['params']
   enc = jnp.array([[5, 6, 7, 1, 0], [8, 9, 10, 11, 1]])
-  tokens = jax.jit(lambda p, e: model.predict_full_depth(p, e, 6))(params,
-                                                                   enc)
+  tokens = jax.jit(lambda p, e: model.predict_full_depth(p, e, 6))(params, enc)
   dec_in = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), tokens[:, :-1]], 1)
   top = model.all_layer_logits(params, enc, dec_in)[-1]
   expected = np.asarray(jnp.argmax(top, -1))
@@ -65,34 +78,48 @@ def test_exit_classifier_loss_is_class_balanced_per_layer():
   predictions = jnp.array([[[3, 4, 5, 6]], [[3, 4, 0, 0]]])
   mask = jnp.array([[1, 1, 1, 0]])
   classifier = {'kernel': jnp.array([[2.0]]), 'bias': jnp.array([0.0])}
-  loss, metrics = models.exit_classifier_loss(classifier, hidden,
-                                              predictions, mask)
+  loss, metrics = models.exit_classifier_loss(
+    classifier, hidden, predictions, mask
+  )
   logits = np.array([2.0, 4.0, -2.0])
   labels = np.array([1.0, 1.0, 0.0])
   w_pos, w_neg = 0.5 / (2 / 3), 0.5 / (1 / 3)
   log_sig = lambda z: -np.log1p(np.exp(-z))
-  bce = -(w_pos * labels * log_sig(logits)
-          + w_neg * (1 - labels) * log_sig(-logits))
+  bce = -(
+    w_pos * labels * log_sig(logits) + w_neg * (1 - labels) * log_sig(-logits)
+  )
   np.testing.assert_allclose(loss, bce.sum() / 3, rtol=1e-5)
-  np.testing.assert_allclose(metrics['positive_rate_per_exit'], [2 / 3],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics['positive_rate_per_exit'], [2 / 3], rtol=1e-6
+  )
   np.testing.assert_allclose(metrics['accuracy_per_exit'], [1.0])
 
 
 def test_classifier_loss_leaves_the_backbone_without_gradient():
-  cfg = network.T5Config(vocab_size=30, emb_dim=8, num_heads=1, head_dim=8,
-                         mlp_dim=8, num_encoder_layers=1,
-                         num_decoder_layers=3)
+  cfg = network.T5Config(
+    vocab_size=30,
+    emb_dim=8,
+    num_heads=1,
+    head_dim=8,
+    mlp_dim=8,
+    num_encoder_layers=1,
+    num_decoder_layers=3,
+  )
   model = models.CalmModel(cfg)
   params = model.init_params(jax.random.PRNGKey(0))['params']
-  batch = {'encoder_input_tokens': jnp.array([[4, 5, 1]]),
-           'decoder_input_tokens': jnp.array([[0, 6, 7]]),
-           'decoder_loss_weights': jnp.array([[1, 1, 1]])}
+  batch = {
+    'encoder_input_tokens': jnp.array([[4, 5, 1]]),
+    'decoder_input_tokens': jnp.array([[0, 6, 7]]),
+    'decoder_loss_weights': jnp.array([[1, 1, 1]]),
+  }
   from calm_jax.decoding import confidence
+
   classifier = confidence.init_classifier(8)
-  grads = jax.grad(lambda c, p: model.classifier_loss(c, p, batch)[0],
-                   argnums=(0, 1))(classifier, params)
+  grads = jax.grad(
+    lambda c, p: model.classifier_loss(c, p, batch)[0], argnums=(0, 1)
+  )(classifier, params)
   assert float(jnp.abs(grads[0]['kernel']).sum()) > 0
-  assert all(float(jnp.abs(g).sum()) == 0
-             for g in jax.tree_util.tree_leaves(grads[1]))
+  assert all(
+    float(jnp.abs(g).sum()) == 0 for g in jax.tree_util.tree_leaves(grads[1])
+  )
   assert model.classifier_exit_layers() == (1, 2)

@@ -1,6 +1,7 @@
 """The README's CNN/DailyMail recipe, end to end on mock TFDS data: a short
 "pre-training", then the task's experiment file driving fine-tuning,
 calibration and a calibrated early-exit decode. Slow (about a minute)."""
+
 import json
 import os
 
@@ -22,13 +23,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = 'cnn_dailymail_v3'
 # The tiny model and short lengths keep it fast; the stand-in vocabulary
 # (1,024 pieces + T5's 100 sentinels) replaces T5's.
-SHARED = ['--gin.calm_jax.T5Config.vocab_size=1152',
-          '--gin.BATCH_SIZE=2',
-          "--gin.calm_jax.data_settings.t5_vocabulary='"
-          + os.path.join(REPO, 'tasks', 'vocab', 'calm_synth.model') + "'",
-          "--gin.calm_jax.data_settings.task_feature_lengths={'" + TASK
-          + "': {'inputs': 48, 'targets': 12}}",
-          '--gin.calm_jax.LogSettings.progress=False']
+SHARED = [
+  '--gin.calm_jax.T5Config.vocab_size=1152',
+  '--gin.BATCH_SIZE=2',
+  "--gin.calm_jax.data_settings.t5_vocabulary='"
+  + os.path.join(REPO, 'tasks', 'vocab', 'calm_synth.model')
+  + "'",
+  "--gin.calm_jax.data_settings.task_feature_lengths={'"
+  + TASK
+  + "': {'inputs': 48, 'targets': 12}}",
+  '--gin.calm_jax.LogSettings.progress=False',
+]
 
 
 def _configure(flags: list[str]) -> None:
@@ -39,8 +44,10 @@ def _configure(flags: list[str]) -> None:
 
 
 def _max_abs_diff(a, b) -> float:
-  return max(float(np.max(np.abs(x - y))) for x, y in
-             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(x - y)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 @pytest.mark.slow
@@ -48,22 +55,32 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
   init_dir, model_dir = str(tmp_path / 'init'), str(tmp_path / 'cnn')
   try:
     with tfds.testing.mock_data(num_examples=8):
-      _configure(['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
-                  '--gin_file=gin/runs/pretrain.gin',
-                  f"--gin.MODEL_DIR='{init_dir}'",
-                  f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
-                  '--gin.TRAIN_STEPS=3', '--gin.calm_jax.train.seed=1'])
+      _configure(
+        [
+          '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+          '--gin_file=gin/runs/pretrain.gin',
+          f"--gin.MODEL_DIR='{init_dir}'",
+          f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
+          '--gin.TRAIN_STEPS=3',
+          '--gin.calm_jax.train.seed=1',
+        ]
+      )
       train.train()
-      _configure(['--gin_file=gin/experiments/cnn_dailymail.gin',
-                  '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
-                  f"--gin.MODEL_DIR='{model_dir}'",
-                  f"--gin.INITIAL_CHECKPOINT_PATH='{init_dir}'",
-                  '--gin.TRAIN_STEPS=2', '--gin.DELTA=[0.1, 0.25]',
-                  '--gin.calm_jax.calibrate.num_examples=6',
-                  '--gin.calm_jax.RunSettings.batch_size=2',
-                  '--gin.calm_jax.DecodeInputs.num_examples=4',
-                  '--gin.calm_jax.RunSettings.batch_size=2',
-                  f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'"])
+      _configure(
+        [
+          '--gin_file=gin/experiments/cnn_dailymail.gin',
+          '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+          f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.INITIAL_CHECKPOINT_PATH='{init_dir}'",
+          '--gin.TRAIN_STEPS=2',
+          '--gin.DELTA=[0.1, 0.25]',
+          '--gin.calm_jax.calibrate.num_examples=6',
+          '--gin.calm_jax.RunSettings.batch_size=2',
+          '--gin.calm_jax.DecodeInputs.num_examples=4',
+          '--gin.calm_jax.RunSettings.batch_size=2',
+          f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'",
+        ]
+      )
       config = train.T5Config()
       train.train()
       records = calibrate.calibrate()
@@ -76,8 +93,9 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
   # init (seed 0): two small Adafactor steps stay close to the former.
   init_params, _ = model_files.load_params(init_dir, config)
   tuned, step = model_files.load_params(model_dir, config)
-  fresh = train.models.CalmModel(config).init_params(
-      jax.random.PRNGKey(0))['params']
+  fresh = train.models.CalmModel(config).init_params(jax.random.PRNGKey(0))[
+    'params'
+  ]
   assert step == 2
   assert _max_abs_diff(tuned, init_params) < 0.05
   assert _max_abs_diff(tuned, fresh) > 0.5
@@ -86,11 +104,13 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
   for record in records:
     assert record.task == TASK and record.tau == 4.0
     assert record.n == 6
-    assert os.path.exists(os.path.join(model_dir, 'calibration',
-                                       record.name + '.json'))
+    assert os.path.exists(
+      os.path.join(model_dir, 'calibration', record.name + '.json')
+    )
   result = summary['tasks'][TASK]
-  assert f'{TASK}_softmax_textual_delta0.25_eps0.05_' in summary[
-      'threshold_source']
+  assert (
+    f'{TASK}_softmax_textual_delta0.25_eps0.05_' in summary['threshold_source']
+  )
   # Six examples cannot certify anything at delta 0.25 (the best p-value,
   # e * 0.75**6 = 0.48, is above epsilon): the record says full depth.
   assert not records[1]['certified']

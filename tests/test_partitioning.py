@@ -1,5 +1,6 @@
 """partitioning.py on the one device of this process (the 8-device checks
 run in a subprocess: tests/test_scale_out.py, tests/mesh_checks.py)."""
+
 import jax
 from jax.sharding import PartitionSpec as P
 import pytest
@@ -17,21 +18,30 @@ def test_mesh_shape_must_hold_the_devices():
 
 def test_rules_map_logical_axes_to_the_mesh():
   assert partitioning.logical_to_mesh(P('batch', 'length', 'embed')) == P(
-      'data', None, None)
+    'data', None, None
+  )
   assert partitioning.logical_to_mesh(P('embed', 'heads', 'kv')) == P(
-      None, 'model', None)
+    None, 'model', None
+  )
   assert partitioning.logical_to_mesh(P('vocab', 'embed')) == P('model', None)
   assert partitioning.logical_to_mesh(P('embed', 'mlp')) == P(None, 'model')
 
 
 def test_every_parameter_has_logical_axes_of_the_vocabulary():
-  cfg = network.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8,
-                         mlp_dim=32, num_encoder_layers=1,
-                         num_decoder_layers=2)
+  cfg = network.T5Config(
+    vocab_size=64,
+    emb_dim=16,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    num_encoder_layers=1,
+    num_decoder_layers=2,
+  )
   model = models.CalmModel(cfg)
   axes = model.param_axes()
   shapes = jax.eval_shape(
-      lambda: model.init_params(jax.random.PRNGKey(0))['params'])
+    lambda: model.init_params(jax.random.PRNGKey(0))['params']
+  )
   specs = jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, P))
   assert len(specs) == len(jax.tree_util.tree_leaves(shapes))
   for spec, shape in zip(specs, jax.tree_util.tree_leaves(shapes)):

@@ -1,6 +1,7 @@
 """Scaling out: sharded training, checkpoints across meshes, sharded early
 exit (8 simulated devices, in a subprocess: tests/mesh_checks.py), and the
 multi-process helpers."""
+
 import json
 import os
 import pathlib
@@ -24,16 +25,25 @@ MESHES = ('(8, 1)', '(4, 2)', '(2, 4)')
 
 def device_env(count: int) -> dict:
   env = {k: v for k, v in os.environ.items() if 'proxy' not in k.lower()}
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={count}',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  env.update(
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={count}',
+    JAX_PLATFORMS='cpu',
+    TF_CPP_MIN_LOG_LEVEL='3',
+  )
   return env
 
 
 @pytest.fixture(scope='module')
 def mesh_results():
-  result = subprocess.run([sys.executable, 'tests/mesh_checks.py'], cwd=ROOT,
-                          env=device_env(8), capture_output=True, text=True,
-                          timeout=600, check=False)
+  result = subprocess.run(
+    [sys.executable, 'tests/mesh_checks.py'],
+    cwd=ROOT,
+    env=device_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -48,36 +58,45 @@ def test_training_on_each_mesh_equals_one_device(mesh_results):
     assert run['opt_state_difference'] < 1e-6, shape
 
 
-@pytest.mark.parametrize('shape, model_shards', [('(8, 1)', 1), ('(4, 2)', 2),
-                                                 ('(2, 4)', 4)])
-def test_parameters_are_sharded_by_the_rules(mesh_results, shape,
-                                             model_shards):
+@pytest.mark.parametrize(
+  'shape, model_shards', [('(8, 1)', 1), ('(4, 2)', 2), ('(2, 4)', 4)]
+)
+def test_parameters_are_sharded_by_the_rules(mesh_results, shape, model_shards):
   specs = mesh_results['meshes'][shape]['specs']
   # query [embed 32, heads 4, kv 8]: heads over 'model'.
-  assert specs['query'] == {'spec': [None, 'model', None],
-                            'shard_shape': [32, 4 // model_shards, 8]}
+  assert specs['query'] == {
+    'spec': [None, 'model', None],
+    'shard_shape': [32, 4 // model_shards, 8],
+  }
   # out [heads, kv, embed]; wi_0 [embed, mlp 64]; embedding [vocab 256, e].
   assert specs['out']['shard_shape'] == [4 // model_shards, 8, 32]
-  assert specs['wi_0'] == {'spec': [None, 'model'],
-                           'shard_shape': [32, 64 // model_shards]}
-  assert specs['embedding'] == {'spec': ['model', None],
-                                'shard_shape': [256 // model_shards, 32]}
+  assert specs['wi_0'] == {
+    'spec': [None, 'model'],
+    'shard_shape': [32, 64 // model_shards],
+  }
+  assert specs['embedding'] == {
+    'spec': ['model', None],
+    'shard_shape': [256 // model_shards, 32],
+  }
   assert specs['norm'] == {'spec': [None], 'shard_shape': [32]}
   # Optimizer state shaped like a parameter is split like it.
   assert mesh_results['meshes'][shape]['opt_state_query_shards'] == [
-      str([32, 4 // model_shards, 8])]
+    str([32, 4 // model_shards, 8])
+  ]
 
 
 def test_activations_carry_the_rules_only_under_them(mesh_results):
   # 2 encoder + 4 decoder layers: q, k, v of each attention (6 + 24), the
   # MLP hidden units of each layer (6), each layer's output (6).
   assert mesh_results['constraints'] == {
-      'without_rules': 0, 'with_rules': 42, 'heads_layout': 30,
-      'embed_layout': 6}
+    'without_rules': 0,
+    'with_rules': 42,
+    'heads_layout': 30,
+    'embed_layout': 6,
+  }
 
 
-def test_checkpoint_saved_on_4x2_restores_on_8x1_and_one_device(
-    mesh_results):
+def test_checkpoint_saved_on_4x2_restores_on_8x1_and_one_device(mesh_results):
   for name, devices, model_shards in (('(8, 1)', 8, 1), ('one device', 1, 1)):
     restored = mesh_results['restore'][name]
     assert restored['step'] == restored['resumed_step'] == 3
@@ -99,18 +118,24 @@ def test_early_exit_decode_on_4x2_equals_one_device(mesh_results):
 
 
 def test_optimizer_state_follows_the_parameters():
-  cfg = network.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8,
-                         mlp_dim=32, num_encoder_layers=1,
-                         num_decoder_layers=2)
+  cfg = network.T5Config(
+    vocab_size=64,
+    emb_dim=16,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    num_encoder_layers=1,
+    num_decoder_layers=2,
+  )
   model = models.CalmModel(cfg)
   params = jax.eval_shape(
-      lambda: model.init_params(jax.random.PRNGKey(0))['params'])
+    lambda: model.init_params(jax.random.PRNGKey(0))['params']
+  )
   mesh = partitioning.make_mesh()
   shardings = partitioning.param_shardings(model.param_axes(), mesh)
   for optimizer in (optax.adamw(1e-3), optax.adafactor(1e-3)):
     state = jax.eval_shape(optimizer.init, params)
-    picked = partitioning.shardings_like_params(state, params, shardings,
-                                                mesh)
+    picked = partitioning.shardings_like_params(state, params, shardings, mesh)
     flat = jax.tree_util.tree_leaves_with_path(state)
     matched = 0
     for (path, leaf), sharding in zip(flat, jax.tree_util.tree_leaves(picked)):
@@ -140,12 +165,17 @@ def test_interleave_undoes_the_process_sharding():
   assert multihost.interleave([[], []]) == []
   # One process: gathering is the identity.
   assert multihost.gather_in_input_order([{'a': 1}, {'b': 2}]) == [
-      {'a': 1}, {'b': 2}]
+    {'a': 1},
+    {'b': 2},
+  ]
 
 
 def test_distributed_settings_are_checked(monkeypatch):
-  for name in (multihost.COORDINATOR_ENV, multihost.NUM_PROCESSES_ENV,
-               multihost.PROCESS_ID_ENV):
+  for name in (
+    multihost.COORDINATOR_ENV,
+    multihost.NUM_PROCESSES_ENV,
+    multihost.PROCESS_ID_ENV,
+  ):
     monkeypatch.delenv(name, raising=False)
   assert multihost.initialize() is False  # no coordinator: one process
   with pytest.raises(ValueError, match='CALM_NUM_PROCESSES'):
@@ -158,19 +188,28 @@ def test_distributed_settings_are_checked(monkeypatch):
 
 # Two processes on this machine, 4 simulated devices each, against one
 # process with 8: the train and decode entry points as users run them.
-TRAIN = ['--gin_file=gin/models/calm_t5_1_1_tiny.gin',
-         '--gin_file=gin/runs/train.gin',
-         "--gin.MIXTURE_OR_TASK_NAME='synth_mix'", '--gin.BATCH_SIZE=16',
-         '--gin.TRAIN_STEPS=3', '--gin.calm_jax.train.shuffle=False',
-         '--gin.calm_jax.LogSettings.progress=False', '--gin.MESH_SHAPE=(4, 2)']
-DECODE = ['--gin_file=gin/runs/decode.gin',
-          "--gin.MIXTURE_OR_TASK_NAME='synth_translate'",
-          '--gin.calm_jax.DecodeInputs.num_examples=9',  # shards of 5 and 4
-          '--gin.calm_jax.RunSettings.batch_size=8', '--gin.MESH_SHAPE=(4, 2)']
+TRAIN = [
+  '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
+  '--gin_file=gin/runs/train.gin',
+  "--gin.MIXTURE_OR_TASK_NAME='synth_mix'",
+  '--gin.BATCH_SIZE=16',
+  '--gin.TRAIN_STEPS=3',
+  '--gin.calm_jax.train.shuffle=False',
+  '--gin.calm_jax.LogSettings.progress=False',
+  '--gin.MESH_SHAPE=(4, 2)',
+]
+DECODE = [
+  '--gin_file=gin/runs/decode.gin',
+  "--gin.MIXTURE_OR_TASK_NAME='synth_translate'",
+  '--gin.calm_jax.DecodeInputs.num_examples=9',  # shards of 5 and 4
+  '--gin.calm_jax.RunSettings.batch_size=8',
+  '--gin.MESH_SHAPE=(4, 2)',
+]
 
 
 def _free_port() -> int:
   import socket  # pylint: disable=g-import-not-at-top
+
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
@@ -183,13 +222,24 @@ def run_job(module: str, flags: list, processes: int) -> None:
   for index in range(processes):
     env = device_env(8 // processes)
     if processes > 1:
-      env.update({multihost.COORDINATOR_ENV: f'127.0.0.1:{port}',
-                  multihost.BIND_ENV: f'127.0.0.1:{port}',
-                  multihost.NUM_PROCESSES_ENV: str(processes),
-                  multihost.PROCESS_ID_ENV: str(index)})
-    jobs.append(subprocess.Popen(
-        [sys.executable, '-m', module, *flags], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+      env.update(
+        {
+          multihost.COORDINATOR_ENV: f'127.0.0.1:{port}',
+          multihost.BIND_ENV: f'127.0.0.1:{port}',
+          multihost.NUM_PROCESSES_ENV: str(processes),
+          multihost.PROCESS_ID_ENV: str(index),
+        }
+      )
+    jobs.append(
+      subprocess.Popen(
+        [sys.executable, '-m', module, *flags],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
   for job in jobs:
     _, err = job.communicate(timeout=600)
     assert job.returncode == 0, err[-3000:]
@@ -202,21 +252,32 @@ def _records(path: pathlib.Path) -> list:
 @pytest.mark.slow  # about 90 s: four jobs, each importing TF and compiling
 def test_two_processes_train_and_decode_like_one(tmp_path):
   from calm_jax.model import model_files  # pylint: disable=g-import-not-at-top
+
   for processes in (1, 2):
     model_dir = tmp_path / f'model_{processes}'
-    run_job('calm_jax.train', [*TRAIN, f"--gin.MODEL_DIR='{model_dir}'"],
-            processes)
-    run_job('calm_jax.decode', [
-        *DECODE, f"--gin.MODEL_DIR='{tmp_path / 'model_1'}'",
+    run_job(
+      'calm_jax.train', [*TRAIN, f"--gin.MODEL_DIR='{model_dir}'"], processes
+    )
+    run_job(
+      'calm_jax.decode',
+      [
+        *DECODE,
+        f"--gin.MODEL_DIR='{tmp_path / 'model_1'}'",
         '--gin.THRESHOLD=0.02',
-        f"--gin.OUTPUT_DIR='{tmp_path / f'decode_{processes}'}'"
-    ], processes)
+        f"--gin.OUTPUT_DIR='{tmp_path / f'decode_{processes}'}'",
+      ],
+      processes,
+    )
   config, _ = model_files.read_model_config(str(tmp_path / 'model_1'))
   one, step = model_files.load_params(str(tmp_path / 'model_1'), config)
   two, step_two = model_files.load_params(str(tmp_path / 'model_2'), config)
   assert step == step_two == 3
-  difference = max(float(np.max(np.abs(a - b))) for a, b in zip(
-      jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)))
+  difference = max(
+    float(np.max(np.abs(a - b)))
+    for a, b in zip(
+      jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)
+    )
+  )
   assert difference < 1e-5
 
   single = _records(tmp_path / 'decode_1' / 'synth_translate.jsonl')
@@ -224,10 +285,14 @@ def test_two_processes_train_and_decode_like_one(tmp_path):
   assert len(single) == len(double) == 9
   for a, b in zip(single, double):
     assert (a['inputs'], a['prediction'], a['exit_layers']) == (
-        b['inputs'], b['prediction'], b['exit_layers'])
+      b['inputs'],
+      b['prediction'],
+      b['exit_layers'],
+    )
     as_array = lambda c: np.array([np.nan if x is None else x for x in c])
-    np.testing.assert_allclose(as_array(a['confidences']),
-                               as_array(b['confidences']), atol=2e-4)
+    np.testing.assert_allclose(
+      as_array(a['confidences']), as_array(b['confidences']), atol=2e-4
+    )
   layers = {l for r in single for l in r['exit_layers']}
   assert len(layers) > 1, layers  # the threshold makes exits differ
 
@@ -237,27 +302,42 @@ def test_two_processes_calibrate_like_one(tmp_path):
   """Calibration decodes on two processes certify what one process does;
   a second two-process run takes every decode from the cache."""
   model_dir = tmp_path / 'model'
-  run_job('calm_jax.train', [*TRAIN, f"--gin.MODEL_DIR='{model_dir}'",
-                             '--gin.MESH_SHAPE=None'], 1)
+  run_job(
+    'calm_jax.train',
+    [*TRAIN, f"--gin.MODEL_DIR='{model_dir}'", '--gin.MESH_SHAPE=None'],
+    1,
+  )
   shutil.copytree(model_dir, tmp_path / 'copy')
-  flags = ['--gin_file=gin/runs/calibrate.gin',
-           "--gin.MIXTURE_OR_TASK_NAME='synth_translate'",
-           '--gin.DELTA=0.25', '--gin.calm_jax.calibrate.num_examples=9',
-           '--gin.calm_jax.RunSettings.batch_size=8',
-           '--gin.calm_jax.calibrate.grid_step=0.25', '--gin.EPSILON=0.2',
-           '--gin.MESH_SHAPE=(4, 2)']
+  flags = [
+    '--gin_file=gin/runs/calibrate.gin',
+    "--gin.MIXTURE_OR_TASK_NAME='synth_translate'",
+    '--gin.DELTA=0.25',
+    '--gin.calm_jax.calibrate.num_examples=9',
+    '--gin.calm_jax.RunSettings.batch_size=8',
+    '--gin.calm_jax.calibrate.grid_step=0.25',
+    '--gin.EPSILON=0.2',
+    '--gin.MESH_SHAPE=(4, 2)',
+  ]
   name = 'synth_translate_softmax_textual_delta0.25_eps0.2_*.json'
   records = []
-  for processes, directory in ((1, model_dir), (2, tmp_path / 'copy'),
-                               (2, tmp_path / 'copy')):
-    run_job('calm_jax.calibrate',
-            [*flags, f"--gin.MODEL_DIR='{directory}'"], processes)
+  for processes, directory in (
+    (1, model_dir),
+    (2, tmp_path / 'copy'),
+    (2, tmp_path / 'copy'),
+  ):
+    run_job(
+      'calm_jax.calibrate',
+      [*flags, f"--gin.MODEL_DIR='{directory}'"],
+      processes,
+    )
     [path] = (directory / 'calibration').glob(name)
     records.append(json.loads(path.read_text()))
-  cache = sorted(p.name for p in (tmp_path / 'copy' / 'calibration' /
-                                  'cache').iterdir())
-  assert cache == sorted(p.name for p in (model_dir / 'calibration' /
-                                          'cache').iterdir())
+  cache = sorted(
+    p.name for p in (tmp_path / 'copy' / 'calibration' / 'cache').iterdir()
+  )
+  assert cache == sorted(
+    p.name for p in (model_dir / 'calibration' / 'cache').iterdir()
+  )
   for record in records[1:]:
     assert record['fingerprint'] == records[0]['fingerprint']
     assert record['threshold'] == records[0]['threshold']
@@ -267,6 +347,7 @@ def test_two_processes_calibrate_like_one(tmp_path):
 
 def test_process_shares_of_a_split_interleave_back_to_it():
   from calm_jax.evaluation import engine  # pylint: disable=g-import-not-at-top
+
   shares = [engine.process_share(7, i, 3) for i in range(3)]
   assert [len(s) for s in shares] == [3, 2, 2]
   assert multihost.interleave(shares) == list(range(7))
@@ -277,10 +358,16 @@ def test_training_shards_split_each_global_batch():
   import seqio  # pylint: disable=g-import-not-at-top
 
   from calm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   whole = next(pipeline.train_batches('synth_qa', batch_size=8, shuffle=False))
-  halves = [next(pipeline.train_batches('synth_qa', batch_size=4, shuffle=False,
-                                    shard=seqio.ShardInfo(i, 2)))
-            for i in range(2)]
+  halves = [
+    next(
+      pipeline.train_batches(
+        'synth_qa', batch_size=4, shuffle=False, shard=seqio.ShardInfo(i, 2)
+      )
+    )
+    for i in range(2)
+  ]
   rows = lambda b: sorted(map(tuple, b['encoder_input_tokens'].tolist()))
   assert rows(whole) == sorted(rows(halves[0]) + rows(halves[1]))
   assert rows(halves[0]) != rows(halves[1])

@@ -1,5 +1,6 @@
 """A researcher's own SeqIO task: calibrated and decoded without editing
 the package (metrics from the task, lengths from gin or a registration)."""
+
 import json
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import entry_points  # tests/entry_points.py
 
 # A user module: a SeqIO task over in-memory examples, scored with the QA
 # metric, and no call into calm_jax at all.
-USER_MODULE = '''
+USER_MODULE = """
 import seqio
 import tensorflow as tf
 from calm_jax.scoring import metrics
@@ -32,7 +33,7 @@ if 'my_qa' not in seqio.TaskRegistry.names():
                      seqio.preprocessors.append_eos_after_trim],
       output_features=synthetic_tasks.OUTPUT_FEATURES,
       metric_fns=[metrics.squad])
-'''
+"""
 
 
 @pytest.fixture
@@ -40,36 +41,51 @@ def user_task(tmp_path, monkeypatch):
   (tmp_path / 'my_tasks.py').write_text(USER_MODULE)
   monkeypatch.syspath_prepend(str(tmp_path))
   gin_file = tmp_path / 'my_task.gin'
-  gin_file.write_text(textwrap.dedent('''
+  gin_file.write_text(
+    textwrap.dedent("""
       import my_tasks
       calm_jax.data_settings.task_feature_lengths = {
           'my_qa': {'inputs': 32, 'targets': 4}}
-  '''))
+  """)
+  )
   yield gin_file
   sys.modules.pop('my_tasks', None)
 
 
-def test_an_unregistered_task_needs_only_its_lengths(user_task,
-                                                     tiny_model_dir,
-                                                     tmp_path):
+def test_an_unregistered_task_needs_only_its_lengths(
+  user_task, tiny_model_dir, tmp_path
+):
   import shutil  # pylint: disable=g-import-not-at-top
+
   model_dir = tmp_path / 'model'
   shutil.copytree(tiny_model_dir, model_dir)
-  common = [f'--gin_file={user_task}', f"--gin.MODEL_DIR='{model_dir}'",
-            "--gin.MIXTURE_OR_TASK_NAME='my_qa'"]
+  common = [
+    f'--gin_file={user_task}',
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.MIXTURE_OR_TASK_NAME='my_qa'",
+  ]
   calibrated = entry_points.run_module(
-      'calm_jax.calibrate', '--gin_file=gin/runs/calibrate.gin', *common,
-      '--gin.DELTA=0.3', '--gin.EPSILON=0.2',
-      '--gin.calm_jax.calibrate.num_examples=8',
-      '--gin.calm_jax.calibrate.grid_step=0.5')
+    'calm_jax.calibrate',
+    '--gin_file=gin/runs/calibrate.gin',
+    *common,
+    '--gin.DELTA=0.3',
+    '--gin.EPSILON=0.2',
+    '--gin.calm_jax.calibrate.num_examples=8',
+    '--gin.calm_jax.calibrate.grid_step=0.5',
+  )
   assert calibrated.returncode == 0, calibrated.stderr[-2000:]
   [record] = (model_dir / 'calibration').glob('my_qa_softmax_*.json')
   assert json.loads(record.read_text())['fingerprint']['data']['my_qa'][
-      'feature_lengths'] == {'inputs': 32, 'targets': 4}
+    'feature_lengths'
+  ] == {'inputs': 32, 'targets': 4}
   out = tmp_path / 'out'
   decoded = entry_points.run_module(
-      'calm_jax.decode', '--gin_file=gin/runs/decode.gin', *common,
-      '--gin.calm_jax.DecodeInputs.num_examples=3', f"--gin.OUTPUT_DIR='{out}'")
+    'calm_jax.decode',
+    '--gin_file=gin/runs/decode.gin',
+    *common,
+    '--gin.calm_jax.DecodeInputs.num_examples=3',
+    f"--gin.OUTPUT_DIR='{out}'",
+  )
   assert decoded.returncode == 0, decoded.stderr[-2000:]
   summary = json.loads((out / 'summary.json').read_text())
   assert summary['tasks']['my_qa']['metric'] == 'f1'  # its first metric
@@ -77,8 +93,9 @@ def test_an_unregistered_task_needs_only_its_lengths(user_task,
 
 
 def test_registration_sets_headline_and_per_example_metric():
-  task_info.register('tmp_task', feature_lengths={'inputs': 8, 'targets': 2},
-                     headline='em')
+  task_info.register(
+    'tmp_task', feature_lengths={'inputs': 8, 'targets': 2}, headline='em'
+  )
   info = task_info.TaskMetrics('tmp_task', (metrics.squad,))
   assert task_info.feature_lengths('tmp_task') == {'inputs': 8, 'targets': 2}
   assert info.headline({'f1': 1.0, 'em': 1.0}) == 'em'

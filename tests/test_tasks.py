@@ -1,4 +1,5 @@
 """Embedded tasks: generators, vocabulary, SeqIO registration."""
+
 import collections
 import re
 
@@ -16,16 +17,17 @@ def test_generators_are_deterministic_and_splits_differ():
     assert a != [synthetic.generate(task, 'validation', i) for i in range(5)]
     assert synthetic.generate(task, 'train', 3, seed=1) != a[3]
   assert list(synthetic.examples('qa', 'validation', start=998)) == [
-      synthetic.generate('qa', 'validation', 998),
-      synthetic.generate('qa', 'validation', 999)]
+    synthetic.generate('qa', 'validation', 998),
+    synthetic.generate('qa', 'validation', 999),
+  ]
 
 
 @pytest.mark.parametrize('task', sorted(synthetic.GENERATORS))
 def test_splits_never_share_an_input(task):
-  inputs = {split: {synthetic.generate(task, split, i)['inputs']
-                    for i in range(count)}
-            for split, count in (('train', 3000), ('validation', 1000),
-                                 ('test', 1000))}
+  inputs = {
+    split: {synthetic.generate(task, split, i)['inputs'] for i in range(count)}
+    for split, count in (('train', 3000), ('validation', 1000), ('test', 1000))
+  }
   assert not inputs['train'] & inputs['validation']
   assert not inputs['train'] & inputs['test']
   assert not inputs['validation'] & inputs['test']
@@ -35,12 +37,15 @@ def test_splits_never_share_an_input(task):
 
 _WORDS_TO_NUMBER = {synthetic.number_words(n): n for n in range(100)}
 _SUMMARY = re.compile(
-    r'(\S+) led with ([\w-]+) orders, ahead of (\S+) with ([\w-]+) and (\S+) '
-    r'with ([\w-]+)\. (\S+ \S+) (?:runs|heads) the (\S+) office, and sales '
-    r'of the (\w+) (went up|climbed|went down|dropped) (\d+) percent\.')
-_OFFICE = re.compile(r'(?:The (\S+) office reported (\d+) new orders|In '
-                     r'(\S+), the team booked (\d+) orders|(\S+) closed the '
-                     r'week with (\d+) orders)')
+  r'(\S+) led with ([\w-]+) orders, ahead of (\S+) with ([\w-]+) and (\S+) '
+  r'with ([\w-]+)\. (\S+ \S+) (?:runs|heads) the (\S+) office, and sales '
+  r'of the (\w+) (went up|climbed|went down|dropped) (\d+) percent\.'
+)
+_OFFICE = re.compile(
+  r'(?:The (\S+) office reported (\d+) new orders|In '
+  r'(\S+), the team booked (\d+) orders|(\S+) closed the '
+  r'week with (\d+) orders)'
+)
 
 
 def test_summary_ranks_the_offices_and_names_the_leaders_manager():
@@ -50,7 +55,8 @@ def test_summary_ranks_the_offices_and_names_the_leaders_manager():
     match = _SUMMARY.fullmatch(ex['targets'])
     assert match, ex['targets']
     lead, w1, second, w2, third, w3, manager, office, product, trend, pct = (
-        match.groups())
+      match.groups()
+    )
     offices = {}
     for groups in _OFFICE.findall(ex['inputs']):
       city, n = [g for g in groups if g]
@@ -63,11 +69,12 @@ def test_summary_ranks_the_offices_and_names_the_leaders_manager():
     assert counts == sorted(counts, reverse=True)
     # The hop: the manager of the office that the comparison picked.
     assert office == lead
-    assert (f'{manager} runs the {lead} office' in ex['inputs'] or
-            f'The {lead} office is led by {manager}' in ex['inputs'])
+    assert (
+      f'{manager} runs the {lead} office' in ex['inputs']
+      or f'The {lead} office is led by {manager}' in ex['inputs']
+    )
     change = 'rose' if trend in ('went up', 'climbed') else 'fell'
-    assert f'Sales of the {product} {change} by {pct} percent' in (
-        ex['inputs'])
+    assert f'Sales of the {product} {change} by {pct} percent' in (ex['inputs'])
     lengths.append(len(ex['targets'].split()))
     words = re.findall(r'[\w-]+', ex['targets'])
     rewritten.append(np.mean([w not in ex['inputs'] for w in words]))
@@ -90,19 +97,30 @@ def test_qa_mixes_copies_with_questions_that_need_more_than_one_fact():
     kinds[ex['kind']] += 1
     answer = ex['targets']
     if ex['kind'] == 'span':
-      person = [w.rstrip('?') for w in question.split()
-                if w.rstrip('?') in synthetic._FIRST][0]
-      relation = next(r for q, r in (('live', 'lives in'), ('do for',
-                                     'works as a'), ('like', 'likes'),
-                                     ('drive', 'drives an?')) if q in question)
+      person = [
+        w.rstrip('?')
+        for w in question.split()
+        if w.rstrip('?') in synthetic._FIRST
+      ][0]
+      relation = next(
+        r
+        for q, r in (
+          ('live', 'lives in'),
+          ('do for', 'works as a'),
+          ('like', 'likes'),
+          ('drive', 'drives an?'),
+        )
+        if q in question
+      )
       assert _qa_fact_answer(context, person, relation) == answer
     elif ex['kind'] == 'sum':  # one fact, two counts added
       n, m = map(int, re.findall(r'owns (\d+) \w+ and (\d+)', context)[0])
       assert answer == synthetic.number_words(n + m)
     elif ex['kind'] == 'compare':  # two facts compared
       a, b = re.findall(r'Who is \w+, (\S+) or (\S+)\?', question)[0]
-      age = {p: int(_qa_fact_answer(context, p, 'is').split()[0])
-             for p in (a, b)}
+      age = {
+        p: int(_qa_fact_answer(context, p, 'is').split()[0]) for p in (a, b)
+      }
       pick = max if 'older' in question else min
       assert answer == pick(age, key=age.get)
     else:  # two hops: vehicle -> driver -> city
@@ -128,21 +146,30 @@ def test_translation_agrees_in_gender_and_number_and_far_back():
     if en[0] == 'The' and en[1] in ('house', 'car', 'flower'):
       assert fr[0] == 'La'
       seen['feminine'] += 1
-    if en[0] == 'The' and en[1] in ('red', 'green') and en[2] in ('cats',
-                                                                  'dogs'):
-      assert fr[:3] == ['Les', {'cats': 'chats', 'dogs': 'chiens'}[en[2]],
-                        {'red': 'rouges', 'green': 'verts'}[en[1]]]
+    if (
+      en[0] == 'The' and en[1] in ('red', 'green') and en[2] in ('cats', 'dogs')
+    ):
+      assert fr[:3] == [
+        'Les',
+        {'cats': 'chats', 'dogs': 'chiens'}[en[2]],
+        {'red': 'rouges', 'green': 'verts'}[en[1]],
+      ]
       seen['plural'] += 1
     first_en = ex['inputs'].split(', and ')[0].split()
     first_fr = ex['targets'].split(', et ')[0].split()
     assert ('not' in first_en) == ('pas' in first_fr)  # ne ... pas
     seen['negation'] += 'not' in first_en
     if ex['kind'] == 'two clauses':  # the pronoun agrees with the subject
-      noun = next(w for w in en[1:4] if w.rstrip(',') in synthetic._NOUNS or
-                  w in ('children', 'women', 'men') or
-                  w[:-1] in synthetic._NOUNS)
+      noun = next(
+        w
+        for w in en[1:4]
+        if w.rstrip(',') in synthetic._NOUNS
+        or w in ('children', 'women', 'men')
+        or w[:-1] in synthetic._NOUNS
+      )
       singular = {'children': 'child', 'women': 'woman', 'men': 'man'}.get(
-          noun, noun if noun in synthetic._NOUNS else noun[:-1])
+        noun, noun if noun in synthetic._NOUNS else noun[:-1]
+      )
       gender = synthetic._NOUNS[singular][1]
       plural = singular != noun
       pronoun = fr[fr.index('et') + 1]
@@ -157,6 +184,7 @@ def seqio_tasks():
   import seqio  # pylint: disable=g-import-not-at-top
 
   import tasks.synthetic_tasks as st  # pylint: disable=g-import-not-at-top
+
   return seqio, st
 
 
@@ -176,13 +204,16 @@ def test_tasks_yield_encdec_batches_that_fit(seqio_tasks):
   seqio, st = seqio_tasks
   converter = seqio.EncDecFeatureConverter(pack=False)
   for name, lengths in st.FEATURE_LENGTHS.items():
-    ds = seqio.get_dataset(name, lengths, converter,
-                           dataset_split='validation', shuffle=False)
+    ds = seqio.get_dataset(
+      name, lengths, converter, dataset_split='validation', shuffle=False
+    )
     batch = next(ds.batch(8).as_numpy_iterator())
     assert batch['encoder_input_tokens'].shape == (8, lengths['inputs'])
     assert batch['decoder_target_tokens'].shape == (8, lengths['targets'])
-    np.testing.assert_array_equal(batch['decoder_input_tokens'][:, 1:],
-                                  batch['decoder_target_tokens'][:, :-1])
+    np.testing.assert_array_equal(
+      batch['decoder_input_tokens'][:, 1:],
+      batch['decoder_target_tokens'][:, :-1],
+    )
     # Nothing was trimmed: every row still ends with EOS (1).
     for row in batch['decoder_target_tokens']:
       assert 1 in row

@@ -11,6 +11,7 @@ machine after the first run).
 Writes docs/test_time.json and docs/test_time.md; exits with the test run's
 status. A wall time on a shared 2-core machine: compare runs made alike.
 """
+
 import datetime
 import json
 import os
@@ -25,8 +26,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _timed(command: list[str], cwd: str) -> tuple[int, float, str]:
   start = time.perf_counter()
-  result = subprocess.run(command, cwd=cwd, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, check=False)
+  result = subprocess.run(
+    command,
+    cwd=cwd,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    check=False,
+  )
   sys.stdout.write(result.stdout[-3000:])
   return result.returncode, time.perf_counter() - start, result.stdout
 
@@ -38,8 +45,13 @@ def _write(path: str, text: str) -> None:
 
 
 def main() -> int:
-  commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout.strip()
+  commit = subprocess.run(
+    ['git', 'rev-parse', 'HEAD'],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
   with tempfile.TemporaryDirectory() as work:
     clone = os.path.join(work, 'clone')
     subprocess.run(['git', 'clone', '-q', ROOT, clone], check=True)
@@ -48,16 +60,26 @@ def main() -> int:
       return install_rc
     test_rc, test_s, output = _timed(['make', 'test'], clone)
     warm_rc, warm_s, _ = _timed(['make', 'test'], clone)
-  summary = re.findall(r'^=*\s*(\d+ (?:passed|failed).*?) in [\d.]+s',
-                       output, re.M)
-  result = {'commit': commit, 'date': datetime.date.today().isoformat(),
-            'install_seconds': round(install_s), 'test_seconds': round(test_s),
-            'warm_test_seconds': round(warm_s),
-            'pytest_summary': summary[-1] if summary else None,
-            'exit_status': test_rc, 'warm_exit_status': warm_rc}
-  _write(os.path.join(ROOT, 'docs', 'test_time.json'),
-         json.dumps(result, indent=2) + '\n')
-  _write(os.path.join(ROOT, 'docs', 'test_time.md'), (
+  summary = re.findall(
+    r'^=*\s*(\d+ (?:passed|failed).*?) in [\d.]+s', output, re.M
+  )
+  result = {
+    'commit': commit,
+    'date': datetime.date.today().isoformat(),
+    'install_seconds': round(install_s),
+    'test_seconds': round(test_s),
+    'warm_test_seconds': round(warm_s),
+    'pytest_summary': summary[-1] if summary else None,
+    'exit_status': test_rc,
+    'warm_exit_status': warm_rc,
+  }
+  _write(
+    os.path.join(ROOT, 'docs', 'test_time.json'),
+    json.dumps(result, indent=2) + '\n',
+  )
+  _write(
+    os.path.join(ROOT, 'docs', 'test_time.md'),
+    (
       '# `make test` on a fresh clone\n\n'
       f'Measured by `make test-time` on {result["date"]} at commit '
       f'`{commit[:10]}` (2-core CPU):\n\n'
@@ -65,7 +87,9 @@ def main() -> int:
       f'- `make test` (cold compilation cache): {test_s / 60:.1f} min, '
       f'{result["pytest_summary"]}, exit status {test_rc}\n'
       f'- `make test` again (compilation cache warm): {warm_s / 60:.1f} min, '
-      f'exit status {warm_rc}\n'))
+      f'exit status {warm_rc}\n'
+    ),
+  )
   return test_rc or warm_rc
 
 

@@ -14,6 +14,7 @@ The encoder is left out unless asked for (`include_encoder`): it is the same
 work for both decoders and runs as batched matmuls, not per-token matvecs,
 so its FLOPs would say nothing about the decode loop's time.
 """
+
 import dataclasses
 from typing import Sequence
 
@@ -25,25 +26,32 @@ from calm_jax.model import network
 @dataclasses.dataclass(frozen=True)
 class LayerCosts:
   """FLOPs of the pieces of one decode step for one row."""
-  kv: float            # self-attention K/V projections of one layer
-  rest: float          # the rest of one layer (q, attention, out, cross, MLP)
-  head: float          # final norm + vocabulary projection
-  encoder: float       # encoder + cross K/V for one input row
+
+  kv: float  # self-attention K/V projections of one layer
+  rest: float  # the rest of one layer (q, attention, out, cross, MLP)
+  head: float  # final norm + vocabulary projection
+  encoder: float  # encoder + cross K/V for one input row
 
 
-def layer_costs(cfg: network.T5Config, *, input_length: int,
-                cache_length: int) -> LayerCosts:
+def layer_costs(
+  cfg: network.T5Config, *, input_length: int, cache_length: int
+) -> LayerCosts:
   e, h, d, f = cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
   hd = h * d
   kv = 2 * 2 * e * hd
   self_attention = 2 * e * hd + 2 * 2 * hd * cache_length + 2 * hd * e
   cross_attention = 2 * e * hd + 2 * 2 * hd * input_length + 2 * hd * e
   mlp = 3 * 2 * e * f
-  encoder_layer = (4 * 2 * e * hd + 2 * 2 * hd * input_length + mlp)
-  encoder = input_length * (cfg.num_encoder_layers * encoder_layer
-                            + cfg.num_decoder_layers * kv)
-  return LayerCosts(kv=kv, rest=self_attention + cross_attention + mlp,
-                    head=2 * e * cfg.vocab_size, encoder=encoder)
+  encoder_layer = 4 * 2 * e * hd + 2 * 2 * hd * input_length + mlp
+  encoder = input_length * (
+    cfg.num_encoder_layers * encoder_layer + cfg.num_decoder_layers * kv
+  )
+  return LayerCosts(
+    kv=kv,
+    rest=self_attention + cross_attention + mlp,
+    head=2 * e * cfg.vocab_size,
+    encoder=encoder,
+  )
 
 
 def confidence_cost(measure: str, cfg: network.T5Config) -> float:
@@ -57,9 +65,15 @@ def confidence_cost(measure: str, cfg: network.T5Config) -> float:
   raise ValueError(f'no cost for confidence measure {measure!r}')
 
 
-def static_flops(cfg: network.T5Config, *, batch_size: int, num_tokens: int,
-                 input_length: int, cache_length: int,
-                 include_encoder: bool = False) -> float:
+def static_flops(
+  cfg: network.T5Config,
+  *,
+  batch_size: int,
+  num_tokens: int,
+  input_length: int,
+  cache_length: int,
+  include_encoder: bool = False,
+) -> float:
   """Full-depth decode of `num_tokens` (row, position) pairs."""
   c = layer_costs(cfg, input_length=input_length, cache_length=cache_length)
   per_token = cfg.num_decoder_layers * (c.kv + c.rest) + c.head
@@ -67,11 +81,17 @@ def static_flops(cfg: network.T5Config, *, batch_size: int, num_tokens: int,
   return encoder + num_tokens * per_token
 
 
-def early_exit_flops(cfg: network.T5Config, exit_layers: Sequence[int], *,
-                     measure: str, allowed_exits: Sequence[int],
-                     batch_size: int, input_length: int,
-                     cache_length: int, include_encoder: bool = False
-                     ) -> float:
+def early_exit_flops(
+  cfg: network.T5Config,
+  exit_layers: Sequence[int],
+  *,
+  measure: str,
+  allowed_exits: Sequence[int],
+  batch_size: int,
+  input_length: int,
+  cache_length: int,
+  include_encoder: bool = False,
+) -> float:
   """Early-exit decode where token j stopped at 1-based `exit_layers[j]`."""
   c = layer_costs(cfg, input_length=input_length, cache_length=cache_length)
   layers = np.asarray(exit_layers, np.int64)
@@ -80,8 +100,11 @@ def early_exit_flops(cfg: network.T5Config, exit_layers: Sequence[int], *,
   checks = (allowed[None, :] <= layers[:, None]).sum(-1)  # [tokens]
   reuses_logits = measure in ('softmax', 'softmax_max')
   heads = np.where((layers < top) & reuses_logits, 0, 1)
-  total = (len(layers) * top * c.kv + layers.sum() * c.rest
-           + checks.sum() * confidence_cost(measure, cfg)
-           + heads.sum() * c.head)
+  total = (
+    len(layers) * top * c.kv
+    + layers.sum() * c.rest
+    + checks.sum() * confidence_cost(measure, cfg)
+    + heads.sum() * c.head
+  )
   encoder = batch_size * c.encoder if include_encoder else 0.0
   return encoder + float(total)

@@ -7,6 +7,7 @@ H_j while its p-value is <= epsilon, and returns the last threshold
 rejected. With probability >= 1 - epsilon over the calibration draw, the
 risk at the returned threshold is <= delta.
 """
+
 import dataclasses
 import math
 from typing import Callable
@@ -53,8 +54,10 @@ def bentkus_p_value(empirical_risk: float, n: int, delta: float) -> float:
 
 def hb_p_value(empirical_risk: float, n: int, delta: float) -> float:
   """Hoeffding-Bentkus: the smaller of the two valid p-values."""
-  return min(hoeffding_p_value(empirical_risk, n, delta),
-             bentkus_p_value(empirical_risk, n, delta))
+  return min(
+    hoeffding_p_value(empirical_risk, n, delta),
+    bentkus_p_value(empirical_risk, n, delta),
+  )
 
 
 @dataclasses.dataclass
@@ -80,25 +83,40 @@ class CalibrationResult:
   @property
   def message(self) -> str:
     if self.threshold is None:
-      return (f'no early exit certified at delta={self.delta}, '
-              f'epsilon={self.epsilon} with {self.n} examples')
-    return (f'threshold {self.threshold:g} certified at delta={self.delta}, '
-            f'epsilon={self.epsilon} with {self.n} examples')
+      return (
+        f'no early exit certified at delta={self.delta}, '
+        f'epsilon={self.epsilon} with {self.n} examples'
+      )
+    return (
+      f'threshold {self.threshold:g} certified at delta={self.delta}, '
+      f'epsilon={self.epsilon} with {self.n} examples'
+    )
 
 
-def test_row(threshold: float, risk: float, n: int, avg_layers: Optional[float],
-             *, delta: float, epsilon: float) -> TestRow:
+def test_row(
+  threshold: float,
+  risk: float,
+  n: int,
+  avg_layers: Optional[float],
+  *,
+  delta: float,
+  epsilon: float,
+) -> TestRow:
   """One hypothesis of the sequence: "risk at `threshold` exceeds delta",
   rejected (the threshold certified) when its p-value is <= epsilon."""
   p_value = hb_p_value(risk, n, delta)
-  return TestRow(float(threshold), float(risk), p_value, avg_layers,
-                 p_value <= epsilon)
+  return TestRow(
+    float(threshold), float(risk), p_value, avg_layers, p_value <= epsilon
+  )
 
 
-def fixed_sequence_test(grid: Sequence[float],
-                        losses_at: Callable[[float], tuple[np.ndarray,
-                                                           Optional[float]]],
-                        *, delta: float, epsilon: float) -> CalibrationResult:
+def fixed_sequence_test(
+  grid: Sequence[float],
+  losses_at: Callable[[float], tuple[np.ndarray, Optional[float]]],
+  *,
+  delta: float,
+  epsilon: float,
+) -> CalibrationResult:
   """Tests thresholds in the grid's (descending) order, lazily.
 
   `losses_at(threshold)` returns the per-example losses [n] in [0, 1] and
@@ -113,8 +131,14 @@ def fixed_sequence_test(grid: Sequence[float],
     losses, avg_layers = losses_at(threshold)
     losses = np.asarray(losses, np.float64)
     n = losses.size
-    row = test_row(threshold, float(losses.mean()) if n else 1.0, n,
-                   avg_layers, delta=delta, epsilon=epsilon)
+    row = test_row(
+      threshold,
+      float(losses.mean()) if n else 1.0,
+      n,
+      avg_layers,
+      delta=delta,
+      epsilon=epsilon,
+    )
     table.append(row)
     if not row.rejected:
       break
@@ -122,8 +146,14 @@ def fixed_sequence_test(grid: Sequence[float],
   return CalibrationResult(chosen, table, n, delta, epsilon)
 
 
-def replay(table: Sequence[dict], grid: Sequence[float], *, n: int,
-           delta: float, epsilon: float) -> Optional[float]:
+def replay(
+  table: Sequence[dict],
+  grid: Sequence[float],
+  *,
+  n: int,
+  delta: float,
+  epsilon: float,
+) -> Optional[float]:
   """The threshold that fixed-sequence testing certifies from a record's
   table of empirical risks: every row's p-value and decision recomputed,
   the rows checked to be the grid's first thresholds in order, ending at
@@ -135,24 +165,41 @@ def replay(table: Sequence[dict], grid: Sequence[float], *, n: int,
   chosen = None
   for index, stored in enumerate(table):
     if index >= len(grid) or abs(stored['threshold'] - grid[index]) > 1e-9:
-      raise ValueError(f'row {index + 1} tests threshold '
-                       f'{stored["threshold"]}, not the grid\'s next '
-                       'threshold')
-    row = test_row(stored['threshold'], stored['empirical_risk'], n,
-                   stored.get('avg_layers'), delta=delta, epsilon=epsilon)
-    if (not math.isclose(row.p_value, stored['p_value'], rel_tol=1e-9,
-                         abs_tol=1e-12) or row.rejected != stored['rejected']):
-      raise ValueError(f'row {index + 1} (threshold {row.threshold:g}) '
-                       f'does not follow from its risk {row.empirical_risk}')
+      raise ValueError(
+        f'row {index + 1} tests threshold '
+        f"{stored['threshold']}, not the grid's next "
+        'threshold'
+      )
+    row = test_row(
+      stored['threshold'],
+      stored['empirical_risk'],
+      n,
+      stored.get('avg_layers'),
+      delta=delta,
+      epsilon=epsilon,
+    )
+    if (
+      not math.isclose(
+        row.p_value, stored['p_value'], rel_tol=1e-9, abs_tol=1e-12
+      )
+      or row.rejected != stored['rejected']
+    ):
+      raise ValueError(
+        f'row {index + 1} (threshold {row.threshold:g}) '
+        f'does not follow from its risk {row.empirical_risk}'
+      )
     if not row.rejected:
       if index != len(table) - 1:
-        raise ValueError(f'the test stops at row {index + 1}, but the table '
-                         'goes on')
+        raise ValueError(
+          f'the test stops at row {index + 1}, but the table goes on'
+        )
       return chosen
     chosen = row.threshold
   if len(table) < len(grid):
-    raise ValueError(f'the table ends at row {len(table)} with a certified '
-                     'threshold, before the test does')
+    raise ValueError(
+      f'the table ends at row {len(table)} with a certified '
+      'threshold, before the test does'
+    )
   return chosen
 
 
@@ -163,16 +210,21 @@ def _check_levels(delta: float, epsilon: float) -> None:
     raise ValueError(f'delta must be in (0, 1), got {delta}')
 
 
-def descending_grid(start: float = 1.0, stop: float = 0.0,
-                    step: float = 0.05) -> list[float]:
+def descending_grid(
+  start: float = 1.0, stop: float = 0.0, step: float = 0.05
+) -> list[float]:
   """start, start - step, ..., stop (rounded to avoid float drift)."""
   count = int(round((start - stop) / step)) + 1
   return [round(start - i * step, 6) for i in range(count)]
 
 
-def consistency_losses(consistency: str, metric: str,
-                       early: Sequence[str], full: Sequence[str],
-                       references: Optional[Sequence] = None) -> np.ndarray:
+def consistency_losses(
+  consistency: str,
+  metric: str,
+  early: Sequence[str],
+  full: Sequence[str],
+  references: Optional[Sequence] = None,
+) -> np.ndarray:
   """Per-example losses in [0, 1].
 
   textual: 1 - metric(early, full), the full model's output as reference.

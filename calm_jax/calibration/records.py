@@ -19,6 +19,7 @@ An unknown schema version is refused with the file's name.
 uses: a record applies only to a model whose fingerprint equals the
 record's. No JAX, no TensorFlow.
 """
+
 import dataclasses
 import hashlib
 import os
@@ -45,12 +46,28 @@ def directory(model_dir: str) -> str:
   return files.join(model_dir, SUBDIR)
 
 
-def fingerprint(*, model: dict, data: dict, decode: dict, consistency: str,
-                delta: float, epsilon: float, grid_step: float) -> dict:
+def fingerprint(
+  *,
+  model: dict,
+  data: dict,
+  decode: dict,
+  consistency: str,
+  delta: float,
+  epsilon: float,
+  grid_step: float,
+) -> dict:
   """Everything a record's certificate depends on."""
-  return {'model': model, 'data': data, 'decode': decode,
-          'calibration': {'consistency': consistency, 'delta': delta,
-                          'epsilon': epsilon, 'grid_step': grid_step}}
+  return {
+    'model': model,
+    'data': data,
+    'decode': decode,
+    'calibration': {
+      'consistency': consistency,
+      'delta': delta,
+      'epsilon': epsilon,
+      'grid_step': grid_step,
+    },
+  }
 
 
 def name(task: str, record_fingerprint: dict) -> str:
@@ -59,14 +76,17 @@ def name(task: str, record_fingerprint: dict) -> str:
   name, so its new record replaces the stale one."""
   settings = {k: v for k, v in record_fingerprint.items() if k != 'model'}
   cal = record_fingerprint['calibration']
-  return (f'{task}_{record_fingerprint["decode"]["confidence"]}_'
-          f'{cal["consistency"]}_delta{cal["delta"]:g}_eps{cal["epsilon"]:g}'
-          f'_{provenance.short_hash(settings, 8)}')
+  return (
+    f'{task}_{record_fingerprint["decode"]["confidence"]}_'
+    f'{cal["consistency"]}_delta{cal["delta"]:g}_eps{cal["epsilon"]:g}'
+    f'_{provenance.short_hash(settings, 8)}'
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationRecord:
   """One certificate. `threshold` None: no early exit was certified."""
+
   name: str
   task: str
   confidence: str
@@ -76,11 +96,11 @@ class CalibrationRecord:
   tau: Optional[float]
   threshold: Optional[float]
   message: str
-  n: int                    # calibration examples
+  n: int  # calibration examples
   checkpoint_step: int
   dtype: str
-  fingerprint: dict         # see `fingerprint`
-  table: tuple[dict, ...]   # ltt.TestRow dicts, in the order tested
+  fingerprint: dict  # see `fingerprint`
+  table: tuple[dict, ...]  # ltt.TestRow dicts, in the order tested
   extra: dict = dataclasses.field(default_factory=dict)  # split, min_exit
   created: float = 0.0
   schema_version: int = SCHEMA_VERSION
@@ -100,56 +120,92 @@ class CalibrationRecord:
     return files.finite_json(out)
 
   def digest(self) -> str:
-    return hashlib.sha256(provenance.canonical(self.content()).encode()
-                          ).hexdigest()
+    return hashlib.sha256(
+      provenance.canonical(self.content()).encode()
+    ).hexdigest()
 
   def to_json(self) -> dict:
-    return {**self.content(), 'certified': self.certified,
-            'digest': self.digest()}
+    return {
+      **self.content(),
+      'certified': self.certified,
+      'digest': self.digest(),
+    }
 
 
-def new_record(result: ltt.CalibrationResult, *, task: str,
-               record_fingerprint: dict, tau: Optional[float],
-               checkpoint_step: int, dtype: str,
-               extra: Optional[dict] = None) -> CalibrationRecord:
+def new_record(
+  result: ltt.CalibrationResult,
+  *,
+  task: str,
+  record_fingerprint: dict,
+  tau: Optional[float],
+  checkpoint_step: int,
+  dtype: str,
+  extra: Optional[dict] = None,
+) -> CalibrationRecord:
   """The record of a Learn then Test result."""
   cal = record_fingerprint['calibration']
   return CalibrationRecord(
-      name=name(task, record_fingerprint), task=task,
-      confidence=record_fingerprint['decode']['confidence'],
-      consistency=cal['consistency'], delta=cal['delta'],
-      epsilon=cal['epsilon'], tau=tau, threshold=result.threshold,
-      message=result.message, n=result.n, checkpoint_step=checkpoint_step,
-      dtype=dtype, fingerprint=record_fingerprint,
-      table=tuple(row.as_dict() for row in result.table),
-      extra=dict(extra or {}), created=time.time())
+    name=name(task, record_fingerprint),
+    task=task,
+    confidence=record_fingerprint['decode']['confidence'],
+    consistency=cal['consistency'],
+    delta=cal['delta'],
+    epsilon=cal['epsilon'],
+    tau=tau,
+    threshold=result.threshold,
+    message=result.message,
+    n=result.n,
+    checkpoint_step=checkpoint_step,
+    dtype=dtype,
+    fingerprint=record_fingerprint,
+    table=tuple(row.as_dict() for row in result.table),
+    extra=dict(extra or {}),
+    created=time.time(),
+  )
 
 
 # --- reading and verifying ---------------------------------------------------
 
-_LEGACY_FIELDS = ('name', 'task', 'confidence', 'consistency', 'delta',
-                  'epsilon', 'tau', 'threshold', 'message', 'n',
-                  'checkpoint_step', 'dtype', 'fingerprint', 'table')
+_LEGACY_FIELDS = (
+  'name',
+  'task',
+  'confidence',
+  'consistency',
+  'delta',
+  'epsilon',
+  'tau',
+  'threshold',
+  'message',
+  'n',
+  'checkpoint_step',
+  'dtype',
+  'fingerprint',
+  'table',
+)
 _FIELDS = {f.name for f in dataclasses.fields(CalibrationRecord)}
 
 
 def from_json(path: str, obj: Any) -> CalibrationRecord:
   """The verified record in a file's JSON; a RecordError names the file."""
   if not isinstance(obj, dict):
-    raise RecordError(f'calibration record {path} does not hold a JSON '
-                      'object: delete it and re-calibrate')
+    raise RecordError(
+      f'calibration record {path} does not hold a JSON '
+      'object: delete it and re-calibrate'
+    )
   version = obj.get('schema_version', 1)
   if version not in READABLE_VERSIONS:
     raise RecordError(
-        f'calibration record {path} has schema_version {version!r}; this '
-        f'calm_jax reads versions {", ".join(map(str, READABLE_VERSIONS))}: '
-        'upgrade calm_jax, or re-calibrate')
+      f'calibration record {path} has schema_version {version!r}; this '
+      f'calm_jax reads versions {", ".join(map(str, READABLE_VERSIONS))}: '
+      'upgrade calm_jax, or re-calibrate'
+    )
   record = _legacy(path, obj) if version == 1 else _typed(path, obj)
   if version == 2 and obj.get('digest') != record.digest():
     raise RecordError(
-        f'calibration record {path} was changed after it was written: its '
-        'content does not match its digest; a certificate cannot be edited '
-        '(delete it and re-calibrate)')
+      f'calibration record {path} was changed after it was written: its '
+      'content does not match its digest; a certificate cannot be edited '
+      '(delete it and re-calibrate)'
+    )
   _check_evidence(path, record)
   return record
 
@@ -158,50 +214,68 @@ def _typed(path: str, obj: dict) -> CalibrationRecord:
   fields = {k: v for k, v in obj.items() if k in _FIELDS}
   missing = sorted(_FIELDS - set(fields) - {'extra', 'created'})
   if missing:
-    raise RecordError(f'calibration record {path} lacks {", ".join(missing)}:'
-                      ' delete it and re-calibrate')
+    raise RecordError(
+      f'calibration record {path} lacks {", ".join(missing)}:'
+      ' delete it and re-calibrate'
+    )
   try:
     return CalibrationRecord(**{**fields, 'table': tuple(fields['table'])})
   except TypeError as e:
-    raise RecordError(f'calibration record {path} is malformed ({e}): '
-                      'delete it and re-calibrate') from e
+    raise RecordError(
+      f'calibration record {path} is malformed ({e}): '
+      'delete it and re-calibrate'
+    ) from e
 
 
 def _legacy(path: str, obj: dict) -> CalibrationRecord:
   """A version-1 record (a plain dict): its own fields, the rest as extra."""
   missing = [k for k in _LEGACY_FIELDS if k not in obj]
   if missing:
-    raise RecordError(f'calibration record {path} lacks {", ".join(missing)}:'
-                      ' delete it and re-calibrate')
-  extra = {k: v for k, v in obj.items()
-           if k not in _LEGACY_FIELDS and k not in ('certified', 'created')}
+    raise RecordError(
+      f'calibration record {path} lacks {", ".join(missing)}:'
+      ' delete it and re-calibrate'
+    )
+  extra = {
+    k: v
+    for k, v in obj.items()
+    if k not in _LEGACY_FIELDS and k not in ('certified', 'created')
+  }
   return CalibrationRecord(
-      **{k: obj[k] for k in _LEGACY_FIELDS if k != 'table'},
-      table=tuple(obj['table']), extra=extra,
-      created=obj.get('created', 0.0), schema_version=1)
+    **{k: obj[k] for k in _LEGACY_FIELDS if k != 'table'},
+    table=tuple(obj['table']),
+    extra=extra,
+    created=obj.get('created', 0.0),
+    schema_version=1,
+  )
 
 
 def _check_evidence(path: str, record: CalibrationRecord) -> None:
   """The certified threshold must be the one its own table certifies."""
   try:
     grid = ltt.descending_grid(1.0, 0.0, record.grid_step)
-    certified = ltt.replay(record.table, grid, n=record.n,
-                           delta=record.delta, epsilon=record.epsilon)
+    certified = ltt.replay(
+      record.table, grid, n=record.n, delta=record.delta, epsilon=record.epsilon
+    )
   except (ValueError, KeyError, TypeError) as e:
-    raise RecordError(f'calibration record {path} does not follow from its '
-                      f'own test table ({e}): delete it and re-calibrate'
-                      ) from e
+    raise RecordError(
+      f'calibration record {path} does not follow from its '
+      f'own test table ({e}): delete it and re-calibrate'
+    ) from e
   if certified != record.threshold:
     raise RecordError(
-        f'calibration record {path} states threshold {record.threshold} but '
-        f'its test table certifies {certified}: the record was edited; '
-        'delete it and re-calibrate')
+      f'calibration record {path} states threshold {record.threshold} but '
+      f'its test table certifies {certified}: the record was edited; '
+      'delete it and re-calibrate'
+    )
 
 
 def read(path: str) -> CalibrationRecord:
-  return from_json(path, files.read_json(
-      path, what='calibration record',
-      recovery='delete it and re-calibrate'))
+  return from_json(
+    path,
+    files.read_json(
+      path, what='calibration record', recovery='delete it and re-calibrate'
+    ),
+  )
 
 
 def write(model_dir: str, record: CalibrationRecord) -> str:
@@ -213,61 +287,75 @@ def write(model_dir: str, record: CalibrationRecord) -> str:
 
 def all_records(model_dir: str) -> list[tuple[str, CalibrationRecord]]:
   """(path, record) of every calibration record of a model dir."""
-  return [(path, read(path))
-          for path in files.glob(directory(model_dir), '*.json')]
+  return [
+    (path, read(path)) for path in files.glob(directory(model_dir), '*.json')
+  ]
 
 
 def _stem(path: str) -> str:
-  return os.path.basename(path)[:-len('.json')]
+  return os.path.basename(path)[: -len('.json')]
 
 
-def named(model_dir: str, record_name: str
-          ) -> list[tuple[str, CalibrationRecord]]:
+def named(
+  model_dir: str, record_name: str
+) -> list[tuple[str, CalibrationRecord]]:
   """The records called `record_name`, or whose name starts with it + '_'
   (the readable part of a name, before its settings hash); a
   ProvenanceError naming the available ones if there is none."""
   paths = files.glob(directory(model_dir), '*.json')
-  found = [(p, read(p)) for p in paths
-           if _stem(p) == record_name or _stem(p).startswith(record_name + '_')]
+  found = [
+    (p, read(p))
+    for p in paths
+    if _stem(p) == record_name or _stem(p).startswith(record_name + '_')
+  ]
   if not found:
     raise provenance.ProvenanceError(
-        f'no calibration record {record_name!r} in {directory(model_dir)}; '
-        f'there are: {", ".join(map(_stem, paths)) or "none"}')
+      f'no calibration record {record_name!r} in {directory(model_dir)}; '
+      f'there are: {", ".join(map(_stem, paths)) or "none"}'
+    )
   return found
 
 
-def for_measure(model_dir: str, confidence: str, task: Optional[str]
-                ) -> list[tuple[str, CalibrationRecord]]:
+def for_measure(
+  model_dir: str, confidence: str, task: Optional[str]
+) -> list[tuple[str, CalibrationRecord]]:
   """The measure's records of `task`; with task None, those of the only
   task that has any (several tasks: an error that lists them)."""
-  found = [(p, r) for p, r in all_records(model_dir)
-           if r.confidence == confidence]
+  found = [
+    (p, r) for p, r in all_records(model_dir) if r.confidence == confidence
+  ]
   if task is not None:
     return [(p, r) for p, r in found if r.task == task]
   tasks = sorted({r.task for _, r in found})
   if len(tasks) > 1:
     raise provenance.ProvenanceError(
-        f'{model_dir} has {confidence!r} calibration records for several '
-        f'tasks ({", ".join(tasks)}): pass task=... (or a threshold)')
+      f'{model_dir} has {confidence!r} calibration records for several '
+      f'tasks ({", ".join(tasks)}): pass task=... (or a threshold)'
+    )
   return found
 
 
-def certified_target_length(record: Optional[CalibrationRecord]
-                            ) -> Optional[int]:
+def certified_target_length(
+  record: Optional[CalibrationRecord],
+) -> Optional[int]:
   """The longest decode length a record was certified at."""
   if record is None:
     return None
-  lengths = [d.get('feature_lengths', {}).get('targets') for d in
-             record.fingerprint.get('data', {}).values()]
+  lengths = [
+    d.get('feature_lengths', {}).get('targets')
+    for d in record.fingerprint.get('data', {}).values()
+  ]
   lengths = [l for l in lengths if l]
   return max(lengths) if lengths else None
 
 
 # --- the threshold a decode uses ---------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class ThresholdChoice:
   """The threshold a decode uses and where it came from."""
+
   value: float
   tau: Optional[float]
   source: str
@@ -276,23 +364,31 @@ class ThresholdChoice:
 
 def calibrate_command(model_dir: str, record: CalibrationRecord) -> str:
   """The command that certifies `record`'s settings again."""
-  flags = [f'--gin.MODEL_DIR="\'{model_dir}\'"',
-           f'--gin.MIXTURE_OR_TASK_NAME="\'{record.task}\'"',
-           f'--gin.DELTA={record.delta:g}',
-           f'--gin.EPSILON={record.epsilon:g}',
-           f'--gin.CONSISTENCY="\'{record.consistency}\'"',
-           f'--gin.CONFIDENCE="\'{record.confidence}\'"']
+  flags = [
+    f'--gin.MODEL_DIR="\'{model_dir}\'"',
+    f'--gin.MIXTURE_OR_TASK_NAME="\'{record.task}\'"',
+    f'--gin.DELTA={record.delta:g}',
+    f'--gin.EPSILON={record.epsilon:g}',
+    f'--gin.CONSISTENCY="\'{record.consistency}\'"',
+    f'--gin.CONFIDENCE="\'{record.confidence}\'"',
+  ]
   if record.tau is not None:
     flags.append(f'--gin.TAU={record.tau:g}')
-  return ('python -m calm_jax.calibrate --gin_file=gin/runs/calibrate.gin '
-          + ' '.join(flags))
+  return (
+    'python -m calm_jax.calibrate --gin_file=gin/runs/calibrate.gin '
+    + ' '.join(flags)
+  )
 
 
-def choose_threshold(model_dir: str, model_fingerprint: Callable[[str], dict],
-                     threshold: Optional[float], confidence: str,
-                     tau: Optional[float] = None,
-                     record_name: Optional[str] = None,
-                     task: Optional[str] = None) -> ThresholdChoice:
+def choose_threshold(
+  model_dir: str,
+  model_fingerprint: Callable[[str], dict],
+  threshold: Optional[float],
+  confidence: str,
+  tau: Optional[float] = None,
+  record_name: Optional[str] = None,
+  task: Optional[str] = None,
+) -> ThresholdChoice:
   """The threshold to decode with: given, calibrated, or full depth.
 
   Without a threshold, the calibration record `record_name` (a whole
@@ -311,28 +407,31 @@ def choose_threshold(model_dir: str, model_fingerprint: Callable[[str], dict],
     for _, record in candidates:
       if record.confidence != confidence:
         raise provenance.ProvenanceError(
-            f'calibration record {record_name!r} is for '
-            f'{record.confidence!r}, not {confidence!r}')
+          f'calibration record {record_name!r} is for '
+          f'{record.confidence!r}, not {confidence!r}'
+        )
   else:
     candidates = for_measure(model_dir, confidence, task)
   if not candidates:
-    return ThresholdChoice(thresholds.EXITS_OFF, tau,
-                           f'full depth: no calibration record for '
-                           f'{confidence!r}' + (f' on {task!r}' if task
-                                                else ''))
-  path, record = _matching(model_dir, candidates,
-                           model_fingerprint(confidence))
+    return ThresholdChoice(
+      thresholds.EXITS_OFF,
+      tau,
+      f'full depth: no calibration record for '
+      f'{confidence!r}' + (f' on {task!r}' if task else ''),
+    )
+  path, record = _matching(model_dir, candidates, model_fingerprint(confidence))
   source = f'{path} ({record.message})'
   tau = record.tau if tau is None else tau
   if record.threshold is None:
-    return ThresholdChoice(thresholds.EXITS_OFF, tau, source + '; full depth',
-                           record)
+    return ThresholdChoice(
+      thresholds.EXITS_OFF, tau, source + '; full depth', record
+    )
   return ThresholdChoice(float(record.threshold), tau, source, record)
 
 
-def _matching(model_dir: str,
-              candidates: list[tuple[str, CalibrationRecord]],
-              current: dict) -> tuple[str, CalibrationRecord]:
+def _matching(
+  model_dir: str, candidates: list[tuple[str, CalibrationRecord]], current: dict
+) -> tuple[str, CalibrationRecord]:
   """The newest record certified on this very model, else an error."""
   newest = sorted(candidates, key=lambda pr: pr[1].created, reverse=True)
   for path, record in newest:
@@ -340,16 +439,21 @@ def _matching(model_dir: str,
       return path, record
   path, record = newest[0]
   stored = record.fingerprint.get('model')
-  what = (provenance.describe_changes(stored, current) if stored else
-          'the record carries no model fingerprint')
+  what = (
+    provenance.describe_changes(stored, current)
+    if stored
+    else 'the record carries no model fingerprint'
+  )
   raise provenance.ProvenanceError(
-      f'calibration record {path} was certified on another model ({what}); '
-      f're-calibrate with: {calibrate_command(model_dir, record)} (or pass '
-      'a threshold)')
+    f'calibration record {path} was certified on another model ({what}); '
+    f're-calibrate with: {calibrate_command(model_dir, record)} (or pass '
+    'a threshold)'
+  )
 
 
-def check_decode_settings(choice: ThresholdChoice, decode_fingerprint: dict
-                          ) -> None:
+def check_decode_settings(
+  choice: ThresholdChoice, decode_fingerprint: dict
+) -> None:
   """Refuses to decode a record's threshold with other decode settings
   (measure, exit layers, tau, propagation, sampling) than it was certified
   with: its guarantee would not apply."""
@@ -358,7 +462,8 @@ def check_decode_settings(choice: ThresholdChoice, decode_fingerprint: dict
   stored = choice.record.fingerprint.get('decode')
   if stored != decode_fingerprint:
     raise provenance.ProvenanceError(
-        f'the calibration record was certified with other decode settings '
-        f'({provenance.describe_changes(stored or {}, decode_fingerprint)});'
-        ' decode with its settings, re-calibrate with these, or pass a '
-        'threshold')
+      f'the calibration record was certified with other decode settings '
+      f'({provenance.describe_changes(stored or {}, decode_fingerprint)});'
+      ' decode with its settings, re-calibrate with these, or pass a '
+      'threshold'
+    )

@@ -10,6 +10,7 @@ else: text) unless given. Inputs are tokenized with the model's own
 SentencePiece vocabulary (no TensorFlow); an input longer than the input
 length is cut to it, EOS kept, with one warning that counts them.
 """
+
 import dataclasses
 import hashlib
 import json
@@ -47,23 +48,29 @@ class SentencePieceVocabulary:
 
   def pieces(self, ids: Sequence[int]) -> list[str]:
     size = self.processor.GetPieceSize()
-    return [self.processor.id_to_piece(int(i)) if int(i) < size
-            else f'<extra_id_{int(i) - size}>' for i in ids]
+    return [
+      self.processor.id_to_piece(int(i))
+      if int(i) < size
+      else f'<extra_id_{int(i) - size}>'
+      for i in ids
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
 class InputFile:
   """Where the inputs are and how to read them."""
+
   path: str
-  format: Optional[str] = None        # None: from the extension
-  input_field: str = 'inputs'         # jsonl only
-  target_field: str = 'targets'       # jsonl only; absent in a line: none
+  format: Optional[str] = None  # None: from the extension
+  input_field: str = 'inputs'  # jsonl only
+  target_field: str = 'targets'  # jsonl only; absent in a line: none
 
   def resolved_format(self) -> str:
     if self.format is not None:
       if self.format not in FORMATS:
-        raise InputFileError(f'unknown input format {self.format!r}; valid: '
-                             f'{", ".join(FORMATS)}')
+        raise InputFileError(
+          f'unknown input format {self.format!r}; valid: {", ".join(FORMATS)}'
+        )
       return self.format
     lower = self.path.lower()
     if lower.endswith(('.jsonl', '.json')):
@@ -71,17 +78,20 @@ class InputFile:
     return 'tsv' if lower.endswith('.tsv') else 'text'
 
 
-def _jsonl_row(spec: InputFile, number: int, line: str
-               ) -> tuple[str, Optional[str]]:
+def _jsonl_row(
+  spec: InputFile, number: int, line: str
+) -> tuple[str, Optional[str]]:
   where = f'{spec.path} line {number}'
   try:
     row = json.loads(line)
   except json.JSONDecodeError as e:
     raise InputFileError(f'{where} is not valid JSON ({e.msg})') from e
-  if not isinstance(row, dict) or not isinstance(row.get(spec.input_field),
-                                                 str):
-    raise InputFileError(f'{where} has no string field '
-                         f'{spec.input_field!r} (set input_field)')
+  if not isinstance(row, dict) or not isinstance(
+    row.get(spec.input_field), str
+  ):
+    raise InputFileError(
+      f'{where} has no string field {spec.input_field!r} (set input_field)'
+    )
   target = row.get(spec.target_field)
   return row[spec.input_field], target if isinstance(target, str) else None
 
@@ -93,8 +103,9 @@ def read_texts(spec: InputFile) -> list[tuple[str, Optional[str]]]:
     with open(spec.path, encoding='utf-8') as f:
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
-    raise InputFileError(f'cannot read input file {spec.path}: '
-                         f'{errors.first_line(e)}') from e
+    raise InputFileError(
+      f'cannot read input file {spec.path}: {errors.first_line(e)}'
+    ) from e
   rows = []
   for number, line in enumerate(lines, 1):
     if not line.strip():
@@ -116,9 +127,14 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def file_examples(spec: InputFile, vocabulary: SentencePieceVocabulary,
-                  lengths: dict, *, num_examples: Optional[int] = None,
-                  metrics=None) -> examples_lib.ExampleSet:
+def file_examples(
+  spec: InputFile,
+  vocabulary: SentencePieceVocabulary,
+  lengths: dict,
+  *,
+  num_examples: Optional[int] = None,
+  metrics=None,
+) -> examples_lib.ExampleSet:
   """The file's examples, tokenized and cut to `lengths['inputs']`."""
   rows = read_texts(spec)[:num_examples]
   limit = lengths['inputs'] - 1  # room for EOS
@@ -126,21 +142,44 @@ def file_examples(spec: InputFile, vocabulary: SentencePieceVocabulary,
   for text, target in rows:
     ids = vocabulary.encode(text)
     too_long += len(ids) > limit
-    target_ids = (vocabulary.encode(target)[:lengths['targets'] - 1]
-                  + [examples_lib.EOS_ID]) if target is not None else []
-    examples.append(examples_lib.Example(
-        inputs=text, input_ids=tuple(ids[:limit] + [examples_lib.EOS_ID]),
-        targets=target, target_ids=tuple(target_ids)))
+    target_ids = (
+      (
+        vocabulary.encode(target)[: lengths['targets'] - 1]
+        + [examples_lib.EOS_ID]
+      )
+      if target is not None
+      else []
+    )
+    examples.append(
+      examples_lib.Example(
+        inputs=text,
+        input_ids=tuple(ids[:limit] + [examples_lib.EOS_ID]),
+        targets=target,
+        target_ids=tuple(target_ids),
+      )
+    )
   if too_long:
-    _log.warning('%d of %d inputs in %s are longer than %d tokens and were '
-                 'cut to that length', too_long, len(rows), spec.path,
-                 lengths['inputs'])
+    _log.warning(
+      '%d of %d inputs in %s are longer than %d tokens and were '
+      'cut to that length',
+      too_long,
+      len(rows),
+      spec.path,
+      lengths['inputs'],
+    )
   has_targets = all(e.targets is not None for e in examples)
   return examples_lib.ExampleSet(
-      name=spec.path,
-      fingerprint={'file': spec.path, 'sha256': _file_digest(spec.path),
-                   'format': spec.resolved_format(),
-                   'fields': [spec.input_field, spec.target_field],
-                   'num_examples': num_examples, 'feature_lengths': lengths},
-      lengths=dict(lengths), examples=tuple(examples), vocabulary=vocabulary,
-      metrics=metrics if has_targets else None)
+    name=spec.path,
+    fingerprint={
+      'file': spec.path,
+      'sha256': _file_digest(spec.path),
+      'format': spec.resolved_format(),
+      'fields': [spec.input_field, spec.target_field],
+      'num_examples': num_examples,
+      'feature_lengths': lengths,
+    },
+    lengths=dict(lengths),
+    examples=tuple(examples),
+    vocabulary=vocabulary,
+    metrics=metrics if has_targets else None,
+  )

@@ -16,6 +16,7 @@ per-example metric calibration uses. Those come from here:
 No TensorFlow: the SeqIO lookups happen in `data.pipeline`, which passes the
 task's metric functions in.
 """
+
 import dataclasses
 from typing import Callable
 from typing import Mapping
@@ -43,19 +44,25 @@ class _Registered:
 _REGISTRY: dict[str, _Registered] = {}
 
 
-def register(name: str, *, feature_lengths: Optional[Mapping[str, int]] = None,
-             headline: Optional[str] = None,
-             per_example: Optional[str] = None) -> None:
+def register(
+  name: str,
+  *,
+  feature_lengths: Optional[Mapping[str, int]] = None,
+  headline: Optional[str] = None,
+  per_example: Optional[str] = None,
+) -> None:
   """Declares a task's default lengths, headline metric (a key its metric
   functions return) and per-example metric (a name in
   `metrics.PER_EXAMPLE`; default: the headline). Registering again
   replaces the entry."""
   if per_example is not None and per_example not in metrics.PER_EXAMPLE:
-    raise DataError(f'unknown per-example metric {per_example!r} for '
-                    f'{name!r}; valid: {", ".join(metrics.PER_EXAMPLE)}')
+    raise DataError(
+      f'unknown per-example metric {per_example!r} for '
+      f'{name!r}; valid: {", ".join(metrics.PER_EXAMPLE)}'
+    )
   _REGISTRY[name] = _Registered(
-      dict(feature_lengths) if feature_lengths else None, headline,
-      per_example)
+    dict(feature_lengths) if feature_lengths else None, headline, per_example
+  )
 
 
 def feature_lengths(name: str) -> dict[str, int]:
@@ -66,9 +73,10 @@ def feature_lengths(name: str) -> dict[str, int]:
   entry = _REGISTRY.get(name)
   if entry is None or entry.feature_lengths is None:
     raise DataError(
-        f'no feature lengths for task {name!r}: bind calm_jax.data_settings.'
-        f"task_feature_lengths={{'{name}': {{'inputs': N, 'targets': M}}}} "
-        'or call calm_jax.data.task_info.register')
+      f'no feature lengths for task {name!r}: bind calm_jax.data_settings.'
+      f"task_feature_lengths={{'{name}': {{'inputs': N, 'targets': M}}}} "
+      'or call calm_jax.data.task_info.register'
+    )
   return dict(entry.feature_lengths)
 
 
@@ -76,6 +84,7 @@ def feature_lengths(name: str) -> dict[str, int]:
 class TaskMetrics:
   """How a task's outputs are scored: its metric functions, the headline
   among their keys, and the per-example metric calibration uses."""
+
   task: str
   metric_fns: tuple[MetricFn, ...]
 
@@ -83,11 +92,15 @@ class TaskMetrics:
   def _entry(self) -> Optional[_Registered]:
     return _REGISTRY.get(self.task)
 
-  def scores(self, references: Sequence, predictions: Sequence[str]
-             ) -> dict[str, float]:
+  def scores(
+    self, references: Sequence, predictions: Sequence[str]
+  ) -> dict[str, float]:
     """Every metric of the task (corpus level), by name."""
-    return {k: float(v) for fn in self.metric_fns
-            for k, v in fn(list(references), list(predictions)).items()}
+    return {
+      k: float(v)
+      for fn in self.metric_fns
+      for k, v in fn(list(references), list(predictions)).items()
+    }
 
   def headline(self, scores: Mapping[str, float]) -> str:
     """The metric the task is judged by: registered, else the first."""
@@ -106,13 +119,15 @@ class TaskMetrics:
         name = None  # a metric that cannot score a stand-in pair
     if name not in metrics.PER_EXAMPLE:
       raise DataError(
-          f'no per-example metric known for task {self.task!r}: call '
-          f"calm_jax.data.task_info.register('{self.task}', "
-          f'per_example=...) with one of {", ".join(metrics.PER_EXAMPLE)}')
+        f'no per-example metric known for task {self.task!r}: call '
+        f"calm_jax.data.task_info.register('{self.task}', "
+        f'per_example=...) with one of {", ".join(metrics.PER_EXAMPLE)}'
+      )
     return name
 
-  def headline_score(self, references: Sequence, predictions: Sequence[str]
-                     ) -> tuple[str, float]:
+  def headline_score(
+    self, references: Sequence, predictions: Sequence[str]
+  ) -> tuple[str, float]:
     scores = self.scores(references, predictions)
     name = self.headline(scores)
     return name, scores[name]

@@ -12,6 +12,7 @@ vocabulary distribution call `logits_fn(hidden)` and hand the logits back so
 that the loop can reuse them for the emitted token. Pick one by name with
 `get`.
 """
+
 from typing import Any
 from typing import Callable
 from typing import Optional
@@ -62,15 +63,18 @@ def state_saturation(hidden, previous_hidden, logits_fn=None, classifier=None):
   hidden = hidden.astype(jnp.float32)
   previous_hidden = previous_hidden.astype(jnp.float32)
   dot = jnp.sum(hidden * previous_hidden, axis=-1)
-  norms = (jnp.linalg.norm(hidden, axis=-1)
-           * jnp.linalg.norm(previous_hidden, axis=-1))
+  norms = jnp.linalg.norm(hidden, axis=-1) * jnp.linalg.norm(
+    previous_hidden, axis=-1
+  )
   return dot / jnp.maximum(norms, 1e-12), None
 
 
 def init_classifier(embed_dim: int) -> dict[str, Array]:
   """Parameters of the exit classifier: a linear head [e] -> 1 logit."""
-  return {'kernel': jnp.zeros((embed_dim, 1), jnp.float32),
-          'bias': jnp.zeros((1,), jnp.float32)}
+  return {
+    'kernel': jnp.zeros((embed_dim, 1), jnp.float32),
+    'bias': jnp.zeros((1,), jnp.float32),
+  }
 
 
 def classifier_logit(params: Any, hidden: Array) -> Array:
@@ -84,23 +88,26 @@ def classifier_head(params: Any, hidden: Array) -> Array:
   return jax.nn.sigmoid(classifier_logit(params, hidden))
 
 
-def learned_classifier(hidden, previous_hidden, logits_fn=None,
-                       classifier: Optional[Any] = None):
+def learned_classifier(
+  hidden, previous_hidden, logits_fn=None, classifier: Optional[Any] = None
+):
   """P(this layer's argmax equals the top layer's), from the classifier."""
   del previous_hidden, logits_fn
   if classifier is None:
-    raise errors.SettingError("confidence 'classifier' needs trained classifier "
-                     'parameters (train them with gin/runs/train_classifier.gin)')
+    raise errors.SettingError(
+      "confidence 'classifier' needs trained classifier "
+      'parameters (train them with gin/runs/train_classifier.gin)'
+    )
   return classifier_head(classifier, hidden), None
 
 
 # Keyed by the names `arguments.CONFIDENCE_MEASURES` defines (a test checks
 # that they match).
 MEASURES: dict[str, Callable] = {
-    'softmax': softmax_response,
-    'softmax_max': softmax_max,
-    'state': state_saturation,
-    'classifier': learned_classifier,
+  'softmax': softmax_response,
+  'softmax_max': softmax_max,
+  'state': state_saturation,
+  'classifier': learned_classifier,
 }
 # The oracle needs the full model's prediction; the static decoder records
 # it (`loops.static_decode(oracle=True)`).
@@ -118,6 +125,8 @@ def get(name: str) -> Callable:
   """The measure called `name`; an unknown name lists the valid ones."""
   arguments.check(confidence=name)
   if name not in MEASURES:
-    raise errors.SettingError(f'the {name!r} measure is a decode mode of '
-                              'its own, not a per-layer confidence')
+    raise errors.SettingError(
+      f'the {name!r} measure is a decode mode of '
+      'its own, not a per-layer confidence'
+    )
   return MEASURES[name]

@@ -27,6 +27,7 @@ stops a row at EOS, and fills positions after EOS with 0.
 Einsum/shape letters: b batch, t max decode length (cache length), h heads,
 d head dim, e embed, v vocab.
 """
+
 import dataclasses
 from typing import Any
 from typing import Optional
@@ -45,6 +46,7 @@ Array = jax.Array
 
 class StepFns(Protocol):
   """What a decoding loop needs from a model, for one position."""
+
   num_layers: int
 
   def embed(self, tokens: Array) -> Array:
@@ -53,8 +55,15 @@ class StepFns(Protocol):
   def layer_kv(self, layer: int, x: Array) -> tuple[Array, Array]:
     """Input of layer `layer` [b, 1, e] -> its self-attn K, V [b, 1, h, d]."""
 
-  def layer_step(self, layer: int, x: Array, keys: Array, values: Array,
-                 position: Array, rows: Optional[Array] = None) -> Array:
+  def layer_step(
+    self,
+    layer: int,
+    x: Array,
+    keys: Array,
+    values: Array,
+    position: Array,
+    rows: Optional[Array] = None,
+  ) -> Array:
     """Rest of layer `layer` for x [r, 1, e] over its cache [r, t, h, d].
 
     `rows` [r] says which batch rows x holds (to pick their encoder
@@ -68,7 +77,8 @@ class StepFns(Protocol):
 @flax.struct.dataclass
 class KVCache:
   """Self-attention cache, one entry per decoder layer."""
-  keys: tuple[Array, ...]    # layers x [b, t, h, d]
+
+  keys: tuple[Array, ...]  # layers x [b, t, h, d]
   values: tuple[Array, ...]  # layers x [b, t, h, d]
 
   @classmethod
@@ -76,11 +86,11 @@ class KVCache:
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
     return cls(keys=zeros, values=zeros)
 
-  def write(self, layer: int, position: Array, k: Array, v: Array
-            ) -> 'KVCache':
+  def write(self, layer: int, position: Array, k: Array, v: Array) -> 'KVCache':
     """Stores k, v [b, 1, h, d] at `position` of layer `layer`."""
     put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
-        cache, new.astype(cache.dtype), position, axis=1)
+      cache, new.astype(cache.dtype), position, axis=1
+    )
     keys = list(self.keys)
     values = list(self.values)
     keys[layer] = put(keys[layer], k)
@@ -88,19 +98,19 @@ class KVCache:
     return KVCache(keys=tuple(keys), values=tuple(values))
 
 
-
-def full_depth_layer(fns: StepFns, layer: int, x: Array, cache: KVCache,
-                     position: Array) -> tuple[Array, KVCache]:
+def full_depth_layer(
+  fns: StepFns, layer: int, x: Array, cache: KVCache, position: Array
+) -> tuple[Array, KVCache]:
   """Runs one layer for every row: write its K/V, then attend and MLP."""
   k, v = fns.layer_kv(layer, x)
   cache = cache.write(layer, position, k, v)
-  x = fns.layer_step(layer, x, cache.keys[layer], cache.values[layer],
-                     position)
+  x = fns.layer_step(layer, x, cache.keys[layer], cache.values[layer], position)
   return x, cache
 
 
-def finish_tokens(next_token: Array, done: Array, eos_id: int
-                  ) -> tuple[Array, Array]:
+def finish_tokens(
+  next_token: Array, done: Array, eos_id: int
+) -> tuple[Array, Array]:
   """Pads rows that already ended and marks rows that end now."""
   next_token = jnp.where(done, 0, next_token)
   return next_token, done | (next_token == eos_id)
@@ -108,18 +118,19 @@ def finish_tokens(next_token: Array, done: Array, eos_id: int
 
 @flax.struct.dataclass
 class DecodeOutput:
-  tokens: Array        # [b, t] int32, 0 after EOS
-  exit_layers: Array   # [b, t] int32, 1-based layer each token used; 0 = pad
+  tokens: Array  # [b, t] int32, 0 after EOS
+  exit_layers: Array  # [b, t] int32, 1-based layer each token used; 0 = pad
   # [b, t] float32: the measure's value at the layer the token exited; NaN
   # for a token that ran through the top layer (no exit test is made there),
   # so every token of the static decoder is NaN too.
   confidences: Array
-  layer_evals: Array   # [] int32: (row, layer) evaluations actually run
+  layer_evals: Array  # [] int32: (row, layer) evaluations actually run
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """Token selection: greedy when temperature == 0."""
+
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
@@ -151,53 +162,70 @@ def select_tokens(logits: Array, rng: Array, sampling: Sampling) -> Array:
 @flax.struct.dataclass
 class LoopState:
   """Position loop state, shared by the static and early-exit decoders."""
-  position: Array      # [] int32: index of the token being produced
-  tokens: Array        # [b, t + 1] int32: column 0 is the start token
-  done: Array          # [b] bool: row has emitted EOS
+
+  position: Array  # [] int32: index of the token being produced
+  tokens: Array  # [b, t + 1] int32: column 0 is the start token
+  done: Array  # [b] bool: row has emitted EOS
   cache: KVCache
-  exit_layers: Array   # [b, t] int32
-  confidences: Array   # [b, t] float32
-  layer_evals: Array   # [] int32
+  exit_layers: Array  # [b, t] int32
+  confidences: Array  # [b, t] float32
+  layer_evals: Array  # [] int32
   rng: Array
 
   @classmethod
-  def start(cls, num_layers: int, batch_size: int, max_length: int,
-            cache_shape: tuple[int, int], cache_dtype, rng: Array
-            ) -> 'LoopState':
+  def start(
+    cls,
+    num_layers: int,
+    batch_size: int,
+    max_length: int,
+    cache_shape: tuple[int, int],
+    cache_dtype,
+    rng: Array,
+  ) -> 'LoopState':
     heads, head_dim = cache_shape
     return cls(
-        position=jnp.zeros((), jnp.int32),
-        tokens=jnp.zeros((batch_size, max_length + 1), jnp.int32),
-        done=jnp.zeros((batch_size,), bool),
-        cache=KVCache.zeros(num_layers,
-                            (batch_size, max_length, heads, head_dim),
-                            cache_dtype),
-        exit_layers=jnp.zeros((batch_size, max_length), jnp.int32),
-        confidences=jnp.zeros((batch_size, max_length), jnp.float32),
-        layer_evals=jnp.zeros((), jnp.int32), rng=rng)
+      position=jnp.zeros((), jnp.int32),
+      tokens=jnp.zeros((batch_size, max_length + 1), jnp.int32),
+      done=jnp.zeros((batch_size,), bool),
+      cache=KVCache.zeros(
+        num_layers, (batch_size, max_length, heads, head_dim), cache_dtype
+      ),
+      exit_layers=jnp.zeros((batch_size, max_length), jnp.int32),
+      confidences=jnp.zeros((batch_size, max_length), jnp.float32),
+      layer_evals=jnp.zeros((), jnp.int32),
+      rng=rng,
+    )
 
-  def advance(self, next_token: Array, cache: KVCache, exit_layer: Array,
-              confidence: Array, layer_evals: Array, eos_id: int
-              ) -> 'LoopState':
+  def advance(
+    self,
+    next_token: Array,
+    cache: KVCache,
+    exit_layer: Array,
+    confidence: Array,
+    layer_evals: Array,
+    eos_id: int,
+  ) -> 'LoopState':
     """Appends one position; rows that had ended get token 0 and layer 0."""
     next_token, done = finish_tokens(next_token, self.done, eos_id)
     put = lambda a, v: a.at[:, self.position].set(v)
     return self.replace(
-        position=self.position + 1,
-        tokens=self.tokens.at[:, self.position + 1].set(next_token),
-        done=done, cache=cache,
-        exit_layers=put(self.exit_layers, jnp.where(self.done, 0,
-                                                    exit_layer)),
-        confidences=put(self.confidences, jnp.where(self.done, 0.0,
-                                                    confidence)),
-        layer_evals=self.layer_evals + layer_evals,
-        rng=jax.random.fold_in(self.rng, self.position))
+      position=self.position + 1,
+      tokens=self.tokens.at[:, self.position + 1].set(next_token),
+      done=done,
+      cache=cache,
+      exit_layers=put(self.exit_layers, jnp.where(self.done, 0, exit_layer)),
+      confidences=put(self.confidences, jnp.where(self.done, 0.0, confidence)),
+      layer_evals=self.layer_evals + layer_evals,
+      rng=jax.random.fold_in(self.rng, self.position),
+    )
 
   def output(self) -> DecodeOutput:
-    return DecodeOutput(tokens=self.tokens[:, 1:],
-                        exit_layers=self.exit_layers,
-                        confidences=self.confidences,
-                        layer_evals=self.layer_evals)
+    return DecodeOutput(
+      tokens=self.tokens[:, 1:],
+      exit_layers=self.exit_layers,
+      confidences=self.confidences,
+      layer_evals=self.layer_evals,
+    )
 
 
 def _run_positions(step, state: LoopState, max_length: int) -> DecodeOutput:
@@ -212,11 +240,18 @@ def oracle_exit_layers(layer_logits: list[Array]) -> Array:
   return (jnp.argmax(agrees, axis=0) + 1).astype(jnp.int32)
 
 
-def static_decode(fns: StepFns, *, batch_size: int, max_length: int,
-                  cache_shape: tuple[int, int], cache_dtype=jnp.float32,
-                  eos_id: int = 1, sampling: Sampling = Sampling(),
-                  rng: Optional[Array] = None, oracle: bool = False
-                  ) -> DecodeOutput:
+def static_decode(
+  fns: StepFns,
+  *,
+  batch_size: int,
+  max_length: int,
+  cache_shape: tuple[int, int],
+  cache_dtype=jnp.float32,
+  eos_id: int = 1,
+  sampling: Sampling = Sampling(),
+  rng: Optional[Array] = None,
+  oracle: bool = False,
+) -> DecodeOutput:
   """Full-depth decoding: every row runs every layer.
 
   With `oracle=True` it also records, per token, the consistency oracle's
@@ -225,9 +260,14 @@ def static_decode(fns: StepFns, *, batch_size: int, max_length: int,
   model's tokens, and the cache holds the true states of every layer.
   """
   num_layers = fns.num_layers
-  state = LoopState.start(num_layers, batch_size, max_length, cache_shape,
-                          cache_dtype,
-                          jax.random.PRNGKey(0) if rng is None else rng)
+  state = LoopState.start(
+    num_layers,
+    batch_size,
+    max_length,
+    cache_shape,
+    cache_dtype,
+    jax.random.PRNGKey(0) if rng is None else rng,
+  )
 
   def step(s: LoopState) -> LoopState:
     x = fns.embed(s.tokens[:, s.position])
@@ -237,17 +277,23 @@ def static_decode(fns: StepFns, *, batch_size: int, max_length: int,
       if oracle and layer < num_layers - 1:
         layer_logits.append(fns.logits(x[:, 0]))
     logits = fns.logits(x[:, 0])
-    exit_layer = (oracle_exit_layers(layer_logits + [logits]) if oracle else
-                  jnp.full((batch_size,), num_layers, jnp.int32))
+    exit_layer = (
+      oracle_exit_layers(layer_logits + [logits])
+      if oracle
+      else jnp.full((batch_size,), num_layers, jnp.int32)
+    )
     next_token = select_tokens(logits, s.rng, sampling)
     evals = jnp.sum(~s.done).astype(jnp.int32) * num_layers
-    return s.advance(next_token, cache, exit_layer,
-                     jnp.full((batch_size,), jnp.nan, jnp.float32), evals,
-                     eos_id)
+    return s.advance(
+      next_token,
+      cache,
+      exit_layer,
+      jnp.full((batch_size,), jnp.nan, jnp.float32),
+      evals,
+      eos_id,
+    )
 
   return _run_positions(step, state, max_length)
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +313,7 @@ class ExitConfig:
       K/V, an ablation) or 'none' (zeros, an ablation).
     sampling: token selection.
   """
+
   confidence: str = 'softmax'
   exit_layers: tuple[int, ...] = ()
   tau: Optional[float] = None
@@ -279,22 +326,35 @@ class ExitConfig:
     arguments.check(propagation=self.propagation)
 
   @classmethod
-  def create(cls, num_layers: int, *, confidence: str, first_exit: int = 1,
-             exit_interval: int = 1, min_exit: int = 1, **kwargs
-             ) -> 'ExitConfig':
+  def create(
+    cls,
+    num_layers: int,
+    *,
+    confidence: str,
+    first_exit: int = 1,
+    exit_interval: int = 1,
+    min_exit: int = 1,
+    **kwargs,
+  ) -> 'ExitConfig':
     """Config whose exit layers follow the grid and the measure's floor."""
     layers = thresholds.allowed_exit_layers(
-        num_layers, first_exit=first_exit, exit_interval=exit_interval,
-        min_exit=max(min_exit, confidence_lib.lowest_exit_layer(confidence)))
+      num_layers,
+      first_exit=first_exit,
+      exit_interval=exit_interval,
+      min_exit=max(min_exit, confidence_lib.lowest_exit_layer(confidence)),
+    )
     return cls(confidence=confidence, exit_layers=layers, **kwargs)
 
   def fingerprint(self) -> dict:
     """The settings that change what this config decodes (the bucket sizes
     change only the speed)."""
-    return {'confidence': self.confidence,
-            'exit_layers': list(self.exit_layers), 'tau': self.tau,
-            'propagation': self.propagation,
-            'sampling': dataclasses.asdict(self.sampling)}
+    return {
+      'confidence': self.confidence,
+      'exit_layers': list(self.exit_layers),
+      'tau': self.tau,
+      'propagation': self.propagation,
+      'sampling': dataclasses.asdict(self.sampling),
+    }
 
   def for_threshold(self, threshold: float) -> 'ExitConfig':
     """No confidence checks when the threshold disables exits: they could
@@ -320,17 +380,19 @@ class ExitConfig:
 @flax.struct.dataclass
 class Climb:
   """One position's rows while they climb the decoder layers."""
-  hidden: Array      # [b, 1, e] latest state; frozen at the exit once exited
-  active: Array      # [b] bool: row still climbing
+
+  hidden: Array  # [b, 1, e] latest state; frozen at the exit once exited
+  active: Array  # [b] bool: row still climbing
   exit_layer: Array  # [b] int32: layer it stopped at, 0 while climbing
   confidence: Array  # [b] float32: latest confidence, frozen at the exit
-  token: Array       # [b] int32: argmax of the exit's logits if known, else -1
+  token: Array  # [b] int32: argmax of the exit's logits if known, else -1
   exit_kv: tuple[Array, Array]  # [b, 1, h, d] K/V of the last layer run
-  evals: Array       # [] int32: rows run so far at this position
+  evals: Array  # [] int32: rows run so far at this position
 
 
-def _propagated_kv(climb: Climb, k: Array, v: Array, propagation: str
-                   ) -> tuple[Array, Array]:
+def _propagated_kv(
+  climb: Climb, k: Array, v: Array, propagation: str
+) -> tuple[Array, Array]:
   """K/V written for this layer: computed ones, or an ablation for exited rows.
 
   Under 'hidden' nothing changes: k, v were computed from the frozen exit
@@ -340,14 +402,24 @@ def _propagated_kv(climb: Climb, k: Array, v: Array, propagation: str
     return k, v
   stopped = ~climb.active[:, None, None, None]
   if propagation == 'kv_copy':
-    return (jnp.where(stopped, climb.exit_kv[0], k),
-            jnp.where(stopped, climb.exit_kv[1], v))
+    return (
+      jnp.where(stopped, climb.exit_kv[0], k),
+      jnp.where(stopped, climb.exit_kv[1], v),
+    )
   return jnp.where(stopped, 0.0, k), jnp.where(stopped, 0.0, v)
 
 
-def _layer_on_rows(fns: StepFns, cfg: ExitConfig, layer: int, check: bool,
-                   climb: Climb, cache: KVCache, position: Array,
-                   rows: Optional[Array], classifier: Any):
+def _layer_on_rows(
+  fns: StepFns,
+  cfg: ExitConfig,
+  layer: int,
+  check: bool,
+  climb: Climb,
+  cache: KVCache,
+  position: Array,
+  rows: Optional[Array],
+  classifier: Any,
+):
   """Layer `layer` (and its confidence if `check`) on `rows` (None = all).
 
   Returns the new states [r, 1, e], confidences [r] and exit tokens [r]
@@ -355,22 +427,36 @@ def _layer_on_rows(fns: StepFns, cfg: ExitConfig, layer: int, check: bool,
   """
   take = (lambda a: a) if rows is None else (lambda a: a[rows])
   x = take(climb.hidden)
-  out = fns.layer_step(layer, x, take(cache.keys[layer]),
-                       take(cache.values[layer]), position, rows)
+  out = fns.layer_step(
+    layer, x, take(cache.keys[layer]), take(cache.values[layer]), position, rows
+  )
   size = x.shape[0]
   if not check:
-    return out, jnp.zeros((size,), jnp.float32), jnp.full((size,), -1,
-                                                          jnp.int32)
+    return (
+      out,
+      jnp.zeros((size,), jnp.float32),
+      jnp.full((size,), -1, jnp.int32),
+    )
   measure = confidence_lib.get(cfg.confidence)
   conf, logits = measure(out[:, 0], x[:, 0], fns.logits, classifier)
-  token = (jnp.full((size,), -1, jnp.int32) if logits is None else
-           jnp.argmax(logits, -1).astype(jnp.int32))
+  token = (
+    jnp.full((size,), -1, jnp.int32)
+    if logits is None
+    else jnp.argmax(logits, -1).astype(jnp.int32)
+  )
   return out, conf.astype(jnp.float32), token
 
 
-def _bucketed_layer(fns: StepFns, cfg: ExitConfig, layer: int, check: bool,
-                    climb: Climb, cache: KVCache, position: Array,
-                    classifier: Any):
+def _bucketed_layer(
+  fns: StepFns,
+  cfg: ExitConfig,
+  layer: int,
+  check: bool,
+  climb: Climb,
+  cache: KVCache,
+  position: Array,
+  classifier: Any,
+):
   """Runs the layer on the smallest bucket holding every climbing row.
 
   Branch 0 skips the layer (no row climbs). A full-batch bucket runs in
@@ -383,30 +469,46 @@ def _bucketed_layer(fns: StepFns, cfg: ExitConfig, layer: int, check: bool,
   order = jnp.argsort(~climb.active, stable=True)  # climbing rows first
 
   def skip():
-    return (climb.hidden, jnp.zeros((batch,), jnp.float32),
-            jnp.full((batch,), -1, jnp.int32))
+    return (
+      climb.hidden,
+      jnp.zeros((batch,), jnp.float32),
+      jnp.full((batch,), -1, jnp.int32),
+    )
 
   def bucket(size):
     def run():
       rows = None if size == batch else order[:size]
-      out, conf, token = _layer_on_rows(fns, cfg, layer, check, climb, cache,
-                                        position, rows, classifier)
+      out, conf, token = _layer_on_rows(
+        fns, cfg, layer, check, climb, cache, position, rows, classifier
+      )
       if rows is None:
         return out, conf, token
       full_conf, full_token = skip()[1:]
-      return (climb.hidden.at[rows].set(out), full_conf.at[rows].set(conf),
-              full_token.at[rows].set(token))
+      return (
+        climb.hidden.at[rows].set(out),
+        full_conf.at[rows].set(conf),
+        full_token.at[rows].set(token),
+      )
+
     return run
 
-  index = jnp.where(num_active == 0, 0,
-                    1 + jnp.sum(jnp.asarray(sizes) < num_active))
+  index = jnp.where(
+    num_active == 0, 0, 1 + jnp.sum(jnp.asarray(sizes) < num_active)
+  )
   return jax.lax.switch(index, [skip] + [bucket(s) for s in sizes])
 
 
-def _climb_layer(fns: StepFns, cfg: ExitConfig, layer: int, climb: Climb,
-                 cache: KVCache, position: Array, threshold: Array,
-                 classifier: Any, forced: Optional[Array] = None
-                 ) -> tuple[Climb, KVCache]:
+def _climb_layer(
+  fns: StepFns,
+  cfg: ExitConfig,
+  layer: int,
+  climb: Climb,
+  cache: KVCache,
+  position: Array,
+  threshold: Array,
+  classifier: Any,
+  forced: Optional[Array] = None,
+) -> tuple[Climb, KVCache]:
   """K/V write for every row, then the layer on climbing rows, then exits.
 
   `forced` [b] (benchmarks only) replaces the confidence test: a row exits
@@ -417,49 +519,64 @@ def _climb_layer(fns: StepFns, cfg: ExitConfig, layer: int, climb: Climb,
   k, v = _propagated_kv(climb, k, v, cfg.propagation)
   cache = cache.write(layer, position, k, v)
   check = (layer + 1) in cfg.exit_layers
-  out, conf, token = _bucketed_layer(fns, cfg, layer, check, climb, cache,
-                                     position, classifier)
+  out, conf, token = _bucketed_layer(
+    fns, cfg, layer, check, climb, cache, position, classifier
+  )
   active = climb.active
   ran = active[:, None, None]
   passes = conf >= threshold if forced is None else layer + 1 >= forced
   exits = active & passes if check else jnp.zeros_like(active)
   climb = climb.replace(
-      hidden=jnp.where(ran, out, climb.hidden),
-      active=active & ~exits,
-      exit_layer=jnp.where(exits, layer + 1, climb.exit_layer),
-      confidence=jnp.where(active, conf, climb.confidence) if check else
-      climb.confidence,
-      token=jnp.where(exits, token, climb.token),
-      exit_kv=(jnp.where(ran[..., None], k, climb.exit_kv[0]),
-               jnp.where(ran[..., None], v, climb.exit_kv[1])),
-      evals=climb.evals + jnp.sum(active).astype(jnp.int32))
+    hidden=jnp.where(ran, out, climb.hidden),
+    active=active & ~exits,
+    exit_layer=jnp.where(exits, layer + 1, climb.exit_layer),
+    confidence=jnp.where(active, conf, climb.confidence)
+    if check
+    else climb.confidence,
+    token=jnp.where(exits, token, climb.token),
+    exit_kv=(
+      jnp.where(ran[..., None], k, climb.exit_kv[0]),
+      jnp.where(ran[..., None], v, climb.exit_kv[1]),
+    ),
+    evals=climb.evals + jnp.sum(active).astype(jnp.int32),
+  )
   return climb, cache
 
 
-def _emit_tokens(fns: StepFns, cfg: ExitConfig, climb: Climb, rng: Array
-                 ) -> Array:
+def _emit_tokens(
+  fns: StepFns, cfg: ExitConfig, climb: Climb, rng: Array
+) -> Array:
   """Next tokens: reused exit argmaxes where known, else the exit-state head.
 
   Every row's `hidden` is its exit state, so one head evaluation gives each
   row its own exit layer's prediction; it is skipped when every row already
   has its token from the softmax measure.
   """
-  head = lambda: select_tokens(fns.logits(climb.hidden[:, 0]), rng,
-                               cfg.sampling)
+  head = lambda: select_tokens(
+    fns.logits(climb.hidden[:, 0]), rng, cfg.sampling
+  )
   if not cfg.sampling.greedy:
     return head()
   known = climb.token >= 0
-  return jnp.where(known, climb.token,
-                   jax.lax.cond(jnp.all(known), lambda: climb.token, head))
+  return jnp.where(
+    known, climb.token, jax.lax.cond(jnp.all(known), lambda: climb.token, head)
+  )
 
 
-def early_exit_decode(fns: StepFns, cfg: ExitConfig, *, threshold: Array,
-                      batch_size: int, max_length: int,
-                      cache_shape: tuple[int, int], cache_dtype=jnp.float32,
-                      eos_id: int = 1, classifier: Any = None,
-                      rng: Optional[Array] = None,
-                      forced_exit_layers: Optional[Array] = None
-                      ) -> DecodeOutput:
+def early_exit_decode(
+  fns: StepFns,
+  cfg: ExitConfig,
+  *,
+  threshold: Array,
+  batch_size: int,
+  max_length: int,
+  cache_shape: tuple[int, int],
+  cache_dtype=jnp.float32,
+  eos_id: int = 1,
+  classifier: Any = None,
+  rng: Optional[Array] = None,
+  forced_exit_layers: Optional[Array] = None,
+) -> DecodeOutput:
   """CALM decoding: each row of each position stops at its own exit layer.
 
   Args:
@@ -475,32 +592,43 @@ def early_exit_decode(fns: StepFns, cfg: ExitConfig, *, threshold: Array,
       confidence test (for benchmarks of fixed exit patterns).
   """
   num_layers = fns.num_layers
-  state = LoopState.start(num_layers, batch_size, max_length, cache_shape,
-                          cache_dtype,
-                          jax.random.PRNGKey(0) if rng is None else rng)
+  state = LoopState.start(
+    num_layers,
+    batch_size,
+    max_length,
+    cache_shape,
+    cache_dtype,
+    jax.random.PRNGKey(0) if rng is None else rng,
+  )
   threshold = jnp.asarray(threshold, jnp.float32)
 
   def step(s: LoopState) -> LoopState:
     x = fns.embed(s.tokens[:, s.position])
     zeros_kv = jnp.zeros((batch_size, 1, *cache_shape), cache_dtype)
-    climb = Climb(hidden=x, active=~s.done,
-                  exit_layer=jnp.zeros((batch_size,), jnp.int32),
-                  confidence=jnp.zeros((batch_size,), jnp.float32),
-                  token=jnp.full((batch_size,), -1, jnp.int32),
-                  exit_kv=(zeros_kv, zeros_kv), evals=jnp.zeros((), jnp.int32))
-    bound = thresholds.threshold_at(threshold, s.position, max_length,
-                                    cfg.tau)
-    forced = (None if forced_exit_layers is None else
-              forced_exit_layers[:, s.position])
+    climb = Climb(
+      hidden=x,
+      active=~s.done,
+      exit_layer=jnp.zeros((batch_size,), jnp.int32),
+      confidence=jnp.zeros((batch_size,), jnp.float32),
+      token=jnp.full((batch_size,), -1, jnp.int32),
+      exit_kv=(zeros_kv, zeros_kv),
+      evals=jnp.zeros((), jnp.int32),
+    )
+    bound = thresholds.threshold_at(threshold, s.position, max_length, cfg.tau)
+    forced = (
+      None if forced_exit_layers is None else forced_exit_layers[:, s.position]
+    )
     cache = s.cache
     for layer in range(num_layers):
-      climb, cache = _climb_layer(fns, cfg, layer, climb, cache, s.position,
-                                  bound, classifier, forced)
+      climb, cache = _climb_layer(
+        fns, cfg, layer, climb, cache, s.position, bound, classifier, forced
+      )
     reached_top = climb.exit_layer == 0
     exit_layer = jnp.where(reached_top, num_layers, climb.exit_layer)
     confidence = jnp.where(reached_top, jnp.nan, climb.confidence)
     next_token = _emit_tokens(fns, cfg, climb, s.rng)
-    return s.advance(next_token, cache, exit_layer, confidence, climb.evals,
-                     eos_id)
+    return s.advance(
+      next_token, cache, exit_layer, confidence, climb.evals, eos_id
+    )
 
   return _run_positions(step, state, max_length)

@@ -27,6 +27,7 @@ each 'data' shard runs its own loop; with several processes each decodes
 its share of the examples and all get the outputs back in input order.
 No gin, no TensorFlow.
 """
+
 import dataclasses
 import os
 import statistics
@@ -54,11 +55,13 @@ CACHE_FORMAT = 2  # bump when the stored outputs change shape
 
 # --- what comes out ---------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Decoded:
   """One decode of an ExampleSet, in input order."""
+
   outputs: tuple[dict, ...]  # prediction, token_ids, exit_layers, confidences
-  seconds: float             # decode time, compilation excluded
+  seconds: float  # decode time, compilation excluded
 
   @property
   def predictions(self) -> list[str]:
@@ -83,8 +86,9 @@ class Decoded:
     return (counts / max(counts.sum(), 1)).round(4).tolist()
 
 
-def exit_histogram(exit_layers: Sequence[Sequence[int]], num_layers: int
-                   ) -> list[int]:
+def exit_histogram(
+  exit_layers: Sequence[Sequence[int]], num_layers: int
+) -> list[int]:
   """Tokens exiting at each layer 1..num_layers, over rows of exit layers."""
   flat = [l for row in exit_layers for l in row]
   return np.bincount(flat, minlength=num_layers + 1)[1:].tolist()
@@ -92,22 +96,24 @@ def exit_histogram(exit_layers: Sequence[Sequence[int]], num_layers: int
 
 @dataclasses.dataclass(frozen=True)
 class Score:
-  metric: str       # the headline
+  metric: str  # the headline
   value: float
-  scores: dict      # every metric of the task
+  scores: dict  # every metric of the task
 
 
 @dataclasses.dataclass(frozen=True)
 class Speed:
   """Full-depth seconds over early-exit seconds of the same inputs."""
-  ratio: float           # ratio of the medians over passes
-  low: float             # lowest per-pass ratio
-  high: float            # highest per-pass ratio
-  median_seconds: dict   # {'full': s, 'early': s}
+
+  ratio: float  # ratio of the medians over passes
+  low: float  # lowest per-pass ratio
+  high: float  # highest per-pass ratio
+  median_seconds: dict  # {'full': s, 'early': s}
 
 
-def example_records(examples: examples_lib.ExampleSet, decoded: Decoded
-                    ) -> list[dict]:
+def example_records(
+  examples: examples_lib.ExampleSet, decoded: Decoded
+) -> list[dict]:
   """One JSON object per example, in input order: inputs, targets (when
   known), prediction, token pieces, exit layers, confidences, and every
   reference for tasks that keep several."""
@@ -117,10 +123,11 @@ def example_records(examples: examples_lib.ExampleSet, decoded: Decoded
     if example.targets is not None:
       record['targets'] = example.targets
     record.update(
-        prediction=output['prediction'],
-        tokens=examples.vocabulary.pieces(output['token_ids']),
-        exit_layers=output['exit_layers'],
-        confidences=output['confidences'])
+      prediction=output['prediction'],
+      tokens=examples.vocabulary.pieces(output['token_ids']),
+      exit_layers=output['exit_layers'],
+      confidences=output['confidences'],
+    )
     if isinstance(example.references, list):
       record['references'] = example.references
     out.append(record)
@@ -129,19 +136,30 @@ def example_records(examples: examples_lib.ExampleSet, decoded: Decoded
 
 def _output(examples: examples_lib.ExampleSet, out, row: int) -> dict:
   ids = examples_lib.until_eos(out.tokens[row], keep_eos=True)
-  return {'prediction': examples.text(ids), 'token_ids': ids,
-          'exit_layers': [int(l) for l in out.exit_layers[row, :len(ids)]],
-          'confidences': decoder_lib.token_confidences(
-              out.confidences[row, :len(ids)])}
+  return {
+    'prediction': examples.text(ids),
+    'token_ids': ids,
+    'exit_layers': [int(l) for l in out.exit_layers[row, : len(ids)]],
+    'confidences': decoder_lib.token_confidences(
+      out.confidences[row, : len(ids)]
+    ),
+  }
 
 
 # --- the engine -------------------------------------------------------------
 
+
 class Evaluator:
   """Decodes, caches, scores and times with one model's `Decoder`."""
 
-  def __init__(self, decoder: decoder_lib.Decoder, *, batch_size: int = 32,
-               cache_dir: Optional[str] = None, progress: bool = True):
+  def __init__(
+    self,
+    decoder: decoder_lib.Decoder,
+    *,
+    batch_size: int = 32,
+    cache_dir: Optional[str] = None,
+    progress: bool = True,
+  ):
     """`batch_size` is global (split over processes and 'data' shards);
     `cache_dir` None decodes without a cache."""
     self.decoder, self.batch_size = decoder, batch_size
@@ -150,8 +168,9 @@ class Evaluator:
       partitioning.check_batch_fits(batch_size, decoder.mesh)
 
   @classmethod
-  def load(cls, model_dir: str, *, mesh=None, dtype: Optional[str] = None,
-           **options) -> 'Evaluator':
+  def load(
+    cls, model_dir: str, *, mesh=None, dtype: Optional[str] = None, **options
+  ) -> 'Evaluator':
     """An evaluator of a model dir (see `inference.loaded.load`); options
     as in the constructor."""
     model = loaded_lib.load(model_dir, mesh=mesh, dtype=dtype)
@@ -163,16 +182,21 @@ class Evaluator:
     return self.decoder.model
 
   # -- decoding --
-  def fingerprint(self, examples: examples_lib.ExampleSet, mode: modes.Mode,
-                  seed: int = 0) -> dict:
+  def fingerprint(
+    self, examples: examples_lib.ExampleSet, mode: modes.Mode, seed: int = 0
+  ) -> dict:
     """Everything that determines a decode's outputs."""
-    return {'cache_format': CACHE_FORMAT,
-            'model': self.model.fingerprint(mode.measure),
-            'data': examples.fingerprint, 'mode': mode.fingerprint(),
-            'seed': seed if mode.sampled else None}
+    return {
+      'cache_format': CACHE_FORMAT,
+      'model': self.model.fingerprint(mode.measure),
+      'data': examples.fingerprint,
+      'mode': mode.fingerprint(),
+      'seed': seed if mode.sampled else None,
+    }
 
-  def decode(self, examples: examples_lib.ExampleSet, mode: modes.Mode, *,
-             seed: int = 0) -> Decoded:
+  def decode(
+    self, examples: examples_lib.ExampleSet, mode: modes.Mode, *, seed: int = 0
+  ) -> Decoded:
     """The outputs of every example in input order (from the cache when
     an entry with this very fingerprint exists)."""
     fingerprint = self.fingerprint(examples, mode, seed)
@@ -184,9 +208,14 @@ class Evaluator:
         return Decoded(tuple(entry['outputs']), entry['seconds'])
     decoded = self._decode(examples, mode, seed)
     if path is not None and multihost.is_primary():
-      files.atomic_write_json(path, {'fingerprint': fingerprint,
-                                     'outputs': list(decoded.outputs),
-                                     'seconds': decoded.seconds})
+      files.atomic_write_json(
+        path,
+        {
+          'fingerprint': fingerprint,
+          'outputs': list(decoded.outputs),
+          'seconds': decoded.seconds,
+        },
+      )
     return decoded
 
   def _cache_path(self, examples, mode, fingerprint) -> Optional[str]:
@@ -195,28 +224,33 @@ class Evaluator:
     name = os.path.basename(examples.name.rstrip('/')).replace('.', '_')
     split = examples.fingerprint.get('split')
     label = '_'.join(str(x) for x in (name, split, mode.label) if x)
-    return files.join(self.cache_dir,
-                      f'{label}_{provenance.short_hash(fingerprint)}.json')
+    return files.join(
+      self.cache_dir, f'{label}_{provenance.short_hash(fingerprint)}.json'
+    )
 
   def _decode(self, examples, mode: modes.Mode, seed: int) -> Decoded:
     max_length = examples.lengths['targets']
     batches = self._process_batches(examples)
     # Every batch has the first one's shapes: one program, compiled first
     # (so that no batch's seconds hold a compile).
-    self.decoder.prepare(mode, batches[0].encoder_tokens,
-                         max_length=max_length)
+    self.decoder.prepare(mode, batches[0].encoder_tokens, max_length=max_length)
     decode = lambda index, batch: self.decoder.decode(
-        mode, batch.encoder_tokens, max_length=max_length, seed=seed + index,
-        indices=batch.indices)
+      mode,
+      batch.encoder_tokens,
+      max_length=max_length,
+      seed=seed + index,
+      indices=batch.indices,
+    )
     outputs, seconds = [], 0.0
-    for index, batch in enumerate(console.progress(
-        batches, desc=examples.name, unit='batch',
-        disable=not self.progress)):
+    for index, batch in enumerate(
+      console.progress(
+        batches, desc=examples.name, unit='batch', disable=not self.progress
+      )
+    ):
       start = time.perf_counter()
       out = decode(index, batch)
       seconds += time.perf_counter() - start
-      outputs += [_output(examples, out, row)
-                  for row in range(batch.num_real)]
+      outputs += [_output(examples, out, row) for row in range(batch.num_real)]
     return Decoded(tuple(multihost.gather_in_input_order(outputs)), seconds)
 
   def _process_batches(self, examples) -> list[examples_lib.Batch]:
@@ -224,20 +258,25 @@ class Evaluator:
     rows of each global batch, examples k * n + i for process i of n, and
     all get the same number of batches (each is one collective program)."""
     local = multihost.local_batch_size(self.batch_size)
-    mine = process_share(len(examples), jax.process_index(),
-                         jax.process_count())
+    mine = process_share(
+      len(examples), jax.process_index(), jax.process_count()
+    )
     batches = list(examples_lib.batches(examples, local, mine))
     total = multihost.process_max(len(batches))
     empty = dataclasses.replace(
-        batches[0], encoder_tokens=np.zeros_like(batches[0].encoder_tokens),
-        target_tokens=np.zeros_like(batches[0].target_tokens), num_real=0,
-        indices=())
+      batches[0],
+      encoder_tokens=np.zeros_like(batches[0].encoder_tokens),
+      target_tokens=np.zeros_like(batches[0].target_tokens),
+      num_real=0,
+      indices=(),
+    )
     return batches + [empty] * (total - len(batches))
 
   # -- scoring --
   @staticmethod
-  def score(examples: examples_lib.ExampleSet,
-            predictions: Sequence[str]) -> Score:
+  def score(
+    examples: examples_lib.ExampleSet, predictions: Sequence[str]
+  ) -> Score:
     """The task's metrics of predictions of these examples."""
     metrics = examples.require_metrics()
     scores = metrics.scores(examples.references, predictions)
@@ -245,12 +284,20 @@ class Evaluator:
     return Score(name, scores[name], scores)
 
   @staticmethod
-  def losses(examples: examples_lib.ExampleSet, consistency: str,
-             early: Decoded, full: Decoded) -> np.ndarray:
+  def losses(
+    examples: examples_lib.ExampleSet,
+    consistency: str,
+    early: Decoded,
+    full: Decoded,
+  ) -> np.ndarray:
     """Per-example consistency losses [n] of an early-exit decode."""
     return ltt.consistency_losses(
-        consistency, examples.require_metrics().per_example(),
-        early.predictions, full.predictions, references=examples.references)
+      consistency,
+      examples.require_metrics().per_example(),
+      early.predictions,
+      full.predictions,
+      references=examples.references,
+    )
 
   def layer_accuracy(self, examples: examples_lib.ExampleSet) -> np.ndarray:
     """Teacher-forced next-token accuracy of every decoder layer [L]."""
@@ -258,8 +305,9 @@ class Evaluator:
     count = 0
     for batch in examples_lib.batches(examples, self.batch_size):
       targets = batch.target_tokens
-      inputs = np.concatenate([np.zeros_like(targets[:, :1]),
-                               targets[:, :-1]], 1)  # shifted right
+      inputs = np.concatenate(
+        [np.zeros_like(targets[:, :1]), targets[:, :-1]], 1
+      )  # shifted right
       logits = self.decoder.layer_logits(batch.encoder_tokens, inputs)
       predicted = np.asarray(jax.numpy.argmax(logits, -1))  # [L, b, t]
       mask = targets > 0
@@ -268,10 +316,16 @@ class Evaluator:
     return correct / max(count, 1)
 
   # -- timing --
-  def speedup(self, examples: examples_lib.ExampleSet,
-              early: modes.EarlyExit, *, batch_size: int, repeats: int,
-              num_examples: Optional[int] = None,
-              alternate: str = 'input') -> Speed:
+  def speedup(
+    self,
+    examples: examples_lib.ExampleSet,
+    early: modes.EarlyExit,
+    *,
+    batch_size: int,
+    repeats: int,
+    num_examples: Optional[int] = None,
+    alternate: str = 'input',
+  ) -> Speed:
     """Full depth vs early exit on the same inputs (encoder included),
     both compiled first. `alternate='input'` takes turns on every input
     batch, each waited for (as the paper times batch 1); 'pass' takes turns
@@ -281,19 +335,27 @@ class Evaluator:
       raise ValueError(f'alternate must be input or pass, got {alternate!r}')
     max_length = examples.lengths['targets']
     indices = list(range(len(examples)))[:num_examples]
-    inputs = [jax.numpy.asarray(b.encoder_tokens) for b in
-              examples_lib.batches(examples, batch_size, indices)]
-    runs = {name: self.decoder.runner(mode, inputs[0], max_length=max_length)
-            for name, mode in (('full', modes.FullDepth()), ('early', early))}
+    inputs = [
+      jax.numpy.asarray(b.encoder_tokens)
+      for b in examples_lib.batches(examples, batch_size, indices)
+    ]
+    runs = {
+      name: self.decoder.runner(mode, inputs[0], max_length=max_length)
+      for name, mode in (('full', modes.FullDepth()), ('early', early))
+    }
     if alternate == 'pass':
-      runs = {name: (lambda _, run=run: [run(e) for e in inputs])
-              for name, run in runs.items()}
+      runs = {
+        name: (lambda _, run=run: [run(e) for e in inputs])
+        for name, run in runs.items()
+      }
     times = timing.alternating_seconds(
-        runs, inputs if alternate == 'input' else [None], repeats)
+      runs, inputs if alternate == 'input' else [None], repeats
+    )
     per_pass = [f / e for f, e in zip(times['full'], times['early'])]
     medians = {k: statistics.median(v) for k, v in times.items()}
-    return Speed(medians['full'] / medians['early'], min(per_pass),
-                 max(per_pass), medians)
+    return Speed(
+      medians['full'] / medians['early'], min(per_pass), max(per_pass), medians
+    )
 
 
 def process_share(num_examples: int, index: int, count: int) -> list[int]:
@@ -307,8 +369,9 @@ def _read_entry(path: str, fingerprint: dict) -> Optional[dict]:
   if not files.exists(path):
     return None
   try:
-    entry = files.read_json(path, what='decode cache entry',
-                            recovery='ignored; decoding again')
+    entry = files.read_json(
+      path, what='decode cache entry', recovery='ignored; decoding again'
+    )
   except files.FileError as e:
     console.warn(str(e))
     return None

@@ -1,5 +1,6 @@
 """Wall-clock timing of compiled callables, alternating so that the drifts
 of a shared machine hit every callable alike. No TensorFlow, no gin."""
+
 import time
 from typing import Any
 from typing import Callable
@@ -9,9 +10,9 @@ from typing import Sequence
 import jax
 
 
-def alternating_seconds(runs: Mapping[str, Callable[[Any], Any]],
-                        inputs: Sequence[Any], repeats: int
-                        ) -> dict[str, list[float]]:
+def alternating_seconds(
+  runs: Mapping[str, Callable[[Any], Any]], inputs: Sequence[Any], repeats: int
+) -> dict[str, list[float]]:
   """Seconds of each callable per pass over `inputs`, `repeats` passes.
 
   The callables take turns on every input (run them once before, to

@@ -12,6 +12,7 @@ the one-device decode, sampling folds the shard index into the rng).
 The caches belong to the instance: dropping a Decoder frees its programs,
 and nothing outlives the model it was built for.
 """
+
 import dataclasses
 import time
 from typing import Any
@@ -35,13 +36,17 @@ from calm_jax.parallel import partitioning
 
 # Per 'data' shard: the decode's rows, and the summed evaluation count.
 _SHARDED_OUTPUT = loops.DecodeOutput(
-    tokens=P('data'), exit_layers=P('data'), confidences=P('data'),
-    layer_evals=P())
+  tokens=P('data'),
+  exit_layers=P('data'),
+  confidences=P('data'),
+  layer_evals=P(),
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Runner:
   """A compiled decode with every argument but the inputs bound."""
+
   call: Callable[[Any], loops.DecodeOutput]
   compile_seconds: float  # of its compile (0 if it was compiled before)
 
@@ -59,8 +64,9 @@ def token_confidences(values) -> list[Optional[float]]:
 class Decoder:
   """Compiles and runs decode programs of one `LoadedModel`."""
 
-  def __init__(self, model: loaded_lib.LoadedModel, *,
-               eos_id: int = examples_lib.EOS_ID):
+  def __init__(
+    self, model: loaded_lib.LoadedModel, *, eos_id: int = examples_lib.EOS_ID
+  ):
     self.model = model
     self.eos_id = eos_id
     self.mesh = model.mesh if model.sharded else None
@@ -68,9 +74,14 @@ class Decoder:
     self._compiled: dict[Hashable, Any] = {}
 
   # -- programs --
-  def program(self, mode: modes.Mode, max_length: int, *,
-              encoded: bool = False, eos_id: Optional[int] = None
-              ) -> Callable:
+  def program(
+    self,
+    mode: modes.Mode,
+    max_length: int,
+    *,
+    encoded: bool = False,
+    eos_id: Optional[int] = None,
+  ) -> Callable:
     """The jitted program of `mode`. Its arguments are (params,
     classifier, encoder tokens [b, s], threshold, rng, forced); with
     `encoded`, the encoded context (`model.encode_context`) replaces the
@@ -80,15 +91,15 @@ class Decoder:
     key = (mode.program_key(), max_length, encoded, eos_id)
     if key not in self._programs:
       self._programs[key] = self._jit(
-          mode.build(self.model.model, max_length, eos_id), encoded)
+        mode.build(self.model.model, max_length, eos_id), encoded
+      )
     return self._programs[key]
 
   def _jit(self, program: modes.Program, encoded: bool) -> Callable:
     model = self.model.model
     if encoded:
       if self.mesh is not None:
-        raise ValueError('programs over an encoded context run on one '
-                         'device')
+        raise ValueError('programs over an encoded context run on one device')
       return jax.jit(program)
 
     def decode(params, classifier, encoder_tokens, threshold, rng, forced):
@@ -98,24 +109,30 @@ class Decoder:
     if self.mesh is None:
       return jax.jit(decode)
 
-    def decode_shard(params, classifier, encoder_tokens, threshold, rng,
-                     forced):
+    def decode_shard(
+      params, classifier, encoder_tokens, threshold, rng, forced
+    ):
       rng = jax.random.fold_in(rng, jax.lax.axis_index('data'))
       out = decode(params, classifier, encoder_tokens, threshold, rng, forced)
       return out.replace(layer_evals=jax.lax.psum(out.layer_evals, 'data'))
 
     return partitioning.per_data_shard(
-        decode_shard, self.mesh,
-        in_specs=(P(), P(), P('data'), P(), P(), P('data')),
-        out_specs=_SHARDED_OUTPUT)
+      decode_shard,
+      self.mesh,
+      in_specs=(P(), P(), P('data'), P(), P(), P('data')),
+      out_specs=_SHARDED_OUTPUT,
+    )
 
-  def compiled(self, fn: Callable, args: tuple, what: str
-               ) -> tuple[Any, float]:
+  def compiled(self, fn: Callable, args: tuple, what: str) -> tuple[Any, float]:
     """`fn` compiled for the shapes of `args` (announced the first time),
     and the seconds this call spent compiling (0 if it was cached)."""
-    shapes = tuple(jax.tree_util.tree_map(
+    shapes = tuple(
+      jax.tree_util.tree_map(
         lambda x: (getattr(x, 'shape', ()), str(getattr(x, 'dtype', ''))),
-        args, is_leaf=lambda x: x is None))
+        args,
+        is_leaf=lambda x: x is None,
+      )
+    )
     key = (fn, str(shapes))
     if key in self._compiled:
       return self._compiled[key], 0.0
@@ -125,17 +142,30 @@ class Decoder:
     return self._compiled[key], time.perf_counter() - start
 
   # -- arguments --
-  def arguments(self, mode: modes.Mode, inputs: Any, *, seed: int = 0,
-                max_length: int, indices: Sequence[int] = ()) -> tuple:
+  def arguments(
+    self,
+    mode: modes.Mode,
+    inputs: Any,
+    *,
+    seed: int = 0,
+    max_length: int,
+    indices: Sequence[int] = (),
+  ) -> tuple:
     """The program's arguments for host `inputs` (encoder tokens [b, s],
     or an encoded context), placed on the mesh when there is one."""
     rows = jax.tree_util.tree_leaves(inputs)[0].shape[0]
     forced = mode.forced_layers(indices, (rows, max_length))
-    classifier = (self.model.classifier_for('classifier')
-                  if mode.uses_classifier else None)
-    return (self.model.params, classifier, self._place(inputs),
-            self._put(np.float32(mode.threshold)),
-            self._put(jax.random.PRNGKey(seed)), self._place(forced))
+    classifier = (
+      self.model.classifier_for('classifier') if mode.uses_classifier else None
+    )
+    return (
+      self.model.params,
+      classifier,
+      self._place(inputs),
+      self._put(np.float32(mode.threshold)),
+      self._put(jax.random.PRNGKey(seed)),
+      self._place(forced),
+    )
 
   def _place(self, x):
     if self.mesh is not None:
@@ -151,56 +181,85 @@ class Decoder:
     return jax.tree_util.tree_map(get, out)
 
   # -- running --
-  def runner(self, mode: modes.Mode, example_inputs: Any, *,
-             max_length: int, encoded: bool = False,
-             eos_id: Optional[int] = None, seed: int = 0,
-             indices: Sequence[int] = ()) -> Runner:
+  def runner(
+    self,
+    mode: modes.Mode,
+    example_inputs: Any,
+    *,
+    max_length: int,
+    encoded: bool = False,
+    eos_id: Optional[int] = None,
+    seed: int = 0,
+    indices: Sequence[int] = (),
+  ) -> Runner:
     """A compiled decode for inputs shaped like `example_inputs`, every
     other argument bound: what timing loops call."""
     fn = self.program(mode, max_length, encoded=encoded, eos_id=eos_id)
-    args = self.arguments(mode, example_inputs, seed=seed,
-                          max_length=max_length, indices=indices)
+    args = self.arguments(
+      mode, example_inputs, seed=seed, max_length=max_length, indices=indices
+    )
     rows = jax.tree_util.tree_leaves(example_inputs)[0].shape[0]
     compiled, seconds = self.compiled(
-        fn, args, f'{mode.describe()} (batch {rows}, length {max_length})')
+      fn, args, f'{mode.describe()} (batch {rows}, length {max_length})'
+    )
     params, classifier, _, threshold, rng, forced = args
-    return Runner(lambda inputs: compiled(params, classifier,
-                                          self._place(inputs), threshold,
-                                          rng, forced), seconds)
+    return Runner(
+      lambda inputs: compiled(
+        params, classifier, self._place(inputs), threshold, rng, forced
+      ),
+      seconds,
+    )
 
-  def _compiled_decode(self, mode: modes.Mode, args: tuple,
-                       max_length: int) -> Any:
+  def _compiled_decode(
+    self, mode: modes.Mode, args: tuple, max_length: int
+  ) -> Any:
     rows = args[2].shape[0]
-    return self.compiled(self.program(mode, max_length), args,
-                         f'{mode.describe()} (batch {rows}, length '
-                         f'{max_length})')[0]
+    return self.compiled(
+      self.program(mode, max_length),
+      args,
+      f'{mode.describe()} (batch {rows}, length {max_length})',
+    )[0]
 
-  def prepare(self, mode: modes.Mode, encoder_tokens: np.ndarray, *,
-              max_length: int) -> None:
+  def prepare(
+    self, mode: modes.Mode, encoder_tokens: np.ndarray, *, max_length: int
+  ) -> None:
     """Compiles the decode of inputs shaped like `encoder_tokens` now, so
     that a timed decode holds no compile."""
     args = self.arguments(mode, encoder_tokens, max_length=max_length)
     self._compiled_decode(mode, args, max_length)
 
-  def decode(self, mode: modes.Mode, encoder_tokens: np.ndarray, *,
-             max_length: int, seed: int = 0,
-             indices: Sequence[int] = ()) -> loops.DecodeOutput:
+  def decode(
+    self,
+    mode: modes.Mode,
+    encoder_tokens: np.ndarray,
+    *,
+    max_length: int,
+    seed: int = 0,
+    indices: Sequence[int] = (),
+  ) -> loops.DecodeOutput:
     """Decodes host encoder tokens [b, s] (`indices`: the examples of the
     rows, for modes that force per-example exits); host outputs."""
-    args = self.arguments(mode, encoder_tokens, seed=seed,
-                          max_length=max_length, indices=indices)
+    args = self.arguments(
+      mode, encoder_tokens, seed=seed, max_length=max_length, indices=indices
+    )
     return self.fetch(self._compiled_decode(mode, args, max_length)(*args))
 
-  def layer_logits(self, encoder_tokens: np.ndarray,
-                   decoder_inputs: np.ndarray) -> jax.Array:
+  def layer_logits(
+    self, encoder_tokens: np.ndarray, decoder_inputs: np.ndarray
+  ) -> jax.Array:
     """Teacher-forced logits of every decoder layer [L, b, l, v]."""
     model = self.model.model
     key = ('layer_logits',)
     if key not in self._programs:
       self._programs[key] = jax.jit(model.all_layer_logits)
-    args = (self.model.params, jnp.asarray(encoder_tokens),
-            jnp.asarray(decoder_inputs))
+    args = (
+      self.model.params,
+      jnp.asarray(encoder_tokens),
+      jnp.asarray(decoder_inputs),
+    )
     compiled, _ = self.compiled(
-        self._programs[key], args,
-        f'all-layer logits (batch {len(encoder_tokens)})')
+      self._programs[key],
+      args,
+      f'all-layer logits (batch {len(encoder_tokens)})',
+    )
     return compiled(*args)

@@ -1,5 +1,6 @@
 """A model dir loaded for decoding: config, parameters, classifier,
 vocabulary, and the fingerprint of what its decodes depend on."""
+
 import dataclasses
 import functools
 from typing import Any
@@ -24,16 +25,17 @@ from calm_jax.storage import provenance
 class LoadedModel:
   """One model dir's step in memory (on a mesh of several devices, in its
   shards). Build it with `load`."""
+
   model_dir: str
   config: network.T5Config
   model: models.CalmModel
   params: Any
   step: int
-  vocab_path: Optional[str]         # None: a model built in memory
+  vocab_path: Optional[str]  # None: a model built in memory
   vocab: Optional[input_files.SentencePieceVocabulary]
-  feature_lengths: dict[str, int]   # the lengths the model was trained with
-  classifier: Optional[Any]         # the exit classifier, if trained
-  mesh: Optional[Mesh] = None       # None or one device: unsharded
+  feature_lengths: dict[str, int]  # the lengths the model was trained with
+  classifier: Optional[Any]  # the exit classifier, if trained
+  mesh: Optional[Mesh] = None  # None or one device: unsharded
 
   @property
   def sharded(self) -> bool:
@@ -42,26 +44,37 @@ class LoadedModel:
   def with_dtype(self, dtype: str) -> 'LoadedModel':
     """The same parameters (float32) with another activation dtype."""
     config = dataclasses.replace(self.config, dtype=dtype)
-    return dataclasses.replace(self, config=config,
-                               model=dataclasses.replace(self.model,
-                                                         config=config))
+    return dataclasses.replace(
+      self, config=config, model=dataclasses.replace(self.model, config=config)
+    )
 
   @functools.cached_property
   def _digests(self) -> dict[str, Optional[str]]:
-    return {'params': provenance.digest_tree(self.params),
-            'vocabulary': (None if self.vocab_path is None else
-                           provenance.digest_file(self.vocab_path)),
-            'classifier': (None if self.classifier is None else
-                           provenance.digest_tree(self.classifier))}
+    return {
+      'params': provenance.digest_tree(self.params),
+      'vocabulary': (
+        None
+        if self.vocab_path is None
+        else provenance.digest_file(self.vocab_path)
+      ),
+      'classifier': (
+        None
+        if self.classifier is None
+        else provenance.digest_tree(self.classifier)
+      ),
+    }
 
   def fingerprint(self, measure: str) -> dict:
     """What of the model dir determines a decode with this measure: the
     config (dtype included), step and content hash of the parameters, the
     vocabulary, and the exit classifier's hash when the measure uses it."""
     digests = self._digests
-    fingerprint = {'config': dataclasses.asdict(self.config),
-                   'step': self.step, 'params': digests['params'],
-                   'vocabulary': digests['vocabulary']}
+    fingerprint = {
+      'config': dataclasses.asdict(self.config),
+      'step': self.step,
+      'params': digests['params'],
+      'vocabulary': digests['vocabulary'],
+    }
     if measure == 'classifier':
       fingerprint['classifier'] = digests['classifier']
     return fingerprint
@@ -72,8 +85,9 @@ class LoadedModel:
       return None
     if self.classifier is None:
       raise checkpoints.CheckpointError(
-          f'{self.model_dir} has no exit classifier: train one with '
-          'gin/runs/train_classifier.gin')
+        f'{self.model_dir} has no exit classifier: train one with '
+        'gin/runs/train_classifier.gin'
+      )
     return self.classifier
 
   def exit_config(self, measure: str, **options) -> loops.ExitConfig:
@@ -81,14 +95,20 @@ class LoadedModel:
     options (min_exit, tau, propagation, sampling, bucket_sizes). A
     min_exit above the top layer is refused (it would silently decode at
     full depth)."""
-    arguments.check(min_exit=options.get('min_exit', 1),
-                    num_layers=self.config.num_decoder_layers)
+    arguments.check(
+      min_exit=options.get('min_exit', 1),
+      num_layers=self.config.num_decoder_layers,
+    )
     return self.model.exit_config(measure, **options)
 
 
-def load(model_dir: str, *, step: Optional[int] = None,
-         mesh: Optional[Mesh] = None,
-         dtype: Optional[str] = None) -> LoadedModel:
+def load(
+  model_dir: str,
+  *,
+  step: Optional[int] = None,
+  mesh: Optional[Mesh] = None,
+  dtype: Optional[str] = None,
+) -> LoadedModel:
   """Loads a model dir's step (default: the newest intact one); with a mesh
   of several devices, straight into its shards. `dtype` ('float32' or
   'bfloat16') replaces the activation dtype the model was trained with;
@@ -98,27 +118,45 @@ def load(model_dir: str, *, step: Optional[int] = None,
     config = dataclasses.replace(config, dtype=dtype)
   model = models.CalmModel(config)
   sharded = mesh is not None and mesh.size > 1
-  shardings = (partitioning.param_shardings(model.param_axes(), mesh)
-               if sharded else None)
+  shardings = (
+    partitioning.param_shardings(model.param_axes(), mesh) if sharded else None
+  )
   params, step = model_files.load_params(model_dir, config, step, shardings)
   vocab = input_files.SentencePieceVocabulary(files.local_copy(vocab_path))
   classifier = model_files.load_classifier(model_dir, config)
   if sharded and classifier is not None:
     classifier = partitioning.replicate(jax.device_get(classifier), mesh)
   return LoadedModel(
-      model_dir=model_dir, config=config, model=model, params=params,
-      step=step, vocab_path=vocab_path, vocab=vocab,
-      feature_lengths=model_files.read_feature_lengths(model_dir),
-      classifier=classifier, mesh=mesh)
+    model_dir=model_dir,
+    config=config,
+    model=model,
+    params=params,
+    step=step,
+    vocab_path=vocab_path,
+    vocab=vocab,
+    feature_lengths=model_files.read_feature_lengths(model_dir),
+    classifier=classifier,
+    mesh=mesh,
+  )
 
 
-def in_memory(model: models.CalmModel, params: Any, *,
-              classifier: Optional[Any] = None,
-              name: str = '<in memory>') -> LoadedModel:
+def in_memory(
+  model: models.CalmModel,
+  params: Any,
+  *,
+  classifier: Optional[Any] = None,
+  name: str = '<in memory>',
+) -> LoadedModel:
   """A model that lives only in memory (random weights for benchmarks and
   tests): no vocabulary, step 0, the default feature lengths."""
   return LoadedModel(
-      model_dir=name, config=model.config, model=model, params=params,
-      step=0, vocab_path=None, vocab=None,
-      feature_lengths=dict(model_files.DEFAULT_FEATURE_LENGTHS),
-      classifier=classifier)
+    model_dir=name,
+    config=model.config,
+    model=model,
+    params=params,
+    step=0,
+    vocab_path=None,
+    vocab=None,
+    feature_lengths=dict(model_files.DEFAULT_FEATURE_LENGTHS),
+    classifier=classifier,
+  )

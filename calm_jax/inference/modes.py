@@ -15,6 +15,7 @@ with `context` the model's encoded inputs (`model.encode_context`),
 `threshold` a traced scalar and `forced` [b, t] forced exit layers (or a
 [b, 1] placeholder for modes that force nothing).
 """
+
 import dataclasses
 from typing import Any
 from typing import Callable
@@ -66,13 +67,13 @@ class Mode(Protocol):
   def build(self, model: Any, max_length: int, eos_id: int) -> Program:
     """The decode program of this mode for `model` (a `CalmModel`)."""
 
-  def forced_layers(self, indices: Sequence[int], shape: tuple[int, int]
-                    ) -> np.ndarray:
+  def forced_layers(
+    self, indices: Sequence[int], shape: tuple[int, int]
+  ) -> np.ndarray:
     """[b, t] forced exit layers of the examples at `indices`."""
 
 
-def _no_forcing(indices: Sequence[int], shape: tuple[int, int]
-                ) -> np.ndarray:
+def _no_forcing(indices: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
   del indices
   return np.zeros((shape[0], 1), np.int32)
 
@@ -83,6 +84,7 @@ class FullDepth:
   `oracle`, each token's exit layer is the consistency oracle's (the first
   layer whose argmax equals the full model's); the tokens stay the full
   model's."""
+
   oracle: bool = False
 
   measure = 'full'
@@ -107,8 +109,15 @@ class FullDepth:
   def build(self, model, max_length: int, eos_id: int) -> Program:
     def program(params, classifier, context, threshold, rng, forced):
       del classifier, threshold, rng, forced
-      return model.decode_static(params, None, max_length, eos_id=eos_id,
-                                 oracle=self.oracle, context=context)
+      return model.decode_static(
+        params,
+        None,
+        max_length,
+        eos_id=eos_id,
+        oracle=self.oracle,
+        context=context,
+      )
+
     return program
 
   forced_layers = staticmethod(_no_forcing)
@@ -117,6 +126,7 @@ class FullDepth:
 @dataclasses.dataclass(frozen=True)
 class EarlyExit:
   """CALM at a threshold (above 1: exits disabled, at the loop's cost)."""
+
   exit_config: loops.ExitConfig
   threshold: float
 
@@ -135,8 +145,10 @@ class EarlyExit:
     return not self.exit_config.sampling.greedy
 
   def fingerprint(self) -> dict:
-    return {'decode': self.exit_config.fingerprint(),
-            'threshold': self.threshold}
+    return {
+      'decode': self.exit_config.fingerprint(),
+      'threshold': self.threshold,
+    }
 
   def program_key(self) -> Hashable:
     return ('early', self.exit_config.for_threshold(self.threshold))
@@ -150,8 +162,17 @@ class EarlyExit:
     def program(params, classifier, context, threshold, rng, forced):
       del forced
       return model.decode_early_exit(
-          params, None, max_length, exit_config=config, threshold=threshold,
-          eos_id=eos_id, classifier=classifier, rng=rng, context=context)
+        params,
+        None,
+        max_length,
+        exit_config=config,
+        threshold=threshold,
+        eos_id=eos_id,
+        classifier=classifier,
+        rng=rng,
+        context=context,
+      )
+
     return program
 
   forced_layers = staticmethod(_no_forcing)
@@ -164,6 +185,7 @@ class ForcedExits:
   Confidences are still computed, so their cost is the real one (the
   benchmark's fixed exit patterns, truncated models, the propagation
   ablation)."""
+
   exit_config: loops.ExitConfig  # propagation, exit layers and measure
   layer: Optional[int] = None
   exit_layers: Optional[tuple[tuple[int, ...], ...]] = None
@@ -181,10 +203,13 @@ class ForcedExits:
     return f'forced_{self.layer or "rows"}_{self.exit_config.propagation}'
 
   def fingerprint(self) -> dict:
-    return {'forced': self.layer if self.layer is not None else
-            provenance.short_hash(self.exit_layers),
-            'propagation': self.exit_config.propagation,
-            'exit_layers': list(self.exit_config.exit_layers)}
+    return {
+      'forced': self.layer
+      if self.layer is not None
+      else provenance.short_hash(self.exit_layers),
+      'propagation': self.exit_config.propagation,
+      'exit_layers': list(self.exit_config.exit_layers),
+    }
 
   def program_key(self) -> Hashable:
     return ('forced', self.exit_config)
@@ -196,20 +221,29 @@ class ForcedExits:
     def program(params, classifier, context, threshold, rng, forced):
       del threshold
       return model.decode_early_exit(
-          params, None, max_length, exit_config=self.exit_config,
-          threshold=0.0, eos_id=eos_id, classifier=classifier, rng=rng,
-          forced_exit_layers=forced, context=context)
+        params,
+        None,
+        max_length,
+        exit_config=self.exit_config,
+        threshold=0.0,
+        eos_id=eos_id,
+        classifier=classifier,
+        rng=rng,
+        forced_exit_layers=forced,
+        context=context,
+      )
+
     return program
 
-  def forced_layers(self, indices: Sequence[int], shape: tuple[int, int]
-                    ) -> np.ndarray:
+  def forced_layers(
+    self, indices: Sequence[int], shape: tuple[int, int]
+  ) -> np.ndarray:
     """[b, t] forced layer per token of the examples at `indices`
     (positions past a given row's end, and padding rows: layer 1)."""
     if self.layer is not None:
       return np.full(shape, self.layer, np.int32)
     out = np.ones(shape, np.int32)
     for row, index in enumerate(indices):
-      layers = list(self.exit_layers[index])[:shape[1]]
-      out[row, :len(layers)] = layers
+      layers = list(self.exit_layers[index])[: shape[1]]
+      out[row, : len(layers)] = layers
     return np.maximum(out, 1)
-

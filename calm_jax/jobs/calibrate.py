@@ -9,6 +9,7 @@ MODEL_DIR/calibration/<name>.json with the same fingerprint, which decode
 and `calm_jax.load(...).generate` use for that task when no threshold is
 given, and refuse once the model dir has changed.
 """
+
 import os
 from typing import Optional
 from typing import Sequence
@@ -41,32 +42,57 @@ def cache_dir(model_dir: str) -> str:
   return os.path.join(records.directory(model_dir), 'cache')
 
 
-def calibration_for(decoder: decoder_lib.Decoder, task_names: Sequence[str],
-                    exits: settings.ExitSettings, *, split: str,
-                    num_examples: Optional[int], batch_size: int
-                    ) -> certify.Calibration:
+def calibration_for(
+  decoder: decoder_lib.Decoder,
+  task_names: Sequence[str],
+  exits: settings.ExitSettings,
+  *,
+  split: str,
+  num_examples: Optional[int],
+  batch_size: int,
+) -> certify.Calibration:
   """LTT over the pooled split of these tasks, cached in the model dir."""
   model = decoder.model
-  evaluator = engine.Evaluator(decoder, batch_size=batch_size,
-                               cache_dir=cache_dir(model.model_dir))
+  evaluator = engine.Evaluator(
+    decoder, batch_size=batch_size, cache_dir=cache_dir(model.model_dir)
+  )
   return certify.Calibration(
-      evaluator, tuple(pipeline.task_examples(t, split,
-                                              num_examples=num_examples)
-                       for t in task_names),
-      model.exit_config(exits.confidence, min_exit=exits.min_exit,
-                        tau=exits.tau, propagation=exits.propagation))
+    evaluator,
+    tuple(
+      pipeline.task_examples(t, split, num_examples=num_examples)
+      for t in task_names
+    ),
+    model.exit_config(
+      exits.confidence,
+      min_exit=exits.min_exit,
+      tau=exits.tau,
+      propagation=exits.propagation,
+    ),
+  )
 
 
-def certify_and_write(calibration: certify.Calibration, *, task: str,
-                      consistency: str, delta: float, epsilon: float,
-                      grid_step: float, split: str, min_exit: int
-                      ) -> records.CalibrationRecord:
+def certify_and_write(
+  calibration: certify.Calibration,
+  *,
+  task: str,
+  consistency: str,
+  delta: float,
+  epsilon: float,
+  grid_step: float,
+  split: str,
+  min_exit: int,
+) -> records.CalibrationRecord:
   """Runs Learn then Test for one delta and writes its record."""
   result = calibration.certify(consistency, delta, epsilon, grid_step)
   record = calibration.record(
-      result, task=task, consistency=consistency, delta=delta,
-      epsilon=epsilon, grid_step=grid_step,
-      extra={'split': split, 'min_exit': min_exit})
+    result,
+    task=task,
+    consistency=consistency,
+    delta=delta,
+    epsilon=epsilon,
+    grid_step=grid_step,
+    extra={'split': split, 'min_exit': min_exit},
+  )
   if multihost.is_primary():
     path = records.write(calibration.evaluator.model.model_dir, record)
     console.info(f'delta {delta:g}: {result.message}\nwrote {path}')
@@ -74,14 +100,20 @@ def certify_and_write(calibration: certify.Calibration, *, task: str,
 
 
 @gin.configurable(module='calm_jax')
-def calibrate(*, model_dir: str = gin.REQUIRED,
-              mixture_or_task_name: str = gin.REQUIRED,
-              delta=gin.REQUIRED, epsilon: float = 0.05,
-              consistency: str = 'textual', split: str = 'validation',
-              num_examples: Optional[int] = None, grid_step: float = 0.05,
-              exits: Optional[settings.ExitSettings] = None,
-              runtime: Optional[settings.RunSettings] = None,
-              check_only: bool = False):
+def calibrate(
+  *,
+  model_dir: str = gin.REQUIRED,
+  mixture_or_task_name: str = gin.REQUIRED,
+  delta=gin.REQUIRED,
+  epsilon: float = 0.05,
+  consistency: str = 'textual',
+  split: str = 'validation',
+  num_examples: Optional[int] = None,
+  grid_step: float = 0.05,
+  exits: Optional[settings.ExitSettings] = None,
+  runtime: Optional[settings.RunSettings] = None,
+  check_only: bool = False,
+):
   """Certifies a threshold per delta and writes the calibration records.
 
   `delta` is one tolerance or a list of them (a paper-style sweep); the
@@ -96,23 +128,43 @@ def calibrate(*, model_dir: str = gin.REQUIRED,
   deltas = list(delta) if isinstance(delta, (list, tuple)) else [delta]
   exits = (exits or settings.ExitSettings()).check()
   runtime = (runtime or settings.RunSettings()).check()
-  arguments.check(delta=deltas, epsilon=epsilon, consistency=consistency,
-                  grid_step=grid_step, num_examples=num_examples)
+  arguments.check(
+    delta=deltas,
+    epsilon=epsilon,
+    consistency=consistency,
+    grid_step=grid_step,
+    num_examples=num_examples,
+  )
   files.check_writable_dir(records.directory(model_dir), 'MODEL_DIR')
   if check_only:
     return None
   model = loaded_lib.load(
-      model_dir, mesh=partitioning.make_mesh(runtime.mesh_shape),
-      dtype=runtime.dtype)
+    model_dir,
+    mesh=partitioning.make_mesh(runtime.mesh_shape),
+    dtype=runtime.dtype,
+  )
   model.classifier_for(exits.confidence)  # fails early without a classifier
   calibration = calibration_for(
-      decoder_lib.Decoder(model),
-      list(pipeline.task_rates(mixture_or_task_name)), exits,
-      split=split, num_examples=num_examples, batch_size=runtime.batch_size)
-  out = [certify_and_write(calibration, task=mixture_or_task_name,
-                           consistency=consistency, delta=value,
-                           epsilon=epsilon, grid_step=grid_step, split=split,
-                           min_exit=exits.min_exit) for value in deltas]
+    decoder_lib.Decoder(model),
+    list(pipeline.task_rates(mixture_or_task_name)),
+    exits,
+    split=split,
+    num_examples=num_examples,
+    batch_size=runtime.batch_size,
+  )
+  out = [
+    certify_and_write(
+      calibration,
+      task=mixture_or_task_name,
+      consistency=consistency,
+      delta=value,
+      epsilon=epsilon,
+      grid_step=grid_step,
+      split=split,
+      min_exit=exits.min_exit,
+    )
+    for value in deltas
+  ]
   return out if isinstance(delta, (list, tuple)) else out[0]
 
 

@@ -7,6 +7,7 @@ per token, tokens/s, decode seconds, and the threshold used with where it
 came from) and OUTPUT_DIR/run.json (the fingerprint of every setting).
 Files appear whole or not at all.
 """
+
 import os
 from typing import Optional
 
@@ -39,52 +40,76 @@ READS = ('calm_jax.decode', *settings.DECODE_SETTINGS)
 RUN_JSON = 'run.json'
 
 
-def example_sets(model: loaded_lib.LoadedModel,
-                 inputs: settings.DecodeInputs
-                 ) -> list[examples_lib.ExampleSet]:
+def example_sets(
+  model: loaded_lib.LoadedModel, inputs: settings.DecodeInputs
+) -> list[examples_lib.ExampleSet]:
   """The task splits of a mixture, or the user's file."""
   if not inputs.input_file:
-    return [pipeline.task_examples(task, inputs.split,
-                                   num_examples=inputs.num_examples)
-            for task in pipeline.task_rates(inputs.mixture_or_task_name)]
+    return [
+      pipeline.task_examples(
+        task, inputs.split, num_examples=inputs.num_examples
+      )
+      for task in pipeline.task_rates(inputs.mixture_or_task_name)
+    ]
   task = inputs.mixture_or_task_name
-  lengths = (pipeline.feature_lengths(task) if task else
-             dict(model.feature_lengths))
+  lengths = (
+    pipeline.feature_lengths(task) if task else dict(model.feature_lengths)
+  )
   lengths['inputs'] = inputs.input_length or lengths['inputs']
   lengths['targets'] = inputs.target_length or lengths['targets']
-  spec = input_files.InputFile(inputs.input_file, inputs.input_format,
-                               inputs.input_field, inputs.target_field)
-  return [input_files.file_examples(
-      spec, model.vocab, lengths, num_examples=inputs.num_examples,
-      metrics=pipeline.task_metrics(task) if task else None)]
+  spec = input_files.InputFile(
+    inputs.input_file,
+    inputs.input_format,
+    inputs.input_field,
+    inputs.target_field,
+  )
+  return [
+    input_files.file_examples(
+      spec,
+      model.vocab,
+      lengths,
+      num_examples=inputs.num_examples,
+      metrics=pipeline.task_metrics(task) if task else None,
+    )
+  ]
 
 
 def _stem(examples: examples_lib.ExampleSet) -> str:
   return os.path.splitext(os.path.basename(examples.name))[0]
 
 
-def run_fingerprint(model: loaded_lib.LoadedModel,
-                    choice: records.ThresholdChoice, mode: modes.EarlyExit,
-                    sets, seed: int) -> dict:
+def run_fingerprint(
+  model: loaded_lib.LoadedModel,
+  choice: records.ThresholdChoice,
+  mode: modes.EarlyExit,
+  sets,
+  seed: int,
+) -> dict:
   """Everything that determines a decode job's outputs."""
-  return {'model': model.fingerprint(mode.measure),
-          'data': {e.name: e.fingerprint for e in sets},
-          'decode': mode.exit_config.fingerprint(), 'threshold': choice.value,
-          'threshold_source': choice.source,
-          'seed': None if mode.exit_config.sampling.greedy else seed}
+  return {
+    'model': model.fingerprint(mode.measure),
+    'data': {e.name: e.fingerprint for e in sets},
+    'decode': mode.exit_config.fingerprint(),
+    'threshold': choice.value,
+    'threshold_source': choice.source,
+    'seed': None if mode.exit_config.sampling.greedy else seed,
+  }
 
 
 def output_dir_for(model_dir: str, fingerprint: dict, label: str) -> str:
   """MODEL_DIR/decode/<split or file>_<measure>_<threshold>_<hash>: runs
   that differ in any setting never share a directory."""
   return files.join(
-      model_dir, 'decode',
-      f'{label}_{fingerprint["decode"]["confidence"]}_'
-      f'{fingerprint["threshold"]:g}_{provenance.short_hash(fingerprint, 8)}')
+    model_dir,
+    'decode',
+    f'{label}_{fingerprint["decode"]["confidence"]}_'
+    f'{fingerprint["threshold"]:g}_{provenance.short_hash(fingerprint, 8)}',
+  )
 
 
-def claim_output_dir(output_dir: str, fingerprint: dict,
-                     overwrite: bool) -> None:
+def claim_output_dir(
+  output_dir: str, fingerprint: dict, overwrite: bool
+) -> None:
   """Marks `output_dir` as this run's (run.json); refuses a directory that
   holds another run's files unless `overwrite`."""
   if files.exists(output_dir) and not files.is_dir(output_dir):
@@ -92,56 +117,79 @@ def claim_output_dir(output_dir: str, fingerprint: dict,
   files.check_writable_dir(output_dir, 'output_dir')
   marker = files.join(output_dir, RUN_JSON)
   if files.listdir(output_dir) and not overwrite:
-    stored = (files.read_json(marker, what='decode run marker')
-              if files.exists(marker) else None)
+    stored = (
+      files.read_json(marker, what='decode run marker')
+      if files.exists(marker)
+      else None
+    )
     if stored != fingerprint:
-      what = (provenance.describe_changes(stored, fingerprint) if stored
-              else f'files of another program, no {RUN_JSON}')
+      what = (
+        provenance.describe_changes(stored, fingerprint)
+        if stored
+        else f'files of another program, no {RUN_JSON}'
+      )
       raise provenance.ProvenanceError(
-          f'{output_dir} holds another run ({what}); choose another '
-          'output_dir, or set calm_jax.OutputSettings.overwrite=True')
+        f'{output_dir} holds another run ({what}); choose another '
+        'output_dir, or set calm_jax.OutputSettings.overwrite=True'
+      )
   files.atomic_write_json(marker, fingerprint)
 
 
-def summarize(examples: examples_lib.ExampleSet, decoded: engine.Decoded
-              ) -> dict:
-  result = {'num_examples': len(examples),
-            'avg_decoder_layers': decoded.avg_layers,
-            'tokens_per_second': (decoded.tokens / decoded.seconds
-                                  if decoded.seconds else None),
-            'decode_seconds_after_compile': round(decoded.seconds, 3)}
+def summarize(
+  examples: examples_lib.ExampleSet, decoded: engine.Decoded
+) -> dict:
+  result = {
+    'num_examples': len(examples),
+    'avg_decoder_layers': decoded.avg_layers,
+    'tokens_per_second': (
+      decoded.tokens / decoded.seconds if decoded.seconds else None
+    ),
+    'decode_seconds_after_compile': round(decoded.seconds, 3),
+  }
   if examples.metrics is not None:
     score = engine.Evaluator.score(examples, decoded.predictions)
-    result.update(metric=score.metric, value=score.value,
-                  scores=score.scores)
+    result.update(metric=score.metric, value=score.value, scores=score.scores)
   return result
 
 
-def _write(output_dir: str, output: settings.OutputSettings,
-           examples: examples_lib.ExampleSet, decoded: engine.Decoded,
-           mode: modes.EarlyExit, num_layers: int) -> None:
+def _write(
+  output_dir: str,
+  output: settings.OutputSettings,
+  examples: examples_lib.ExampleSet,
+  decoded: engine.Decoded,
+  mode: modes.EarlyExit,
+  num_layers: int,
+) -> None:
   records = engine.example_records(examples, decoded)
-  files.atomic_write_jsonl(files.join(output_dir,
-                                      f'{_stem(examples)}.jsonl'), records)
+  files.atomic_write_jsonl(
+    files.join(output_dir, f'{_stem(examples)}.jsonl'), records
+  )
   if output.exit_map:
     stem = files.join(output.exit_map, _stem(examples))
     paths = plots.write_exit_map(
-        records[:output.exit_map_examples], num_layers,
-        f'{examples.name}: exit layer per token ({mode.measure}, threshold '
-        f'{mode.threshold:g})', stem + '.html', stem + '.png')
+      records[: output.exit_map_examples],
+      num_layers,
+      f'{examples.name}: exit layer per token ({mode.measure}, threshold '
+      f'{mode.threshold:g})',
+      stem + '.html',
+      stem + '.png',
+    )
     console.info(f'wrote {" and ".join(paths)}')
 
 
 @gin.configurable(module='calm_jax')
-def decode(*, model_dir: str = gin.REQUIRED,
-           threshold: Optional[float] = None,
-           calibration_record: Optional[str] = None,
-           inputs: Optional[settings.DecodeInputs] = None,
-           exits: Optional[settings.ExitSettings] = None,
-           sampling: Optional[settings.SamplingSettings] = None,
-           output: Optional[settings.OutputSettings] = None,
-           runtime: Optional[settings.RunSettings] = None,
-           check_only: bool = False) -> Optional[dict]:
+def decode(
+  *,
+  model_dir: str = gin.REQUIRED,
+  threshold: Optional[float] = None,
+  calibration_record: Optional[str] = None,
+  inputs: Optional[settings.DecodeInputs] = None,
+  exits: Optional[settings.ExitSettings] = None,
+  sampling: Optional[settings.SamplingSettings] = None,
+  output: Optional[settings.OutputSettings] = None,
+  runtime: Optional[settings.RunSettings] = None,
+  check_only: bool = False,
+) -> Optional[dict]:
   """Decodes every task of a mixture (or the input file) with early exit;
   returns the summary.
 
@@ -164,45 +212,79 @@ def decode(*, model_dir: str = gin.REQUIRED,
   if check_only:
     return None
   model = loaded_lib.load(
-      model_dir, mesh=partitioning.make_mesh(runtime.mesh_shape),
-      dtype=runtime.dtype)
+    model_dir,
+    mesh=partitioning.make_mesh(runtime.mesh_shape),
+    dtype=runtime.dtype,
+  )
   task = inputs.mixture_or_task_name
-  choice = records.choose_threshold(model_dir, model.fingerprint, threshold,
-                                    exits.confidence, exits.tau,
-                                    calibration_record, task)
-  mode = modes.EarlyExit(model.exit_config(
-      exits.confidence, min_exit=exits.min_exit, tau=choice.tau,
-      propagation=exits.propagation, sampling=sampling.sampling()),
-                         choice.value)
+  choice = records.choose_threshold(
+    model_dir,
+    model.fingerprint,
+    threshold,
+    exits.confidence,
+    exits.tau,
+    calibration_record,
+    task,
+  )
+  mode = modes.EarlyExit(
+    model.exit_config(
+      exits.confidence,
+      min_exit=exits.min_exit,
+      tau=choice.tau,
+      propagation=exits.propagation,
+      sampling=sampling.sampling(),
+    ),
+    choice.value,
+  )
   records.check_decode_settings(choice, mode.exit_config.fingerprint())
   model.classifier_for(exits.confidence)
   sets = example_sets(model, inputs)
   fingerprint = run_fingerprint(model, choice, mode, sets, sampling.seed)
   label = inputs.split if not inputs.input_file else _stem(sets[0])
-  output_dir = output.output_dir or output_dir_for(model_dir,
-                                                   fingerprint, label)
+  output_dir = output.output_dir or output_dir_for(
+    model_dir, fingerprint, label
+  )
   if multihost.is_primary():
-    console.info(f'threshold {choice.value} ({choice.source}), confidence '
-                 f'{exits.confidence!r}, tau {choice.tau}')
+    console.info(
+      f'threshold {choice.value} ({choice.source}), confidence '
+      f'{exits.confidence!r}, tau {choice.tau}'
+    )
     claim_output_dir(output_dir, fingerprint, output.overwrite)
-  evaluator = engine.Evaluator(decoder_lib.Decoder(model),
-                               batch_size=runtime.batch_size)
-  summary = {'checkpoint_step': model.step, 'dtype': model.config.dtype,
-             'confidence': exits.confidence, 'threshold': choice.value,
-             'threshold_source': choice.source, 'tau': choice.tau,
-             'split': None if inputs.input_file else inputs.split,
-             'tasks': {}}
+  evaluator = engine.Evaluator(
+    decoder_lib.Decoder(model), batch_size=runtime.batch_size
+  )
+  summary = {
+    'checkpoint_step': model.step,
+    'dtype': model.config.dtype,
+    'confidence': exits.confidence,
+    'threshold': choice.value,
+    'threshold_source': choice.source,
+    'tau': choice.tau,
+    'split': None if inputs.input_file else inputs.split,
+    'tasks': {},
+  }
   for examples in sets:
     decoded = evaluator.decode(examples, mode, seed=sampling.seed)
     result = summarize(examples, decoded)
     summary['tasks'][examples.name] = result
     if multihost.is_primary():
-      _write(output_dir, output, examples, decoded, mode,
-             model.config.num_decoder_layers)
-      score = (f"{result['metric']} = {result['value']:.2f}, "
-               if 'metric' in result else '')
-      console.info(f'{examples.name}: {score}average layers '
-                   f"{result['avg_decoder_layers']:.2f}")
+      _write(
+        output_dir,
+        output,
+        examples,
+        decoded,
+        mode,
+        model.config.num_decoder_layers,
+      )
+      score = (
+        f'{result["metric"]} = {result["value"]:.2f}, '
+        if 'metric' in result
+        else ''
+      )
+      console.info(
+        f'{examples.name}: {score}average layers '
+        f'{result["avg_decoder_layers"]:.2f}'
+      )
   if multihost.is_primary():
     files.atomic_write_json(files.join(output_dir, 'summary.json'), summary)
     console.info(f'wrote {output_dir}')

@@ -6,6 +6,7 @@ so a binding applies wherever the group is used: `ExitSettings` and
 `RunSettings` are shared by decode and calibrate, which is what keeps a
 calibration record's settings and the decode that uses it the same.
 """
+
 import dataclasses
 from typing import Optional
 from typing import Sequence
@@ -30,6 +31,7 @@ class ExitSettings:
     propagation: what skipped layers' caches get: 'hidden' (CALM), or the
       ablations 'kv_copy' and 'none'.
   """
+
   confidence: str = 'softmax'
   tau: Optional[float] = None
   min_exit: int = 1
@@ -51,13 +53,15 @@ class RunSettings:
     dtype: activation dtype; None keeps the model's, 'bfloat16' runs
       bfloat16 activations over the float32 parameters (TPU/GPU style).
   """
+
   batch_size: int = 32
   mesh_shape: Optional[Sequence[int]] = None
   dtype: Optional[str] = None
 
   def check(self) -> 'RunSettings':
-    arguments.check(batch_size=self.batch_size, dtype=self.dtype,
-                    mesh_shape=self.mesh_shape)
+    arguments.check(
+      batch_size=self.batch_size, dtype=self.dtype, mesh_shape=self.mesh_shape
+    )
     return self
 
 
@@ -77,6 +81,7 @@ class DecodeInputs:
     input_length, target_length: for a file, the longest input kept and
       the decode length (None: the lengths the model was trained with).
   """
+
   mixture_or_task_name: Optional[str] = None
   split: str = 'validation'
   num_examples: Optional[int] = None
@@ -90,11 +95,14 @@ class DecodeInputs:
   def check(self) -> 'DecodeInputs':
     if not self.mixture_or_task_name and not self.input_file:
       raise errors.SettingError(
-          'nothing to decode: set MIXTURE_OR_TASK_NAME (a SeqIO task) or '
-          'INPUT_FILE (a JSONL, TSV or text file)')
-    arguments.check(num_examples=self.num_examples,
-                    input_length=self.input_length,
-                    target_length=self.target_length)
+        'nothing to decode: set MIXTURE_OR_TASK_NAME (a SeqIO task) or '
+        'INPUT_FILE (a JSONL, TSV or text file)'
+      )
+    arguments.check(
+      num_examples=self.num_examples,
+      input_length=self.input_length,
+      target_length=self.target_length,
+    )
     return self
 
 
@@ -102,6 +110,7 @@ class DecodeInputs:
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
   """Token selection: greedy at temperature 0, else a seeded sample."""
+
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
@@ -112,8 +121,9 @@ class SamplingSettings:
     return self
 
   def sampling(self) -> loops.Sampling:
-    return loops.Sampling(float(self.temperature), self.top_k,
-                          float(self.top_p))
+    return loops.Sampling(
+      float(self.temperature), self.top_k, float(self.top_p)
+    )
 
 
 @gin.configurable(module='calm_jax')
@@ -128,6 +138,7 @@ class OutputSettings:
     exit_map: a directory for HTML + PNG exit maps of the first
       `exit_map_examples` examples of each task (None: none).
   """
+
   output_dir: Optional[str] = None
   overwrite: bool = False
   exit_map: Optional[str] = None
@@ -139,8 +150,12 @@ class OutputSettings:
 
 
 SETTINGS = ('calm_jax.ExitSettings', 'calm_jax.RunSettings')
-DECODE_SETTINGS = (*SETTINGS, 'calm_jax.DecodeInputs',
-                   'calm_jax.SamplingSettings', 'calm_jax.OutputSettings')
+DECODE_SETTINGS = (
+  *SETTINGS,
+  'calm_jax.DecodeInputs',
+  'calm_jax.SamplingSettings',
+  'calm_jax.OutputSettings',
+)
 
 
 @gin.configurable(module='calm_jax')
@@ -155,13 +170,15 @@ class CheckpointSettings:
     restore_fallback: a damaged latest step is reported and the newest
       intact one resumed; False makes it an error.
   """
+
   period: int = 500
   keep: Optional[int] = 3
   restore_fallback: bool = True
 
   def check(self) -> 'CheckpointSettings':
-    arguments.check(prefix='CheckpointSettings.', period=self.period,
-                    keep=self.keep)
+    arguments.check(
+      prefix='CheckpointSettings.', period=self.period, keep=self.keep
+    )
     return self
 
 
@@ -179,15 +196,19 @@ class LogSettings:
       dropout); 0: none.
     eval_batches: validation batches per task.
   """
+
   log_every: int = 50
   progress: bool = True
   eval_every: int = 0
   eval_batches: int = 4
 
   def check(self) -> 'LogSettings':
-    arguments.check(prefix='LogSettings.', log_every=self.log_every,
-                    eval_every=self.eval_every,
-                    eval_batches=self.eval_batches)
+    arguments.check(
+      prefix='LogSettings.',
+      log_every=self.log_every,
+      eval_every=self.eval_every,
+      eval_batches=self.eval_batches,
+    )
     return self
 
 
@@ -196,14 +217,19 @@ class LogSettings:
 class LossSettings:
   """CALM's training objective: the per-exit weighting ('linear': w_i
   proportional to i, the paper's; 'uniform'; 'geometric') and the z-loss."""
+
   weighting: str = 'linear'
   z_loss: float = 1e-4
 
   def check(self) -> 'LossSettings':
-    arguments.check(prefix='LossSettings.', weighting=self.weighting,
-                    z_loss=self.z_loss)
+    arguments.check(
+      prefix='LossSettings.', weighting=self.weighting, z_loss=self.z_loss
+    )
     return self
 
 
-TRAIN_SETTINGS = ('calm_jax.CheckpointSettings', 'calm_jax.LogSettings',
-                  'calm_jax.LossSettings')
+TRAIN_SETTINGS = (
+  'calm_jax.CheckpointSettings',
+  'calm_jax.LogSettings',
+  'calm_jax.LossSettings',
+)

@@ -6,6 +6,7 @@ data position; a finished run returns at once. With
 starts from another model dir's latest parameters (a pre-trained or imported
 T5) instead of a random init, with a fresh optimizer and step 0.
 """
+
 import dataclasses
 from typing import Optional
 from typing import Sequence
@@ -36,27 +37,40 @@ with epy.lazy_imports():
   from calm_jax.data import pipeline
 
 T5Config = gin.external_configurable(network.T5Config, module='calm_jax')
-make_optimizer = gin.external_configurable(optim.make_optimizer,
-                                           module='calm_jax')
+make_optimizer = gin.external_configurable(
+  optim.make_optimizer, module='calm_jax'
+)
 
 
 STAGES = ('model', 'classifier')
-READS = ('calm_jax.train', 'calm_jax.T5Config', 'calm_jax.make_optimizer',
-         *settings.TRAIN_SETTINGS)
+READS = (
+  'calm_jax.train',
+  'calm_jax.T5Config',
+  'calm_jax.make_optimizer',
+  *settings.TRAIN_SETTINGS,
+)
 
 
 @gin.configurable(module='calm_jax')
-def train(*, model_dir: str = gin.REQUIRED,
-          mixture_or_task_name: str = gin.REQUIRED,
-          model_config: Optional[network.T5Config] = None,
-          optimizer=gin.REQUIRED, stage: str = 'model',
-          batch_size: int = 64, num_train_steps: int = 1000, seed: int = 0,
-          shuffle: bool = True, initial_checkpoint_path: Optional[str] = None,
-          mesh_shape: Optional[Sequence[int]] = None, max_bad_steps: int = 0,
-          checkpointing: Optional[settings.CheckpointSettings] = None,
-          logging: Optional[settings.LogSettings] = None,
-          loss: Optional[settings.LossSettings] = None,
-          check_only: bool = False) -> Optional[trainer.TrainState]:
+def train(
+  *,
+  model_dir: str = gin.REQUIRED,
+  mixture_or_task_name: str = gin.REQUIRED,
+  model_config: Optional[network.T5Config] = None,
+  optimizer=gin.REQUIRED,
+  stage: str = 'model',
+  batch_size: int = 64,
+  num_train_steps: int = 1000,
+  seed: int = 0,
+  shuffle: bool = True,
+  initial_checkpoint_path: Optional[str] = None,
+  mesh_shape: Optional[Sequence[int]] = None,
+  max_bad_steps: int = 0,
+  checkpointing: Optional[settings.CheckpointSettings] = None,
+  logging: Optional[settings.LogSettings] = None,
+  loss: Optional[settings.LossSettings] = None,
+  check_only: bool = False,
+) -> Optional[trainer.TrainState]:
   """Trains into `model_dir` on a SeqIO task or mixture.
 
   stage 'model' trains the CALM network (model_config required); stage
@@ -77,48 +91,83 @@ def train(*, model_dir: str = gin.REQUIRED,
   logging = (logging or settings.LogSettings()).check()
   loss = (loss or settings.LossSettings()).check()
   arguments.choice('stage', stage, STAGES)
-  arguments.check(num_train_steps=num_train_steps, batch_size=batch_size,
-                  max_bad_steps=max_bad_steps, seed=seed,
-                  mesh_shape=mesh_shape)
+  arguments.check(
+    num_train_steps=num_train_steps,
+    batch_size=batch_size,
+    max_bad_steps=max_bad_steps,
+    seed=seed,
+    mesh_shape=mesh_shape,
+  )
   if stage == 'model' and model_config is None and not initial_checkpoint_path:
-    raise errors.SettingError('stage "model" needs a model config: add a '
-                              'gin/models/*.gin file')
+    raise errors.SettingError(
+      'stage "model" needs a model config: add a gin/models/*.gin file'
+    )
   files.check_writable_dir(model_dir, 'MODEL_DIR')
   if check_only:
     return None
   mesh = partitioning.make_mesh(mesh_shape)
   local_batch = _local_batch_size(batch_size, mesh)
   if stage == 'model':
-    objective = _model_stage(model_dir, mixture_or_task_name, model_config,
-                             loss, initial_checkpoint_path)
+    objective = _model_stage(
+      model_dir,
+      mixture_or_task_name,
+      model_config,
+      loss,
+      initial_checkpoint_path,
+    )
     subdir = checkpoints.CHECKPOINT_SUBDIR
   else:
     objective = _classifier_stage(model_dir, mesh)
     subdir = checkpoints.CLASSIFIER_SUBDIR
   writer = metric_writers.create_default_writer(
-      files.join(model_dir, 'train' if stage == 'model' else subdir),
-      just_logging=not multihost.is_primary(), asynchronous=False)
+    files.join(model_dir, 'train' if stage == 'model' else subdir),
+    just_logging=not multihost.is_primary(),
+    asynchronous=False,
+  )
   shard = pipeline.process_shard() if jax.process_count() > 1 else None
   batches_from = lambda start: pipeline.train_batches(
-      mixture_or_task_name, batch_size=local_batch, seed=seed,
-      start_step=start, shuffle=shuffle, shard=shard)
+    mixture_or_task_name,
+    batch_size=local_batch,
+    seed=seed,
+    start_step=start,
+    shuffle=shuffle,
+    shard=shard,
+  )
   validation = lambda: pipeline.first_batches(
-      mixture_or_task_name, 'validation', batch_size=local_batch,
-      batches_per_task=logging.eval_batches, shard=shard)
+    mixture_or_task_name,
+    'validation',
+    batch_size=local_batch,
+    batches_per_task=logging.eval_batches,
+    shard=shard,
+  )
   # One batch of each shape the run trains on: all compiled before step 1.
   shapes = lambda: pipeline.first_batches(
-      mixture_or_task_name, 'train', batch_size=local_batch,
-      batches_per_task=1, shard=shard)
+    mixture_or_task_name,
+    'train',
+    batch_size=local_batch,
+    batches_per_task=1,
+    shard=shard,
+  )
   state = trainer.train_loop(
-      objective=objective, optimizer=optimizer, model_dir=model_dir,
-      batches_from=batches_from, num_steps=num_train_steps,
-      checkpoint_period=checkpointing.period,
-      keep_checkpoints=checkpointing.keep, log_every=logging.log_every,
-      seed=seed, writer=writer, progress=logging.progress,
-      checkpoint_subdir=subdir, mesh=mesh, max_bad_steps=max_bad_steps,
-      restore_fallback=checkpointing.restore_fallback,
-      validation_batches=validation, eval_every=logging.eval_every,
-      shape_batches=shapes)
+    objective=objective,
+    optimizer=optimizer,
+    model_dir=model_dir,
+    batches_from=batches_from,
+    num_steps=num_train_steps,
+    checkpoint_period=checkpointing.period,
+    keep_checkpoints=checkpointing.keep,
+    log_every=logging.log_every,
+    seed=seed,
+    writer=writer,
+    progress=logging.progress,
+    checkpoint_subdir=subdir,
+    mesh=mesh,
+    max_bad_steps=max_bad_steps,
+    restore_fallback=checkpointing.restore_fallback,
+    validation_batches=validation,
+    eval_every=logging.eval_every,
+    shape_batches=shapes,
+  )
   writer.flush()
   return state
 
@@ -129,49 +178,63 @@ def _local_batch_size(batch_size: int, mesh) -> int:
   return multihost.local_batch_size(batch_size)
 
 
-def initial_params_config(initial_checkpoint_path: str,
-                          model_config: Optional[network.T5Config]
-                          ) -> network.T5Config:
+def initial_params_config(
+  initial_checkpoint_path: str, model_config: Optional[network.T5Config]
+) -> network.T5Config:
   """The config to fine-tune with: the initial model's, with the requested
   dropout; other differences (dims, exits) are errors."""
   initial, _ = model_files.read_model_config(initial_checkpoint_path)
   if model_config is None:
     return initial
-  if dataclasses.replace(initial, dropout_rate=model_config.dropout_rate
-                         ) != model_config:
-    diff = {k: (v, getattr(model_config, k))
-            for k, v in dataclasses.asdict(initial).items()
-            if k != 'dropout_rate' and getattr(model_config, k) != v}
+  if (
+    dataclasses.replace(initial, dropout_rate=model_config.dropout_rate)
+    != model_config
+  ):
+    diff = {
+      k: (v, getattr(model_config, k))
+      for k, v in dataclasses.asdict(initial).items()
+      if k != 'dropout_rate' and getattr(model_config, k) != v
+    }
     raise checkpoints.CheckpointError(
-        f'{initial_checkpoint_path} holds another architecture than the '
-        f'model config (initial, requested): {diff}')
+      f'{initial_checkpoint_path} holds another architecture than the '
+      f'model config (initial, requested): {diff}'
+    )
   return model_config
 
 
-def _model_stage(model_dir, task, model_config,
-                 loss: settings.LossSettings, initial_checkpoint_path=None):
+def _model_stage(
+  model_dir,
+  task,
+  model_config,
+  loss: settings.LossSettings,
+  initial_checkpoint_path=None,
+):
   """Checks and writes the model dir's files; the stage-1 objective."""
   if initial_checkpoint_path:
-    model_config = initial_params_config(initial_checkpoint_path,
-                                         model_config)
+    model_config = initial_params_config(initial_checkpoint_path, model_config)
   model_files.check_compatible(model_dir, model_config)
   pipeline.check_ready(task, 'train')  # before anything is written
   pipeline.check_vocab_fits(task, model_config.vocab_size)
   if multihost.is_primary():
     files.makedirs(model_dir)
-    model_files.write_model_files(model_dir, model_config,
-                                  pipeline.vocabulary_path(task),
-                                  gin.operative_config_str(),
-                                  pipeline.max_feature_lengths(task))
-  model = models.CalmModel(model_config, loss_weighting=loss.weighting,
-                           z_loss=loss.z_loss)
+    model_files.write_model_files(
+      model_dir,
+      model_config,
+      pipeline.vocabulary_path(task),
+      gin.operative_config_str(),
+      pipeline.max_feature_lengths(task),
+    )
+  model = models.CalmModel(
+    model_config, loss_weighting=loss.weighting, z_loss=loss.z_loss
+  )
   objective = trainer.model_objective(model)
   if not initial_checkpoint_path:
     return objective
   # Used only when model_dir holds no checkpoint yet: a resumed fine-tune
   # restores its own latest step instead.
   load = lambda shardings: model_files.load_params(
-      initial_checkpoint_path, model_config, shardings=shardings)[0]
+    initial_checkpoint_path, model_config, shardings=shardings
+  )[0]
   return dataclasses.replace(objective, load=load)
 
 
@@ -181,10 +244,13 @@ def _classifier_stage(model_dir, mesh):
   config, _ = model_files.read_model_config(model_dir)
   model = models.CalmModel(config)
   backbone, step = model_files.load_params(
-      model_dir, config,
-      shardings=partitioning.param_shardings(model.param_axes(), mesh))
-  console.info(f'training the exit classifier on the frozen model of step '
-               f'{step}')
+    model_dir,
+    config,
+    shardings=partitioning.param_shardings(model.param_axes(), mesh),
+  )
+  console.info(
+    f'training the exit classifier on the frozen model of step {step}'
+  )
   return trainer.classifier_objective(model, backbone)
 
 

@@ -9,6 +9,7 @@ test risk, the mean average layers and the mean speed-up (full-depth decode
 time over early-exit decode time of the same examples, as measured while
 decoding). Writes OUTPUT_DIR/validity.json and validity.png.
 """
+
 import os
 from typing import Optional
 from typing import Sequence
@@ -38,25 +39,39 @@ DELTAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 
 
 @gin.configurable(module='calm_jax')
-def validity(*, model_dir: str = gin.REQUIRED,
-             mixture_or_task_name: str = 'synth_mix',
-             num_examples: int = 300, splits: int = 50,
-             epsilon: float = 0.05, confidence: str = 'softmax',
-             deltas: Sequence[float] = DELTAS,
-             output_dir: str = 'runs/validity',
-             check_only: bool = False) -> Optional[dict]:
+def validity(
+  *,
+  model_dir: str = gin.REQUIRED,
+  mixture_or_task_name: str = 'synth_mix',
+  num_examples: int = 300,
+  splits: int = 50,
+  epsilon: float = 0.05,
+  confidence: str = 'softmax',
+  deltas: Sequence[float] = DELTAS,
+  output_dir: str = 'runs/validity',
+  check_only: bool = False,
+) -> Optional[dict]:
   """Runs the split protocol per consistency and delta; writes the results
   (`check_only`: checks the settings, runs nothing)."""
-  arguments.check(num_examples=num_examples, splits=splits, epsilon=epsilon,
-                  confidence=confidence, delta=list(deltas))
+  arguments.check(
+    num_examples=num_examples,
+    splits=splits,
+    epsilon=epsilon,
+    confidence=confidence,
+    delta=list(deltas),
+  )
   files.check_writable_dir(output_dir, 'output_dir')
   if check_only:
     return None
   model = loaded_lib.load(model_dir)
   calibration = calibrate_job.calibration_for(
-      decoder_lib.Decoder(model), list(pipeline.task_rates(mixture_or_task_name)),
-      settings.ExitSettings(confidence=confidence).check(),
-      split='validation', num_examples=num_examples, batch_size=32)
+    decoder_lib.Decoder(model),
+    list(pipeline.task_rates(mixture_or_task_name)),
+    settings.ExitSettings(confidence=confidence).check(),
+    split='validation',
+    num_examples=num_examples,
+    batch_size=32,
+  )
   grid = ltt.descending_grid(1.0, 0.0, 0.05)
   speedups = calibration.speedups(grid)
   results = []
@@ -64,18 +79,32 @@ def validity(*, model_dir: str = gin.REQUIRED,
     table = calibration.loss_table(consistency, grid)
     for delta in deltas:
       row = split_protocol.run_splits(
-          *table, grid, delta=delta, epsilon=epsilon, splits=splits, seed=0,
-          num_layers=model.config.num_decoder_layers, speedups=speedups)
+        *table,
+        grid,
+        delta=delta,
+        epsilon=epsilon,
+        splits=splits,
+        seed=0,
+        num_layers=model.config.num_decoder_layers,
+        speedups=speedups,
+      )
       row['consistency'] = consistency
       results.append(row)
       console.info(
-          f"{consistency:>8} delta={delta:<5} violations="
-          f"{row['violation_rate']:.3f} risk={row['mean_test_risk']:.4f} "
-          f"layers={row['mean_avg_layers']:.2f} "
-          f"speedup={row['mean_speedup']:.2f}")
-  out = {'model_dir': model_dir, 'checkpoint_step': model.step,
-         'confidence': confidence, 'n': int(table[0].shape[1]),
-         'grid': grid, 'speedup_by_threshold': speedups, 'results': results}
+        f'{consistency:>8} delta={delta:<5} violations='
+        f'{row["violation_rate"]:.3f} risk={row["mean_test_risk"]:.4f} '
+        f'layers={row["mean_avg_layers"]:.2f} '
+        f'speedup={row["mean_speedup"]:.2f}'
+      )
+  out = {
+    'model_dir': model_dir,
+    'checkpoint_step': model.step,
+    'confidence': confidence,
+    'n': int(table[0].shape[1]),
+    'grid': grid,
+    'speedup_by_threshold': speedups,
+    'results': results,
+  }
   files.atomic_write_json(os.path.join(output_dir, 'validity.json'), out)
   plots.risk_vs_delta(results, os.path.join(output_dir, 'validity.png'))
   console.info(f'wrote {output_dir}/validity.json and validity.png')

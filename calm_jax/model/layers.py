@@ -7,6 +7,7 @@ Einsum letters used in this file:
   b batch, q query length, k key length, h heads, d head dim (kv),
   e embed, f mlp hidden.
 """
+
 from typing import Optional
 
 import flax.linen as nn
@@ -36,8 +37,12 @@ def dense(spec: str, x: Array, kernel: Array, dtype) -> Array:
   activation dtype (bfloat16 on accelerators), accumulated in float32. The
   float32 result is the caller's to cast; with dtype float32 this is a plain
   float32 einsum."""
-  return jnp.einsum(spec, x.astype(dtype), jnp.asarray(kernel, dtype),
-                    preferred_element_type=jnp.float32)
+  return jnp.einsum(
+    spec,
+    x.astype(dtype),
+    jnp.asarray(kernel, dtype),
+    preferred_element_type=jnp.float32,
+  )
 
 
 def _fan_in_normal(scale: float = 1.0):
@@ -47,22 +52,32 @@ def _fan_in_normal(scale: float = 1.0):
 
 class RMSNorm(nn.Module):
   """T5 layer norm: scale only, no bias, no mean subtraction."""
+
   epsilon: float = 1e-6
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param('scale', _init(nn.initializers.ones, ('embed',)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param(
+      'scale',
+      _init(nn.initializers.ones, ('embed',)),
+      (x.shape[-1],),
+      jnp.float32,
+    )
     x32 = x.astype(jnp.float32)
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     return (x32 * jax.lax.rsqrt(variance + self.epsilon) * scale).astype(
-        self.dtype)
+      self.dtype
+    )
 
 
-def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
-                             num_buckets: int = 32,
-                             max_distance: int = 128) -> Array:
+def relative_position_bucket(
+  relative_position: Array,
+  *,
+  bidirectional: bool,
+  num_buckets: int = 32,
+  max_distance: int = 128,
+) -> Array:
   """T5's bucketing of (key position - query position).
 
   Half the buckets (per direction) hold exact small distances, the rest grow
@@ -81,7 +96,8 @@ def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
   is_small = n < max_exact
   # Guard the log against n = 0; those positions take the `is_small` branch.
   log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) / (
-      np.log(max_distance / max_exact))
+    np.log(max_distance / max_exact)
+  )
   large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(n.dtype)
   large = jnp.minimum(large, num_buckets - 1)
   return bucket + jnp.where(is_small, n, large)
@@ -89,6 +105,7 @@ def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
 
 class RelativePositionBias(nn.Module):
   """Learned per-head scalar bias for each relative position bucket."""
+
   num_heads: int
   bidirectional: bool
   num_buckets: int = 32
@@ -97,13 +114,19 @@ class RelativePositionBias(nn.Module):
   @nn.compact
   def __call__(self, query_positions: Array, key_positions: Array) -> Array:
     """Returns the bias [1, heads, q, k] for the given absolute positions."""
-    table = self.param('rel_embedding',
-                       _init(nn.initializers.normal(1.0), ('heads', 'relpos')),
-                       (self.num_heads, self.num_buckets), jnp.float32)
+    table = self.param(
+      'rel_embedding',
+      _init(nn.initializers.normal(1.0), ('heads', 'relpos')),
+      (self.num_heads, self.num_buckets),
+      jnp.float32,
+    )
     relative = key_positions[None, :] - query_positions[:, None]  # [q, k]
     buckets = relative_position_bucket(
-        relative, bidirectional=self.bidirectional,
-        num_buckets=self.num_buckets, max_distance=self.max_distance)
+      relative,
+      bidirectional=self.bidirectional,
+      num_buckets=self.num_buckets,
+      max_distance=self.max_distance,
+    )
     return jnp.take(table, buckets, axis=1)[None]  # [1, h, q, k]
 
 
@@ -113,6 +136,7 @@ class MultiHeadAttention(nn.Module):
   Split into projections and the attention itself so that the decode loop can
   write this position's keys/values into a cache before attending.
   """
+
   embed_dim: int
   num_heads: int
   head_dim: int
@@ -128,13 +152,19 @@ class MultiHeadAttention(nn.Module):
     query_init = lambda *a: _fan_in_normal()(*a) / depth_scale
     self.query = self.param('query', _init(query_init, qkv_axes), qkv_shape)
     self.key = self.param('key', _init(_fan_in_normal(), qkv_axes), qkv_shape)
-    self.value = self.param('value', _init(_fan_in_normal(), qkv_axes),
-                            qkv_shape)
+    self.value = self.param(
+      'value', _init(_fan_in_normal(), qkv_axes), qkv_shape
+    )
     self.out = self.param(
-        'out', _init(nn.initializers.variance_scaling(
-            1.0, 'fan_in', 'normal', in_axis=(0, 1), out_axis=2),
-                     ('heads', 'kv', 'embed')),
-        (self.num_heads, self.head_dim, self.embed_dim))
+      'out',
+      _init(
+        nn.initializers.variance_scaling(
+          1.0, 'fan_in', 'normal', in_axis=(0, 1), out_axis=2
+        ),
+        ('heads', 'kv', 'embed'),
+      ),
+      (self.num_heads, self.head_dim, self.embed_dim),
+    )
     self.dropout = nn.Dropout(self.dropout_rate)
 
   def project_q(self, x: Array) -> Array:
@@ -149,34 +179,62 @@ class MultiHeadAttention(nn.Module):
     v = constrain(dense('bke,ehd->bkhd', x, self.value, self.dtype), axes)
     return k.astype(self.dtype), v.astype(self.dtype)
 
-  def attend(self, q: Array, k: Array, v: Array, *, bias: Optional[Array],
-             mask: Optional[Array], deterministic: bool) -> Array:
+  def attend(
+    self,
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    bias: Optional[Array],
+    mask: Optional[Array],
+    deterministic: bool,
+  ) -> Array:
     """Attention of q [b, q, h, d] over k, v [b, k, h, d] -> [b, q, e].
 
     bias broadcasts to [b, h, q, k]; so does mask (True = may attend).
     """
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      'bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32
+    )
     if bias is not None:
       logits = logits + bias
     if mask is not None:
       logits = jnp.where(mask, logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = self.dropout(weights, deterministic=deterministic)
-    context = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype),
-                         preferred_element_type=jnp.float32)
+    context = jnp.einsum(
+      'bhqk,bkhd->bqhd',
+      weights,
+      v.astype(self.dtype),
+      preferred_element_type=jnp.float32,
+    )
     return dense('bqhd,hde->bqe', context, self.out, self.dtype).astype(
-        self.dtype)
+      self.dtype
+    )
 
-  def __call__(self, x_q: Array, x_kv: Array, *, bias: Optional[Array],
-               mask: Optional[Array], deterministic: bool) -> Array:
+  def __call__(
+    self,
+    x_q: Array,
+    x_kv: Array,
+    *,
+    bias: Optional[Array],
+    mask: Optional[Array],
+    deterministic: bool,
+  ) -> Array:
     k, v = self.project_kv(x_kv)
-    return self.attend(self.project_q(x_q), k, v, bias=bias, mask=mask,
-                       deterministic=deterministic)
+    return self.attend(
+      self.project_q(x_q),
+      k,
+      v,
+      bias=bias,
+      mask=mask,
+      deterministic=deterministic,
+    )
 
 
 class GatedMLP(nn.Module):
   """T5 1.1 feed-forward: gelu(x W0) * (x W1) -> W_out."""
+
   embed_dim: int
   mlp_dim: int
   dropout_rate: float = 0.0
@@ -187,12 +245,17 @@ class GatedMLP(nn.Module):
     in_shape, in_axes = (self.embed_dim, self.mlp_dim), ('embed', 'mlp')
     wi_0 = self.param('wi_0', _init(_fan_in_normal(), in_axes), in_shape)
     wi_1 = self.param('wi_1', _init(_fan_in_normal(), in_axes), in_shape)
-    wo = self.param('wo', _init(_fan_in_normal(), ('mlp', 'embed')),
-                    (self.mlp_dim, self.embed_dim))
-    gate = jax.nn.gelu(dense('bqe,ef->bqf', x, wi_0, self.dtype),
-                       approximate=True)
+    wo = self.param(
+      'wo',
+      _init(_fan_in_normal(), ('mlp', 'embed')),
+      (self.mlp_dim, self.embed_dim),
+    )
+    gate = jax.nn.gelu(
+      dense('bqe,ef->bqf', x, wi_0, self.dtype), approximate=True
+    )
     hidden = (gate * dense('bqe,ef->bqf', x, wi_1, self.dtype)).astype(
-        self.dtype)
+      self.dtype
+    )
     hidden = constrain(hidden, ('batch', 'length', 'mlp'))
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
     return dense('bqf,fe->bqe', hidden, wo, self.dtype).astype(self.dtype)
@@ -200,13 +263,17 @@ class GatedMLP(nn.Module):
 
 class Embed(nn.Module):
   """Token embedding table [vocab, embed]; T5 1.1 unscaled, std 1 init."""
+
   vocab_size: int
   embed_dim: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: Array) -> Array:
-    table = self.param('embedding',
-                       _init(nn.initializers.normal(1.0), ('vocab', 'embed')),
-                       (self.vocab_size, self.embed_dim), jnp.float32)
+    table = self.param(
+      'embedding',
+      _init(nn.initializers.normal(1.0), ('vocab', 'embed')),
+      (self.vocab_size, self.embed_dim),
+      jnp.float32,
+    )
     return jnp.take(table, tokens, axis=0).astype(self.dtype)

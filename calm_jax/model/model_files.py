@@ -8,6 +8,7 @@ loading its parameters.
   MODEL_DIR/checkpoints/ and classifier/   verified orbax checkpoints
                              (`storage.checkpoints`)
 """
+
 import dataclasses
 from typing import Any
 from typing import Optional
@@ -25,9 +26,13 @@ from calm_jax.storage import files
 MODEL_JSON = 'model.json'
 
 
-def write_model_files(model_dir: str, config: network.T5Config,
-                      vocab_path: str, operative_gin: str = '',
-                      feature_lengths: Optional[dict] = None) -> None:
+def write_model_files(
+  model_dir: str,
+  config: network.T5Config,
+  vocab_path: str,
+  operative_gin: str = '',
+  feature_lengths: Optional[dict] = None,
+) -> None:
   """Writes model.json, config.gin and a copy of the vocabulary.
 
   `feature_lengths` ({'inputs': s, 'targets': t}, the longest of the
@@ -40,8 +45,7 @@ def write_model_files(model_dir: str, config: network.T5Config,
     meta['feature_lengths'] = dict(feature_lengths)
   files.atomic_write_json(files.join(model_dir, MODEL_JSON), meta)
   if operative_gin:
-    files.atomic_write_text(files.join(model_dir, 'config.gin'),
-                            operative_gin)
+    files.atomic_write_text(files.join(model_dir, 'config.gin'), operative_gin)
 
 
 # What decoding defaults to for a model dir that records no lengths (one
@@ -52,11 +56,16 @@ DEFAULT_FEATURE_LENGTHS = {'inputs': 512, 'targets': 64}
 def _read_meta(model_dir: str) -> tuple[str, dict]:
   path = files.join(model_dir, MODEL_JSON)
   if not files.exists(path):
-    raise checkpoints.CheckpointError(f'{model_dir} is not a model dir: no {MODEL_JSON}')
+    raise checkpoints.CheckpointError(
+      f'{model_dir} is not a model dir: no {MODEL_JSON}'
+    )
   try:
-    meta = files.read_json(path, what=MODEL_JSON,
-                           recovery='restore it from a copy, or write it '
-                           'again with the training run that made the dir')
+    meta = files.read_json(
+      path,
+      what=MODEL_JSON,
+      recovery='restore it from a copy, or write it '
+      'again with the training run that made the dir',
+    )
   except files.FileError as e:
     raise checkpoints.CheckpointError(str(e)) from e
   return path, meta
@@ -65,19 +74,26 @@ def _read_meta(model_dir: str) -> tuple[str, dict]:
 def read_model_config(model_dir: str) -> tuple[network.T5Config, str]:
   """(config, vocabulary path) of a model dir written by training."""
   path, meta = _read_meta(model_dir)
-  return _config_from(path, meta), files.join(model_dir, 'vocab',
-                                              meta['vocabulary'])
+  return _config_from(path, meta), files.join(
+    model_dir, 'vocab', meta['vocabulary']
+  )
 
 
 def read_feature_lengths(model_dir: str) -> dict[str, int]:
   """The input and target lengths the model was trained with."""
   path, meta = _read_meta(model_dir)
   lengths = meta.get('feature_lengths') or DEFAULT_FEATURE_LENGTHS
-  if not (isinstance(lengths, dict) and all(
+  if not (
+    isinstance(lengths, dict)
+    and all(
       isinstance(lengths.get(k), int) and lengths[k] > 1
-      for k in ('inputs', 'targets'))):
-    raise checkpoints.CheckpointError(f'{path}: "feature_lengths" must hold integers '
-                          f'"inputs" and "targets" > 1, got {lengths!r}')
+      for k in ('inputs', 'targets')
+    )
+  ):
+    raise checkpoints.CheckpointError(
+      f'{path}: "feature_lengths" must hold integers '
+      f'"inputs" and "targets" > 1, got {lengths!r}'
+    )
   return {'inputs': lengths['inputs'], 'targets': lengths['targets']}
 
 
@@ -86,12 +102,16 @@ def _config_from(path: str, meta: Any) -> network.T5Config:
   fields = {f.name for f in dataclasses.fields(network.T5Config)}
   stored = meta.get('config') if isinstance(meta, dict) else None
   if not isinstance(stored, dict) or 'vocabulary' not in meta:
-    raise checkpoints.CheckpointError(f'{path} lacks "config" or "vocabulary": write it '
-                          'again with the training run that made the dir')
+    raise checkpoints.CheckpointError(
+      f'{path} lacks "config" or "vocabulary": write it '
+      'again with the training run that made the dir'
+    )
   unknown = sorted(set(stored) - fields)
   if unknown:
-    raise checkpoints.CheckpointError(f'{path} has unknown config fields {unknown}; '
-                          f'valid: {", ".join(sorted(fields))}')
+    raise checkpoints.CheckpointError(
+      f'{path} has unknown config fields {unknown}; '
+      f'valid: {", ".join(sorted(fields))}'
+    )
   try:
     return network.T5Config(**stored)
   except (TypeError, ValueError) as e:
@@ -104,16 +124,23 @@ def check_compatible(model_dir: str, config: network.T5Config) -> None:
     return
   stored, _ = read_model_config(model_dir)
   if stored != config:
-    diff = {k: (v, getattr(config, k))
-            for k, v in dataclasses.asdict(stored).items()
-            if getattr(config, k) != v}
-    raise checkpoints.CheckpointError(f'{model_dir} holds a model with other settings '
-                          f'(stored, requested): {diff}; use another MODEL_DIR')
+    diff = {
+      k: (v, getattr(config, k))
+      for k, v in dataclasses.asdict(stored).items()
+      if getattr(config, k) != v
+    }
+    raise checkpoints.CheckpointError(
+      f'{model_dir} holds a model with other settings '
+      f'(stored, requested): {diff}; use another MODEL_DIR'
+    )
 
 
-def load_params(model_dir: str, config: network.T5Config,
-                step: Optional[int] = None, shardings: Any = None
-                ) -> tuple[Any, int]:
+def load_params(
+  model_dir: str,
+  config: network.T5Config,
+  step: Optional[int] = None,
+  shardings: Any = None,
+) -> tuple[Any, int]:
   """Parameters of `step` (default: the newest intact one: a damaged latest
   step is reported and the one before it used) of a model dir, and the
   step; the parameters are verified against the step's manifest.
@@ -125,7 +152,8 @@ def load_params(model_dir: str, config: network.T5Config,
   """
   mgr = checkpoints.manager(model_dir)
   target = jax.eval_shape(
-      lambda: models.CalmModel(config).init_params(jax.random.PRNGKey(0)))
+    lambda: models.CalmModel(config).init_params(jax.random.PRNGKey(0))
+  )
   target = target['params']
   if shardings is not None:
     target = partitioning.with_shardings(target, shardings)
@@ -136,8 +164,7 @@ def load_params(model_dir: str, config: network.T5Config,
   return restored['params'], step
 
 
-def load_classifier(model_dir: str, config: network.T5Config
-                    ) -> Optional[Any]:
+def load_classifier(model_dir: str, config: network.T5Config) -> Optional[Any]:
   """The latest exit classifier of a model dir, or None if never trained."""
   if not files.is_dir(files.join(model_dir, checkpoints.CLASSIFIER_SUBDIR)):
     return None

@@ -3,6 +3,7 @@
 No nn.Module is defined here; `CalmModel` pairs a `network.EncoderDecoder`
 with pure functions over its parameters.
 """
+
 import dataclasses
 from typing import Any
 from typing import Mapping
@@ -21,9 +22,9 @@ Array = jax.Array
 Params = Mapping[str, Any]
 
 
-
-def exit_loss_weights(exit_layers: tuple[int, ...], weighting: str = 'linear'
-                      ) -> np.ndarray:
+def exit_loss_weights(
+  exit_layers: tuple[int, ...], weighting: str = 'linear'
+) -> np.ndarray:
   """Weights of the per-exit losses, summing to 1.
 
   linear: w_i proportional to the layer index i (CALM's choice, higher layers
@@ -40,17 +41,24 @@ def exit_loss_weights(exit_layers: tuple[int, ...], weighting: str = 'linear'
   return (raw / raw.sum()).astype(np.float32)
 
 
-def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float
-                              ) -> tuple[Array, Array]:
+def cross_entropy_with_z_loss(
+  logits: Array, targets: Array, z_loss: float
+) -> tuple[Array, Array]:
   """Token cross-entropy and z-loss (z_loss * log(Z)^2), both [...]."""
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[
+    ..., 0
+  ]
   return log_z - target_logit, z_loss * jnp.square(log_z)
 
 
-def calm_loss(exit_logits: Array, targets: Array, loss_mask: Array,
-              weights: Array, z_loss: float = 1e-4
-              ) -> tuple[Array, dict[str, Array]]:
+def calm_loss(
+  exit_logits: Array,
+  targets: Array,
+  loss_mask: Array,
+  weights: Array,
+  z_loss: float = 1e-4,
+) -> tuple[Array, dict[str, Array]]:
   """CALM's weighted per-exit loss.
 
   Args:
@@ -71,17 +79,20 @@ def calm_loss(exit_logits: Array, targets: Array, loss_mask: Array,
   correct = (jnp.argmax(exit_logits, axis=-1) == targets[None]) * mask
   per_exit_accuracy = correct.sum(axis=(1, 2)) / num_tokens
   loss = jnp.sum(weights * (per_exit_ce + per_exit_z))
-  metrics = {'loss': loss, 'cross_entropy': jnp.sum(weights * per_exit_ce),
-             'z_loss': jnp.sum(weights * per_exit_z),
-             'loss_per_exit': per_exit_ce,
-             'accuracy_per_exit': per_exit_accuracy,
-             'num_tokens': num_tokens}
+  metrics = {
+    'loss': loss,
+    'cross_entropy': jnp.sum(weights * per_exit_ce),
+    'z_loss': jnp.sum(weights * per_exit_z),
+    'loss_per_exit': per_exit_ce,
+    'accuracy_per_exit': per_exit_accuracy,
+    'num_tokens': num_tokens,
+  }
   return loss, metrics
 
 
-def exit_classifier_loss(classifier: Params, hidden: Array,
-                         predictions: Array, loss_mask: Array
-                         ) -> tuple[Array, dict[str, Array]]:
+def exit_classifier_loss(
+  classifier: Params, hidden: Array, predictions: Array, loss_mask: Array
+) -> tuple[Array, dict[str, Array]]:
   """Class-balanced BCE of the exit classifier, averaged over exit layers.
 
   Args:
@@ -100,23 +111,28 @@ def exit_classifier_loss(classifier: Params, hidden: Array,
   w_pos = 0.5 / jnp.clip(positive_rate, 1e-3, None)[:, None, None]
   w_neg = 0.5 / jnp.clip(1 - positive_rate, 1e-3, None)[:, None, None]
   logit = confidence.classifier_logit(classifier, hidden)  # [x, b, l]
-  bce = -(w_pos * labels * jax.nn.log_sigmoid(logit)
-          + w_neg * (1 - labels) * jax.nn.log_sigmoid(-logit))
+  bce = -(
+    w_pos * labels * jax.nn.log_sigmoid(logit)
+    + w_neg * (1 - labels) * jax.nn.log_sigmoid(-logit)
+  )
   per_layer = (bce * mask).sum((1, 2)) / num_tokens
   correct = ((logit > 0) == (labels > 0.5)) * mask
   return per_layer.mean(), {
-      'loss': per_layer.mean(), 'loss_per_exit': per_layer,
-      'accuracy_per_exit': correct.sum((1, 2)) / num_tokens,
-      'positive_rate_per_exit': positive_rate}
+    'loss': per_layer.mean(),
+    'loss_per_exit': per_layer,
+    'accuracy_per_exit': correct.sum((1, 2)) / num_tokens,
+    'positive_rate_per_exit': positive_rate,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelStepFns:
   """`loops.StepFns` over one model's parameters and one encoded batch."""
+
   module: network.EncoderDecoder
   params: Params
   cross_kv: tuple[tuple[Array, Array], ...]  # layers x ([b, s, h, d],) * 2
-  encoder_mask: Array                         # [b, 1, 1, s]
+  encoder_mask: Array  # [b, 1, 1, s]
   max_length: int
 
   @property
@@ -124,9 +140,12 @@ class ModelStepFns:
     return self.module.config.num_decoder_layers
 
   def _decoder(self, method, *args, **kwargs):
-    return self.module.apply({'params': self.params}, *args, **kwargs,
-                             method=lambda m, *a, **k: method(m.decoder, *a,
-                                                              **k))
+    return self.module.apply(
+      {'params': self.params},
+      *args,
+      **kwargs,
+      method=lambda m, *a, **k: method(m.decoder, *a, **k),
+    )
 
   def embed(self, tokens: Array) -> Array:
     return self._decoder(network.Decoder.embed, tokens)
@@ -134,18 +153,37 @@ class ModelStepFns:
   def layer_kv(self, layer: int, x: Array) -> tuple[Array, Array]:
     return self._decoder(network.Decoder.layer_kv, layer, x)
 
-  def layer_step(self, layer: int, x: Array, keys: Array, values: Array,
-                 position: Array, rows: Array | None = None) -> Array:
+  def layer_step(
+    self,
+    layer: int,
+    x: Array,
+    keys: Array,
+    values: Array,
+    position: Array,
+    rows: Array | None = None,
+  ) -> Array:
     bias = self._decoder(network.Decoder.step_bias, position, self.max_length)
     mask = (jnp.arange(self.max_length) <= position)[None, None, None, :]
     cross_k, cross_v = self.cross_kv[layer]
     cross_mask = self.encoder_mask
     if rows is not None:  # a bucket of rows: gather their encoder context
-      cross_k, cross_v, cross_mask = (cross_k[rows], cross_v[rows],
-                                      cross_mask[rows])
-    return self._decoder(network.Decoder.layer_step, layer, x, keys, values,
-                         cross_k, cross_v, self_bias=bias, self_mask=mask,
-                         cross_mask=cross_mask)
+      cross_k, cross_v, cross_mask = (
+        cross_k[rows],
+        cross_v[rows],
+        cross_mask[rows],
+      )
+    return self._decoder(
+      network.Decoder.layer_step,
+      layer,
+      x,
+      keys,
+      values,
+      cross_k,
+      cross_v,
+      self_bias=bias,
+      self_mask=mask,
+      cross_mask=cross_mask,
+    )
 
   def logits(self, h: Array) -> Array:
     return self._decoder(network.Decoder.logits, h)
@@ -154,6 +192,7 @@ class ModelStepFns:
 @dataclasses.dataclass(frozen=True)
 class CalmModel:
   """A multi-exit T5 and the pure functions the jobs need around it."""
+
   config: network.T5Config
   loss_weighting: str = 'linear'
   z_loss: float = 1e-4
@@ -162,8 +201,9 @@ class CalmModel:
   def module(self) -> network.EncoderDecoder:
     return network.EncoderDecoder(self.config)
 
-  def init_params(self, rng: Array, input_length: int = 8,
-                  target_length: int = 8) -> Params:
+  def init_params(
+    self, rng: Array, input_length: int = 8, target_length: int = 8
+  ) -> Params:
     """Random parameters (plain arrays; logical axes via `param_axes`)."""
     return nn.meta.unbox(self._init_boxed(rng, input_length, target_length))
 
@@ -180,33 +220,59 @@ class CalmModel:
   def exit_weights(self) -> np.ndarray:
     return exit_loss_weights(self.config.exit_layers, self.loss_weighting)
 
-  def loss(self, params: Params, batch: Mapping[str, Array], *,
-           dropout_rng: Array | None = None) -> tuple[Array, dict]:
+  def loss(
+    self,
+    params: Params,
+    batch: Mapping[str, Array],
+    *,
+    dropout_rng: Array | None = None,
+  ) -> tuple[Array, dict]:
     """Weighted per-exit loss of a feature-converted EncDec batch."""
     deterministic = dropout_rng is None
     rngs = {} if deterministic else {'dropout': dropout_rng}
     logits = self.module.apply(
-        {'params': params}, batch['encoder_input_tokens'],
-        batch['decoder_input_tokens'], deterministic=deterministic, rngs=rngs)
-    return calm_loss(logits, batch['decoder_target_tokens'],
-                     batch['decoder_loss_weights'], self.exit_weights(),
-                     self.z_loss)
+      {'params': params},
+      batch['encoder_input_tokens'],
+      batch['decoder_input_tokens'],
+      deterministic=deterministic,
+      rngs=rngs,
+    )
+    return calm_loss(
+      logits,
+      batch['decoder_target_tokens'],
+      batch['decoder_loss_weights'],
+      self.exit_weights(),
+      self.z_loss,
+    )
 
-  def classifier_loss(self, classifier: Params, params: Params,
-                      batch: Mapping[str, Array]) -> tuple[Array, dict]:
+  def classifier_loss(
+    self, classifier: Params, params: Params, batch: Mapping[str, Array]
+  ) -> tuple[Array, dict]:
     """Stage 2: the exit classifier's loss; the backbone gets no gradient."""
     module = self.module
-    hidden = jax.lax.stop_gradient(module.apply(
-        {'params': params}, batch['encoder_input_tokens'],
+    hidden = jax.lax.stop_gradient(
+      module.apply(
+        {'params': params},
+        batch['encoder_input_tokens'],
         batch['decoder_input_tokens'],
-        method=network.EncoderDecoder.decoder_hidden))  # [L, b, l, e]
+        method=network.EncoderDecoder.decoder_hidden,
+      )
+    )  # [L, b, l, e]
     exits = self.classifier_exit_layers()
     with_top = (*exits, self.config.num_decoder_layers)
-    logits = module.apply({'params': params}, hidden, with_top,
-                          method=network.EncoderDecoder.exit_logits)
+    logits = module.apply(
+      {'params': params},
+      hidden,
+      with_top,
+      method=network.EncoderDecoder.exit_logits,
+    )
     predictions = jnp.argmax(logits, -1)
-    return exit_classifier_loss(classifier, hidden[jnp.asarray(exits) - 1],
-                                predictions, batch['decoder_loss_weights'])
+    return exit_classifier_loss(
+      classifier,
+      hidden[jnp.asarray(exits) - 1],
+      predictions,
+      batch['decoder_loss_weights'],
+    )
 
   def exit_config(self, confidence: str, **options) -> loops.ExitConfig:
     """The early-exit settings of this model for a measure: exits on the
@@ -214,45 +280,66 @@ class CalmModel:
     with `ExitConfig.create`'s options (min_exit, tau, propagation,
     sampling, bucket_sizes). Every job builds its ExitConfig here."""
     return loops.ExitConfig.create(
-        self.config.num_decoder_layers, confidence=confidence,
-        first_exit=self.config.first_exit,
-        exit_interval=self.config.exit_interval, **options)
+      self.config.num_decoder_layers,
+      confidence=confidence,
+      first_exit=self.config.first_exit,
+      exit_interval=self.config.exit_interval,
+      **options,
+    )
 
   def classifier_exit_layers(self) -> tuple[int, ...]:
     """Exits below the top: where the classifier is trained and used."""
-    return tuple(l for l in self.config.exit_layers
-                 if l < self.config.num_decoder_layers)
+    return tuple(
+      l for l in self.config.exit_layers if l < self.config.num_decoder_layers
+    )
 
-  def all_layer_logits(self, params: Params, encoder_tokens: Array,
-                       decoder_input_tokens: Array) -> Array:
+  def all_layer_logits(
+    self, params: Params, encoder_tokens: Array, decoder_input_tokens: Array
+  ) -> Array:
     """Teacher-forced logits of every decoder layer [L, b, l, v]."""
     module = self.module
-    hidden = module.apply({'params': params}, encoder_tokens,
-                          decoder_input_tokens,
-                          method=network.EncoderDecoder.decoder_hidden)
+    hidden = module.apply(
+      {'params': params},
+      encoder_tokens,
+      decoder_input_tokens,
+      method=network.EncoderDecoder.decoder_hidden,
+    )
     layers = tuple(range(1, self.config.num_decoder_layers + 1))
-    return module.apply({'params': params}, hidden, layers,
-                        method=network.EncoderDecoder.exit_logits)
+    return module.apply(
+      {'params': params},
+      hidden,
+      layers,
+      method=network.EncoderDecoder.exit_logits,
+    )
 
-  def encode_context(self, params: Params, encoder_tokens: Array
-                     ) -> tuple[tuple[tuple[Array, Array], ...], Array]:
+  def encode_context(
+    self, params: Params, encoder_tokens: Array
+  ) -> tuple[tuple[tuple[Array, Array], ...], Array]:
     """What decoding needs of the inputs: per-layer cross K/V and the mask."""
     module = self.module
-    encoded = module.apply({'params': params}, encoder_tokens,
-                           method=network.EncoderDecoder.encode)
-    cross_kv = module.apply({'params': params}, encoded,
-                            method=lambda m, e: m.decoder.cross_kv(e))
+    encoded = module.apply(
+      {'params': params}, encoder_tokens, method=network.EncoderDecoder.encode
+    )
+    cross_kv = module.apply(
+      {'params': params}, encoded, method=lambda m, e: m.decoder.cross_kv(e)
+    )
     return cross_kv, network.key_padding_mask(encoder_tokens)
 
-  def step_fns(self, params: Params, encoder_tokens: Array,
-               max_length: int, context=None) -> ModelStepFns:
+  def step_fns(
+    self, params: Params, encoder_tokens: Array, max_length: int, context=None
+  ) -> ModelStepFns:
     """The decode callbacks; encodes the inputs unless `context` (from
     `encode_context`) is given, as benchmarks of the loop alone do."""
     if context is None:
       context = self.encode_context(params, encoder_tokens)
     cross_kv, mask = context
-    return ModelStepFns(module=self.module, params=params, cross_kv=cross_kv,
-                        encoder_mask=mask, max_length=max_length)
+    return ModelStepFns(
+      module=self.module,
+      params=params,
+      cross_kv=cross_kv,
+      encoder_mask=mask,
+      max_length=max_length,
+    )
 
   @staticmethod
   def _batch_size(encoder_tokens: Array | None, context) -> int:
@@ -262,42 +349,76 @@ class CalmModel:
     return context[1].shape[0]  # the encoder mask [b, 1, 1, s]
 
   def _cache_args(self) -> dict:
-    return dict(cache_shape=(self.config.num_heads, self.config.head_dim),
-                cache_dtype=self.config.jnp_dtype)
+    return dict(
+      cache_shape=(self.config.num_heads, self.config.head_dim),
+      cache_dtype=self.config.jnp_dtype,
+    )
 
-  def decode_static(self, params: Params, encoder_tokens: Array,
-                    max_length: int, *, eos_id: int = 1,
-                    sampling: loops.Sampling = loops.Sampling(),
-                    rng: Array | None = None, oracle: bool = False,
-                    context=None) -> loops.DecodeOutput:
+  def decode_static(
+    self,
+    params: Params,
+    encoder_tokens: Array,
+    max_length: int,
+    *,
+    eos_id: int = 1,
+    sampling: loops.Sampling = loops.Sampling(),
+    rng: Array | None = None,
+    oracle: bool = False,
+    context=None,
+  ) -> loops.DecodeOutput:
     """Full-depth decode of [b, s] inputs, or of their `context` (from
     `encode_context`; encoder_tokens may then be None), optionally with
     the oracle's exit layers."""
     fns = self.step_fns(params, encoder_tokens, max_length, context)
     return loops.static_decode(
-        fns, batch_size=self._batch_size(encoder_tokens, context),
-        max_length=max_length,
-        eos_id=eos_id, sampling=sampling, rng=rng, oracle=oracle,
-        **self._cache_args())
+      fns,
+      batch_size=self._batch_size(encoder_tokens, context),
+      max_length=max_length,
+      eos_id=eos_id,
+      sampling=sampling,
+      rng=rng,
+      oracle=oracle,
+      **self._cache_args(),
+    )
 
-  def decode_early_exit(self, params: Params, encoder_tokens: Array,
-                        max_length: int, *, exit_config: loops.ExitConfig,
-                        threshold: Array, eos_id: int = 1,
-                        classifier: Params | None = None,
-                        rng: Array | None = None,
-                        forced_exit_layers: Array | None = None,
-                        context=None) -> loops.DecodeOutput:
+  def decode_early_exit(
+    self,
+    params: Params,
+    encoder_tokens: Array,
+    max_length: int,
+    *,
+    exit_config: loops.ExitConfig,
+    threshold: Array,
+    eos_id: int = 1,
+    classifier: Params | None = None,
+    rng: Array | None = None,
+    forced_exit_layers: Array | None = None,
+    context=None,
+  ) -> loops.DecodeOutput:
     """CALM decode of [b, s] inputs or of their `context`, as in
     `decode_static` (jit it with exit_config static)."""
     fns = self.step_fns(params, encoder_tokens, max_length, context)
     return loops.early_exit_decode(
-        fns, exit_config, threshold=threshold,
-        batch_size=self._batch_size(encoder_tokens, context),
-        max_length=max_length, eos_id=eos_id, classifier=classifier, rng=rng,
-        forced_exit_layers=forced_exit_layers, **self._cache_args())
+      fns,
+      exit_config,
+      threshold=threshold,
+      batch_size=self._batch_size(encoder_tokens, context),
+      max_length=max_length,
+      eos_id=eos_id,
+      classifier=classifier,
+      rng=rng,
+      forced_exit_layers=forced_exit_layers,
+      **self._cache_args(),
+    )
 
-  def predict_full_depth(self, params: Params, encoder_tokens: Array,
-                         max_length: int, eos_id: int = 1) -> Array:
+  def predict_full_depth(
+    self,
+    params: Params,
+    encoder_tokens: Array,
+    max_length: int,
+    eos_id: int = 1,
+  ) -> Array:
     """Greedy full-depth decoding [b, s] -> [b, max_length]."""
-    return self.decode_static(params, encoder_tokens, max_length,
-                              eos_id=eos_id).tokens
+    return self.decode_static(
+      params, encoder_tokens, max_length, eos_id=eos_id
+    ).tokens

@@ -12,6 +12,7 @@ to its cache, and runs the rest of the layer only for rows that still need it.
 Einsum letters: b batch, l decoder length, s encoder length, t cache length,
 h heads, d head dim, e embed, v vocab, x exits.
 """
+
 import dataclasses
 from typing import Sequence
 
@@ -33,6 +34,7 @@ class T5Config:
   trained as exits: first_exit, first_exit + interval, ...; the top layer is
   always an exit.
   """
+
   vocab_size: int = 32128
   emb_dim: int = 512
   num_heads: int = 6
@@ -53,15 +55,19 @@ class T5Config:
   dtype: str = 'float32'
 
   def __post_init__(self):
-    arguments.check(first_exit=self.first_exit,
-                    exit_interval=self.exit_interval, dtype=self.dtype,
-                    num_layers=self.num_decoder_layers)
+    arguments.check(
+      first_exit=self.first_exit,
+      exit_interval=self.exit_interval,
+      dtype=self.dtype,
+      num_layers=self.num_decoder_layers,
+    )
 
   @property
   def exit_layers(self) -> tuple[int, ...]:
     """1-based decoder layers that emit a prediction in training."""
-    layers_ = range(self.first_exit, self.num_decoder_layers + 1,
-                    self.exit_interval)
+    layers_ = range(
+      self.first_exit, self.num_decoder_layers + 1, self.exit_interval
+    )
     return tuple(sorted(set(layers_) | {self.num_decoder_layers}))
 
   @property
@@ -71,8 +77,12 @@ class T5Config:
 
 def _attention(cfg: T5Config) -> layers.MultiHeadAttention:
   return layers.MultiHeadAttention(
-      embed_dim=cfg.emb_dim, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-      dropout_rate=cfg.dropout_rate, dtype=cfg.jnp_dtype)
+    embed_dim=cfg.emb_dim,
+    num_heads=cfg.num_heads,
+    head_dim=cfg.head_dim,
+    dropout_rate=cfg.dropout_rate,
+    dtype=cfg.jnp_dtype,
+  )
 
 
 def _norm(cfg: T5Config) -> layers.RMSNorm:
@@ -80,15 +90,21 @@ def _norm(cfg: T5Config) -> layers.RMSNorm:
 
 
 def _mlp(cfg: T5Config) -> layers.GatedMLP:
-  return layers.GatedMLP(embed_dim=cfg.emb_dim, mlp_dim=cfg.mlp_dim,
-                         dropout_rate=cfg.dropout_rate, dtype=cfg.jnp_dtype)
+  return layers.GatedMLP(
+    embed_dim=cfg.emb_dim,
+    mlp_dim=cfg.mlp_dim,
+    dropout_rate=cfg.dropout_rate,
+    dtype=cfg.jnp_dtype,
+  )
 
 
 def _relpos(cfg: T5Config, *, bidirectional: bool):
   return layers.RelativePositionBias(
-      num_heads=cfg.num_heads, bidirectional=bidirectional,
-      num_buckets=cfg.relative_attention_num_buckets,
-      max_distance=cfg.relative_attention_max_distance)
+    num_heads=cfg.num_heads,
+    bidirectional=bidirectional,
+    num_buckets=cfg.relative_attention_num_buckets,
+    max_distance=cfg.relative_attention_max_distance,
+  )
 
 
 def key_padding_mask(tokens: Array) -> Array:
@@ -107,8 +123,9 @@ class EncoderLayer(nn.Module):
     self.mlp = _mlp(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def __call__(self, x: Array, *, bias: Array, mask: Array,
-               deterministic: bool) -> Array:
+  def __call__(
+    self, x: Array, *, bias: Array, mask: Array, deterministic: bool
+  ) -> Array:
     y = self.pre_attention_norm(x)
     y = self.attention(y, y, bias=bias, mask=mask, deterministic=deterministic)
     x = x + self.dropout(y, deterministic=deterministic)
@@ -123,8 +140,10 @@ class Encoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.relpos_bias = _relpos(cfg, bidirectional=True)
-    self.layers = [EncoderLayer(cfg, name=f'layers_{i}')
-                   for i in range(cfg.num_encoder_layers)]
+    self.layers = [
+      EncoderLayer(cfg, name=f'layers_{i}')
+      for i in range(cfg.num_encoder_layers)
+    ]
     self.encoder_norm = _norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
@@ -142,6 +161,7 @@ class Encoder(nn.Module):
 
 class DecoderLayer(nn.Module):
   """Self-attention, cross-attention, MLP; each pre-normed and residual."""
+
   config: T5Config
 
   def setup(self):
@@ -168,31 +188,54 @@ class DecoderLayer(nn.Module):
 
   def _self_attend(self, x, keys, values, bias, mask, deterministic):
     q = self.self_attention.project_q(self.pre_self_attention_norm(x))
-    y = self.self_attention.attend(q, keys, values, bias=bias, mask=mask,
-                                   deterministic=deterministic)
+    y = self.self_attention.attend(
+      q, keys, values, bias=bias, mask=mask, deterministic=deterministic
+    )
     return x + self.dropout(y, deterministic=deterministic)
 
   def _cross_and_mlp(self, x, cross_k, cross_v, cross_mask, deterministic):
     attn = self.encoder_decoder_attention
     q = attn.project_q(self.pre_cross_attention_norm(x))
-    y = attn.attend(q, cross_k, cross_v, bias=None, mask=cross_mask,
-                    deterministic=deterministic)
+    y = attn.attend(
+      q,
+      cross_k,
+      cross_v,
+      bias=None,
+      mask=cross_mask,
+      deterministic=deterministic,
+    )
     x = x + self.dropout(y, deterministic=deterministic)
     y = self.mlp(self.pre_mlp_norm(x), deterministic=deterministic)
     return x + self.dropout(y, deterministic=deterministic)
 
-  def __call__(self, x: Array, encoded: Array, *, self_bias: Array,
-               self_mask: Array, cross_mask: Array,
-               deterministic: bool) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    encoded: Array,
+    *,
+    self_bias: Array,
+    self_mask: Array,
+    cross_mask: Array,
+    deterministic: bool,
+  ) -> Array:
     """Whole-sequence (teacher-forced) layer: x [b, l, e] -> [b, l, e]."""
     keys, values = self.self_kv(x)
     x = self._self_attend(x, keys, values, self_bias, self_mask, deterministic)
     cross_k, cross_v = self.cross_kv(encoded)
     return self._cross_and_mlp(x, cross_k, cross_v, cross_mask, deterministic)
 
-  def step(self, x: Array, keys: Array, values: Array, cross_k: Array,
-           cross_v: Array, *, self_bias: Array, self_mask: Array,
-           cross_mask: Array) -> Array:
+  def step(
+    self,
+    x: Array,
+    keys: Array,
+    values: Array,
+    cross_k: Array,
+    cross_v: Array,
+    *,
+    self_bias: Array,
+    self_mask: Array,
+    cross_mask: Array,
+  ) -> Array:
     """One decode position, x [b, 1, e] -> [b, 1, e].
 
     keys/values [b, t, h, d] is this layer's cache, already holding this
@@ -209,37 +252,60 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.relpos_bias = _relpos(cfg, bidirectional=False)
-    self.layers = [DecoderLayer(cfg, name=f'layers_{i}')
-                   for i in range(cfg.num_decoder_layers)]
+    self.layers = [
+      DecoderLayer(cfg, name=f'layers_{i}')
+      for i in range(cfg.num_decoder_layers)
+    ]
     self.decoder_norm = _norm(cfg)
     self.logits_dense = self.param(
-        'logits_dense',
-        layers._init(nn.initializers.variance_scaling(1.0, 'fan_in', 'normal'),
-                     ('embed', 'vocab')),
-        (cfg.emb_dim, cfg.vocab_size), jnp.float32)
+      'logits_dense',
+      layers._init(
+        nn.initializers.variance_scaling(1.0, 'fan_in', 'normal'),
+        ('embed', 'vocab'),
+      ),
+      (cfg.emb_dim, cfg.vocab_size),
+      jnp.float32,
+    )
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def logits(self, h: Array) -> Array:
     """Exit head: [..., e] raw hidden state -> [..., v] float32 logits (the
     confidence measures and the loss read them in float32 whatever the
     activation dtype)."""
-    return layers.dense('...e,ev->...v', self.decoder_norm(h),
-                        self.logits_dense, self.config.jnp_dtype)
+    return layers.dense(
+      '...e,ev->...v',
+      self.decoder_norm(h),
+      self.logits_dense,
+      self.config.jnp_dtype,
+    )
 
-  def __call__(self, encoded: Array, encoder_tokens: Array,
-               decoder_input_tokens: Array, *, deterministic: bool) -> Array:
+  def __call__(
+    self,
+    encoded: Array,
+    encoder_tokens: Array,
+    decoder_input_tokens: Array,
+    *,
+    deterministic: bool,
+  ) -> Array:
     """Teacher-forced pass -> raw hidden state of every layer [L, b, l, e]."""
     length = decoder_input_tokens.shape[1]
     positions = jnp.arange(length)
     self_bias = self.relpos_bias(positions, positions)  # [1, h, l, l]
     self_mask = nn.make_causal_mask(decoder_input_tokens)  # [b, 1, l, l]
     cross_mask = key_padding_mask(encoder_tokens)
-    x = self.dropout(self.shared_embedding(decoder_input_tokens),
-                     deterministic=deterministic)
+    x = self.dropout(
+      self.shared_embedding(decoder_input_tokens), deterministic=deterministic
+    )
     hidden = []
     for layer in self.layers:
-      x = layer(x, encoded, self_bias=self_bias, self_mask=self_mask,
-                cross_mask=cross_mask, deterministic=deterministic)
+      x = layer(
+        x,
+        encoded,
+        self_bias=self_bias,
+        self_mask=self_mask,
+        cross_mask=cross_mask,
+        deterministic=deterministic,
+      )
       x = layers.constrain(x, ('batch', 'length', 'embed'))
       hidden.append(x)
     return jnp.stack(hidden)
@@ -256,52 +322,86 @@ class Decoder(nn.Module):
 
   def step_bias(self, position: Array, cache_length: int) -> Array:
     """Relative position bias of query `position` over the cache [1, h, 1, t]."""
-    return self.relpos_bias(jnp.reshape(position, (1,)),
-                            jnp.arange(cache_length))
+    return self.relpos_bias(
+      jnp.reshape(position, (1,)), jnp.arange(cache_length)
+    )
 
   def layer_kv(self, index: int, x: Array) -> tuple[Array, Array]:
     return self.layers[index].self_kv(x)
 
-  def layer_step(self, index: int, x: Array, keys: Array, values: Array,
-                 cross_k: Array, cross_v: Array, *, self_bias: Array,
-                 self_mask: Array, cross_mask: Array) -> Array:
-    return self.layers[index].step(x, keys, values, cross_k, cross_v,
-                                   self_bias=self_bias, self_mask=self_mask,
-                                   cross_mask=cross_mask)
+  def layer_step(
+    self,
+    index: int,
+    x: Array,
+    keys: Array,
+    values: Array,
+    cross_k: Array,
+    cross_v: Array,
+    *,
+    self_bias: Array,
+    self_mask: Array,
+    cross_mask: Array,
+  ) -> Array:
+    return self.layers[index].step(
+      x,
+      keys,
+      values,
+      cross_k,
+      cross_v,
+      self_bias=self_bias,
+      self_mask=self_mask,
+      cross_mask=cross_mask,
+    )
 
 
 class EncoderDecoder(nn.Module):
   """T5 1.1 with a shared input embedding and an untied output head."""
+
   config: T5Config
 
   def setup(self):
     cfg = self.config
-    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim,
-                                       dtype=cfg.jnp_dtype)
+    self.token_embedder = layers.Embed(
+      cfg.vocab_size, cfg.emb_dim, dtype=cfg.jnp_dtype
+    )
     self.encoder = Encoder(cfg, self.token_embedder)
     self.decoder = Decoder(cfg, self.token_embedder)
 
-  def encode(self, encoder_tokens: Array, *, deterministic: bool = True
-             ) -> Array:
+  def encode(
+    self, encoder_tokens: Array, *, deterministic: bool = True
+  ) -> Array:
     return self.encoder(encoder_tokens, deterministic=deterministic)
 
-  def decoder_hidden(self, encoder_tokens: Array, decoder_input_tokens: Array,
-                     *, deterministic: bool = True) -> Array:
+  def decoder_hidden(
+    self,
+    encoder_tokens: Array,
+    decoder_input_tokens: Array,
+    *,
+    deterministic: bool = True,
+  ) -> Array:
     """Raw hidden state of every decoder layer [L, b, l, e]."""
     encoded = self.encode(encoder_tokens, deterministic=deterministic)
-    return self.decoder(encoded, encoder_tokens, decoder_input_tokens,
-                        deterministic=deterministic)
+    return self.decoder(
+      encoded, encoder_tokens, decoder_input_tokens, deterministic=deterministic
+    )
 
-  def exit_logits(self, hidden: Array,
-                  exit_layers: Sequence[int] | None = None) -> Array:
+  def exit_logits(
+    self, hidden: Array, exit_layers: Sequence[int] | None = None
+  ) -> Array:
     """hidden [L, b, l, e] -> logits [x, b, l, v] of the given 1-based exits."""
     exit_layers = exit_layers or self.config.exit_layers
     chosen = hidden[jnp.asarray(exit_layers) - 1]
     return self.decoder.logits(chosen)
 
-  def __call__(self, encoder_tokens: Array, decoder_input_tokens: Array, *,
-               deterministic: bool = True) -> Array:
+  def __call__(
+    self,
+    encoder_tokens: Array,
+    decoder_input_tokens: Array,
+    *,
+    deterministic: bool = True,
+  ) -> Array:
     """Training forward: logits of every configured exit [x, b, l, v]."""
-    hidden = self.decoder_hidden(encoder_tokens, decoder_input_tokens,
-                                 deterministic=deterministic)
+    hidden = self.decoder_hidden(
+      encoder_tokens, decoder_input_tokens, deterministic=deterministic
+    )
     return self.exit_logits(hidden)

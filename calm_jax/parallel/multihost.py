@@ -9,6 +9,7 @@ process (index 0) writes files.
 With one process every function here is the identity, and costs nothing.
 No TensorFlow, no gin.
 """
+
 import json
 import os
 from typing import Any
@@ -23,8 +24,8 @@ import numpy as np
 from calm_jax import errors
 
 # Environment variables read when gin leaves the setting unset.
-COORDINATOR_ENV = 'CALM_COORDINATOR_ADDRESS'      # host:port of process 0
-BIND_ENV = 'CALM_COORDINATOR_BIND_ADDRESS'        # what process 0 listens on
+COORDINATOR_ENV = 'CALM_COORDINATOR_ADDRESS'  # host:port of process 0
+BIND_ENV = 'CALM_COORDINATOR_BIND_ADDRESS'  # what process 0 listens on
 NUM_PROCESSES_ENV = 'CALM_NUM_PROCESSES'
 PROCESS_ID_ENV = 'CALM_PROCESS_ID'
 
@@ -34,11 +35,13 @@ def _env_int(name: str) -> Optional[int]:
   return int(value) if value not in (None, '') else None
 
 
-def initialize(coordinator_address: Optional[str] = None,
-               num_processes: Optional[int] = None,
-               process_id: Optional[int] = None,
-               coordinator_bind_address: Optional[str] = None,
-               auto: bool = False) -> bool:
+def initialize(
+  coordinator_address: Optional[str] = None,
+  num_processes: Optional[int] = None,
+  process_id: Optional[int] = None,
+  coordinator_bind_address: Optional[str] = None,
+  auto: bool = False,
+) -> bool:
   """Joins a multi-process JAX system; True if it did.
 
   Arguments left None come from the CALM_* environment variables. With no
@@ -51,20 +54,29 @@ def initialize(coordinator_address: Optional[str] = None,
     return False
   kwargs = {}
   if coordinator_address:
-    num_processes = (num_processes if num_processes is not None
-                     else _env_int(NUM_PROCESSES_ENV))
-    process_id = (process_id if process_id is not None
-                  else _env_int(PROCESS_ID_ENV))
+    num_processes = (
+      num_processes
+      if num_processes is not None
+      else _env_int(NUM_PROCESSES_ENV)
+    )
+    process_id = (
+      process_id if process_id is not None else _env_int(PROCESS_ID_ENV)
+    )
     if num_processes is None or process_id is None:
       raise errors.SettingError(
-          f'a coordinator address needs the process count and this '
-          f'process id: set {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} (or '
-          'calm_jax.distributed.num_processes / process_id)')
+        f'a coordinator address needs the process count and this '
+        f'process id: set {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} (or '
+        'calm_jax.distributed.num_processes / process_id)'
+      )
     if not 0 <= process_id < num_processes:
-      raise errors.SettingError(f'process id {process_id} is not in '
-                       f'[0, {num_processes})')
-    kwargs = dict(coordinator_address=coordinator_address,
-                  num_processes=num_processes, process_id=process_id)
+      raise errors.SettingError(
+        f'process id {process_id} is not in [0, {num_processes})'
+      )
+    kwargs = dict(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+    )
     bind = coordinator_bind_address or os.environ.get(BIND_ENV)
     if bind:
       kwargs['coordinator_bind_address'] = bind
@@ -81,8 +93,10 @@ def local_batch_size(global_batch_size: int) -> int:
   """This process's rows of each global batch (processes split it evenly)."""
   processes = jax.process_count()
   if global_batch_size % processes:
-    raise errors.SettingError(f'batch size {global_batch_size} does not split over '
-                     f'{processes} processes')
+    raise errors.SettingError(
+      f'batch size {global_batch_size} does not split over '
+      f'{processes} processes'
+    )
   return global_batch_size // processes
 
 
@@ -113,13 +127,16 @@ def allgather_json(obj: Any) -> list[Any]:
   if jax.process_count() == 1:
     return [obj]
   payload = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(
-      np.asarray(payload.size, np.int64)))  # [processes]
+  sizes = np.asarray(
+    multihost_utils.process_allgather(np.asarray(payload.size, np.int64))
+  )  # [processes]
   padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:payload.size] = payload
+  padded[: payload.size] = payload
   rows = multihost_utils.process_allgather(padded)  # [processes, length]
-  return [json.loads(bytes(row[:size]).decode())
-          for row, size in zip(np.asarray(rows), sizes)]
+  return [
+    json.loads(bytes(row[:size]).decode())
+    for row, size in zip(np.asarray(rows), sizes)
+  ]
 
 
 def from_primary(read: Callable[[], Any]) -> Any:

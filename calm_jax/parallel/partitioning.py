@@ -11,6 +11,7 @@ automatic partitioner inserts the collectives). The early-exit decode runs
 per 'data' shard (`per_data_shard`), so that each shard's rows decide its own
 exits and loop length. No TensorFlow, no gin.
 """
+
 import contextlib
 from typing import Any
 from typing import Callable
@@ -27,21 +28,41 @@ import numpy as np
 from calm_jax import errors
 
 MESH_AXES = ('data', 'model')
-AXES = ('batch', 'length', 'embed', 'heads', 'kv', 'mlp', 'vocab', 'relpos',
-        'layers')
-RULES = (('batch', 'data'), ('heads', 'model'), ('mlp', 'model'),
-         ('vocab', 'model'), ('length', None), ('embed', None), ('kv', None),
-         ('relpos', None), ('layers', None))
+AXES = (
+  'batch',
+  'length',
+  'embed',
+  'heads',
+  'kv',
+  'mlp',
+  'vocab',
+  'relpos',
+  'layers',
+)
+RULES = (
+  ('batch', 'data'),
+  ('heads', 'model'),
+  ('mlp', 'model'),
+  ('vocab', 'model'),
+  ('length', None),
+  ('embed', None),
+  ('kv', None),
+  ('relpos', None),
+  ('layers', None),
+)
 
 
-def make_mesh(shape: Optional[Sequence[int]] = None,
-              devices: Optional[Sequence[Any]] = None) -> Mesh:
+def make_mesh(
+  shape: Optional[Sequence[int]] = None, devices: Optional[Sequence[Any]] = None
+) -> Mesh:
   """A ('data', 'model') mesh; by default every device on 'data'."""
   devices = list(jax.devices() if devices is None else devices)
   shape = tuple(shape or (len(devices), 1))
   if len(shape) != len(MESH_AXES) or int(np.prod(shape)) != len(devices):
-    raise errors.SettingError(f'mesh shape {shape} does not hold {len(devices)} '
-                     f'devices as (data, model)')
+    raise errors.SettingError(
+      f'mesh shape {shape} does not hold {len(devices)} '
+      f'devices as (data, model)'
+    )
   return Mesh(np.array(devices).reshape(shape), MESH_AXES)
 
 
@@ -54,8 +75,10 @@ def param_shardings(param_axes: Any, mesh: Mesh) -> Any:
   """NamedShardings for a tree of logical PartitionSpecs (the output of
   `CalmModel.param_axes()`)."""
   return jax.tree_util.tree_map(
-      lambda spec: NamedSharding(mesh, logical_to_mesh(spec)), param_axes,
-      is_leaf=lambda x: isinstance(x, PartitionSpec))
+    lambda spec: NamedSharding(mesh, logical_to_mesh(spec)),
+    param_axes,
+    is_leaf=lambda x: isinstance(x, PartitionSpec),
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -92,17 +115,22 @@ def activation_rules(mesh: Mesh):
 def with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying shardings (restore and init targets)."""
   return jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract, shardings)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    abstract,
+    shardings,
+  )
 
 
 def _path_key(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-               for k in path)
+  return tuple(
+    str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+    for k in path
+  )
 
 
-def shardings_like_params(tree: Any, params: Any, params_shardings: Any,
-                          mesh: Mesh) -> Any:
+def shardings_like_params(
+  tree: Any, params: Any, params_shardings: Any, mesh: Mesh
+) -> Any:
   """Shardings for a tree whose leaves mirror parameters (optimizer state).
 
   A leaf whose key path ends with a parameter's path and has that parameter's
@@ -112,8 +140,9 @@ def shardings_like_params(tree: Any, params: Any, params_shardings: Any,
   """
   by_path = {}
   for (path, leaf), sharding in zip(
-      jax.tree_util.tree_flatten_with_path(params)[0],
-      jax.tree_util.tree_leaves(params_shardings)):
+    jax.tree_util.tree_flatten_with_path(params)[0],
+    jax.tree_util.tree_leaves(params_shardings),
+  ):
     by_path[_path_key(path)] = (leaf.shape, sharding)
 
   def pick(path, leaf):
@@ -130,9 +159,11 @@ def shardings_like_params(tree: Any, params: Any, params_shardings: Any,
 def check_batch_fits(global_batch_size: int, mesh: Mesh) -> None:
   data = mesh.shape['data']
   if global_batch_size % data:
-    raise errors.SettingError(f'batch size {global_batch_size} does not split over '
-                     f"the mesh's {data} 'data' shards; use a multiple of "
-                     f'{data}')
+    raise errors.SettingError(
+      f'batch size {global_batch_size} does not split over '
+      f"the mesh's {data} 'data' shards; use a multiple of "
+      f'{data}'
+    )
 
 
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:
@@ -143,12 +174,14 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   """
   sharding = batch_sharding(mesh)
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      local_batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+    local_batch,
+  )
 
 
-def per_data_shard(fn: Callable, mesh: Mesh, in_specs: Any, out_specs: Any
-                   ) -> Callable:
+def per_data_shard(
+  fn: Callable, mesh: Mesh, in_specs: Any, out_specs: Any
+) -> Callable:
   """`fn` run independently on each 'data' shard of the batch (shard_map
   over 'data'; 'model' stays under the automatic partitioner).
 
@@ -156,6 +189,13 @@ def per_data_shard(fn: Callable, mesh: Mesh, in_specs: Any, out_specs: Any
   buckets and ends its own position loop, instead of one program deciding
   for the global batch.
   """
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
-                               out_specs=out_specs, axis_names={'data'},
-                               check_vma=False))
+  return jax.jit(
+    jax.shard_map(
+      fn,
+      mesh=mesh,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      axis_names={'data'},
+      check_vma=False,
+    )
+  )

@@ -4,6 +4,7 @@ Per-example scores in [0, 1] are what calibration needs (a loss per
 calibration example); corpus scores are what tasks report (0-100 as T5 does).
 No TensorFlow here.
 """
+
 import collections
 import contextlib
 import functools
@@ -24,23 +25,34 @@ BOOTSTRAP_SEED = 0
 
 
 @functools.lru_cache(maxsize=None)
-def _scorer(rouge_types: tuple[str, ...], use_stemmer: bool
-            ) -> rouge_scorer.RougeScorer:
+def _scorer(
+  rouge_types: tuple[str, ...], use_stemmer: bool
+) -> rouge_scorer.RougeScorer:
   return rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
 
 
-def rouge_per_example(targets: Sequence[str], predictions: Sequence[str],
-                      rouge_type: str = 'rougeL', *, use_stemmer: bool = False
-                      ) -> np.ndarray:
+def rouge_per_example(
+  targets: Sequence[str],
+  predictions: Sequence[str],
+  rouge_type: str = 'rougeL',
+  *,
+  use_stemmer: bool = False,
+) -> np.ndarray:
   """F-measure of `rouge_type` for each (target, prediction) pair, in [0, 1].
 
   Summaries are split into sentences as T5 does (`split_summary_sentences`),
   which only ROUGE-Lsum reads.
   """
   scorer = _scorer((rouge_type,), use_stemmer)
-  return np.array([scorer.score(split_summary_sentences(t),
-                                split_summary_sentences(p))[rouge_type].fmeasure
-                   for t, p in zip(targets, predictions)], np.float64)
+  return np.array(
+    [
+      scorer.score(split_summary_sentences(t), split_summary_sentences(p))[
+        rouge_type
+      ].fmeasure
+      for t, p in zip(targets, predictions)
+    ],
+    np.float64,
+  )
 
 
 def split_summary_sentences(summary: str) -> str:
@@ -60,10 +72,15 @@ def _seeded_global_numpy(seed: int):
     np.random.set_state(state)
 
 
-def rouge(targets: Sequence[str], predictions: Sequence[str], *,
-          rouge_types: Sequence[str] = ROUGE_KEYS, use_stemmer: bool = False,
-          bootstrap: bool = True, seed: int = BOOTSTRAP_SEED
-          ) -> dict[str, float]:
+def rouge(
+  targets: Sequence[str],
+  predictions: Sequence[str],
+  *,
+  rouge_types: Sequence[str] = ROUGE_KEYS,
+  use_stemmer: bool = False,
+  bootstrap: bool = True,
+  seed: int = BOOTSTRAP_SEED,
+) -> dict[str, float]:
   """Corpus ROUGE F-measures x100, as t5.evaluation.metrics.rouge reports.
 
   Defaults are T5's: no stemming, summaries split into sentences at " . "
@@ -78,14 +95,14 @@ def rouge(targets: Sequence[str], predictions: Sequence[str], *,
   aggregator = scoring.BootstrapAggregator()
   per_example = collections.defaultdict(list)
   for target, prediction in zip(targets, predictions):
-    scores = scorer.score(split_summary_sentences(target),
-                          split_summary_sentences(prediction))
+    scores = scorer.score(
+      split_summary_sentences(target), split_summary_sentences(prediction)
+    )
     aggregator.add_scores(scores)
     for key, score in scores.items():
       per_example[key].append(score.fmeasure)
   if not bootstrap:
-    return {key: 100 * float(np.mean(per_example[key]))
-            for key in rouge_types}
+    return {key: 100 * float(np.mean(per_example[key])) for key in rouge_types}
   with _seeded_global_numpy(seed):
     result = aggregator.aggregate()
   return {key: 100 * float(result[key].mid.fmeasure) for key in rouge_types}
@@ -95,25 +112,39 @@ def rouge(targets: Sequence[str], predictions: Sequence[str], *,
 BLEU_TOKENIZER = 'intl'
 
 
-def bleu(targets: Sequence[str], predictions: Sequence[str]
-         ) -> dict[str, float]:
+def bleu(
+  targets: Sequence[str], predictions: Sequence[str]
+) -> dict[str, float]:
   """sacrebleu corpus BLEU with t5.evaluation's settings, 0-100 (the task
   metric; not the mean of `bleu_per_example`)."""
-  result = sacrebleu.corpus_bleu(list(predictions), [list(targets)],
-                                 smooth_method='exp', smooth_value=0.0,
-                                 force=False, lowercase=False,
-                                 tokenize=BLEU_TOKENIZER,
-                                 use_effective_order=False)
+  result = sacrebleu.corpus_bleu(
+    list(predictions),
+    [list(targets)],
+    smooth_method='exp',
+    smooth_value=0.0,
+    force=False,
+    lowercase=False,
+    tokenize=BLEU_TOKENIZER,
+    use_effective_order=False,
+  )
   return {'bleu': float(result.score)}
 
 
-def bleu_per_example(targets: Sequence[str], predictions: Sequence[str]
-                     ) -> np.ndarray:
+def bleu_per_example(
+  targets: Sequence[str], predictions: Sequence[str]
+) -> np.ndarray:
   """Sentence BLEU in [0, 1] (exp smoothing so short outputs are not 0):
   calibration needs a loss per example, which T5 does not define."""
-  return np.array([sacrebleu.sentence_bleu(p, [t], smooth_method='exp',
-                                           tokenize=BLEU_TOKENIZER).score
-                   / 100 for t, p in zip(targets, predictions)], np.float64)
+  return np.array(
+    [
+      sacrebleu.sentence_bleu(
+        p, [t], smooth_method='exp', tokenize=BLEU_TOKENIZER
+      ).score
+      / 100
+      for t, p in zip(targets, predictions)
+    ],
+    np.float64,
+  )
 
 
 def normalize_squad(text: str) -> str:
@@ -129,8 +160,9 @@ def _token_f1(target: str, prediction: str) -> float:
   when an answer normalises to nothing (`the`, `...`)."""
   target_tokens = normalize_squad(target).split()
   prediction_tokens = normalize_squad(prediction).split()
-  common = (collections.Counter(target_tokens)
-            & collections.Counter(prediction_tokens))
+  common = collections.Counter(target_tokens) & collections.Counter(
+    prediction_tokens
+  )
   overlap = sum(common.values())
   if overlap == 0:
     return 0.0
@@ -145,28 +177,38 @@ def _as_answers(target) -> list[str]:
 
 def token_f1_per_example(targets, predictions: Sequence[str]) -> np.ndarray:
   """SQuAD token F1 in [0, 1], max over each example's reference answers."""
-  return np.array([max(_token_f1(a, p) for a in _as_answers(t))
-                   for t, p in zip(targets, predictions)], np.float64)
+  return np.array(
+    [
+      max(_token_f1(a, p) for a in _as_answers(t))
+      for t, p in zip(targets, predictions)
+    ],
+    np.float64,
+  )
 
 
-def exact_match_per_example(targets, predictions: Sequence[str]
-                            ) -> np.ndarray:
-  return np.array([max(float(normalize_squad(a) == normalize_squad(p))
-                       for a in _as_answers(t))
-                   for t, p in zip(targets, predictions)], np.float64)
+def exact_match_per_example(targets, predictions: Sequence[str]) -> np.ndarray:
+  return np.array(
+    [
+      max(
+        float(normalize_squad(a) == normalize_squad(p)) for a in _as_answers(t)
+      )
+      for t, p in zip(targets, predictions)
+    ],
+    np.float64,
+  )
 
 
 def squad(targets, predictions: Sequence[str]) -> dict[str, float]:
   """Mean token F1 and exact match, x100 (SQuAD's official reporting)."""
-  return {'f1': 100 * float(np.mean(token_f1_per_example(targets,
-                                                         predictions))),
-          'em': 100 * float(np.mean(exact_match_per_example(targets,
-                                                            predictions)))}
+  return {
+    'f1': 100 * float(np.mean(token_f1_per_example(targets, predictions))),
+    'em': 100 * float(np.mean(exact_match_per_example(targets, predictions))),
+  }
 
 
 # Per-example scorers by metric name, for calibration losses.
 PER_EXAMPLE = {
-    'rougeL': rouge_per_example,
-    'bleu': bleu_per_example,
-    'f1': token_f1_per_example,
+  'rougeL': rouge_per_example,
+  'bleu': bleu_per_example,
+  'f1': token_f1_per_example,
 }

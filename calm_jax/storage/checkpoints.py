@@ -11,6 +11,7 @@ What a model dir holds besides (model.json, the vocabulary) and how a
 model's parameters are loaded from it is `model.model_dir`'s. Knows no
 model.
 """
+
 import hashlib
 import os
 from typing import Any
@@ -38,14 +39,21 @@ class NonFiniteError(CheckpointError):
   """Parameters or optimizer state with NaN or infinity: never saved."""
 
 
-def manager(model_dir: str, *, max_to_keep: Optional[int] = None,
-            save_interval_steps: int = 1,
-            subdir: str = CHECKPOINT_SUBDIR) -> ocp.CheckpointManager:
+def manager(
+  model_dir: str,
+  *,
+  max_to_keep: Optional[int] = None,
+  save_interval_steps: int = 1,
+  subdir: str = CHECKPOINT_SUBDIR,
+) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-      create=True)
-  root = os.path.abspath(model_dir) if files.is_local(model_dir) else (
-      model_dir)
+    max_to_keep=max_to_keep,
+    save_interval_steps=save_interval_steps,
+    create=True,
+  )
+  root = (
+    os.path.abspath(model_dir) if files.is_local(model_dir) else (model_dir)
+  )
   return ocp.CheckpointManager(files.join(root, subdir), options=options)
 
 
@@ -55,9 +63,11 @@ def _abstract(tree: Any) -> Any:
   saved on another mesh)."""
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(
-          x.shape, x.dtype, sharding=getattr(x, 'sharding', None) or default),
-      tree)
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=getattr(x, 'sharding', None) or default
+    ),
+    tree,
+  )
 
 
 def manifest_path(mgr: ocp.CheckpointManager, step: int) -> str:
@@ -70,13 +80,20 @@ def array_digests(tree: Any) -> tuple[dict[str, str], list[str]]:
   for key, array in provenance.host_leaves(tree):
     digests[key] = hashlib.sha256(array.tobytes()).hexdigest()
     if np.issubdtype(array.dtype, np.inexact) and not np.all(
-        np.isfinite(array)):
+      np.isfinite(array)
+    ):
       non_finite.append(key)
   return digests, non_finite
 
 
-def save(mgr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
-         *, force: bool = False) -> bool:
+def save(
+  mgr: ocp.CheckpointManager,
+  step: int,
+  params: Any,
+  opt_state: Any,
+  *,
+  force: bool = False,
+) -> bool:
   """Saves (asynchronously; orbax commits atomically) with a manifest of
   every array's sha256. True if it saved. Non-finite values are never
   saved: a NonFiniteError names them instead."""
@@ -85,13 +102,20 @@ def save(mgr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
   for name, tree in trees.items():
     digests, non_finite = array_digests(tree)
     if non_finite:
-      raise NonFiniteError(f'step {step}: {name} {non_finite[0]} holds NaN '
-                           f'or infinity ({len(non_finite)} arrays); not '
-                           'saved')
+      raise NonFiniteError(
+        f'step {step}: {name} {non_finite[0]} holds NaN '
+        f'or infinity ({len(non_finite)} arrays); not '
+        'saved'
+      )
     manifest[name] = digests
-  saved = mgr.save(step, args=ocp.args.Composite(
+  saved = mgr.save(
+    step,
+    args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(opt_state)), force=force)
+      opt_state=ocp.args.StandardSave(opt_state),
+    ),
+    force=force,
+  )
   if saved and jax.process_index() == 0:
     files.atomic_write_json(manifest_path(mgr, step), manifest)
   return saved
@@ -103,8 +127,9 @@ def params_only_save_args(params: Any) -> ocp.args.Composite:
   return ocp.args.Composite(params=ocp.args.StandardSave(params))
 
 
-def restore(mgr: ocp.CheckpointManager, step: int, *, params: Any,
-            opt_state: Any = None) -> dict[str, Any]:
+def restore(
+  mgr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any = None
+) -> dict[str, Any]:
   """Restores `step` onto the structure/shapes/shardings of the targets.
 
   Raises CheckpointError (one line) when the stored tree does not match.
@@ -116,35 +141,47 @@ def restore(mgr: ocp.CheckpointManager, step: int, *, params: Any,
     return dict(mgr.restore(step, args=ocp.args.Composite(**items)))
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(
-        f'checkpoint {mgr.directory}/{step} does not match this model: '
-        f'{errors.first_line(e)}') from e
+      f'checkpoint {mgr.directory}/{step} does not match this model: '
+      f'{errors.first_line(e)}'
+    ) from e
 
 
-def damage(mgr: ocp.CheckpointManager, step: int,
-           restored: dict[str, Any]) -> Optional[str]:
+def damage(
+  mgr: ocp.CheckpointManager, step: int, restored: dict[str, Any]
+) -> Optional[str]:
   """What is wrong with a restored step: arrays whose sha256 differs from
   the manifest written at save, or (no manifest: a checkpoint from before
   manifests) values that are not finite. None if it is intact."""
   path = manifest_path(mgr, step)
-  manifest = (files.read_json(path, what='checkpoint manifest')
-              if files.exists(path) else None)
+  manifest = (
+    files.read_json(path, what='checkpoint manifest')
+    if files.exists(path)
+    else None
+  )
   for name, tree in restored.items():
     digests, non_finite = array_digests(tree)
     if manifest is None:
       if non_finite:
         return f'{name} {non_finite[0]} holds NaN or infinity'
       continue
-    changed = [k for k, v in digests.items()
-               if manifest.get(name, {}).get(k) != v]
+    changed = [
+      k for k, v in digests.items() if manifest.get(name, {}).get(k) != v
+    ]
     if changed:
-      return (f'{name} {changed[0]} differs from its manifest '
-              f'({len(changed)} arrays)')
+      return (
+        f'{name} {changed[0]} differs from its manifest ({len(changed)} arrays)'
+      )
   return None
 
 
-def restore_verified(mgr: ocp.CheckpointManager, step: Optional[int] = None,
-                     *, params: Any, opt_state: Any = None,
-                     fallback: bool = True) -> tuple[dict[str, Any], int]:
+def restore_verified(
+  mgr: ocp.CheckpointManager,
+  step: Optional[int] = None,
+  *,
+  params: Any,
+  opt_state: Any = None,
+  fallback: bool = True,
+) -> tuple[dict[str, Any], int]:
   """Restores and verifies `step` (default: the newest intact one).
 
   A step that fails to read or to verify is reported in one line; with
@@ -169,10 +206,12 @@ def restore_verified(mgr: ocp.CheckpointManager, step: Optional[int] = None,
     where = f'{mgr.directory}/{candidate}'
     if step is not None or not fallback:
       raise CheckpointError(f'checkpoint {where} is damaged: {problem}')
-    console.warn(f'checkpoint {where} is damaged ({problem}); trying the '
-                 'step before it')
-  raise CheckpointError(f'no usable checkpoint in {mgr.directory}: step '
-                        f'{steps[-1]}: {problems[-1]}')
+    console.warn(
+      f'checkpoint {where} is damaged ({problem}); trying the step before it'
+    )
+  raise CheckpointError(
+    f'no usable checkpoint in {mgr.directory}: step {steps[-1]}: {problems[-1]}'
+  )
 
 
 def move_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
@@ -184,8 +223,11 @@ def move_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
   moved = []
   if jax.process_index() == 0:
     for step in steps:
-      moved.append(files.move(
-          root / str(step), root.parent / 'damaged' / f'{root.name}-{step}'))
+      moved.append(
+        files.move(
+          root / str(step), root.parent / 'damaged' / f'{root.name}-{step}'
+        )
+      )
   multihost.barrier('calm_jax.checkpoints.move_aside')
   mgr.reload()
   return moved

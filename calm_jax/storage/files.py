@@ -14,6 +14,7 @@ or remote (`gs://...`) for every file, not only for checkpoints.
   bare parser message.
 - JSON holds no NaN or infinity (not JSON): such floats are written as null.
 """
+
 import json
 import math
 import os
@@ -73,28 +74,36 @@ def makedirs(path: PathLike) -> None:
   as_path(path).mkdir(parents=True, exist_ok=True)
 
 
-def read_text(path: PathLike, what: str = 'file',
-              recovery: str = 'write it again') -> str:
+def read_text(
+  path: PathLike, what: str = 'file', recovery: str = 'write it again'
+) -> str:
   try:
     return as_path(path).read_text()
   except FileNotFoundError as e:
-    raise FileError(f'{what} {os.fspath(path)} does not exist: {recovery}'
-                    ) from e
+    raise FileError(
+      f'{what} {os.fspath(path)} does not exist: {recovery}'
+    ) from e
   except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
-    raise FileError(f'{what} {os.fspath(path)} cannot be read '
-                    f'({errors.first_line(e)}): {recovery}') from e
+    raise FileError(
+      f'{what} {os.fspath(path)} cannot be read '
+      f'({errors.first_line(e)}): {recovery}'
+    ) from e
 
 
-def read_json(path: PathLike, what: str = 'file',
-              recovery: str = 'delete it or write it again') -> Any:
+def read_json(
+  path: PathLike,
+  what: str = 'file',
+  recovery: str = 'delete it or write it again',
+) -> Any:
   """The JSON in `path`; a truncated or corrupt file is a FileError that
   names the file, what it is, and how to recover."""
   text = read_text(path, what, recovery)
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
-    raise FileError(f'{what} {os.fspath(path)} is not valid JSON ({e}): '
-                    f'{recovery}') from e
+    raise FileError(
+      f'{what} {os.fspath(path)} is not valid JSON ({e}): {recovery}'
+    ) from e
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
@@ -109,8 +118,9 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   name = os.path.basename(path)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{name}.',
-                             suffix=os.path.splitext(name)[1])
+  fd, tmp = tempfile.mkstemp(
+    dir=directory, prefix=f'.{name}.', suffix=os.path.splitext(name)[1]
+  )
   os.close(fd)
   try:
     write(tmp)
@@ -139,6 +149,7 @@ def atomic_write_text(path: PathLike, text: str) -> str:
   def write(tmp: str) -> None:
     with open(tmp, 'w') as f:
       f.write(text)
+
   return atomic_write(path, write)
 
 
@@ -149,6 +160,7 @@ def copy_file(source: PathLike, target: PathLike) -> str:
   def write(tmp: str) -> None:
     with open(tmp, 'wb') as f:
       f.write(data)
+
   return atomic_write(target, write)
 
 
@@ -162,8 +174,9 @@ def move(source: PathLike, target: PathLike) -> str:
   return os.fspath(target)
 
 
-def new_directory(path: PathLike, fill: Callable[[str], None],
-                  what: str = 'directory') -> str:
+def new_directory(
+  path: PathLike, fill: Callable[[str], None], what: str = 'directory'
+) -> str:
   """Creates the directory `path` whole: `fill(staging dir)` writes its
   files, then the staging dir becomes `path`.
 
@@ -176,11 +189,11 @@ def new_directory(path: PathLike, fill: Callable[[str], None],
   if exists(target):
     raise FileError(f'{what} {target} exists; choose a new directory')
   local = is_local(target)
-  parent = (os.path.dirname(os.path.abspath(target)) if local
-            else tempfile.gettempdir())
+  parent = (
+    os.path.dirname(os.path.abspath(target)) if local else tempfile.gettempdir()
+  )
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent,
-                             prefix=f'.{os.path.basename(target)}.')
+  staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(target)}.')
   try:
     fill(staging)
     if local:
@@ -225,8 +238,7 @@ def check_writable_dir(path: PathLike, what: str) -> None:
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)
   if not os.path.isdir(probe):
-    raise FileError(f'{what} {path} cannot be a directory: {probe} is a '
-                    'file')
+    raise FileError(f'{what} {path} cannot be a directory: {probe} is a file')
   if not os.access(probe, os.W_OK | os.X_OK):
     raise FileError(f'{what} {path} is not writable ({probe} is read-only)')
 
@@ -265,5 +277,6 @@ def atomic_write_json(path: PathLike, obj: Any) -> str:
 
 
 def atomic_write_jsonl(path: PathLike, records: Iterable[Any]) -> str:
-  return atomic_write_text(path, ''.join(json_text(r, indent=None) + '\n'
-                                         for r in records))
+  return atomic_write_text(
+    path, ''.join(json_text(r, indent=None) + '\n' for r in records)
+  )

@@ -8,6 +8,7 @@ of these; a cache entry is found only under an identical fingerprint, and a
 record whose model fingerprint differs from the model dir's is refused with
 the list of what changed. No JAX below the array digest, no TensorFlow.
 """
+
 import hashlib
 import json
 from typing import Any
@@ -60,8 +61,7 @@ def digest_file(path: str) -> str:
 
 def canonical(obj: Any) -> str:
   """The one JSON text of `obj` that fingerprints hash."""
-  return json.dumps(obj, sort_keys=True, separators=(',', ':'),
-                    default=str)
+  return json.dumps(obj, sort_keys=True, separators=(',', ':'), default=str)
 
 
 def short_hash(obj: Any, length: int = 12) -> str:
@@ -86,13 +86,16 @@ def _show(value: Any) -> str:
 def changes(stored: Mapping, current: Mapping) -> list[str]:
   """'key: stored -> current' for every leaf that differs."""
   old, new = _flatten(stored), _flatten(current)
-  return [f'{key}: {_show(old.get(key))} -> {_show(new.get(key))}'
-          for key in sorted(set(old) | set(new))
-          if old.get(key) != new.get(key)]
+  return [
+    f'{key}: {_show(old.get(key))} -> {_show(new.get(key))}'
+    for key in sorted(set(old) | set(new))
+    if old.get(key) != new.get(key)
+  ]
 
 
-def describe_changes(stored: Mapping, current: Mapping,
-                     limit: Optional[int] = 4) -> str:
+def describe_changes(
+  stored: Mapping, current: Mapping, limit: Optional[int] = 4
+) -> str:
   found = changes(stored, current)
   shown = found if limit is None else found[:limit]
   more = len(found) - len(shown)

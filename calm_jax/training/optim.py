@@ -1,4 +1,5 @@
 """Optimizers and learning-rate schedules (optax); no gin here."""
+
 import dataclasses
 from typing import Callable
 
@@ -7,8 +8,9 @@ import optax
 from calm_jax import arguments
 
 
-def learning_rate_schedule(learning_rate: float, *, schedule: str,
-                           warmup_steps: int, total_steps: int):
+def learning_rate_schedule(
+  learning_rate: float, *, schedule: str, warmup_steps: int, total_steps: int
+):
   """Linear warm-up, then constant, T5's rsqrt decay, or cosine decay."""
   if schedule == 'constant':
     decay = optax.constant_schedule(learning_rate)
@@ -17,7 +19,8 @@ def learning_rate_schedule(learning_rate: float, *, schedule: str,
     decay = lambda step: learning_rate * (start / (step + start)) ** 0.5
   else:  # cosine
     decay = optax.cosine_decay_schedule(
-        learning_rate, max(total_steps - warmup_steps, 1), alpha=0.05)
+      learning_rate, max(total_steps - warmup_steps, 1), alpha=0.05
+    )
   if warmup_steps <= 0:
     return decay
   warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
@@ -28,6 +31,7 @@ def learning_rate_schedule(learning_rate: float, *, schedule: str,
 class Optimizer:
   """An optax transformation that also knows its learning-rate schedule
   (for the logs: optax keeps it inside the update function)."""
+
   transform: optax.GradientTransformation
   learning_rate: Callable[[int], float]
 
@@ -38,20 +42,34 @@ class Optimizer:
     return self.transform.update(updates, state, params)
 
 
-def make_optimizer(name: str = 'adafactor', *, learning_rate: float = 1e-3,
-                   schedule: str = 'constant', warmup_steps: int = 0,
-                   total_steps: int = 1, weight_decay: float = 0.0,
-                   grad_clip_norm: float = 0.0) -> Optimizer:
+def make_optimizer(
+  name: str = 'adafactor',
+  *,
+  learning_rate: float = 1e-3,
+  schedule: str = 'constant',
+  warmup_steps: int = 0,
+  total_steps: int = 1,
+  weight_decay: float = 0.0,
+  grad_clip_norm: float = 0.0,
+) -> Optimizer:
   """Adafactor (the paper's) or AdamW, with optional global-norm clipping.
   Every setting is checked here, when the job's config is applied, before
   any file is written."""
-  arguments.check(optimizer=name, learning_rate=learning_rate,
-                  schedule=schedule, warmup_steps=warmup_steps,
-                  total_steps=total_steps, weight_decay=weight_decay,
-                  grad_clip_norm=grad_clip_norm)
-  lr = learning_rate_schedule(learning_rate, schedule=schedule,
-                              warmup_steps=warmup_steps,
-                              total_steps=total_steps)
+  arguments.check(
+    optimizer=name,
+    learning_rate=learning_rate,
+    schedule=schedule,
+    warmup_steps=warmup_steps,
+    total_steps=total_steps,
+    weight_decay=weight_decay,
+    grad_clip_norm=grad_clip_norm,
+  )
+  lr = learning_rate_schedule(
+    learning_rate,
+    schedule=schedule,
+    warmup_steps=warmup_steps,
+    total_steps=total_steps,
+  )
   if name == 'adafactor':
     opt = optax.adafactor(lr, weight_decay_rate=weight_decay or None)
   else:  # adamw
