@@ -33,7 +33,7 @@ def _grouped(kwargs: dict, groups: tuple[str, ...]) -> dict:
 _DECODE = ('inputs', 'exits', 'sampling', 'output', 'runtime')
 
 
-def decode(**kwargs) -> dict:
+def decode(**kwargs):
   return decode_job.decode(**_grouped(kwargs, _DECODE))
 
 

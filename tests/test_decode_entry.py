@@ -278,8 +278,8 @@ def test_bf16_calibrate_decode_and_generate(model_dir, tmp_path):
     output=settings.OutputSettings(output_dir=str(tmp_path / 'decode')),
     runtime=bf16,
   )
-  assert summary['dtype'] == 'bfloat16'
-  assert summary['tasks']['synth_qa']['avg_decoder_layers'] == 1.0
+  assert summary.dtype == 'bfloat16'
+  assert summary.tasks['synth_qa']['avg_decoder_layers'] == 1.0
   texts = [synthetic.generate('qa', 'test', i)['inputs'] for i in range(3)]
   f32 = calm_jax.load(str(model_dir)).generate(
     texts, threshold=1.5, batch_size=4, max_length=4

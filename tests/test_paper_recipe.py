@@ -107,14 +107,14 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
     assert os.path.exists(
       os.path.join(model_dir, 'calibration', record.name + '.json')
     )
-  result = summary['tasks'][TASK]
+  result = summary.tasks[TASK]
   assert (
-    f'{TASK}_softmax_textual_delta0.25_eps0.05_' in summary['threshold_source']
+    f'{TASK}_softmax_textual_delta0.25_eps0.05_' in summary.threshold_source
   )
   # Six examples cannot certify anything at delta 0.25 (the best p-value,
   # e * 0.75**6 = 0.48, is above epsilon): the record says full depth.
   assert not records[1]['certified']
-  assert summary['threshold'] == thresholds.EXITS_OFF
+  assert summary.threshold == thresholds.EXITS_OFF
   assert result['metric'] == 'rougeL' and result['num_examples'] == 4
   assert 1 <= result['avg_decoder_layers'] <= config.num_decoder_layers
   assert set(result['scores']) == {'rouge1', 'rouge2', 'rougeL', 'rougeLsum'}

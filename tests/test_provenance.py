@@ -241,7 +241,7 @@ def test_a_record_is_refused_for_other_decode_settings(model_dir):
   ):
     _decode(model_dir, threshold=None, propagation='kv_copy')
   summary = _decode(model_dir, threshold=None)
-  assert 'synth_qa_softmax' in summary['threshold_source']
+  assert 'synth_qa_softmax' in summary.threshold_source
 
 
 @pytest.mark.parametrize(

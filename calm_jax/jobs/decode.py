@@ -21,6 +21,7 @@ from calm_jax.analysis import plots
 from calm_jax.calibration import records
 from calm_jax.data import examples as examples_lib
 from calm_jax.data import input_files
+from calm_jax.evaluation import decode_records
 from calm_jax.evaluation import engine
 from calm_jax.inference import decoder as decoder_lib
 from calm_jax.inference import loaded as loaded_lib
@@ -37,7 +38,6 @@ with epy.lazy_imports():
   from calm_jax.data import pipeline
 
 READS = ('calm_jax.decode', *settings.DECODE_SETTINGS)
-RUN_JSON = 'run.json'
 
 
 def example_sets(
@@ -78,61 +78,58 @@ def _stem(examples: examples_lib.ExampleSet) -> str:
   return os.path.splitext(os.path.basename(examples.name))[0]
 
 
-def run_fingerprint(
+def decode_run(
   model: loaded_lib.LoadedModel,
   choice: records.ThresholdChoice,
   mode: modes.EarlyExit,
   sets,
   seed: int,
-) -> dict:
+) -> decode_records.DecodeRun:
   """Everything that determines a decode job's outputs."""
-  return {
-    'model': model.fingerprint(mode.measure),
-    'data': {e.name: e.fingerprint for e in sets},
-    'decode': mode.exit_config.fingerprint(),
-    'threshold': choice.value,
-    'threshold_source': choice.source,
-    'seed': None if mode.exit_config.sampling.greedy else seed,
-  }
-
-
-def output_dir_for(model_dir: str, fingerprint: dict, label: str) -> str:
-  """MODEL_DIR/decode/<split or file>_<measure>_<threshold>_<hash>: runs
-  that differ in any setting never share a directory."""
-  return files.join(
-    model_dir,
-    'decode',
-    f'{label}_{fingerprint["decode"]["confidence"]}_'
-    f'{fingerprint["threshold"]:g}_{provenance.short_hash(fingerprint, 8)}',
+  return decode_records.DecodeRun(
+    model=model.fingerprint(mode.measure),
+    data={e.name: e.fingerprint for e in sets},
+    decode=mode.exit_config.fingerprint(),
+    threshold=choice.value,
+    threshold_source=choice.source,
+    seed=None if mode.exit_config.sampling.greedy else seed,
   )
 
 
+def output_dir_for(
+  model_dir: str, run: decode_records.DecodeRun, label: str
+) -> str:
+  """MODEL_DIR/decode/<split or file>_<measure>_<threshold>_<hash>: runs
+  that differ in any setting never share a directory."""
+  return files.join(model_dir, 'decode', f'{label}_{run.label}')
+
+
 def claim_output_dir(
-  output_dir: str, fingerprint: dict, overwrite: bool
+  output_dir: str, run: decode_records.DecodeRun, overwrite: bool
 ) -> None:
   """Marks `output_dir` as this run's (run.json); refuses a directory that
   holds another run's files unless `overwrite`."""
   if files.exists(output_dir) and not files.is_dir(output_dir):
     raise errors.SettingError(f'output_dir {output_dir} is a file')
   files.check_writable_dir(output_dir, 'output_dir')
-  marker = files.join(output_dir, RUN_JSON)
+  marker = files.join(output_dir, decode_records.RUN_JSON)
   if files.listdir(output_dir) and not overwrite:
     stored = (
-      files.read_json(marker, what='decode run marker')
+      decode_records.read_run(marker).fingerprint()
       if files.exists(marker)
       else None
     )
-    if stored != fingerprint:
+    if stored != run.fingerprint():
       what = (
-        provenance.describe_changes(stored, fingerprint)
+        provenance.describe_changes(stored, run.fingerprint())
         if stored
-        else f'files of another program, no {RUN_JSON}'
+        else f'files of another program, no {decode_records.RUN_JSON}'
       )
       raise provenance.ProvenanceError(
         f'{output_dir} holds another run ({what}); choose another '
         'output_dir, or set calm_jax.OutputSettings.overwrite=True'
       )
-  files.atomic_write_json(marker, fingerprint)
+  files.atomic_write_json(marker, run.to_json())
 
 
 def summarize(
@@ -189,7 +186,7 @@ def decode(
   output: Optional[settings.OutputSettings] = None,
   runtime: Optional[settings.RunSettings] = None,
   check_only: bool = False,
-) -> Optional[dict]:
+) -> Optional[decode_records.DecodeSummary]:
   """Decodes every task of a mixture (or the input file) with early exit;
   returns the summary.
 
@@ -239,34 +236,32 @@ def decode(
   records.check_decode_settings(choice, mode.exit_config.fingerprint())
   model.classifier_for(exits.confidence)
   sets = example_sets(model, inputs)
-  fingerprint = run_fingerprint(model, choice, mode, sets, sampling.seed)
+  run = decode_run(model, choice, mode, sets, sampling.seed)
   label = inputs.split if not inputs.input_file else _stem(sets[0])
-  output_dir = output.output_dir or output_dir_for(
-    model_dir, fingerprint, label
-  )
+  output_dir = output.output_dir or output_dir_for(model_dir, run, label)
   if multihost.is_primary():
     console.info(
       f'threshold {choice.value} ({choice.source}), confidence '
       f'{exits.confidence!r}, tau {choice.tau}'
     )
-    claim_output_dir(output_dir, fingerprint, output.overwrite)
+    claim_output_dir(output_dir, run, output.overwrite)
   evaluator = engine.Evaluator(
     decoder_lib.Decoder(model), batch_size=runtime.batch_size
   )
-  summary = {
-    'checkpoint_step': model.step,
-    'dtype': model.config.dtype,
-    'confidence': exits.confidence,
-    'threshold': choice.value,
-    'threshold_source': choice.source,
-    'tau': choice.tau,
-    'split': None if inputs.input_file else inputs.split,
-    'tasks': {},
-  }
+  summary = decode_records.DecodeSummary(
+    checkpoint_step=model.step,
+    dtype=model.config.dtype,
+    confidence=exits.confidence,
+    threshold=choice.value,
+    threshold_source=choice.source,
+    tau=choice.tau,
+    split=None if inputs.input_file else inputs.split,
+    tasks={},
+  )
   for examples in sets:
     decoded = evaluator.decode(examples, mode, seed=sampling.seed)
     result = summarize(examples, decoded)
-    summary['tasks'][examples.name] = result
+    summary.tasks[examples.name] = result
     if multihost.is_primary():
       _write(
         output_dir,
@@ -286,7 +281,9 @@ def decode(
         f'{result["avg_decoder_layers"]:.2f}'
       )
   if multihost.is_primary():
-    files.atomic_write_json(files.join(output_dir, 'summary.json'), summary)
+    files.atomic_write_json(
+      files.join(output_dir, decode_records.SUMMARY_JSON), summary.to_json()
+    )
     console.info(f'wrote {output_dir}')
   return summary
 
