@@ -84,7 +84,8 @@ def choice(name: str, value: Any, valid: Sequence[str]) -> str:
 
 
 def texts(value: Any) -> list[str]:
-  """A list of input strings (a lone string is refused, not split)."""
+  """A list of input strings (a lone string is refused, not split), each
+  valid Unicode."""
   if isinstance(value, (str, bytes)):
     raise errors.SettingError(
       'texts must be a list of strings; for one text pass [text]'
@@ -93,7 +94,20 @@ def texts(value: Any) -> list[str]:
     isinstance(t, str) for t in value
   ):
     raise errors.SettingError('texts must be a list of strings')
-  return list(value)
+  return [unicode_text(f'texts[{i}]', t) for i, t in enumerate(value)]
+
+
+def unicode_text(name: str, text: str) -> str:
+  """`text` if it can be encoded as UTF-8; a lone surrogate (half of a
+  UTF-16 pair, e.g. from a JSON escape) cannot, and no tokenizer takes it."""
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError as e:
+    raise errors.SettingError(
+      f'{name} is not valid Unicode: a lone surrogate '
+      f'U+{ord(text[e.start]):04X} at character {e.start}'
+    ) from None
+  return text
 
 
 @dataclasses.dataclass(frozen=True)

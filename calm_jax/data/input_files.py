@@ -2,7 +2,8 @@
 
   jsonl  one JSON object a line; the input under `input_field` ('inputs'),
          an optional target under `target_field` ('targets')
-  tsv    input<TAB>target (the target column is optional)
+  tsv    input<TAB>target (the target column is optional; a line with
+         more columns is refused with its number)
   text   one input per line (blank lines are skipped)
 
 The format follows the file's extension (.jsonl / .json, .tsv, anything
@@ -20,6 +21,7 @@ from typing import Sequence
 
 import sentencepiece as spm
 
+from calm_jax import arguments
 from calm_jax import errors
 from calm_jax.data import examples as examples_lib
 
@@ -31,16 +33,28 @@ class InputFileError(errors.UserError, ValueError):
   """An input file that cannot be read as its format says (names it)."""
 
 
+class VocabularyError(errors.UserError, ValueError):
+  """A vocabulary file that is missing or not a SentencePiece model."""
+
+
 class SentencePieceVocabulary:
   """A SentencePiece model file as a Vocabulary, with encode (ids past the
   model's pieces are T5's sentinels, <extra_id_N>)."""
 
   def __init__(self, path: str):
     self.path = path
-    self.processor = spm.SentencePieceProcessor(model_file=path)
+    try:
+      self.processor = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:  # SentencePiece's error for both
+      raise VocabularyError(
+        f'vocabulary {path} is missing or not a SentencePiece model '
+        f'({errors.first_line(e)}): restore it from the training run that '
+        'made the model dir'
+      ) from e
 
   def encode(self, text: str) -> list[int]:
-    return list(self.processor.encode(text))
+    """Token ids of `text` (valid Unicode: see `arguments.unicode_text`)."""
+    return list(self.processor.encode(arguments.unicode_text('text', text)))
 
   def decode(self, ids: Sequence[int]) -> str:
     size = self.processor.GetPieceSize()
@@ -93,7 +107,29 @@ def _jsonl_row(
       f'{where} has no string field {spec.input_field!r} (set input_field)'
     )
   target = row.get(spec.target_field)
-  return row[spec.input_field], target if isinstance(target, str) else None
+  target = target if isinstance(target, str) else None
+  return _text(where, row[spec.input_field]), _text(where, target)
+
+
+def _text(where: str, text: Optional[str]) -> Optional[str]:
+  """`text`, or an InputFileError naming the line if it is not valid
+  Unicode (a JSON escape of a lone surrogate, such as \\ud800)."""
+  try:
+    return None if text is None else arguments.unicode_text(where, text)
+  except errors.SettingError as e:
+    raise InputFileError(str(e)) from e
+
+
+def _tsv_row(
+  spec: InputFile, number: int, line: str
+) -> tuple[str, Optional[str]]:
+  columns = line.split('\t')
+  if len(columns) > 2:
+    raise InputFileError(
+      f'{spec.path} line {number} has {len(columns)} tab-separated columns; '
+      'a TSV line is input<TAB>target (for tabs inside a text, use JSONL)'
+    )
+  return columns[0], columns[1] if len(columns) > 1 else None
 
 
 def read_texts(spec: InputFile) -> list[tuple[str, Optional[str]]]:
@@ -113,8 +149,7 @@ def read_texts(spec: InputFile) -> list[tuple[str, Optional[str]]]:
     if fmt == 'jsonl':
       rows.append(_jsonl_row(spec, number, line))
     elif fmt == 'tsv':
-      columns = line.split('\t')
-      rows.append((columns[0], columns[1] if len(columns) > 1 else None))
+      rows.append(_tsv_row(spec, number, line))
     else:
       rows.append((line, None))
   if not rows:

@@ -26,6 +26,7 @@ from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
+from calm_jax.storage import locks
 from calm_jax.training import optim
 from calm_jax.training import trainer
 
@@ -105,71 +106,78 @@ def train(
   files.check_writable_dir(model_dir, 'MODEL_DIR')
   if check_only:
     return None
-  mesh = partitioning.make_mesh(mesh_shape)
-  local_batch = _local_batch_size(batch_size, mesh)
-  if stage == 'model':
-    objective = _model_stage(
-      model_dir,
-      mixture_or_task_name,
-      model_config,
-      loss,
-      initial_checkpoint_path,
+  # One training per model dir at a time (readers take no lock).
+  lock = locks.ModelDirLock(model_dir, f'training ({stage} stage)')
+  if multihost.is_primary():
+    lock.acquire()
+  try:
+    mesh = partitioning.make_mesh(mesh_shape)
+    local_batch = _local_batch_size(batch_size, mesh)
+    if stage == 'model':
+      objective = _model_stage(
+        model_dir,
+        mixture_or_task_name,
+        model_config,
+        loss,
+        initial_checkpoint_path,
+      )
+      subdir = checkpoints.CHECKPOINT_SUBDIR
+    else:
+      objective = _classifier_stage(model_dir, mesh)
+      subdir = checkpoints.CLASSIFIER_SUBDIR
+    writer = metric_writers.create_default_writer(
+      files.join(model_dir, 'train' if stage == 'model' else subdir),
+      just_logging=not multihost.is_primary(),
+      asynchronous=False,
     )
-    subdir = checkpoints.CHECKPOINT_SUBDIR
-  else:
-    objective = _classifier_stage(model_dir, mesh)
-    subdir = checkpoints.CLASSIFIER_SUBDIR
-  writer = metric_writers.create_default_writer(
-    files.join(model_dir, 'train' if stage == 'model' else subdir),
-    just_logging=not multihost.is_primary(),
-    asynchronous=False,
-  )
-  shard = pipeline.process_shard() if jax.process_count() > 1 else None
-  batches_from = lambda start: pipeline.train_batches(
-    mixture_or_task_name,
-    batch_size=local_batch,
-    seed=seed,
-    start_step=start,
-    shuffle=shuffle,
-    shard=shard,
-  )
-  validation = lambda: pipeline.first_batches(
-    mixture_or_task_name,
-    'validation',
-    batch_size=local_batch,
-    batches_per_task=logging.eval_batches,
-    shard=shard,
-  )
-  # One batch of each shape the run trains on: all compiled before step 1.
-  shapes = lambda: pipeline.first_batches(
-    mixture_or_task_name,
-    'train',
-    batch_size=local_batch,
-    batches_per_task=1,
-    shard=shard,
-  )
-  state = trainer.train_loop(
-    objective=objective,
-    optimizer=optimizer,
-    model_dir=model_dir,
-    batches_from=batches_from,
-    num_steps=num_train_steps,
-    checkpoint_period=checkpointing.period,
-    keep_checkpoints=checkpointing.keep,
-    log_every=logging.log_every,
-    seed=seed,
-    writer=writer,
-    progress=logging.progress,
-    checkpoint_subdir=subdir,
-    mesh=mesh,
-    max_bad_steps=max_bad_steps,
-    restore_fallback=checkpointing.restore_fallback,
-    validation_batches=validation,
-    eval_every=logging.eval_every,
-    shape_batches=shapes,
-  )
-  writer.flush()
-  return state
+    shard = pipeline.process_shard() if jax.process_count() > 1 else None
+    batches_from = lambda start: pipeline.train_batches(
+      mixture_or_task_name,
+      batch_size=local_batch,
+      seed=seed,
+      start_step=start,
+      shuffle=shuffle,
+      shard=shard,
+    )
+    validation = lambda: pipeline.first_batches(
+      mixture_or_task_name,
+      'validation',
+      batch_size=local_batch,
+      batches_per_task=logging.eval_batches,
+      shard=shard,
+    )
+    # One batch of each shape the run trains on: all compiled before step 1.
+    shapes = lambda: pipeline.first_batches(
+      mixture_or_task_name,
+      'train',
+      batch_size=local_batch,
+      batches_per_task=1,
+      shard=shard,
+    )
+    state = trainer.train_loop(
+      objective=objective,
+      optimizer=optimizer,
+      model_dir=model_dir,
+      batches_from=batches_from,
+      num_steps=num_train_steps,
+      checkpoint_period=checkpointing.period,
+      keep_checkpoints=checkpointing.keep,
+      log_every=logging.log_every,
+      seed=seed,
+      writer=writer,
+      progress=logging.progress,
+      checkpoint_subdir=subdir,
+      mesh=mesh,
+      max_bad_steps=max_bad_steps,
+      restore_fallback=checkpointing.restore_fallback,
+      validation_batches=validation,
+      eval_every=logging.eval_every,
+      shape_batches=shapes,
+    )
+    writer.flush()
+    return state
+  finally:
+    lock.release()
 
 
 def _local_batch_size(batch_size: int, mesh) -> int:
