@@ -156,10 +156,13 @@ def _close(word: str, choices: Iterable[str], n: int = 3) -> str:
   return f' (did you mean {" or ".join(found)}?)' if found else ''
 
 
-def _gin_error(error: Exception) -> UsageError:
+def _gin_error(error: Exception, bindings: Sequence[str] = ()) -> UsageError:
   """gin's multi-line error -> one line naming the file, line and fix."""
   lines = [line.strip() for line in str(error).splitlines()]
   head = errors.first_line(error)
+  token = re.search(r"Failed to parse token '([^']*)'", str(error))
+  if head.startswith('malformed node or string') and token:
+    return _not_a_value(token.group(1), bindings)
   where = next((line for line in lines[1:] if line.startswith('In ')), '')
   if where.startswith('In bindings string') and lines[-1] != where:
     where = f'in the binding {lines[-1]!r}'
@@ -180,6 +183,21 @@ def _gin_error(error: Exception) -> UsageError:
   )
 
 
+def _not_a_value(token: str, bindings: Sequence[str]) -> UsageError:
+  """A bare word where gin wants a Python literal (nan, inf, a call)."""
+  binding = next(
+    (b for b in bindings if re.search(rf'=.*\b{re.escape(token)}\b', b)),
+    None,
+  )
+  name, _, value = (binding or '').partition('=')
+  where = f'--gin.{name.strip()}={value.strip()}' if binding else token
+  return UsageError(
+    f'{where}: {token!r} is not a value: write a number (1e-3), a quoted '
+    'string ("\'text\'"), True, False, None or a list of those (no setting '
+    'takes NaN or infinity)'
+  )
+
+
 def parse_gin(
   files: Sequence[str],
   bindings: Sequence[str],
@@ -194,7 +212,7 @@ def parse_gin(
   try:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
   except (ValueError, IOError, SyntaxError, KeyError) as e:
-    raise _gin_error(e) from e
+    raise _gin_error(e, bindings) from e
   except Exception as e:  # tokenize.TokenError: an unclosed bracket
     if type(e).__name__ != 'TokenError':
       raise
@@ -208,7 +226,9 @@ def parse_gin(
     if not missing:
       raise
     name = missing.group(1)
-    raise UsageError(f'{name} is required: set it with --gin.{name}=...') from e
+    raise UsageError(
+      f'{name} is required: set it with `--gin.{name}=VALUE`'
+    ) from e
 
 
 # --- what a job reads -------------------------------------------------------
@@ -299,8 +319,8 @@ def check_required(reads: Sequence[str]) -> None:
         macro = name.upper()
         raise UsageError(
           f'{selector} needs {name}: set it in a gin file or with '
-          f'--gin.{selector}.{name}=... (the run files use '
-          f'--gin.{macro}=...)'
+          f'`--gin.{selector}.{name}=VALUE` (the run files use '
+          f'`--gin.{macro}=VALUE`)'
         ) from None
 
 

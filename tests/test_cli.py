@@ -124,7 +124,7 @@ def test_gin_errors_name_the_file_and_line(tmp_path):
 def test_required_settings_and_unknown_flags_are_one_line():
   result = _run('calm_jax.decode', '--gin_file=gin/runs/decode.gin')
   assert _last_line(result) == (
-    'error: MODEL_DIR is required: set it with --gin.MODEL_DIR=...'
+    'error: MODEL_DIR is required: set it with `--gin.MODEL_DIR=VALUE`'
   )
   result = _run('calm_jax.decode', '--gin_fil=x.gin')
   assert result.returncode == 2

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from calm_jax.storage import locks
+
 import entry_points  # tests/entry_points.py
 
 HOLD = (

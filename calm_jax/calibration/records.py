@@ -362,18 +362,40 @@ class ThresholdChoice:
   record: Optional[CalibrationRecord] = None  # the certificate, if used
 
 
+def _quoted(value: str) -> str:
+  return f'"\'{value}\'"'
+
+
 def calibrate_command(model_dir: str, record: CalibrationRecord) -> str:
-  """The command that certifies `record`'s settings again."""
+  """The command that certifies `record`'s settings again (with
+  gin/runs/calibrate.gin; the settings that differ from its defaults are
+  spelled out, so the new record replaces this one)."""
   flags = [
-    f'--gin.MODEL_DIR="\'{model_dir}\'"',
-    f'--gin.MIXTURE_OR_TASK_NAME="\'{record.task}\'"',
+    f'--gin.MODEL_DIR={_quoted(model_dir)}',
+    f'--gin.MIXTURE_OR_TASK_NAME={_quoted(record.task)}',
     f'--gin.DELTA={record.delta:g}',
     f'--gin.EPSILON={record.epsilon:g}',
-    f'--gin.CONSISTENCY="\'{record.consistency}\'"',
-    f'--gin.CONFIDENCE="\'{record.confidence}\'"',
+    f'--gin.CONSISTENCY={_quoted(record.consistency)}',
+    f'--gin.CONFIDENCE={_quoted(record.confidence)}',
   ]
   if record.tau is not None:
     flags.append(f'--gin.TAU={record.tau:g}')
+  data = list(record.fingerprint.get('data', {}).values())
+  first = data[0] if data else {}
+  optional = {
+    'calm_jax.calibrate.split': (first.get('split'), 'validation'),
+    'calm_jax.calibrate.num_examples': (first.get('num_examples'), None),
+    'calm_jax.calibrate.grid_step': (record.grid_step, 0.05),
+    'calm_jax.ExitSettings.min_exit': (record.extra.get('min_exit'), 1),
+    'calm_jax.ExitSettings.propagation': (
+      record.fingerprint.get('decode', {}).get('propagation'),
+      'hidden',
+    ),
+  }
+  for name, (value, default) in optional.items():
+    if value is not None and value != default:
+      shown = _quoted(value) if isinstance(value, str) else f'{value:g}'
+      flags.append(f'--gin.{name}={shown}')
   return (
     'python -m calm_jax.calibrate --gin_file=gin/runs/calibrate.gin '
     + ' '.join(flags)
@@ -446,8 +468,8 @@ def _matching(
   )
   raise provenance.ProvenanceError(
     f'calibration record {path} was certified on another model ({what}); '
-    f're-calibrate with: {calibrate_command(model_dir, record)} (or pass '
-    'a threshold)'
+    f're-calibrate with `{calibrate_command(model_dir, record)}`, or pass '
+    'a threshold'
   )
 
 

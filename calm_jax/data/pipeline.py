@@ -82,7 +82,7 @@ def _check_tfds_data(task: seqio.Task, split: str) -> None:
       f'no TFDS data for task {task.name!r} ({name}) in {where}: run '
       f'`tfds build {name.split(":")[0]} --data_dir=DIR` on a machine with '
       f'network access, then set {data_settings.TFDS_DATA_DIR_ENV}=DIR or '
-      '--gin.calm_jax.data_settings.tfds_data_dir="\'DIR\'"'
+      'pass `--gin.calm_jax.data_settings.tfds_data_dir="\'DIR\'"`'
     ) from e
 
 

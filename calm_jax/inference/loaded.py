@@ -86,7 +86,7 @@ class LoadedModel:
     if self.classifier is None:
       raise checkpoints.CheckpointError(
         f'{self.model_dir} has no exit classifier: train one with '
-        'gin/runs/train_classifier.gin'
+        f'`{model_files.train_classifier_command(self.model_dir)}`'
       )
     return self.classifier
 

@@ -127,7 +127,7 @@ def claim_output_dir(
       )
       raise provenance.ProvenanceError(
         f'{output_dir} holds another run ({what}); choose another '
-        'output_dir, or set calm_jax.OutputSettings.overwrite=True'
+        'output_dir, or pass `--gin.calm_jax.OutputSettings.overwrite=True`'
       )
   files.atomic_write_json(marker, run.to_json())
 

@@ -437,7 +437,7 @@ def _vocab_for(path: str, vocab: Optional[str]) -> str:
   if not files.exists(vocab):
     raise ConversionError(
       f"no vocabulary at {vocab}: pass the checkpoint's SentencePiece "
-      'model with --gin.VOCAB="\'PATH\'"'
+      'model with `--gin.VOCAB="\'PATH\'"`'
     )
   return vocab
 

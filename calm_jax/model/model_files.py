@@ -10,6 +10,7 @@ loading its parameters.
 """
 
 import dataclasses
+import re
 from typing import Any
 from typing import Optional
 
@@ -118,6 +119,28 @@ def _config_from(path: str, meta: Any) -> network.T5Config:
     raise checkpoints.CheckpointError(f'{path}: {errors.first_line(e)}') from e
 
 
+def training_task(model_dir: str) -> Optional[str]:
+  """The task or mixture the model dir was trained on, from the operative
+  config.gin its training wrote (None if unknown)."""
+  path = files.join(model_dir, 'config.gin')
+  if not files.exists(path):
+    return None
+  found = re.search(
+    r"^MIXTURE_OR_TASK_NAME = '([^']+)'", files.read_text(path), re.M
+  )
+  return found.group(1) if found else None
+
+
+def train_classifier_command(model_dir: str) -> str:
+  """The command that trains a model dir's exit classifier."""
+  task = training_task(model_dir) or 'TASK'
+  return (
+    'python -m calm_jax.train --gin_file=gin/runs/train_classifier.gin '
+    f'--gin.MODEL_DIR="\'{model_dir}\'" '
+    f'--gin.MIXTURE_OR_TASK_NAME="\'{task}\'"'
+  )
+
+
 def check_compatible(model_dir: str, config: network.T5Config) -> None:
   """Refuses to train into a dir whose model.json holds other dims."""
   if not files.exists(files.join(model_dir, MODEL_JSON)):
@@ -159,6 +182,11 @@ def load_params(
     target = partitioning.with_shardings(target, shardings)
   try:
     restored, step = checkpoints.restore_verified(mgr, step, params=target)
+  except checkpoints.ShapeMismatchError as e:
+    raise checkpoints.CheckpointError(
+      f'{files.join(model_dir, MODEL_JSON)} does not describe the model '
+      f"dir's checkpoint: {e}"
+    ) from e
   finally:
     mgr.close()
   return restored['params'], step

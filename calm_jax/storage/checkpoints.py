@@ -174,6 +174,54 @@ def damage(
   return None
 
 
+class ShapeMismatchError(CheckpointError):
+  """A checkpoint saved from other dims than the model restoring it."""
+
+
+def _key(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def stored_shapes(
+  mgr: ocp.CheckpointManager, step: int, item: str
+) -> Optional[dict[str, tuple]]:
+  """Array path -> shape of an item of `step` as saved, from its metadata
+  (None when the metadata cannot be read: damage, found by the restore)."""
+  directory = files.as_path(str(mgr.directory)) / str(step) / item
+  try:
+    metadata = ocp.StandardCheckpointHandler().metadata(directory)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return {
+    _key(path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(metadata)[0]
+    if hasattr(leaf, 'shape')
+  }
+
+
+def check_shapes(
+  mgr: ocp.CheckpointManager, step: int, item: str, target: Any
+) -> None:
+  """A ShapeMismatchError naming the first array whose stored shape is not
+  the target's (the model's config does not describe the checkpoint). A
+  mismatch is not damage: no other step is tried, and no array is read."""
+  stored = stored_shapes(mgr, step, item)
+  if stored is None:
+    return
+  wanted = {
+    _key(path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
+  }
+  differing = sorted(k for k in wanted if stored.get(k, wanted[k]) != wanted[k])
+  if differing:
+    name = differing[0]
+    raise ShapeMismatchError(
+      f'checkpoint {mgr.directory}/{step} holds {item} of other shapes than '
+      f'this model: {name} is stored as {stored[name]}, the model has '
+      f'{wanted[name]} ({len(differing)} arrays differ)'
+    )
+
+
 def restore_verified(
   mgr: ocp.CheckpointManager,
   step: Optional[int] = None,
@@ -186,13 +234,16 @@ def restore_verified(
 
   A step that fails to read or to verify is reported in one line; with
   `step` None and `fallback`, the next older step is tried, else it is a
-  CheckpointError. Nothing is deleted. Returns (restored, step).
+  CheckpointError. A step saved with other shapes than the targets' is a
+  ShapeMismatchError at once (the model's config is wrong, not the step).
+  Nothing is deleted. Returns (restored, step).
   """
   steps = sorted(mgr.all_steps(), reverse=True) if step is None else [step]
   if not steps:
     raise CheckpointError(f'{mgr.directory} holds no checkpoint')
   problems = []
   for candidate in steps:
+    check_shapes(mgr, candidate, 'params', params)
     try:
       restored = restore(mgr, candidate, params=params, opt_state=opt_state)
       problem = damage(mgr, candidate, restored)

@@ -406,7 +406,7 @@ class _FiniteGuard:
           f'step {step}: the loss or the gradients are NaN or infinite; '
           f'the update was not applied and the run stops (last good '
           f'checkpoint: {self.last_good()}); lower the learning rate, or '
-          'skip such batches with --gin.calm_jax.train.max_bad_steps=N'
+          'skip up to N such steps with `--gin.calm_jax.train.max_bad_steps=N`'
         )
       console.warn(
         f'step {step} is not finite; its update was skipped '
