@@ -94,11 +94,11 @@ def spec(array):
   }
 
 
-def training_checks(one_device):
+def training_checks(one_device, meshes):
   reference, reference_losses = train(one_device, tempfile.mkdtemp())
   out = {'reference_losses': reference_losses, 'meshes': {}}
   dirs = {}
-  for shape in MESHES:
+  for shape in meshes:
     dirs[shape] = tempfile.mkdtemp()
     state, losses = train(partitioning.make_mesh(shape), dirs[shape])
     attention = state.params['decoder']['layers_0']['self_attention']
@@ -234,10 +234,14 @@ def decode_checks(params):
   }
 
 
-def main():
+def main(argv):
+  """argv: the training meshes as DATAxMODEL (default: all of MESHES);
+  (4, 2) is always among them (the restore checks start from it)."""
   assert jax.device_count() == 8, jax.device_count()
+  meshes = [tuple(int(n) for n in a.split('x')) for a in argv] or MESHES
+  assert (4, 2) in meshes, meshes
   one_device = partitioning.make_mesh((1, 1), jax.devices()[:1])
-  results, dirs, reference = training_checks(one_device)
+  results, dirs, reference = training_checks(one_device, meshes)
   results['restore'] = restore_checks(dirs, one_device)
   results['decode'] = decode_checks(reference.params)
   results['constraints'] = constraint_checks(jax.device_get(reference.params))
@@ -245,4 +249,4 @@ def main():
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,7 @@
 """Decode entry point, classifier stage and Python API on a tiny model."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -12,29 +13,11 @@ _run = entry_points.run_module
 
 
 @pytest.fixture(scope='module')
-def model_dir(tmp_path_factory):
+def model_dir(tiny_model_dir, tmp_path_factory):
+  """This module's copy of the session's tiny model (the train command,
+  then the classifier stage): its records and outputs stay here."""
   path = tmp_path_factory.mktemp('tiny') / 'model'
-  result = _run(
-    'calm_jax.train',
-    '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
-    '--gin_file=gin/runs/train.gin',
-    f"--gin.MODEL_DIR='{path}'",
-    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
-    '--gin.BATCH_SIZE=8',
-    '--gin.TRAIN_STEPS=3',
-    '--gin.calm_jax.LogSettings.progress=False',
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
-  result = _run(
-    'calm_jax.train',
-    '--gin_file=gin/runs/train_classifier.gin',
-    f"--gin.MODEL_DIR='{path}'",
-    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
-    '--gin.BATCH_SIZE=8',
-    '--gin.TRAIN_STEPS=2',
-    '--gin.calm_jax.LogSettings.progress=False',
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
+  shutil.copytree(tiny_model_dir, path)
   assert (path / 'classifier' / '2').is_dir()
   assert sorted(p.name for p in (path / 'checkpoints').iterdir()) == ['3']
   return path

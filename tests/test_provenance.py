@@ -43,22 +43,9 @@ def _train_classifier(path, steps):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(tiny_model_dir):
   """A tiny model (3 steps) with an exit classifier (2 steps)."""
-  path = tmp_path_factory.mktemp('prov') / 'model'
-  result = _run(
-    'calm_jax.train',
-    '--gin_file=gin/models/calm_t5_1_1_tiny.gin',
-    '--gin_file=gin/runs/train.gin',
-    f"--gin.MODEL_DIR='{path}'",
-    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
-    '--gin.BATCH_SIZE=8',
-    '--gin.TRAIN_STEPS=3',
-    '--gin.calm_jax.LogSettings.progress=False',
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
-  _train_classifier(path, 2)
-  return path
+  return tiny_model_dir
 
 
 @pytest.fixture

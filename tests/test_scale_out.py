@@ -33,10 +33,9 @@ def device_env(count: int) -> dict:
   return env
 
 
-@pytest.fixture(scope='module')
-def mesh_results():
+def _mesh_checks(*meshes: str) -> dict:
   result = subprocess.run(
-    [sys.executable, 'tests/mesh_checks.py'],
+    [sys.executable, 'tests/mesh_checks.py', *meshes],
     cwd=ROOT,
     env=device_env(8),
     capture_output=True,
@@ -48,20 +47,51 @@ def mesh_results():
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_training_on_each_mesh_equals_one_device(mesh_results):
-  reference = mesh_results['reference_losses']
+@pytest.fixture(scope='module')
+def mesh_results():
+  """Training on (4, 2), which splits both 'data' and 'model', against one
+  device; restore, decode and constraint checks."""
+  return _mesh_checks('4x2')
+
+
+@pytest.fixture(scope='module')
+def all_mesh_results():
+  return _mesh_checks('8x1', '4x2', '2x4')
+
+
+def _same_training(results) -> None:
+  reference = results['reference_losses']
   assert len(reference) == 3 and reference[2] < reference[0]
-  for shape in MESHES:
-    run = mesh_results['meshes'][shape]
+  for shape, run in results['meshes'].items():
     np.testing.assert_allclose(run['losses'], reference, rtol=1e-5)
     assert run['params_difference'] < 1e-5, shape
     assert run['opt_state_difference'] < 1e-6, shape
 
 
-@pytest.mark.parametrize(
-  'shape, model_shards', [('(8, 1)', 1), ('(4, 2)', 2), ('(2, 4)', 4)]
-)
-def test_parameters_are_sharded_by_the_rules(mesh_results, shape, model_shards):
+def test_training_on_a_mesh_equals_one_device(mesh_results):
+  assert list(mesh_results['meshes']) == ['(4, 2)']
+  _same_training(mesh_results)
+
+
+@pytest.mark.slow  # two more meshes: about 40 s
+def test_training_on_each_mesh_equals_one_device(all_mesh_results):
+  assert list(all_mesh_results['meshes']) == list(MESHES)
+  _same_training(all_mesh_results)
+
+
+def test_parameters_are_sharded_by_the_rules(mesh_results):
+  _sharded_by_the_rules(mesh_results, '(4, 2)', 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('shape, model_shards', [('(8, 1)', 1), ('(2, 4)', 4)])
+def test_parameters_are_sharded_by_the_rules_on_other_meshes(
+  all_mesh_results, shape, model_shards
+):
+  _sharded_by_the_rules(all_mesh_results, shape, model_shards)
+
+
+def _sharded_by_the_rules(mesh_results, shape, model_shards) -> None:
   specs = mesh_results['meshes'][shape]['specs']
   # query [embed 32, heads 4, kv 8]: heads over 'model'.
   assert specs['query'] == {
