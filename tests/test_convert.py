@@ -3,6 +3,7 @@ locally with random weights (no download)."""
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -355,3 +356,21 @@ def test_a_transposed_tensor_names_the_shape_it_needs(untied):
     r'of these dims holds \(64, 96\) there',
   ):
     hf_t5.hf_to_params(tensors, _config(hf_dir))
+
+
+def test_the_vocabulary_hint_runs(untied, tmp_path):
+  hf_dir = tmp_path / 'hf'
+  shutil.copytree(untied[0], hf_dir)
+  (hf_dir / hf_t5.HF_VOCAB).unlink()
+  target = tmp_path / 'model'
+  refused = _convert(str(hf_dir), str(target))
+  assert refused.returncode == 2 and not target.exists()
+  [flag] = re.findall(r'`([^`]+)`', refused.stderr)
+  fixed = entry_points.run_module(
+    'calm_jax.convert',
+    f"--gin.FROM_HF='{hf_dir}'",
+    f"--gin.MODEL_DIR='{target}'",
+    flag.replace("'PATH'", f"'{VOCAB}'"),
+  )
+  assert fixed.returncode == 0, fixed.stderr[-2000:]
+  assert (target / 'model.json').is_file()

@@ -240,6 +240,14 @@ TINY = network.T5Config(
       {'checkpointing': settings.CheckpointSettings(period=0)},
       r'CheckpointSettings.period=0 is out of range',
     ),
+    (
+      {'loss': settings.LossSettings(weighting='bogus')},
+      r"unknown LossSettings.weighting 'bogus'; valid: linear, uniform",
+    ),
+    (
+      {'loss': settings.LossSettings(z_loss=float('nan'))},
+      r'LossSettings.z_loss must be a finite number, got nan',
+    ),
   ],
 )
 def test_bad_training_flags_are_refused_before_anything_is_written(

@@ -2,6 +2,7 @@
 T5's preprocessing conventions and fail-fast errors for missing inputs."""
 
 import os
+import re
 import time
 
 import numpy as np
@@ -318,3 +319,12 @@ def test_train_entry_point_stops_in_one_line_before_writing(tmp_path):
     .startswith("error: no TFDS data for task 'squad_v010_allanswers'")
   )
   assert not model_dir.exists()
+  # The hint's flag, with a directory, is one the command takes.
+  [flag] = re.findall(r'`(--gin[^`]+)`', missing_data.stderr)
+  checked = entry_points.run_module(
+    'calm_jax.train',
+    *args[:-1],
+    flag.replace("'DIR'", f"'{tmp_path}'"),
+    check_only=True,
+  )
+  assert checked.returncode == 0, checked.stderr
