@@ -4,6 +4,7 @@ locally with random weights (no download)."""
 import json
 import os
 import re
+import shlex
 import shutil
 
 import jax
@@ -370,7 +371,7 @@ def test_the_vocabulary_hint_runs(untied, tmp_path):
     'calm_jax.convert',
     f"--gin.FROM_HF='{hf_dir}'",
     f"--gin.MODEL_DIR='{target}'",
-    flag.replace("'PATH'", f"'{VOCAB}'"),
+    *shlex.split(flag.replace('PATH', VOCAB)),  # as a shell passes it
   )
   assert fixed.returncode == 0, fixed.stderr[-2000:]
   assert (target / 'model.json').is_file()

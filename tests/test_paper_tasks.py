@@ -3,6 +3,7 @@ T5's preprocessing conventions and fail-fast errors for missing inputs."""
 
 import os
 import re
+import shlex
 import time
 
 import numpy as np
@@ -324,7 +325,7 @@ def test_train_entry_point_stops_in_one_line_before_writing(tmp_path):
   checked = entry_points.run_module(
     'calm_jax.train',
     *args[:-1],
-    flag.replace("'DIR'", f"'{tmp_path}'"),
+    *shlex.split(flag.replace('DIR', str(tmp_path))),  # as a shell would
     check_only=True,
   )
   assert checked.returncode == 0, checked.stderr

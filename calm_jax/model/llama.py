@@ -1,0 +1,301 @@
+"""A decoder-only (Llama family) CALM model: RMSNorm, rotary positions,
+grouped-query attention, SwiGLU MLP, tied or untied head.
+
+Every layer is a possible exit: an exit's logits are `head(final_norm(h_i))`,
+the same final norm and head as the top layer (optionally through a learned
+exit adapter, see `adapters`).
+
+Decoding drives the model-free loops of `decoding/loops.py` as T5 does:
+- the prompt but its last token is prefilled at full depth
+  (`encode_context`): its keys/values per layer are the fixed context the
+  generated tokens attend to, as T5's decoder attends to its encoder;
+- the last prompt token is the loop's start token, so the pass that
+  predicts the first new token, like every later one, may exit early;
+- generated positions get rotary positions that continue each row's own
+  prompt (`length - 1 + t`), so ragged prompts batch without left padding.
+
+Einsum letters: b batch, l length, s prompt length, t cache length,
+h query heads, k kv heads, g query heads per kv head, d head dim, e embed,
+f mlp hidden, v vocab.
+"""
+
+import dataclasses
+from typing import Any
+from typing import ClassVar
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from calm_jax import arguments
+from calm_jax import errors
+from calm_jax.model import layers
+
+Array = jax.Array
+Params = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Dims and exit layout of a Llama-family model (SmolLM2-135M by default).
+
+  Exits: `exit_layers` lists the 1-based layers trained or adapted as exits
+  (empty: `first_exit`, `first_exit + exit_interval`, ...); the top layer is
+  always one.
+  """
+
+  family: ClassVar[str] = 'llama'
+
+  vocab_size: int = 49152
+  emb_dim: int = 576
+  num_layers: int = 30
+  num_heads: int = 9
+  num_kv_heads: int = 3
+  head_dim: int = 64
+  mlp_dim: int = 1536
+  rope_theta: float = 100000.0
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  first_exit: int = 1
+  exit_interval: int = 1
+  exit_layer_list: tuple[int, ...] = ()
+  dropout_rate: float = 0.0
+  # Activation dtype (`arguments.DTYPES`); parameters stay float32.
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    arguments.check(
+      first_exit=self.first_exit,
+      exit_interval=self.exit_interval,
+      dtype=self.dtype,
+      num_layers=self.num_layers,
+    )
+    if self.num_heads % self.num_kv_heads:
+      raise errors.SettingError(
+        f'num_heads={self.num_heads} must be a multiple of '
+        f'num_kv_heads={self.num_kv_heads}'
+      )
+    for layer in self.exit_layer_list:
+      arguments.check(first_exit=layer, num_layers=self.num_layers)
+
+  @property
+  def num_decoder_layers(self) -> int:
+    """The layers tokens climb (the name the loops and jobs share)."""
+    return self.num_layers
+
+  @property
+  def exit_layers(self) -> tuple[int, ...]:
+    """1-based layers that emit a prediction (the top one included)."""
+    chosen = self.exit_layer_list or range(
+      self.first_exit, self.num_layers + 1, self.exit_interval
+    )
+    return tuple(sorted(set(chosen) | {self.num_layers}))
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+# --- blocks ------------------------------------------------------------------
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary position embedding, half-split layout (x1, x2) -> (x1 cos - x2
+  sin, x2 cos + x1 sin), as Hugging Face's Llama applies it.
+
+  x [b, l, n, d], positions [b, l] -> [b, l, n, d].
+  """
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / theta ** (jnp.arange(0, half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, d/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with rotary positions and 1/sqrt(d) scaling."""
+
+  config: LlamaConfig
+
+  def setup(self):
+    cfg = self.config
+    init = layers._init(layers._fan_in_normal(), ('embed', 'heads', 'kv'))
+    e, d = cfg.emb_dim, cfg.head_dim
+    self.query = self.param('query', init, (e, cfg.num_heads, d))
+    self.key = self.param('key', init, (e, cfg.num_kv_heads, d))
+    self.value = self.param('value', init, (e, cfg.num_kv_heads, d))
+    self.out = self.param(
+      'out',
+      layers._init(
+        nn.initializers.variance_scaling(
+          1.0, 'fan_in', 'normal', in_axis=(0, 1), out_axis=2
+        ),
+        ('heads', 'kv', 'embed'),
+      ),
+      (cfg.num_heads, d, e),
+    )
+
+  def project_q(self, x: Array, positions: Array) -> Array:
+    """[b, l, e] -> rotated queries [b, l, h, d]."""
+    dtype = self.config.jnp_dtype
+    q = layers.dense('ble,ehd->blhd', x, self.query, dtype).astype(dtype)
+    return rotary(q, positions, self.config.rope_theta)
+
+  def project_kv(self, x: Array, positions: Array) -> tuple[Array, Array]:
+    """[b, l, e] -> rotated keys and values, each [b, l, k, d]."""
+    dtype = self.config.jnp_dtype
+    k = layers.dense('ble,ekd->blkd', x, self.key, dtype).astype(dtype)
+    v = layers.dense('ble,ekd->blkd', x, self.value, dtype).astype(dtype)
+    return rotary(k, positions, self.config.rope_theta), v
+
+  def attend(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """q [b, l, h, d] over k, v [b, t, k, d]; mask [b, 1, l, t] -> [b, l, e]."""
+    cfg = self.config
+    b, l, h, d = q.shape
+    groups = h // cfg.num_kv_heads
+    q = q.reshape(b, l, cfg.num_kv_heads, groups, d)
+    logits = jnp.einsum(
+      'blkgd,btkd->bkglt', q, k, preferred_element_type=jnp.float32
+    ) * (d**-0.5)
+    logits = jnp.where(mask[:, :, None], logits, layers.NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
+    context = jnp.einsum(
+      'bkglt,btkd->blkgd', weights, v, preferred_element_type=jnp.float32
+    ).reshape(b, l, h, d)
+    return layers.dense('blhd,hde->ble', context, self.out, cfg.jnp_dtype)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(x gate) * (x up))."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype = cfg.jnp_dtype
+    init = layers._init(layers._fan_in_normal(), ('embed', 'mlp'))
+    gate = self.param('gate', init, (cfg.emb_dim, cfg.mlp_dim))
+    up = self.param('up', init, (cfg.emb_dim, cfg.mlp_dim))
+    down = self.param(
+      'down',
+      layers._init(layers._fan_in_normal(), ('mlp', 'embed')),
+      (cfg.mlp_dim, cfg.emb_dim),
+    )
+    hidden = jax.nn.silu(layers.dense('ble,ef->blf', x, gate, dtype)) * (
+      layers.dense('ble,ef->blf', x, up, dtype)
+    )
+    hidden = layers.constrain(hidden.astype(dtype), ('batch', 'length', 'mlp'))
+    return layers.dense('blf,fe->ble', hidden, down, dtype).astype(dtype)
+
+
+def _norm(cfg: LlamaConfig) -> layers.RMSNorm:
+  return layers.RMSNorm(epsilon=cfg.rms_norm_eps, dtype=cfg.jnp_dtype)
+
+
+class Block(nn.Module):
+  """Pre-norm attention and MLP, each residual."""
+
+  config: LlamaConfig
+
+  def setup(self):
+    self.attention_norm = _norm(self.config)
+    self.attention = Attention(self.config)
+    self.mlp_norm = _norm(self.config)
+    self.mlp = SwiGLU(self.config)
+
+  def kv(self, x: Array, positions: Array) -> tuple[Array, Array]:
+    """Keys/values of the layer's inputs x [b, l, e]: all a skipped layer
+    computes for an exited token (CALM's state propagation)."""
+    return self.attention.project_kv(self.attention_norm(x), positions)
+
+  def attend_and_mlp(
+    self, x: Array, positions: Array, keys: Array, values: Array, mask: Array
+  ) -> Array:
+    """The rest of the layer over keys/values [b, t, k, d] (mask [b, 1, l,
+    t]) that already hold x's own."""
+    q = self.attention.project_q(self.attention_norm(x), positions)
+    x = x + self.attention.attend(q, keys, values, mask).astype(x.dtype)
+    return x + self.mlp(self.mlp_norm(x))
+
+  def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+    keys, values = self.kv(x, positions)
+    return self.attend_and_mlp(x, positions, keys, values, mask)
+
+
+class DecoderOnly(nn.Module):
+  """The Llama-family network: embedding, blocks, final norm, head."""
+
+  config: LlamaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+      'embedding',
+      layers._init(nn.initializers.normal(1.0), ('vocab', 'embed')),
+      (cfg.vocab_size, cfg.emb_dim),
+      jnp.float32,
+    )
+    self.layers = [
+      Block(cfg, name=f'layers_{i}') for i in range(cfg.num_layers)
+    ]
+    self.final_norm = _norm(cfg)
+    if not cfg.tie_embeddings:
+      self.logits_dense = self.param(
+        'logits_dense',
+        layers._init(
+          nn.initializers.variance_scaling(1.0, 'fan_in', 'normal'),
+          ('embed', 'vocab'),
+        ),
+        (cfg.emb_dim, cfg.vocab_size),
+        jnp.float32,
+      )
+
+  def logits(self, h: Array) -> Array:
+    """Exit head: raw hidden state [..., e] -> float32 logits [..., v]."""
+    normed = self.final_norm(h)
+    dtype = self.config.jnp_dtype
+    if self.config.tie_embeddings:
+      return layers.dense('...e,ve->...v', normed, self.embedding, dtype)
+    return layers.dense('...e,ev->...v', normed, self.logits_dense, dtype)
+
+  def embed(self, tokens: Array) -> Array:
+    """Token ids [...] -> [..., e] in the activation dtype."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(
+      self.config.jnp_dtype
+    )
+
+  def __call__(self, tokens: Array, lengths: Array) -> Array:
+    """Teacher-forced pass over right-padded tokens [b, l] with their
+    lengths [b] -> the raw hidden state of every layer [L, b, l, e]."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    mask = causal_mask(positions, lengths)
+    x = self.embed(tokens)
+    hidden = []
+    for layer in self.layers:
+      x = layers.constrain(
+        layer(x, positions, mask), ('batch', 'length', 'embed')
+      )
+      hidden.append(x)
+    return jnp.stack(hidden)
+
+  # --- decode-time pieces (see decoding/loops.py) ---
+
+  def layer_kv(self, index: int, x: Array, positions: Array):
+    return self.layers[index].kv(x, positions)
+
+  def layer_step(self, index, x, positions, keys, values, mask):
+    return self.layers[index].attend_and_mlp(x, positions, keys, values, mask)
+
+
+def causal_mask(positions: Array, lengths: Array) -> Array:
+  """[b, 1, l, l]: a query may see keys at or before it, within its row's
+  length."""
+  key_positions = positions[:, None, None, :]
+  return (key_positions <= positions[:, None, :, None]) & (
+    key_positions < lengths[:, None, None, None]
+  )
