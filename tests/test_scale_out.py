@@ -25,8 +25,16 @@ MESHES = ('(8, 1)', '(4, 2)', '(2, 4)')
 
 def device_env(count: int) -> dict:
   env = {k: v for k, v in os.environ.items() if 'proxy' not in k.lower()}
+  # The test run's XLA flags (conftest.py), plus the device count.
+  flags = [
+    f
+    for f in env.get('XLA_FLAGS', '').split()
+    if not f.startswith('--xla_force_host_platform_device_count')
+  ]
   env.update(
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={count}',
+    XLA_FLAGS=' '.join(
+      [*flags, f'--xla_force_host_platform_device_count={count}']
+    ),
     JAX_PLATFORMS='cpu',
     TF_CPP_MIN_LOG_LEVEL='3',
   )
