@@ -105,12 +105,13 @@ class CalmLM:
     max_input_length: int = 512,
     truncate: bool = True,
   ) -> np.ndarray:
-    """Token ids [len(texts), padded length] with EOS. Inputs longer than
-    `max_input_length` tokens are cut to it with a warning that counts them
-    (or, with truncate=False, refused)."""
-    ids = [self.loaded.vocab.encode(t) for t in texts]
-    limit = max_input_length - 1  # room for EOS
-    too_long = sum(len(seq) > limit for seq in ids)
+    """Token ids [len(texts), padded length] as the model takes its inputs
+    (T5: the text and EOS; an instruct model: the chat prompt). Inputs
+    longer than `max_input_length` tokens are cut to it with a warning that
+    counts them (or, with truncate=False, refused)."""
+    encoded = [self.loaded.vocab.input_ids(t, max_input_length) for t in texts]
+    ids = [seq for seq, _ in encoded]
+    too_long = sum(cut for _, cut in encoded)
     if too_long and not truncate:
       raise errors.SettingError(
         f'{too_long} of {len(ids)} inputs are longer than max_input_length'
@@ -124,7 +125,6 @@ class CalmLM:
         len(ids),
         max_input_length,
       )
-    ids = [seq[:limit] + [examples.EOS_ID] for seq in ids]
     out = np.zeros((len(ids), _pad_to(max(map(len, ids)))), np.int32)
     for row, seq in enumerate(ids):
       out[row, : len(seq)] = seq
@@ -211,10 +211,11 @@ class CalmLM:
   def _result(
     self, out: loops.DecodeOutput, row: int, choice: records.ThresholdChoice
   ) -> Generation:
-    tokens = examples.until_eos(out.tokens[row], keep_eos=True)
+    eos = self.loaded.vocab.eos_id
+    tokens = examples.until_eos(out.tokens[row], eos, keep_eos=True)
     length = len(tokens)
     return Generation(
-      text=self.loaded.vocab.decode(examples.until_eos(tokens)),
+      text=self.loaded.vocab.decode(examples.until_eos(tokens, eos)),
       exit_layers=[int(l) for l in out.exit_layers[row, :length]],
       confidences=decoder_lib.token_confidences(out.confidences[row, :length]),
       tokens=tokens,

@@ -68,7 +68,7 @@ def test_unknown_dtype_is_refused():
 def test_activations_are_bf16_and_logits_float32(params):
   fns = models.CalmModel(BF16).step_fns(params, _inputs(2), MAX_LENGTH)
   x = fns.embed(jnp.zeros((2,), jnp.int32))
-  k, v = fns.layer_kv(0, x)
+  k, v = fns.layer_kv(0, x, 0)
   keys = jnp.zeros((2, MAX_LENGTH, 2, 8), jnp.bfloat16).at[:, :1].set(k)
   out = fns.layer_step(0, x, keys, keys, jnp.asarray(0))
   assert (x.dtype, k.dtype, v.dtype, out.dtype) == (jnp.bfloat16,) * 4

@@ -19,6 +19,7 @@ from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top,g
 
 from calm_jax.jobs import convert as convert_job
 from calm_jax.model import hf_t5
+from calm_jax.model import hf_tensors
 from calm_jax.model import model_files
 from calm_jax.model import models
 from calm_jax.model import network
@@ -149,8 +150,8 @@ def test_export_round_trips_every_tensor(untied, tmp_path):
   hf_dir, model_dir, hf_model, _, _ = untied
   out = str(tmp_path / 'exported')
   convert_job.convert(model_dir=model_dir, to_hf=out)
-  original = load_file(os.path.join(hf_dir, hf_t5.SAFETENSORS))
-  exported = load_file(os.path.join(out, hf_t5.SAFETENSORS))
+  original = load_file(os.path.join(hf_dir, hf_tensors.SAFETENSORS))
+  exported = load_file(os.path.join(out, hf_tensors.SAFETENSORS))
   assert sorted(exported) == sorted(original)
   for name, value in original.items():
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
@@ -164,7 +165,7 @@ def test_export_round_trips_every_tensor(untied, tmp_path):
 
 
 def _tensors(hf_dir):
-  return load_file(os.path.join(hf_dir, hf_t5.SAFETENSORS))
+  return load_file(os.path.join(hf_dir, hf_tensors.SAFETENSORS))
 
 
 def _config(hf_dir):
@@ -178,21 +179,24 @@ def test_missing_extra_and_misshapen_tensors_are_named(untied):
   name = 'decoder.block.2.layer.1.EncDecAttention.k.weight'
   tensors = _tensors(hf_dir)
   del tensors[name]
-  with pytest.raises(hf_t5.ConversionError, match=f'missing tensor {name}'):
+  with pytest.raises(
+    hf_tensors.ConversionError, match=f'missing tensor {name}'
+  ):
     hf_t5.hf_to_params(tensors, config)
   tensors = _tensors(hf_dir)
   tensors['decoder.block.3.layer.0.SelfAttention.q.weight'] = tensors[
     'decoder.block.0.layer.0.SelfAttention.q.weight'
   ]
   with pytest.raises(
-    hf_t5.ConversionError, match='unexpected tensor decoder.block.3.layer.0'
+    hf_tensors.ConversionError,
+    match='unexpected tensor decoder.block.3.layer.0',
   ):
     hf_t5.hf_to_params(tensors, config)
   tensors = _tensors(hf_dir)
   name = 'encoder.block.1.layer.1.DenseReluDense.wi_1.weight'
   tensors[name] = tensors[name][:80]
   with pytest.raises(
-    hf_t5.ConversionError, match=rf'tensor {name} has shape \(80, 64\)'
+    hf_tensors.ConversionError, match=rf'tensor {name} has shape \(80, 64\)'
   ):
     hf_t5.hf_to_params(tensors, config)
 
@@ -203,7 +207,7 @@ def test_cli_error_is_one_line_and_writes_nothing(untied, tmp_path):
   shutil.copytree(hf_dir, broken)
   tensors = _tensors(hf_dir)
   del tensors['encoder.final_layer_norm.weight']
-  save_file(tensors, str(broken / hf_t5.SAFETENSORS))
+  save_file(tensors, str(broken / hf_tensors.SAFETENSORS))
   target = tmp_path / 'model'
   result = entry_points.run_module(
     'calm_jax.convert',
@@ -292,7 +296,7 @@ def test_bf16_import_runs_bf16_activations_close_to_transformers(
 
 
 def test_relu_t5_is_refused():
-  with pytest.raises(hf_t5.ConversionError, match='gated-gelu'):
+  with pytest.raises(hf_tensors.ConversionError, match='gated-gelu'):
     hf_t5.config_from_hf({**DIMS, 'feed_forward_proj': 'relu'})
 
 
@@ -323,8 +327,8 @@ def _broken_copy(hf_dir, tmp_path, name='broken'):
       'num_layers: not a T5 config',
     ),
     (
-      lambda d: (d / hf_t5.SAFETENSORS).write_bytes(
-        (d / hf_t5.SAFETENSORS).read_bytes()[:5000]
+      lambda d: (d / hf_tensors.SAFETENSORS).write_bytes(
+        (d / hf_tensors.SAFETENSORS).read_bytes()[:5000]
       ),
       'cannot read the weights file {dir}/model.safetensors',
     ),
@@ -352,7 +356,7 @@ def test_a_transposed_tensor_names_the_shape_it_needs(untied):
   name = 'decoder.block.0.layer.2.DenseReluDense.wo.weight'  # [64, 96]
   tensors[name] = tensors[name].T
   with pytest.raises(
-    hf_t5.ConversionError,
+    hf_tensors.ConversionError,
     match=rf'tensor {name} has shape \(96, 64\); a T5 1.1 '
     r'of these dims holds \(64, 96\) there',
   ):

@@ -34,7 +34,7 @@ class FakeFns:
       [jnp.zeros((tokens.shape[0], VOCAB)), jax.nn.one_hot(tokens, VOCAB)], -1
     )[:, None]
 
-  def layer_kv(self, layer, x):
+  def layer_kv(self, layer, x, position):
     return x[:, :, None, :], x[:, :, None, :]  # heads 1, head dim 2V
 
   def layer_step(self, layer, x, keys, values, position, rows=None):
@@ -260,7 +260,7 @@ def test_oracle_keeps_full_model_tokens(tiny):
 
 def _climb_after_exit(fns, hidden, propagation):
   """A batch of one row that exited at layer 1 with state `hidden`."""
-  k1, v1 = fns.layer_kv(0, hidden)
+  k1, v1 = fns.layer_kv(0, hidden, 0)
   return loops.Climb(
     hidden=hidden,
     active=jnp.array([False]),
@@ -286,7 +286,7 @@ def test_skipped_layer_cache_gets_propagated_kv(tiny, propagation):
   )
   k, v = cache.keys[2][:, 2:3], cache.values[2][:, 2:3]
   want = {
-    'hidden': fns.layer_kv(2, hidden),
+    'hidden': fns.layer_kv(2, hidden, 0),
     'kv_copy': climb.exit_kv,
     'none': (jnp.zeros_like(k), jnp.zeros_like(v)),
   }[propagation]

@@ -12,6 +12,7 @@ from test_documented_commands import commands_in
 import calm_jax
 from calm_jax import errors
 from calm_jax.data import input_files
+from calm_jax.data import vocabularies
 from calm_jax.storage import provenance
 from calm_jax.training import trainer
 
@@ -169,7 +170,7 @@ def test_a_hand_edited_record_is_refused_by_decode(model_dir):
 def test_a_missing_or_corrupt_vocabulary_is_one_line(model_dir):
   [vocab] = (model_dir / 'vocab').iterdir()
   vocab.write_bytes(b'not a sentencepiece model')
-  with pytest.raises(input_files.VocabularyError, match=f'{vocab} is missing'):
+  with pytest.raises(vocabularies.VocabularyError, match=f'{vocab} is missing'):
     calm_jax.load(str(model_dir))
   vocab.unlink()
   result = _run(

@@ -12,10 +12,17 @@ _run = entry_points.run_module
 
 
 class _Characters:
-  """A vocabulary of one id per character (ids 3..), for exact lengths."""
+  """A vocabulary of one id per character (ids 3..), for exact lengths;
+  inputs as T5 takes them (EOS 1 last)."""
+
+  eos_id = 1
 
   def encode(self, text):
     return [3 + ord(c) % 500 for c in text]
+
+  def input_ids(self, text, limit):
+    ids = self.encode(text)
+    return ids[: limit - 1] + [self.eos_id], len(ids) > limit - 1
 
   def decode(self, ids):
     return ''.join(chr(i - 3) for i in ids)

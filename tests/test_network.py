@@ -98,7 +98,7 @@ def test_layer_kv_is_projection_of_layer_input(model_and_params):
   enc, _ = _inputs()
   fns = model.step_fns(params, enc, max_length=4)
   x = jax.random.normal(jax.random.PRNGKey(3), (3, 1, 32))
-  k, v = fns.layer_kv(2, x)
+  k, v = fns.layer_kv(2, x, 0)
   lp = params['decoder']['layers_2']
   scale = np.asarray(lp['pre_self_attention_norm']['scale'])
   xn = (

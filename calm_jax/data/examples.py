@@ -61,6 +61,7 @@ class ExampleSet:
   examples: tuple[Example, ...]
   vocabulary: Vocabulary
   metrics: Optional[task_info.TaskMetrics] = None  # None: nothing to score
+  eos_id: int = EOS_ID  # the id that ends an output
 
   def __len__(self) -> int:
     return len(self.examples)
@@ -74,7 +75,7 @@ class ExampleSet:
 
   def text(self, ids: Sequence[int]) -> str:
     """Decoded ids (up to EOS) as text."""
-    return self.vocabulary.decode(until_eos(ids))
+    return self.vocabulary.decode(until_eos(ids, self.eos_id))
 
   def require_metrics(self) -> task_info.TaskMetrics:
     if self.metrics is None:

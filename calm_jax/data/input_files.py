@@ -17,13 +17,11 @@ import hashlib
 import json
 import logging
 from typing import Optional
-from typing import Sequence
-
-import sentencepiece as spm
 
 from calm_jax import arguments
 from calm_jax import errors
 from calm_jax.data import examples as examples_lib
+from calm_jax.data import vocabularies
 
 FORMATS = ('jsonl', 'tsv', 'text')
 _log = logging.getLogger(__name__)
@@ -31,43 +29,6 @@ _log = logging.getLogger(__name__)
 
 class InputFileError(errors.UserError, ValueError):
   """An input file that cannot be read as its format says (names it)."""
-
-
-class VocabularyError(errors.UserError, ValueError):
-  """A vocabulary file that is missing or not a SentencePiece model."""
-
-
-class SentencePieceVocabulary:
-  """A SentencePiece model file as a Vocabulary, with encode (ids past the
-  model's pieces are T5's sentinels, <extra_id_N>)."""
-
-  def __init__(self, path: str):
-    self.path = path
-    try:
-      self.processor = spm.SentencePieceProcessor(model_file=path)
-    except (OSError, RuntimeError) as e:  # SentencePiece's error for both
-      raise VocabularyError(
-        f'vocabulary {path} is missing or not a SentencePiece model '
-        f'({errors.first_line(e)}): restore it from the training run that '
-        'made the model dir'
-      ) from e
-
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text` (valid Unicode: see `arguments.unicode_text`)."""
-    return list(self.processor.encode(arguments.unicode_text('text', text)))
-
-  def decode(self, ids: Sequence[int]) -> str:
-    size = self.processor.GetPieceSize()
-    return self.processor.decode([int(i) for i in ids if 0 <= int(i) < size])
-
-  def pieces(self, ids: Sequence[int]) -> list[str]:
-    size = self.processor.GetPieceSize()
-    return [
-      self.processor.id_to_piece(int(i))
-      if int(i) < size
-      else f'<extra_id_{int(i) - size}>'
-      for i in ids
-    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,31 +125,28 @@ def _file_digest(path: str) -> str:
 
 def file_examples(
   spec: InputFile,
-  vocabulary: SentencePieceVocabulary,
+  vocabulary: vocabularies.Vocabulary,
   lengths: dict,
   *,
   num_examples: Optional[int] = None,
   metrics=None,
 ) -> examples_lib.ExampleSet:
-  """The file's examples, tokenized and cut to `lengths['inputs']`."""
+  """The file's examples, as the model takes its inputs
+  (`vocabulary.input_ids`), cut to `lengths['inputs']`."""
   rows = read_texts(spec)[:num_examples]
-  limit = lengths['inputs'] - 1  # room for EOS
   examples, too_long = [], 0
   for text, target in rows:
-    ids = vocabulary.encode(text)
-    too_long += len(ids) > limit
+    ids, cut = vocabulary.input_ids(text, lengths['inputs'])
+    too_long += cut
     target_ids = (
-      (
-        vocabulary.encode(target)[: lengths['targets'] - 1]
-        + [examples_lib.EOS_ID]
-      )
+      vocabulary.encode(target)[: lengths['targets'] - 1] + [vocabulary.eos_id]
       if target is not None
       else []
     )
     examples.append(
       examples_lib.Example(
         inputs=text,
-        input_ids=tuple(ids[:limit] + [examples_lib.EOS_ID]),
+        input_ids=tuple(ids),
         targets=target,
         target_ids=tuple(target_ids),
       )
@@ -217,4 +175,5 @@ def file_examples(
     examples=tuple(examples),
     vocabulary=vocabulary,
     metrics=metrics if has_targets else None,
+    eos_id=vocabulary.eos_id,
   )

@@ -52,8 +52,12 @@ class StepFns(Protocol):
   def embed(self, tokens: Array) -> Array:
     """[b] previous tokens -> [b, 1, e] input of layer 0."""
 
-  def layer_kv(self, layer: int, x: Array) -> tuple[Array, Array]:
-    """Input of layer `layer` [b, 1, e] -> its self-attn K, V [b, 1, h, d]."""
+  def layer_kv(
+    self, layer: int, x: Array, position: Array
+  ) -> tuple[Array, Array]:
+    """Input of layer `layer` [b, 1, e] at output position `position` ->
+    its self-attn K, V [b, 1, h, d] (a model with rotary positions rotates
+    them; T5 ignores the position)."""
 
   def layer_step(
     self,
@@ -102,7 +106,7 @@ def full_depth_layer(
   fns: StepFns, layer: int, x: Array, cache: KVCache, position: Array
 ) -> tuple[Array, KVCache]:
   """Runs one layer for every row: write its K/V, then attend and MLP."""
-  k, v = fns.layer_kv(layer, x)
+  k, v = fns.layer_kv(layer, x, position)
   cache = cache.write(layer, position, k, v)
   x = fns.layer_step(layer, x, cache.keys[layer], cache.values[layer], position)
   return x, cache
@@ -181,11 +185,17 @@ class LoopState:
     cache_shape: tuple[int, int],
     cache_dtype,
     rng: Array,
+    start_tokens: Optional[Array] = None,
   ) -> 'LoopState':
+    """The state before position 0; `start_tokens` [b] is each row's first
+    input (None: token 0, T5's start token)."""
     heads, head_dim = cache_shape
+    tokens = jnp.zeros((batch_size, max_length + 1), jnp.int32)
+    if start_tokens is not None:
+      tokens = tokens.at[:, 0].set(start_tokens.astype(jnp.int32))
     return cls(
       position=jnp.zeros((), jnp.int32),
-      tokens=jnp.zeros((batch_size, max_length + 1), jnp.int32),
+      tokens=tokens,
       done=jnp.zeros((batch_size,), bool),
       cache=KVCache.zeros(
         num_layers, (batch_size, max_length, heads, head_dim), cache_dtype
@@ -251,6 +261,7 @@ def static_decode(
   sampling: Sampling = Sampling(),
   rng: Optional[Array] = None,
   oracle: bool = False,
+  start_tokens: Optional[Array] = None,
 ) -> DecodeOutput:
   """Full-depth decoding: every row runs every layer.
 
@@ -258,6 +269,7 @@ def static_decode(
   exit: the first layer whose argmax equals the full model's (computing every
   layer's logits, so for analysis only). The oracle's tokens are the full
   model's tokens, and the cache holds the true states of every layer.
+  `start_tokens` [b]: each row's first input (None: token 0).
   """
   num_layers = fns.num_layers
   state = LoopState.start(
@@ -267,6 +279,7 @@ def static_decode(
     cache_shape,
     cache_dtype,
     jax.random.PRNGKey(0) if rng is None else rng,
+    start_tokens,
   )
 
   def step(s: LoopState) -> LoopState:
@@ -334,16 +347,21 @@ class ExitConfig:
     first_exit: int = 1,
     exit_interval: int = 1,
     min_exit: int = 1,
+    layers: Optional[tuple[int, ...]] = None,
     **kwargs,
   ) -> 'ExitConfig':
-    """Config whose exit layers follow the grid and the measure's floor."""
-    layers = thresholds.allowed_exit_layers(
+    """Config whose exit layers follow the grid (or the given `layers`)
+    and the measure's floor; the top layer is never listed."""
+    floor = max(min_exit, confidence_lib.lowest_exit_layer(confidence))
+    allowed = thresholds.allowed_exit_layers(
       num_layers,
       first_exit=first_exit,
       exit_interval=exit_interval,
-      min_exit=max(min_exit, confidence_lib.lowest_exit_layer(confidence)),
+      min_exit=floor,
     )
-    return cls(confidence=confidence, exit_layers=layers, **kwargs)
+    if layers is not None:
+      allowed = tuple(l for l in allowed if l in layers)
+    return cls(confidence=confidence, exit_layers=allowed, **kwargs)
 
   def fingerprint(self) -> dict:
     """The settings that change what this config decodes (the bucket sizes
@@ -515,7 +533,7 @@ def _climb_layer(
   at the first checked layer >= its forced layer; confidences are still
   computed, so the cost is the real one.
   """
-  k, v = fns.layer_kv(layer, climb.hidden)
+  k, v = fns.layer_kv(layer, climb.hidden, position)
   k, v = _propagated_kv(climb, k, v, cfg.propagation)
   cache = cache.write(layer, position, k, v)
   check = (layer + 1) in cfg.exit_layers
@@ -576,6 +594,7 @@ def early_exit_decode(
   classifier: Any = None,
   rng: Optional[Array] = None,
   forced_exit_layers: Optional[Array] = None,
+  start_tokens: Optional[Array] = None,
 ) -> DecodeOutput:
   """CALM decoding: each row of each position stops at its own exit layer.
 
@@ -590,6 +609,7 @@ def early_exit_decode(
     rng: PRNG key for sampling.
     forced_exit_layers: [b, t] exit layer per token, overriding the
       confidence test (for benchmarks of fixed exit patterns).
+    start_tokens: [b] each row's first input (None: token 0).
   """
   num_layers = fns.num_layers
   state = LoopState.start(
@@ -599,6 +619,7 @@ def early_exit_decode(
     cache_shape,
     cache_dtype,
     jax.random.PRNGKey(0) if rng is None else rng,
+    start_tokens,
   )
   threshold = jnp.asarray(threshold, jnp.float32)
 

@@ -54,6 +54,19 @@ def threshold_at(
   return jnp.where(base > 1.0, jnp.inf, value)
 
 
+def trained_exit_layers(
+  num_layers: int,
+  *,
+  first_exit: int = 1,
+  exit_interval: int = 1,
+  layers: tuple[int, ...] = (),
+) -> tuple[int, ...]:
+  """1-based layers that emit a prediction in training: `layers` if given,
+  else first_exit, first_exit + exit_interval, ...; always the top one."""
+  chosen = layers or range(first_exit, num_layers + 1, exit_interval)
+  return tuple(sorted(set(chosen) | {num_layers}))
+
+
 def allowed_exit_layers(
   num_layers: int,
   *,

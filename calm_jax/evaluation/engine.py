@@ -135,7 +135,7 @@ def example_records(
 
 
 def _output(examples: examples_lib.ExampleSet, out, row: int) -> dict:
-  ids = examples_lib.until_eos(out.tokens[row], keep_eos=True)
+  ids = examples_lib.until_eos(out.tokens[row], examples.eos_id, keep_eos=True)
   return {
     'prediction': examples.text(ids),
     'token_ids': ids,

@@ -27,7 +27,6 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from calm_jax import console
-from calm_jax.data import examples as examples_lib
 from calm_jax.decoding import loops
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.inference import modes
@@ -65,10 +64,11 @@ class Decoder:
   """Compiles and runs decode programs of one `LoadedModel`."""
 
   def __init__(
-    self, model: loaded_lib.LoadedModel, *, eos_id: int = examples_lib.EOS_ID
+    self, model: loaded_lib.LoadedModel, *, eos_id: Optional[int] = None
   ):
+    """`eos_id` None: the model's vocabulary's (T5's 1 without one)."""
     self.model = model
-    self.eos_id = eos_id
+    self.eos_id = model.eos_id if eos_id is None else eos_id
     self.mesh = model.mesh if model.sharded else None
     self._programs: dict[Hashable, Callable] = {}
     self._compiled: dict[Hashable, Any] = {}

@@ -10,11 +10,10 @@ import jax
 from jax.sharding import Mesh
 
 from calm_jax import arguments
-from calm_jax.data import input_files
+from calm_jax.data import examples
+from calm_jax.data import vocabularies
 from calm_jax.decoding import loops
 from calm_jax.model import model_files
-from calm_jax.model import models
-from calm_jax.model import network
 from calm_jax.parallel import partitioning
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
@@ -27,15 +26,20 @@ class LoadedModel:
   shards). Build it with `load`."""
 
   model_dir: str
-  config: network.T5Config
-  model: models.CalmModel
+  config: model_files.Config
+  model: Any  # the family's CALM model (`model_files.model_for`)
   params: Any
   step: int
   vocab_path: Optional[str]  # None: a model built in memory
-  vocab: Optional[input_files.SentencePieceVocabulary]
+  vocab: Optional[vocabularies.Vocabulary]
   feature_lengths: dict[str, int]  # the lengths the model was trained with
   classifier: Optional[Any]  # the exit classifier, if trained
   mesh: Optional[Mesh] = None  # None or one device: unsharded
+
+  @property
+  def eos_id(self) -> int:
+    """The id that ends an output (T5's 1 for a model without a vocabulary)."""
+    return examples.EOS_ID if self.vocab is None else self.vocab.eos_id
 
   @property
   def sharded(self) -> bool:
@@ -116,13 +120,13 @@ def load(
   config, vocab_path = model_files.read_model_config(model_dir)
   if dtype is not None:
     config = dataclasses.replace(config, dtype=dtype)
-  model = models.CalmModel(config)
+  model = model_files.model_for(config)
   sharded = mesh is not None and mesh.size > 1
   shardings = (
     partitioning.param_shardings(model.param_axes(), mesh) if sharded else None
   )
   params, step = model_files.load_params(model_dir, config, step, shardings)
-  vocab = input_files.SentencePieceVocabulary(files.local_copy(vocab_path))
+  vocab = vocabularies.load(files.local_copy(vocab_path))
   classifier = model_files.load_classifier(model_dir, config)
   if sharded and classifier is not None:
     classifier = partitioning.replicate(jax.device_get(classifier), mesh)
@@ -141,7 +145,7 @@ def load(
 
 
 def in_memory(
-  model: models.CalmModel,
+  model: Any,
   params: Any,
   *,
   classifier: Optional[Any] = None,

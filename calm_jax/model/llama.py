@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any
 from typing import ClassVar
 from typing import Mapping
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -30,6 +31,8 @@ import jax.numpy as jnp
 
 from calm_jax import arguments
 from calm_jax import errors
+from calm_jax.decoding import loops
+from calm_jax.decoding import thresholds
 from calm_jax.model import layers
 
 Array = jax.Array
@@ -87,10 +90,12 @@ class LlamaConfig:
   @property
   def exit_layers(self) -> tuple[int, ...]:
     """1-based layers that emit a prediction (the top one included)."""
-    chosen = self.exit_layer_list or range(
-      self.first_exit, self.num_layers + 1, self.exit_interval
+    return thresholds.trained_exit_layers(
+      self.num_layers,
+      first_exit=self.first_exit,
+      exit_interval=self.exit_interval,
+      layers=self.exit_layer_list,
     )
-    return tuple(sorted(set(chosen) | {self.num_layers}))
 
   @property
   def jnp_dtype(self):
@@ -283,6 +288,11 @@ class DecoderOnly(nn.Module):
       hidden.append(x)
     return jnp.stack(hidden)
 
+  def every_exit_logits(self, tokens: Array, lengths: Array) -> Array:
+    """Logits of every layer [L, b, l, v] (what `init` traces, so that
+    every parameter, the final norm's too, is created)."""
+    return self.logits(self(tokens, lengths))
+
   # --- decode-time pieces (see decoding/loops.py) ---
 
   def layer_kv(self, index: int, x: Array, positions: Array):
@@ -290,6 +300,19 @@ class DecoderOnly(nn.Module):
 
   def layer_step(self, index, x, positions, keys, values, mask):
     return self.layers[index].attend_and_mlp(x, positions, keys, values, mask)
+
+  def prefill(self, tokens: Array, lengths: Array):
+    """Every layer's keys/values over the first `lengths` [b] positions of
+    tokens [b, s] (later positions hold filler the mask hides)."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    mask = causal_mask(positions, lengths)
+    x = self.embed(tokens)
+    kv = []
+    for layer in self.layers:
+      keys, values = layer.kv(x, positions)
+      kv.append((keys, values))
+      x = layer.attend_and_mlp(x, positions, keys, values, mask)
+    return tuple(kv)
 
 
 def causal_mask(positions: Array, lengths: Array) -> Array:
@@ -299,3 +322,237 @@ def causal_mask(positions: Array, lengths: Array) -> Array:
   return (key_positions <= positions[:, None, :, None]) & (
     key_positions < lengths[:, None, None, None]
   )
+
+
+# --- decoding ------------------------------------------------------------------
+
+
+def prompt_lengths(tokens: Array) -> Array:
+  """[b, s] right-padded prompts (pad 0) -> their lengths [b] (position of
+  the last non-pad token + 1; at least 1, so an all-pad row is a one-token
+  prompt)."""
+  positions = jnp.arange(1, tokens.shape[1] + 1)
+  return jnp.maximum(jnp.max(jnp.where(tokens != 0, positions, 0), axis=1), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What decoding needs of the prompts (the Llama analogue of T5's encoded
+  inputs)."""
+
+  prompt_kv: tuple[tuple[Array, Array], ...]  # layers x ([b, s, k, d],) * 2
+  prompt_mask: Array  # [b, s]: prefilled positions (all but the last token)
+  offsets: Array  # [b]: rotary position of generated step 0 (length - 1)
+  start_tokens: Array  # [b]: each prompt's last token, the loop's first input
+
+
+jax.tree_util.register_dataclass(
+  Context,
+  data_fields=['prompt_kv', 'prompt_mask', 'offsets', 'start_tokens'],
+  meta_fields=[],
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaStepFns:
+  """`loops.StepFns` over one model's parameters and one prefilled batch.
+
+  Each layer's attention reads the prompt's keys/values (fixed) and the
+  loop's cache of generated positions, one softmax over both.
+  """
+
+  module: DecoderOnly
+  params: Params
+  context: Context
+
+  @property
+  def num_layers(self) -> int:
+    return self.module.config.num_layers
+
+  def _apply(self, method, *args):
+    return self.module.apply({'params': self.params}, *args, method=method)
+
+  def embed(self, tokens: Array) -> Array:
+    return self._apply(DecoderOnly.embed, tokens[:, None])
+
+  def layer_kv(self, layer: int, x: Array, position: Array):
+    positions = (self.context.offsets + position)[:, None]
+    return self._apply(DecoderOnly.layer_kv, layer, x, positions)
+
+  def layer_step(
+    self,
+    layer: int,
+    x: Array,
+    keys: Array,
+    values: Array,
+    position: Array,
+    rows: Optional[Array] = None,
+  ) -> Array:
+    take = (lambda a: a) if rows is None else (lambda a: a[rows])
+    prompt_k, prompt_v = self.context.prompt_kv[layer]
+    positions = (take(self.context.offsets) + position)[:, None]
+    generated = jnp.arange(keys.shape[1]) <= position  # [t]
+    mask = jnp.concatenate(
+      [
+        take(self.context.prompt_mask),
+        jnp.broadcast_to(generated, (x.shape[0], keys.shape[1])),
+      ],
+      axis=1,
+    )[:, None, None, :]  # [r, 1, 1, s + t]
+    all_k = jnp.concatenate([take(prompt_k), keys.astype(prompt_k.dtype)], 1)
+    all_v = jnp.concatenate([take(prompt_v), values.astype(prompt_v.dtype)], 1)
+    return self._apply(
+      DecoderOnly.layer_step, layer, x, positions, all_k, all_v, mask
+    )
+
+  def logits(self, h: Array) -> Array:
+    return self._apply(DecoderOnly.logits, h)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalmLlama:
+  """A multi-exit Llama-family model and the pure functions the jobs need
+  around it (the decoder-only counterpart of `models.CalmModel`)."""
+
+  config: LlamaConfig
+  loss_weighting: str = 'linear'
+  z_loss: float = 1e-4
+
+  @property
+  def module(self) -> DecoderOnly:
+    return DecoderOnly(self.config)
+
+  def _init_boxed(self, rng: Array, length: int = 8):
+    tokens = jnp.ones((1, length), jnp.int32)
+    return self.module.init(
+      rng,
+      tokens,
+      jnp.full((1,), length),
+      method=DecoderOnly.every_exit_logits,
+    )
+
+  def init_params(self, rng: Array, length: int = 8) -> Params:
+    """Random parameters (plain arrays; logical axes via `param_axes`)."""
+    return nn.meta.unbox(self._init_boxed(rng, length))
+
+  def param_axes(self) -> Params:
+    boxed = jax.eval_shape(lambda: self._init_boxed(jax.random.PRNGKey(0)))
+    return nn.get_partition_spec(boxed)['params']
+
+  def exit_config(self, confidence: str, **options) -> loops.ExitConfig:
+    """Early-exit settings on this model's exits (see
+    `models.CalmModel.exit_config`)."""
+    return loops.ExitConfig.create(
+      self.config.num_layers,
+      confidence=confidence,
+      layers=self.config.exit_layers,
+      **options,
+    )
+
+  def classifier_exit_layers(self) -> tuple[int, ...]:
+    return tuple(
+      l for l in self.config.exit_layers if l < self.config.num_layers
+    )
+
+  def hidden_states(self, params: Params, tokens: Array, lengths: Array):
+    """Teacher-forced raw hidden state of every layer [L, b, l, e]."""
+    return self.module.apply({'params': params}, tokens, lengths)
+
+  def all_layer_logits(
+    self, params: Params, tokens: Array, lengths: Array
+  ) -> Array:
+    """Teacher-forced logits of every layer [L, b, l, v]."""
+    return self.module.apply(
+      {'params': params},
+      tokens,
+      lengths,
+      method=DecoderOnly.every_exit_logits,
+    )
+
+  def encode_context(self, params: Params, prompts: Array) -> Context:
+    """Prefills right-padded prompts [b, s] (pad 0) at full depth, all but
+    each one's last token (`Context`)."""
+    lengths = prompt_lengths(prompts)
+    kv = self.module.apply(
+      {'params': params}, prompts, lengths - 1, method=DecoderOnly.prefill
+    )
+    positions = jnp.arange(prompts.shape[1])
+    start = jnp.take_along_axis(prompts, (lengths - 1)[:, None], axis=1)[:, 0]
+    return Context(
+      prompt_kv=kv,
+      prompt_mask=positions[None, :] < (lengths - 1)[:, None],
+      offsets=lengths - 1,
+      start_tokens=start,
+    )
+
+  def step_fns(
+    self, params: Params, prompts: Array, max_length: int, context=None
+  ) -> LlamaStepFns:
+    del max_length  # the loop's cache length is its own
+    if context is None:
+      context = self.encode_context(params, prompts)
+    return LlamaStepFns(module=self.module, params=params, context=context)
+
+  def _loop_args(self, prompts, context) -> dict:
+    cfg = self.config
+    rows = (prompts if prompts is not None else context.offsets).shape[0]
+    return dict(
+      batch_size=rows,
+      cache_shape=(cfg.num_kv_heads, cfg.head_dim),
+      cache_dtype=cfg.jnp_dtype,
+    )
+
+  def decode_static(
+    self,
+    params: Params,
+    prompts: Optional[Array],
+    max_length: int,
+    *,
+    eos_id: int = 2,
+    sampling: loops.Sampling = loops.Sampling(),
+    rng: Optional[Array] = None,
+    oracle: bool = False,
+    context: Optional[Context] = None,
+  ) -> loops.DecodeOutput:
+    """Full-depth generation of `max_length` new tokens after prompts
+    [b, s], or after their `context` (prompts may then be None)."""
+    fns = self.step_fns(params, prompts, max_length, context)
+    return loops.static_decode(
+      fns,
+      max_length=max_length,
+      eos_id=eos_id,
+      sampling=sampling,
+      rng=rng,
+      oracle=oracle,
+      start_tokens=fns.context.start_tokens,
+      **self._loop_args(prompts, fns.context),
+    )
+
+  def decode_early_exit(
+    self,
+    params: Params,
+    prompts: Optional[Array],
+    max_length: int,
+    *,
+    exit_config: loops.ExitConfig,
+    threshold: Array,
+    eos_id: int = 2,
+    classifier: Optional[Params] = None,
+    rng: Optional[Array] = None,
+    forced_exit_layers: Optional[Array] = None,
+    context: Optional[Context] = None,
+  ) -> loops.DecodeOutput:
+    """CALM generation after prompts [b, s] (or their `context`)."""
+    fns = self.step_fns(params, prompts, max_length, context)
+    return loops.early_exit_decode(
+      fns,
+      exit_config,
+      threshold=threshold,
+      max_length=max_length,
+      eos_id=eos_id,
+      classifier=classifier,
+      rng=rng,
+      forced_exit_layers=forced_exit_layers,
+      start_tokens=fns.context.start_tokens,
+      **self._loop_args(prompts, fns.context),
+    )

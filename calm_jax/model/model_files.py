@@ -1,10 +1,14 @@
 """Model directories: what a trained or imported model dir holds, and
 loading its parameters.
 
-  MODEL_DIR/model.json       the config, the vocabulary file name and the
-                             feature lengths the model was trained with
+  MODEL_DIR/model.json       the model family ('t5' or 'llama'), its
+                             config, the vocabulary file name, the feature
+                             lengths the model was trained with, and for an
+                             imported model where it came from
   MODEL_DIR/config.gin       the operative gin config of the training run
-  MODEL_DIR/vocab/<name>     the SentencePiece model the tokens refer to
+  MODEL_DIR/vocab/<name>     the tokenizer: T5's SentencePiece model, or a
+                             Llama-family tokenizer.json (and its
+                             tokenizer_config.json with the chat template)
   MODEL_DIR/checkpoints/ and classifier/   verified orbax checkpoints
                              (`storage.checkpoints`)
 """
@@ -18,6 +22,7 @@ import jax
 
 from calm_jax import errors
 from calm_jax.decoding import confidence
+from calm_jax.model import llama
 from calm_jax.model import models
 from calm_jax.model import network
 from calm_jax.parallel import partitioning
@@ -26,24 +31,54 @@ from calm_jax.storage import files
 
 MODEL_JSON = 'model.json'
 
+# Each family: its config class and the model around it.
+FAMILIES = {
+  't5': (network.T5Config, models.CalmModel),
+  'llama': (llama.LlamaConfig, llama.CalmLlama),
+}
+Config = network.T5Config | llama.LlamaConfig
+
+
+def family_of(config: Config) -> str:
+  return next(f for f, (cls, _) in FAMILIES.items() if isinstance(config, cls))
+
+
+def model_for(config: Config, **options):
+  """The CALM model of a config's family (`models.CalmModel` for T5,
+  `llama.CalmLlama` for the Llama family)."""
+  return FAMILIES[family_of(config)][1](config, **options)
+
 
 def write_model_files(
   model_dir: str,
-  config: network.T5Config,
-  vocab_path: str,
+  config: Config,
+  vocab: str | dict[str, str],
   operative_gin: str = '',
   feature_lengths: Optional[dict] = None,
+  source: Optional[dict] = None,
 ) -> None:
   """Writes model.json, config.gin and a copy of the vocabulary.
 
-  `feature_lengths` ({'inputs': s, 'targets': t}, the longest of the
-  training tasks) is what decoding a user's file and `generate` default to.
+  `vocab` is a SentencePiece model file, or {name: path} of tokenizer files
+  (the first one is the tokenizer). `feature_lengths` ({'inputs': s,
+  'targets': t}, the longest of the training tasks) is what decoding a
+  user's file and `generate` default to. `source` says where an imported
+  model came from (its path and, for a file, its sha256).
   """
-  vocab_name = files.as_path(vocab_path).name
-  files.copy_file(vocab_path, files.join(model_dir, 'vocab', vocab_name))
-  meta = {'config': dataclasses.asdict(config), 'vocabulary': vocab_name}
+  vocab_files = (
+    vocab if isinstance(vocab, dict) else {files.as_path(vocab).name: vocab}
+  )
+  for name, path in vocab_files.items():
+    files.copy_file(path, files.join(model_dir, 'vocab', name))
+  meta = {
+    'family': family_of(config),
+    'config': dataclasses.asdict(config),
+    'vocabulary': next(iter(vocab_files)),
+  }
   if feature_lengths:
     meta['feature_lengths'] = dict(feature_lengths)
+  if source:
+    meta['source'] = source
   files.atomic_write_json(files.join(model_dir, MODEL_JSON), meta)
   if operative_gin:
     files.atomic_write_text(files.join(model_dir, 'config.gin'), operative_gin)
@@ -72,7 +107,7 @@ def _read_meta(model_dir: str) -> tuple[str, dict]:
   return path, meta
 
 
-def read_model_config(model_dir: str) -> tuple[network.T5Config, str]:
+def read_model_config(model_dir: str) -> tuple[Config, str]:
   """(config, vocabulary path) of a model dir written by training."""
   path, meta = _read_meta(model_dir)
   return _config_from(path, meta), files.join(
@@ -98,15 +133,24 @@ def read_feature_lengths(model_dir: str) -> dict[str, int]:
   return {'inputs': lengths['inputs'], 'targets': lengths['targets']}
 
 
-def _config_from(path: str, meta: Any) -> network.T5Config:
-  """The T5Config in model.json; a missing or unknown field is named."""
-  fields = {f.name for f in dataclasses.fields(network.T5Config)}
+def _config_from(path: str, meta: Any) -> Config:
+  """The config in model.json (of its family, T5 when it names none); a
+  missing or unknown field is named."""
   stored = meta.get('config') if isinstance(meta, dict) else None
   if not isinstance(stored, dict) or 'vocabulary' not in meta:
     raise checkpoints.CheckpointError(
       f'{path} lacks "config" or "vocabulary": write it '
       'again with the training run that made the dir'
     )
+  family = meta.get('family', 't5')
+  if family not in FAMILIES:
+    raise checkpoints.CheckpointError(
+      f'{path} names model family {family!r}; valid: {", ".join(FAMILIES)}'
+    )
+  config_class = FAMILIES[family][0]
+  fields = {f.name for f in dataclasses.fields(config_class)}
+  if 'exit_layer_list' in stored:  # JSON has no tuples
+    stored = {**stored, 'exit_layer_list': tuple(stored['exit_layer_list'])}
   unknown = sorted(set(stored) - fields)
   if unknown:
     raise checkpoints.CheckpointError(
@@ -114,7 +158,7 @@ def _config_from(path: str, meta: Any) -> network.T5Config:
       f'valid: {", ".join(sorted(fields))}'
     )
   try:
-    return network.T5Config(**stored)
+    return config_class(**stored)
   except (TypeError, ValueError) as e:
     raise checkpoints.CheckpointError(f'{path}: {errors.first_line(e)}') from e
 
@@ -141,7 +185,7 @@ def train_classifier_command(model_dir: str) -> str:
   )
 
 
-def check_compatible(model_dir: str, config: network.T5Config) -> None:
+def check_compatible(model_dir: str, config: Config) -> None:
   """Refuses to train into a dir whose model.json holds other dims."""
   if not files.exists(files.join(model_dir, MODEL_JSON)):
     return
@@ -160,7 +204,7 @@ def check_compatible(model_dir: str, config: network.T5Config) -> None:
 
 def load_params(
   model_dir: str,
-  config: network.T5Config,
+  config: Config,
   step: Optional[int] = None,
   shardings: Any = None,
 ) -> tuple[Any, int]:
@@ -175,7 +219,7 @@ def load_params(
   """
   mgr = checkpoints.manager(model_dir)
   target = jax.eval_shape(
-    lambda: models.CalmModel(config).init_params(jax.random.PRNGKey(0))
+    lambda: model_for(config).init_params(jax.random.PRNGKey(0))
   )
   target = target['params']
   if shardings is not None:
@@ -192,7 +236,7 @@ def load_params(
   return restored['params'], step
 
 
-def load_classifier(model_dir: str, config: network.T5Config) -> Optional[Any]:
+def load_classifier(model_dir: str, config: Config) -> Optional[Any]:
   """The latest exit classifier of a model dir, or None if never trained."""
   if not files.is_dir(files.join(model_dir, checkpoints.CLASSIFIER_SUBDIR)):
     return None

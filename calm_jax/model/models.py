@@ -150,7 +150,10 @@ class ModelStepFns:
   def embed(self, tokens: Array) -> Array:
     return self._decoder(network.Decoder.embed, tokens)
 
-  def layer_kv(self, layer: int, x: Array) -> tuple[Array, Array]:
+  def layer_kv(
+    self, layer: int, x: Array, position: Array
+  ) -> tuple[Array, Array]:
+    del position  # T5's relative position bias is added at the query
     return self._decoder(network.Decoder.layer_kv, layer, x)
 
   def layer_step(

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax import arguments
+from calm_jax.decoding import thresholds
 from calm_jax.model import layers
 
 Array = jax.Array
@@ -65,10 +66,11 @@ class T5Config:
   @property
   def exit_layers(self) -> tuple[int, ...]:
     """1-based decoder layers that emit a prediction in training."""
-    layers_ = range(
-      self.first_exit, self.num_decoder_layers + 1, self.exit_interval
+    return thresholds.trained_exit_layers(
+      self.num_decoder_layers,
+      first_exit=self.first_exit,
+      exit_interval=self.exit_interval,
     )
-    return tuple(sorted(set(layers_) | {self.num_decoder_layers}))
 
   @property
   def jnp_dtype(self):
