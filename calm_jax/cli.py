@@ -51,6 +51,7 @@ JOBS = (
   'validity',
   'bench',
   'convert',
+  'real_model',
 )
 HELP_FLAGS = ('--help', '-h', '--helpshort', '--helpfull', '-help')
 

@@ -34,6 +34,9 @@ class FakeFns:
       [jnp.zeros((tokens.shape[0], VOCAB)), jax.nn.one_hot(tokens, VOCAB)], -1
     )[:, None]
 
+  def exit_hidden(self, h, layer):
+    return h
+
   def layer_kv(self, layer, x, position):
     return x[:, :, None, :], x[:, :, None, :]  # heads 1, head dim 2V
 

@@ -18,19 +18,12 @@ import shlex
 
 import pytest
 
+from calm_jax import cli
+
 import entry_points  # tests/entry_points.py
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COMMANDS = (
-  'train',
-  'decode',
-  'calibrate',
-  'demo',
-  'report',
-  'validity',
-  'bench',
-  'convert',
-)
+COMMANDS = cli.JOBS
 _PYTHON = re.compile(r'(^|/)python3?$')
 
 

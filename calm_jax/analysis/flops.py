@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from calm_jax.model import llama
 from calm_jax.model import network
 
 
@@ -33,9 +34,33 @@ class LayerCosts:
   encoder: float  # encoder + cross K/V for one input row
 
 
-def layer_costs(
-  cfg: network.T5Config, *, input_length: int, cache_length: int
+def _llama_costs(
+  cfg: llama.LlamaConfig, *, input_length: int, cache_length: int
 ) -> LayerCosts:
+  """A decoder-only layer attends over the prompt and the generated
+  cache; the prompt's prefill (the 'encoder') is the same for both."""
+  e, h, d, f = cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+  kv = 2 * 2 * e * cfg.num_kv_heads * d
+  rest = 2 * e * h * d + 2 * 2 * h * d * (input_length + cache_length)
+  rest += 2 * h * d * e + 3 * 2 * e * f
+  return LayerCosts(
+    kv=kv,
+    rest=rest,
+    head=2 * e * cfg.vocab_size,
+    encoder=input_length * cfg.num_layers * (kv + rest),
+  )
+
+
+def layer_costs(
+  cfg: network.T5Config | llama.LlamaConfig,
+  *,
+  input_length: int,
+  cache_length: int,
+) -> LayerCosts:
+  if isinstance(cfg, llama.LlamaConfig):
+    return _llama_costs(
+      cfg, input_length=input_length, cache_length=cache_length
+    )
   e, h, d, f = cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
   hd = h * d
   kv = 2 * 2 * e * hd
@@ -54,8 +79,13 @@ def layer_costs(
   )
 
 
-def confidence_cost(measure: str, cfg: network.T5Config) -> float:
-  """FLOPs of one confidence evaluation for one row."""
+def confidence_cost(
+  measure: str, cfg: network.T5Config, adapters: bool = False
+) -> float:
+  """FLOPs of one confidence evaluation for one row (through an exit
+  adapter's affine map first, with `adapters`)."""
+  if adapters:
+    return 2 * cfg.emb_dim**2 + confidence_cost(measure, cfg)
   if measure in ('softmax', 'softmax_max'):
     return 2 * cfg.emb_dim * cfg.vocab_size + 3 * cfg.vocab_size
   if measure == 'state':
@@ -91,8 +121,10 @@ def early_exit_flops(
   input_length: int,
   cache_length: int,
   include_encoder: bool = False,
+  adapters: bool = False,
 ) -> float:
-  """Early-exit decode where token j stopped at 1-based `exit_layers[j]`."""
+  """Early-exit decode where token j stopped at 1-based `exit_layers[j]`
+  (`adapters`: every exit reads through an exit adapter)."""
   c = layer_costs(cfg, input_length=input_length, cache_length=cache_length)
   layers = np.asarray(exit_layers, np.int64)
   allowed = np.asarray(sorted(allowed_exits), np.int64)
@@ -103,8 +135,8 @@ def early_exit_flops(
   total = (
     len(layers) * top * c.kv
     + layers.sum() * c.rest
-    + checks.sum() * confidence_cost(measure, cfg)
-    + heads.sum() * c.head
+    + checks.sum() * confidence_cost(measure, cfg, adapters)
+    + heads.sum() * (c.head + (2 * cfg.emb_dim**2 if adapters else 0))
   )
   encoder = batch_size * c.encoder if include_encoder else 0.0
   return encoder + float(total)

@@ -74,6 +74,12 @@ class StepFns(Protocol):
     context); None means all rows in order.
     """
 
+  def exit_hidden(self, h: Array, layer: int | Array) -> Array:
+    """The state an exit reads of layer `layer`'s output h [b, e] (1-based;
+    0 is the embedding; an array [b]: per row): h itself, or a learned exit
+    adapter's translation of it (the Llama family). Propagation never uses
+    it: skipped layers see the raw exit state."""
+
   def logits(self, h: Array) -> Array:
     """Exit head: raw hidden state [b, e] -> logits [b, v]."""
 
@@ -288,7 +294,7 @@ def static_decode(
     for layer in range(num_layers):
       x, cache = full_depth_layer(fns, layer, x, cache, s.position)
       if oracle and layer < num_layers - 1:
-        layer_logits.append(fns.logits(x[:, 0]))
+        layer_logits.append(fns.logits(fns.exit_hidden(x[:, 0], layer + 1)))
     logits = fns.logits(x[:, 0])
     exit_layer = (
       oracle_exit_layers(layer_logits + [logits])
@@ -456,7 +462,12 @@ def _layer_on_rows(
       jnp.full((size,), -1, jnp.int32),
     )
   measure = confidence_lib.get(cfg.confidence)
-  conf, logits = measure(out[:, 0], x[:, 0], fns.logits, classifier)
+  conf, logits = measure(
+    fns.exit_hidden(out[:, 0], layer + 1),
+    fns.exit_hidden(x[:, 0], layer),
+    fns.logits,
+    classifier,
+  )
   token = (
     jnp.full((size,), -1, jnp.int32)
     if logits is None
@@ -570,8 +581,10 @@ def _emit_tokens(
   row its own exit layer's prediction; it is skipped when every row already
   has its token from the softmax measure.
   """
+  # Each row reads its own exit layer (0 while climbing: it reached the top).
+  exits = jnp.where(climb.exit_layer == 0, fns.num_layers, climb.exit_layer)
   head = lambda: select_tokens(
-    fns.logits(climb.hidden[:, 0]), rng, cfg.sampling
+    fns.logits(fns.exit_hidden(climb.hidden[:, 0], exits)), rng, cfg.sampling
   )
   if not cfg.sampling.greedy:
     return head()

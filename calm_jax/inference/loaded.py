@@ -13,6 +13,8 @@ from calm_jax import arguments
 from calm_jax.data import examples
 from calm_jax.data import vocabularies
 from calm_jax.decoding import loops
+from calm_jax.model import adapters
+from calm_jax.model import llama
 from calm_jax.model import model_files
 from calm_jax.parallel import partitioning
 from calm_jax.storage import checkpoints
@@ -54,8 +56,13 @@ class LoadedModel:
 
   @functools.cached_property
   def _digests(self) -> dict[str, Optional[str]]:
+    network = {k: v for k, v in self.params.items() if k != llama.ADAPTERS}
+    adapters = self.params.get(llama.ADAPTERS)
     return {
-      'params': provenance.digest_tree(self.params),
+      'params': provenance.digest_tree(network),
+      'adapters': None
+      if adapters is None
+      else provenance.digest_tree(adapters),
       'vocabulary': (
         None
         if self.vocab_path is None
@@ -71,7 +78,9 @@ class LoadedModel:
   def fingerprint(self, measure: str) -> dict:
     """What of the model dir determines a decode with this measure: the
     config (dtype included), step and content hash of the parameters, the
-    vocabulary, and the exit classifier's hash when the measure uses it."""
+    vocabulary, the exit adapters' hash when it has them (a full-depth
+    decode, measure 'full', reads none), and the exit classifier's hash
+    when the measure uses it."""
     digests = self._digests
     fingerprint = {
       'config': dataclasses.asdict(self.config),
@@ -79,6 +88,8 @@ class LoadedModel:
       'params': digests['params'],
       'vocabulary': digests['vocabulary'],
     }
+    if digests['adapters'] is not None and measure != 'full':
+      fingerprint['adapters'] = digests['adapters']
     if measure == 'classifier':
       fingerprint['classifier'] = digests['classifier']
     return fingerprint
@@ -112,11 +123,14 @@ def load(
   step: Optional[int] = None,
   mesh: Optional[Mesh] = None,
   dtype: Optional[str] = None,
+  use_adapters: bool = True,
 ) -> LoadedModel:
   """Loads a model dir's step (default: the newest intact one); with a mesh
   of several devices, straight into its shards. `dtype` ('float32' or
   'bfloat16') replaces the activation dtype the model was trained with;
-  parameters stay float32."""
+  parameters stay float32. A Llama-family model dir's exit adapters (if it
+  has them, and `use_adapters`) join its parameters, so every exit reads
+  through them and the fingerprint covers them."""
   config, vocab_path = model_files.read_model_config(model_dir)
   if dtype is not None:
     config = dataclasses.replace(config, dtype=dtype)
@@ -126,6 +140,13 @@ def load(
     partitioning.param_shardings(model.param_axes(), mesh) if sharded else None
   )
   params, step = model_files.load_params(model_dir, config, step, shardings)
+  exit_adapters = (
+    adapters.load(model_dir, config)
+    if use_adapters and model_files.family_of(config) == 'llama'
+    else None
+  )
+  if exit_adapters is not None:
+    params = {**params, llama.ADAPTERS: exit_adapters}
   vocab = vocabularies.load(files.local_copy(vocab_path))
   classifier = model_files.load_classifier(model_dir, config)
   if sharded and classifier is not None:

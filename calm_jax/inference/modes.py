@@ -87,14 +87,18 @@ class FullDepth:
 
   oracle: bool = False
 
-  measure = 'full'
   uses_classifier = False
   sampled = False
   threshold = 0.0
 
   @property
-  def label(self) -> str:
+  def measure(self) -> str:
+    """'full'; 'oracle' when it reads every layer's exit."""
     return 'oracle' if self.oracle else 'full'
+
+  @property
+  def label(self) -> str:
+    return self.measure
 
   def fingerprint(self) -> dict:
     out = {'full_depth': True, 'greedy': True}

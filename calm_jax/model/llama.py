@@ -324,6 +324,29 @@ def causal_mask(positions: Array, lengths: Array) -> Array:
   )
 
 
+# --- exit adapters -------------------------------------------------------------
+
+# The params key of the exit adapters: per layer output l (0: the
+# embedding, L: the top; both identity), an affine map into the top layer's
+# space, {'kernel': [L + 1, e, e], 'bias': [L + 1, e]} (see
+# `model/adapters.py`).
+ADAPTERS = 'adapters'
+
+
+def network_params(params: Params) -> Params:
+  """The network's parameters, without the exit adapters."""
+  return {k: v for k, v in params.items() if k != ADAPTERS}
+
+
+def adapt(adapters: Params, h: Array, layer) -> Array:
+  """h [b, e] through the adapter of `layer` (an int, or [b] per row)."""
+  kernel = jnp.asarray(adapters['kernel'])[layer]  # [e, e] or [b, e, e]
+  bias = jnp.asarray(adapters['bias'])[layer]  # [e] or [b, e]
+  spec = 'be,ef->bf' if kernel.ndim == 2 else 'be,bef->bf'
+  out = jnp.einsum(spec, h.astype(jnp.float32), kernel) + bias
+  return out.astype(h.dtype)
+
+
 # --- decoding ------------------------------------------------------------------
 
 
@@ -362,7 +385,7 @@ class LlamaStepFns:
   """
 
   module: DecoderOnly
-  params: Params
+  params: Params  # the network's, and 'adapters' when the model has them
   context: Context
 
   @property
@@ -370,7 +393,16 @@ class LlamaStepFns:
     return self.module.config.num_layers
 
   def _apply(self, method, *args):
-    return self.module.apply({'params': self.params}, *args, method=method)
+    return self.module.apply(
+      {'params': network_params(self.params)}, *args, method=method
+    )
+
+  def exit_hidden(self, h: Array, layer) -> Array:
+    """Layer `layer`'s state h [b, e] as its exit adapter translates it
+    into the top layer's space (h itself without adapters)."""
+    if ADAPTERS not in self.params:
+      return h
+    return adapt(self.params[ADAPTERS], h, layer)
 
   def embed(self, tokens: Array) -> Array:
     return self._apply(DecoderOnly.embed, tokens[:, None])
@@ -441,11 +473,12 @@ class CalmLlama:
 
   def exit_config(self, confidence: str, **options) -> loops.ExitConfig:
     """Early-exit settings on this model's exits (see
-    `models.CalmModel.exit_config`)."""
+    `models.CalmModel.exit_config`); `layers` picks a subset of them."""
+    layers = options.pop('layers', None) or self.config.exit_layers
     return loops.ExitConfig.create(
       self.config.num_layers,
       confidence=confidence,
-      layers=self.config.exit_layers,
+      layers=tuple(l for l in layers if l in self.config.exit_layers),
       **options,
     )
 
@@ -456,25 +489,43 @@ class CalmLlama:
 
   def hidden_states(self, params: Params, tokens: Array, lengths: Array):
     """Teacher-forced raw hidden state of every layer [L, b, l, e]."""
-    return self.module.apply({'params': params}, tokens, lengths)
+    return self.module.apply(
+      {'params': network_params(params)}, tokens, lengths
+    )
+
+  def exit_states(self, params: Params, hidden: Array) -> Array:
+    """What each layer's exit reads of hidden [L, ..., e]: the states
+    through the exit adapters, when the model has them."""
+    if ADAPTERS not in params:
+      return hidden
+    kernel = jnp.asarray(params[ADAPTERS]['kernel'])[1:]  # [L, e, e]
+    bias = jnp.asarray(params[ADAPTERS]['bias'])[1:]  # [L, e]
+    bias = bias.reshape(bias.shape[:1] + (1,) * (hidden.ndim - 2) + (-1,))
+    out = jnp.einsum('l...e,lef->l...f', hidden.astype(jnp.float32), kernel)
+    return (out + bias).astype(hidden.dtype)
+
+  def head(self, params: Params, states: Array) -> Array:
+    """The exit head (final norm, output layer) on states [..., e]."""
+    return self.module.apply(
+      {'params': network_params(params)}, states, method=DecoderOnly.logits
+    )
 
   def all_layer_logits(
     self, params: Params, tokens: Array, lengths: Array
   ) -> Array:
-    """Teacher-forced logits of every layer [L, b, l, v]."""
-    return self.module.apply(
-      {'params': params},
-      tokens,
-      lengths,
-      method=DecoderOnly.every_exit_logits,
-    )
+    """Teacher-forced logits of every layer's exit [L, b, l, v]."""
+    hidden = self.hidden_states(params, tokens, lengths)
+    return self.head(params, self.exit_states(params, hidden))
 
   def encode_context(self, params: Params, prompts: Array) -> Context:
     """Prefills right-padded prompts [b, s] (pad 0) at full depth, all but
     each one's last token (`Context`)."""
     lengths = prompt_lengths(prompts)
     kv = self.module.apply(
-      {'params': params}, prompts, lengths - 1, method=DecoderOnly.prefill
+      {'params': network_params(params)},
+      prompts,
+      lengths - 1,
+      method=DecoderOnly.prefill,
     )
     positions = jnp.arange(prompts.shape[1])
     start = jnp.take_along_axis(prompts, (lengths - 1)[:, None], axis=1)[:, 0]

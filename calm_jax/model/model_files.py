@@ -249,3 +249,19 @@ def load_classifier(model_dir: str, config: Config) -> Optional[Any]:
   finally:
     mgr.close()
   return restored['params']
+
+
+def save_classifier(model_dir: str, classifier: Any) -> int:
+  """Writes an exit classifier fitted outside training (on a frozen
+  model's states) as the model dir's newest classifier step."""
+  mgr = checkpoints.manager(model_dir, subdir=checkpoints.CLASSIFIER_SUBDIR)
+  step = (mgr.latest_step() or 0) + 1
+  mgr.save(step, args=checkpoints.params_only_save_args(classifier))
+  mgr.wait_until_finished()
+  mgr.close()
+  return step
+
+
+def read_source(model_dir: str) -> Optional[dict]:
+  """Where an imported model came from (model.json's 'source'), if known."""
+  return _read_meta(model_dir)[1].get('source')

@@ -188,6 +188,10 @@ class ModelStepFns:
       cross_mask=cross_mask,
     )
 
+  def exit_hidden(self, h: Array, layer) -> Array:
+    del layer  # T5's exits read the raw state
+    return h
+
   def logits(self, h: Array) -> Array:
     return self._decoder(network.Decoder.logits, h)
 
