@@ -19,8 +19,8 @@ from calm_jax import arguments
 from calm_jax import console
 from calm_jax import errors
 from calm_jax.jobs import settings
+from calm_jax.model import llama
 from calm_jax.model import model_files
-from calm_jax.model import models
 from calm_jax.model import network
 from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
@@ -38,6 +38,7 @@ with epy.lazy_imports():
   from calm_jax.data import pipeline
 
 T5Config = gin.external_configurable(network.T5Config, module='calm_jax')
+LlamaConfig = gin.external_configurable(llama.LlamaConfig, module='calm_jax')
 make_optimizer = gin.external_configurable(
   optim.make_optimizer, module='calm_jax'
 )
@@ -47,6 +48,7 @@ STAGES = ('model', 'classifier')
 READS = (
   'calm_jax.train',
   'calm_jax.T5Config',
+  'calm_jax.LlamaConfig',
   'calm_jax.make_optimizer',
   *settings.TRAIN_SETTINGS,
 )
@@ -57,7 +59,7 @@ def train(
   *,
   model_dir: str = gin.REQUIRED,
   mixture_or_task_name: str = gin.REQUIRED,
-  model_config: Optional[network.T5Config] = None,
+  model_config: Optional[model_files.Config] = None,
   optimizer=gin.REQUIRED,
   stage: str = 'model',
   batch_size: int = 64,
@@ -187,8 +189,8 @@ def _local_batch_size(batch_size: int, mesh) -> int:
 
 
 def initial_params_config(
-  initial_checkpoint_path: str, model_config: Optional[network.T5Config]
-) -> network.T5Config:
+  initial_checkpoint_path: str, model_config: Optional[model_files.Config]
+) -> model_files.Config:
   """The config to fine-tune with: the initial model's, with the requested
   dropout; other differences (dims, exits) are errors."""
   initial, _ = model_files.read_model_config(initial_checkpoint_path)
@@ -232,7 +234,7 @@ def _model_stage(
       gin.operative_config_str(),
       pipeline.max_feature_lengths(task),
     )
-  model = models.CalmModel(
+  model = model_files.model_for(
     model_config, loss_weighting=loss.weighting, z_loss=loss.z_loss
   )
   objective = trainer.model_objective(model)
@@ -250,7 +252,7 @@ def _classifier_stage(model_dir, mesh):
   """The stage-2 objective over the latest backbone in `model_dir`, placed
   on the mesh like a stage-1 run's parameters."""
   config, _ = model_files.read_model_config(model_dir)
-  model = models.CalmModel(config)
+  model = model_files.model_for(config)
   backbone, step = model_files.load_params(
     model_dir,
     config,

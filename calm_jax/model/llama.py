@@ -34,6 +34,7 @@ from calm_jax import errors
 from calm_jax.decoding import loops
 from calm_jax.decoding import thresholds
 from calm_jax.model import layers
+from calm_jax.model import models
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -482,6 +483,41 @@ class CalmLlama:
       **options,
     )
 
+  def loss(
+    self,
+    params: Params,
+    batch: Mapping[str, Array],
+    *,
+    dropout_rng: Optional[Array] = None,
+  ) -> tuple[Array, dict]:
+    """CALM's weighted per-exit loss of a SeqIO encoder-decoder batch, the
+    input as the prompt and the target as its continuation."""
+    del dropout_rng  # no dropout in this family
+    return calm_lm_loss(self, params, batch)
+
+  def classifier_loss(
+    self, classifier: Params, params: Params, batch: Mapping[str, Array]
+  ) -> tuple[Array, dict]:
+    """Stage 2: the exit classifier on what the exits read; the backbone
+    gets no gradient."""
+    states = jax.lax.stop_gradient(
+      self.exit_states(params, _target_states(self, params, batch))
+    )
+    exits = self.classifier_exit_layers()
+    with_top = jnp.asarray((*exits, self.config.num_layers)) - 1
+    predictions = jnp.argmax(self.head(params, states[with_top]), -1)
+    return models.exit_classifier_loss(
+      classifier,
+      states[jnp.asarray(exits) - 1],
+      predictions,
+      batch['decoder_loss_weights'],
+    )
+
+  def exit_weights(self):
+    return models.exit_loss_weights(
+      self.config.exit_layers, self.loss_weighting
+    )
+
   def classifier_exit_layers(self) -> tuple[int, ...]:
     return tuple(
       l for l in self.config.exit_layers if l < self.config.num_layers
@@ -607,3 +643,60 @@ class CalmLlama:
       start_tokens=fns.context.start_tokens,
       **self._loop_args(prompts, fns.context),
     )
+
+
+# --- training: CALM's weighted per-exit loss on prompt + continuation --------
+
+
+def lm_batch(batch: Mapping[str, Array]) -> dict[str, Array]:
+  """An encoder-decoder batch (the SeqIO feature converter's) as a causal
+  LM batch: each row's input (with its EOS) followed by its target.
+
+  Returns tokens [b, s + t], lengths [b], and `predict` [b, t]: the
+  position whose state predicts each target token (the one before it).
+  """
+  inputs = batch['encoder_input_tokens']  # [b, s], 0-padded
+  targets = batch['decoder_target_tokens']  # [b, t], 0-padded
+  rows, width = inputs.shape[0], inputs.shape[1] + targets.shape[1]
+  input_lengths = jnp.sum(inputs != 0, axis=1)
+  target_positions = input_lengths[:, None] + jnp.arange(targets.shape[1])
+  tokens = jnp.zeros((rows, width), jnp.int32)
+  tokens = tokens.at[:, : inputs.shape[1]].set(inputs)
+  tokens = tokens.at[jnp.arange(rows)[:, None], target_positions].set(targets)
+  return {
+    'tokens': tokens,
+    'lengths': input_lengths + jnp.sum(targets != 0, axis=1),
+    'predict': target_positions - 1,
+  }
+
+
+def _target_states(model: 'CalmLlama', params, batch) -> Array:
+  """Every layer's state at the positions that predict the targets
+  [L, b, t, e]."""
+  lm = lm_batch(batch)
+  hidden = model.hidden_states(params, lm['tokens'], lm['lengths'])
+  index = jnp.broadcast_to(
+    lm['predict'][None, :, :, None],
+    hidden.shape[:2] + lm['predict'].shape[1:] + hidden.shape[-1:],
+  )
+  return jnp.take_along_axis(hidden, index, axis=2)
+
+
+def calm_lm_loss(
+  model: 'CalmLlama', params: Params, batch: Mapping[str, Array]
+) -> tuple[Array, dict]:
+  """CALM's weighted per-exit loss of a decoder-only model on the targets
+  of an encoder-decoder batch (prompt = input, continuation = target)."""
+  states = _target_states(model, params, batch)  # [L, b, t, e]
+  exits = jnp.asarray(model.config.exit_layers) - 1
+  logits = model.head(params, model.exit_states(params, states)[exits])
+  weights = models.exit_loss_weights(
+    model.config.exit_layers, model.loss_weighting
+  )
+  return models.calm_loss(
+    logits,
+    batch['decoder_target_tokens'],
+    batch['decoder_loss_weights'],
+    weights,
+    model.z_loss,
+  )

@@ -1,0 +1,111 @@
+"""The decoder-only family through the jobs: trained with CALM's loss by the
+train command on an embedded task, its exit classifier, decode of the
+task, calibration and the Python API."""
+
+import json
+
+import numpy as np
+import pytest
+
+import calm_jax
+from calm_jax.inference import loaded as loaded_lib
+from calm_jax.model import llama
+
+import entry_points  # tests/entry_points.py
+
+_run = entry_points.run_module
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('llama') / 'model'
+  common = [
+    f"--gin.MODEL_DIR='{path}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    '--gin.BATCH_SIZE=8',
+    '--gin.calm_jax.LogSettings.progress=False',
+  ]
+  result = _run(
+    'calm_jax.train',
+    '--gin_file=gin/models/calm_llama_tiny.gin',
+    '--gin_file=gin/runs/train.gin',
+    '--gin.TRAIN_STEPS=3',
+    *common,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  result = _run(
+    'calm_jax.train',
+    '--gin_file=gin/runs/train_classifier.gin',
+    '--gin.TRAIN_STEPS=2',
+    *common,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  return path
+
+
+def test_the_model_dir_names_its_family_and_the_loss_fell(model_dir):
+  meta = json.loads((model_dir / 'model.json').read_text())
+  assert meta['family'] == 'llama'
+  model = loaded_lib.load(str(model_dir))
+  assert isinstance(model.config, llama.LlamaConfig)
+  assert model.classifier is not None and model.step == 3
+
+
+def test_the_lm_batch_puts_each_target_after_its_input():
+  batch = {
+    'encoder_input_tokens': np.array([[5, 6, 1, 0], [7, 1, 0, 0]]),
+    'decoder_target_tokens': np.array([[8, 1, 0], [9, 4, 1]]),
+  }
+  lm = llama.lm_batch(batch)
+  np.testing.assert_array_equal(
+    lm['tokens'], [[5, 6, 1, 8, 1, 0, 0], [7, 1, 9, 4, 1, 0, 0]]
+  )
+  np.testing.assert_array_equal(lm['lengths'], [5, 5])
+  # The state before each target token predicts it.
+  np.testing.assert_array_equal(lm['predict'], [[2, 3, 4], [1, 2, 3]])
+
+
+def test_decode_and_calibrate_a_task_with_the_decoder_only_model(
+  model_dir, tmp_path
+):
+  out = tmp_path / 'decode'
+  flags = [
+    '--gin_file=gin/runs/decode.gin',
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    '--gin.calm_jax.DecodeInputs.num_examples=4',
+    '--gin.calm_jax.RunSettings.batch_size=4',
+  ]
+  result = _run(
+    'calm_jax.decode',
+    *flags,
+    '--gin.THRESHOLD=0.0',
+    f"--gin.OUTPUT_DIR='{out}'",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['tasks']['synth_qa']['avg_decoder_layers'] == 1.0
+  calibrated = _run(
+    'calm_jax.calibrate',
+    '--gin_file=gin/runs/calibrate.gin',
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    '--gin.DELTA=0.3',
+    '--gin.EPSILON=0.2',
+    "--gin.CONFIDENCE='classifier'",
+    '--gin.calm_jax.calibrate.num_examples=6',
+    '--gin.calm_jax.calibrate.grid_step=0.5',
+    '--gin.calm_jax.RunSettings.batch_size=4',
+  )
+  assert calibrated.returncode == 0, calibrated.stderr[-2000:]
+  assert list((model_dir / 'calibration').glob('synth_qa_classifier_*.json'))
+
+
+def test_generate_with_the_decoder_only_model(model_dir):
+  lm = calm_jax.load(str(model_dir))
+  [result] = lm.generate(
+    ['question: Who drives the bus? context: Anna drives the bus.'],
+    threshold=1.5,
+    max_length=5,
+  )
+  assert len(result.tokens) <= 5 and set(result.exit_layers) == {4}
