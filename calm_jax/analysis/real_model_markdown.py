@@ -1,5 +1,6 @@
 """docs/REAL_MODEL.md from the real-model job's results (no measuring)."""
 
+import json
 import os
 from typing import Optional
 
@@ -145,6 +146,80 @@ def verdict(results: dict) -> list[str]:
   return lines
 
 
+def _finetune(results: dict) -> list[str]:
+  cost = results.get('finetune')
+  if not cost:
+    return []
+  return [
+    '## What training it for early exit would cost here',
+    '',
+    "CALM's own recipe fine-tunes the whole model with the weighted loss of "
+    'every exit. One such step (AdamW, every parameter) on '
+    f'{cost["rows"]} calibration prompts ({cost["prompt_tokens"]} prompt and '
+    f'{cost["target_tokens"]} target tokens) takes {cost["step_seconds"]:.1f} s'
+    ' on this CPU after a first step of '
+    f'{cost["first_step_seconds_with_compile"]:.0f} s with compilation, so '
+    f'10,000 steps would take {cost["hours_for_10k_steps"]:.0f} hours: it does '
+    'not fit this machine. The exit adapters above are the cheap way: '
+    'fitted in seconds on a frozen model.',
+    '',
+  ]
+
+
+def _decoder_only_demo(docs: str) -> list[str]:
+  """The decoder-only demo's results (docs/demo_decoder_only.json, by
+  make demo-decoder-only), when they exist."""
+  path = os.path.join(docs, 'demo_decoder_only.json')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    report = json.load(f)
+  rows = []
+  for task, summary in report['tasks'].items():
+    early = summary['early_exit']
+    rows.append(
+      (
+        task,
+        f'{summary["metric"]} {early["full_depth_metric"]:.1f}',
+        f'{early["early_exit_metric"]:.1f}',
+        f'{early["test_textual_risk"]:.3f}',
+        f'{early["avg_decoder_layers"]:.2f}',
+        f'{early["oracle_avg_decoder_layers"]:.2f}',
+        ' '.join(f'{100 * s:.0f}' for s in early['exit_layer_shares']),
+        f'x{early["speedup_vs_full_depth"]:.2f}',
+      )
+    )
+  calibration = report['calibration']
+  return [
+    '## Trained for early exit: a small decoder-only model',
+    '',
+    "The same family trained from scratch with CALM's weighted per-layer "
+    'loss on the embedded tasks (input as the prompt, target as its '
+    f'continuation), {report["train_steps"]} steps, 8 layers '
+    '(`make demo-decoder-only`, docs/demo_decoder_only.json): '
+    f'{calibration["confidence"]} confidence, textual delta '
+    f'{calibration["delta"]}, epsilon {calibration["epsilon"]}, certified on '
+    f'validation and measured on {report["eval_examples_per_task"]} test '
+    'examples per task; speed-up of whole passes, batch '
+    f'{report.get("eval_batch_size", 50)}.',
+    '',
+    report_markdown.table(
+      (
+        'task',
+        'full depth',
+        'early exit',
+        'test risk',
+        'layers',
+        'oracle layers',
+        'tokens exiting at layer 1..8 (%)',
+        'speed-up',
+      ),
+      rows,
+    ),
+    '',
+  ]
+
+
 def render(results: dict, docs: str) -> str:
   settings = results['settings']
   num_layers = results['model']['config']['num_layers']
@@ -213,6 +288,7 @@ def render(results: dict, docs: str) -> str:
     else 'No setting was certified, so nothing was timed.',
     '',
   ]
+  lines += _finetune(results) + _decoder_only_demo(docs)
   if exit_map:
     png = os.path.relpath(exit_map['png'], docs)
     lines += [

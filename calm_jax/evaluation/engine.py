@@ -305,10 +305,7 @@ class Evaluator:
     count = 0
     for batch in examples_lib.batches(examples, self.batch_size):
       targets = batch.target_tokens
-      inputs = np.concatenate(
-        [np.zeros_like(targets[:, :1]), targets[:, :-1]], 1
-      )  # shifted right
-      logits = self.decoder.layer_logits(batch.encoder_tokens, inputs)
+      logits = self.decoder.layer_logits(batch.encoder_tokens, targets)
       predicted = np.asarray(jax.numpy.argmax(logits, -1))  # [L, b, t]
       mask = targets > 0
       correct += ((predicted == targets[None]) & mask[None]).sum(axis=(1, 2))

@@ -245,17 +245,18 @@ class Decoder:
     return self.fetch(self._compiled_decode(mode, args, max_length)(*args))
 
   def layer_logits(
-    self, encoder_tokens: np.ndarray, decoder_inputs: np.ndarray
+    self, encoder_tokens: np.ndarray, target_tokens: np.ndarray
   ) -> jax.Array:
-    """Teacher-forced logits of every decoder layer [L, b, l, v]."""
+    """Teacher-forced logits of every layer's exit at each target position
+    [L, b, t, v] (`model.target_logits`)."""
     model = self.model.model
     key = ('layer_logits',)
     if key not in self._programs:
-      self._programs[key] = jax.jit(model.all_layer_logits)
+      self._programs[key] = jax.jit(model.target_logits)
     args = (
       self.model.params,
       jnp.asarray(encoder_tokens),
-      jnp.asarray(decoder_inputs),
+      jnp.asarray(target_tokens),
     )
     compiled, _ = self.compiled(
       self._programs[key],

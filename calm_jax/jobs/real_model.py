@@ -28,7 +28,9 @@ from typing import Optional
 from typing import Sequence
 
 import gin
+import jax
 import numpy as np
+import optax
 
 from calm_jax import arguments
 from calm_jax import console
@@ -349,6 +351,59 @@ def exit_map(
   return {'setting': best, 'html': html, 'png': png}
 
 
+def finetune_cost(
+  model: loaded_lib.LoadedModel,
+  examples: examples_lib.ExampleSet,
+  decoded: engine.Decoded,
+  rows: int = 4,
+  repeats: int = 3,
+) -> dict:
+  """What one step of CALM's fine-tuning (the weighted loss of every exit,
+  AdamW) costs this model on this CPU: `rows` calibration prompts with
+  the model's own continuations as targets, timed after compiling."""
+  prompts = [list(e.input_ids) for e in examples.examples[:rows]]
+  targets = [list(o['token_ids']) for o in decoded.outputs[:rows]]
+  batch = {
+    'encoder_input_tokens': examples_lib.pad_rows(
+      prompts, max(map(len, prompts)), rows
+    ),
+    'decoder_target_tokens': examples_lib.pad_rows(
+      targets, examples.lengths['targets'], rows
+    ),
+  }
+  batch['decoder_loss_weights'] = (batch['decoder_target_tokens'] > 0).astype(
+    np.float32
+  )
+  params = model_files.load_params(model.model_dir, model.config)[0]
+  optimizer = optax.adamw(1e-5)
+  state = optimizer.init(params)
+
+  @jax.jit
+  def step(p, s, b):
+    grads = jax.grad(lambda q: model.model.loss(q, b)[0])(p)
+    updates, s = optimizer.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  start = time.perf_counter()
+  params, state = jax.block_until_ready(step(params, state, batch))
+  compile_seconds = time.perf_counter() - start
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    params, state = jax.block_until_ready(step(params, state, batch))
+    seconds.append(time.perf_counter() - start)
+  step_seconds = float(np.median(seconds))
+  tokens = int(batch['decoder_loss_weights'].sum())
+  return {
+    'rows': rows,
+    'target_tokens': tokens,
+    'prompt_tokens': int(sum(map(len, prompts))),
+    'step_seconds': step_seconds,
+    'first_step_seconds_with_compile': compile_seconds,
+    'hours_for_10k_steps': step_seconds * 10_000 / 3600,
+  }
+
+
 def _settings(**kwargs) -> dict:
   arguments.check(
     epsilon=kwargs['epsilon'],
@@ -384,10 +439,12 @@ def real_model(
   batch_size: int = 8,
   timing_prompts: int = 16,
   timing_repeats: int = 3,
+  render_only: bool = False,
   check_only: bool = False,
 ) -> Optional[dict]:
   """Runs every measurement and writes `output` and its JSON (see the
-  module docstring). `exit_sets`: {name: 1-based layers}."""
+  module docstring). `exit_sets`: {name: 1-based layers}. `render_only`
+  rewrites `output` from the saved JSON, measuring nothing."""
   settings = _settings(
     exit_sets=dict(
       exit_sets
@@ -409,11 +466,17 @@ def real_model(
   )
   if check_only:
     return None
+  docs = os.path.dirname(os.path.abspath(output))
+  saved = os.path.join(docs, 'real_model.json')
+  if render_only:
+    results = files.read_json(saved, what='real-model results')
+    files.atomic_write_text(output, real_model_markdown.render(results, docs))
+    console.info(f'wrote {output} from {saved}')
+    return results
   start = time.perf_counter()
   results = measure_all(model_dir, gguf, settings, input_length, output)
   results['seconds'] = round(time.perf_counter() - start, 1)
-  docs = os.path.dirname(os.path.abspath(output))
-  files.atomic_write_json(os.path.join(docs, 'real_model.json'), results)
+  files.atomic_write_json(saved, results)
   files.atomic_write_text(output, real_model_markdown.render(results, docs))
   console.info(f'wrote {output} in {results["seconds"]:.0f} s')
   return results
@@ -443,12 +506,19 @@ def measure_all(
     cache_dir=cache,
     progress=False,
   )
-  states = {
-    split: lens.generated_states(
-      raw, examples, plain.decode(examples, modes.FullDepth())
-    )
+  full = {
+    split: plain.decode(examples, modes.FullDepth())
     for split, examples in sets.items()
   }
+  states = {
+    split: lens.generated_states(raw, sets[split], full[split])
+    for split in sets
+  }
+  finetune = finetune_cost(raw, sets['calibration'], full['calibration'])
+  console.info(
+    f'one CALM fine-tuning step (batch {finetune["rows"]}): '
+    f'{finetune["step_seconds"]:.1f} s'
+  )
   console.info('[3/5] layers, oracle, adapters and classifiers')
   study, adapted, raw_classifier, classifier = layer_study(
     raw,
@@ -489,6 +559,7 @@ def measure_all(
     'settings': {k: v for k, v in settings.items()},
     'layers': study,
     'tokens': {s: int(st.tokens.size) for s, st in states.items()},
+    'finetune': finetune,
     'calibration': rows,
     'speed': [
       row

@@ -553,6 +553,18 @@ class CalmLlama:
     hidden = self.hidden_states(params, tokens, lengths)
     return self.head(params, self.exit_states(params, hidden))
 
+  def target_logits(
+    self, params: Params, prompts: Array, target_tokens: Array
+  ) -> Array:
+    """Teacher-forced logits of every layer's exit at each target position
+    [L, b, t, v], the targets following their prompts [b, s]."""
+    batch = {
+      'encoder_input_tokens': prompts,
+      'decoder_target_tokens': target_tokens,
+    }
+    states = self.exit_states(params, _target_states(self, params, batch))
+    return self.head(params, states)
+
   def encode_context(self, params: Params, prompts: Array) -> Context:
     """Prefills right-padded prompts [b, s] (pad 0) at full depth, all but
     each one's last token (`Context`)."""

@@ -319,6 +319,16 @@ class CalmModel:
       method=network.EncoderDecoder.exit_logits,
     )
 
+  def target_logits(
+    self, params: Params, encoder_tokens: Array, target_tokens: Array
+  ) -> Array:
+    """Teacher-forced logits of every decoder layer at each target position
+    [L, b, t, v] (the decoder reads the targets shifted right)."""
+    shifted = jnp.concatenate(
+      [jnp.zeros_like(target_tokens[:, :1]), target_tokens[:, :-1]], 1
+    )
+    return self.all_layer_logits(params, encoder_tokens, shifted)
+
   def encode_context(
     self, params: Params, encoder_tokens: Array
   ) -> tuple[tuple[tuple[Array, Array], ...], Array]:
