@@ -55,9 +55,14 @@ class StepFns(Protocol):
   def layer_kv(
     self, layer: int, x: Array, position: Array
   ) -> tuple[Array, Array]:
-    """Input of layer `layer` [b, 1, e] at output position `position` ->
-    its self-attn K, V [b, 1, h, d] (a model with rotary positions rotates
-    them; T5 ignores the position)."""
+    """Input of layer `layer` [b, g, e] at output positions `position` ->
+    its self-attn K, V [b, g, h, d] (a model with rotary positions rotates
+    them; T5 ignores the position).
+
+    Positions, here and in `layer_step`: [] one position for every row
+    (g = 1); [b] each row's own (g = 1); [b, g] each row's block of g
+    consecutive positions (the speculative loop's verify pass).
+    """
 
   def layer_step(
     self,
@@ -97,10 +102,17 @@ class KVCache:
     return cls(keys=zeros, values=zeros)
 
   def write(self, layer: int, position: Array, k: Array, v: Array) -> 'KVCache':
-    """Stores k, v [b, 1, h, d] at `position` of layer `layer`."""
-    put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
-      cache, new.astype(cache.dtype), position, axis=1
-    )
+    """Stores k, v [b, g, h, d] from `position` on, in layer `layer`: one
+    position for every row ([]), or each row's own ([b]: the speculative
+    loop, whose rows advance by different counts)."""
+    if jnp.ndim(position) == 0:
+      put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
+        cache, new.astype(cache.dtype), position, axis=1
+      )
+    else:
+      put = lambda cache, new: jax.vmap(
+        lambda c, n, p: jax.lax.dynamic_update_slice_in_dim(c, n, p, axis=0)
+      )(cache, new.astype(cache.dtype), position)
     keys = list(self.keys)
     values = list(self.values)
     keys[layer] = put(keys[layer], k)
@@ -452,7 +464,12 @@ def _layer_on_rows(
   take = (lambda a: a) if rows is None else (lambda a: a[rows])
   x = take(climb.hidden)
   out = fns.layer_step(
-    layer, x, take(cache.keys[layer]), take(cache.values[layer]), position, rows
+    layer,
+    x,
+    take(cache.keys[layer]),
+    take(cache.values[layer]),
+    position if jnp.ndim(position) == 0 else take(position),
+    rows,
   )
   size = x.shape[0]
   if not check:

@@ -408,8 +408,14 @@ class LlamaStepFns:
   def embed(self, tokens: Array) -> Array:
     return self._apply(DecoderOnly.embed, tokens[:, None])
 
+  def _rotary(self, offsets: Array, position: Array) -> Array:
+    """Rotary positions [r, g] of loop positions [], [r] or [r, g]."""
+    if jnp.ndim(position) <= 1:
+      return (offsets + position)[:, None]
+    return offsets[:, None] + position
+
   def layer_kv(self, layer: int, x: Array, position: Array):
-    positions = (self.context.offsets + position)[:, None]
+    positions = self._rotary(self.context.offsets, position)
     return self._apply(DecoderOnly.layer_kv, layer, x, positions)
 
   def layer_step(
@@ -423,15 +429,14 @@ class LlamaStepFns:
   ) -> Array:
     take = (lambda a: a) if rows is None else (lambda a: a[rows])
     prompt_k, prompt_v = self.context.prompt_kv[layer]
-    positions = (take(self.context.offsets) + position)[:, None]
-    generated = jnp.arange(keys.shape[1]) <= position  # [t]
-    mask = jnp.concatenate(
-      [
-        take(self.context.prompt_mask),
-        jnp.broadcast_to(generated, (x.shape[0], keys.shape[1])),
-      ],
-      axis=1,
-    )[:, None, None, :]  # [r, 1, 1, s + t]
+    positions = self._rotary(take(self.context.offsets), position)  # [r, g]
+    queries = positions - take(self.context.offsets)[:, None]  # loop's
+    generated = jnp.arange(keys.shape[1]) <= queries[:, :, None]  # [r, g, t]
+    prompt = jnp.broadcast_to(
+      take(self.context.prompt_mask)[:, None, :],
+      generated.shape[:2] + self.context.prompt_mask.shape[1:],
+    )
+    mask = jnp.concatenate([prompt, generated], axis=2)[:, None]
     all_k = jnp.concatenate([take(prompt_k), keys.astype(prompt_k.dtype)], 1)
     all_v = jnp.concatenate([take(prompt_v), values.astype(prompt_v.dtype)], 1)
     return self._apply(

@@ -165,8 +165,14 @@ class ModelStepFns:
     position: Array,
     rows: Array | None = None,
   ) -> Array:
-    bias = self._decoder(network.Decoder.step_bias, position, self.max_length)
-    mask = (jnp.arange(self.max_length) <= position)[None, None, None, :]
+    length = keys.shape[1]  # the cache's (the speculative loop's is longer)
+    if jnp.ndim(position) == 0:  # one query position for every row
+      bias = self._decoder(network.Decoder.step_bias, position, length)
+      mask = (jnp.arange(length) <= position)[None, None, None, :]
+    else:  # each row's own: [r] or a block [r, g]
+      queries = position[:, None] if jnp.ndim(position) == 1 else position
+      bias = self._decoder(network.Decoder.query_bias, queries, length)
+      mask = (jnp.arange(length)[None, None, :] <= queries[:, :, None])[:, None]
     cross_k, cross_v = self.cross_kv[layer]
     cross_mask = self.encoder_mask
     if rows is not None:  # a bucket of rows: gather their encoder context

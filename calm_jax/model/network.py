@@ -328,6 +328,17 @@ class Decoder(nn.Module):
       jnp.reshape(position, (1,)), jnp.arange(cache_length)
     )
 
+  def query_bias(self, positions: Array, cache_length: int) -> Array:
+    """Relative position bias of each row's own query positions [b, g]
+    over the cache [b, h, g, t] (the speculative loop's rows advance by
+    different counts)."""
+    rows, block = positions.shape
+    bias = self.relpos_bias(positions.reshape(-1), jnp.arange(cache_length))
+    heads = bias.shape[1]
+    return (
+      bias[0].reshape(heads, rows, block, cache_length).transpose(1, 0, 2, 3)
+    )
+
   def layer_kv(self, index: int, x: Array) -> tuple[Array, Array]:
     return self.layers[index].self_kv(x)
 
