@@ -147,6 +147,9 @@ class DecodeOutput:
   # so every token of the static decoder is NaN too.
   confidences: Array
   layer_evals: Array  # [] int32: (row, layer) evaluations actually run
+  # Per-row counts of the exact mode ({'passes': [b], 'accepted': [b],
+  # ...}, see `speculative.SpecOutput`); None for the other loops.
+  extras: Optional[dict] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +169,14 @@ def select_tokens(logits: Array, rng: Array, sampling: Sampling) -> Array:
   """[b, v] logits -> [b] tokens: argmax, or temperature/top-k/top-p sample."""
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, filtered_logits(logits, sampling)).astype(
+    jnp.int32
+  )
+
+
+def filtered_logits(logits: Array, sampling: Sampling) -> Array:
+  """[..., v] logits a sample is drawn from: over the temperature, -inf
+  outside the top k and outside the top-p nucleus."""
   logits = logits.astype(jnp.float32) / sampling.temperature
   if sampling.top_k > 0:
     kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
@@ -176,9 +187,9 @@ def select_tokens(logits: Array, rng: Array, sampling: Sampling) -> Array:
     # Keep the smallest prefix whose mass reaches top_p (at least one token).
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     cutoff_index = jnp.sum(mass_before < sampling.top_p, axis=-1) - 1
-    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index[:, None], -1)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index[..., None], -1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits).astype(jnp.int32)
+  return logits
 
 
 @flax.struct.dataclass
@@ -544,7 +555,7 @@ def _bucketed_layer(
   return jax.lax.switch(index, [skip] + [bucket(s) for s in sizes])
 
 
-def _climb_layer(
+def climb_layer(
   fns: StepFns,
   cfg: ExitConfig,
   layer: int,
@@ -671,7 +682,7 @@ def early_exit_decode(
     )
     cache = s.cache
     for layer in range(num_layers):
-      climb, cache = _climb_layer(
+      climb, cache = climb_layer(
         fns, cfg, layer, climb, cache, s.position, bound, classifier, forced
       )
     reached_top = climb.exit_layer == 0

@@ -136,7 +136,7 @@ def example_records(
 
 def _output(examples: examples_lib.ExampleSet, out, row: int) -> dict:
   ids = examples_lib.until_eos(out.tokens[row], examples.eos_id, keep_eos=True)
-  return {
+  record = {
     'prediction': examples.text(ids),
     'token_ids': ids,
     'exit_layers': [int(l) for l in out.exit_layers[row, : len(ids)]],
@@ -144,6 +144,9 @@ def _output(examples: examples_lib.ExampleSet, out, row: int) -> dict:
       out.confidences[row, : len(ids)]
     ),
   }
+  if out.extras is not None:  # the exact mode's counts of this row
+    record['speculative'] = {k: int(v[row]) for k, v in out.extras.items()}
+  return record
 
 
 # --- the engine -------------------------------------------------------------

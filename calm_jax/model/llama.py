@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from calm_jax import arguments
 from calm_jax import errors
 from calm_jax.decoding import loops
+from calm_jax.decoding import speculative
 from calm_jax.decoding import thresholds
 from calm_jax.model import layers
 from calm_jax.model import models
@@ -657,6 +658,33 @@ class CalmLlama:
       classifier=classifier,
       rng=rng,
       forced_exit_layers=forced_exit_layers,
+      start_tokens=fns.context.start_tokens,
+      **self._loop_args(prompts, fns.context),
+    )
+
+  def decode_speculative(
+    self,
+    params: Params,
+    prompts: Optional[Array],
+    max_length: int,
+    *,
+    draft: speculative.DraftConfig,
+    threshold: Array,
+    eos_id: int = 2,
+    classifier: Optional[Params] = None,
+    rng: Optional[Array] = None,
+    context: Optional[Context] = None,
+  ) -> speculative.SpecOutput:
+    """The exact mode after prompts [b, s] (or their `context`)."""
+    fns = self.step_fns(params, prompts, max_length, context)
+    return speculative.speculative_decode(
+      fns,
+      draft,
+      threshold=threshold,
+      max_length=max_length,
+      eos_id=eos_id,
+      classifier=classifier,
+      rng=rng,
       start_tokens=fns.context.start_tokens,
       **self._loop_args(prompts, fns.context),
     )

@@ -16,6 +16,7 @@ import numpy as np
 from calm_jax import arguments
 from calm_jax.decoding import confidence
 from calm_jax.decoding import loops
+from calm_jax.decoding import speculative
 from calm_jax.model import network
 
 Array = jax.Array
@@ -431,6 +432,33 @@ class CalmModel:
       classifier=classifier,
       rng=rng,
       forced_exit_layers=forced_exit_layers,
+      **self._cache_args(),
+    )
+
+  def decode_speculative(
+    self,
+    params: Params,
+    encoder_tokens: Array | None,
+    max_length: int,
+    *,
+    draft: speculative.DraftConfig,
+    threshold: Array,
+    eos_id: int = 1,
+    classifier: Params | None = None,
+    rng: Array | None = None,
+    context=None,
+  ) -> speculative.SpecOutput:
+    """The exact mode: the full model's output, drafted by its exits."""
+    fns = self.step_fns(params, encoder_tokens, max_length, context)
+    return speculative.speculative_decode(
+      fns,
+      draft,
+      threshold=threshold,
+      batch_size=self._batch_size(encoder_tokens, context),
+      max_length=max_length,
+      eos_id=eos_id,
+      classifier=classifier,
+      rng=rng,
       **self._cache_args(),
     )
 

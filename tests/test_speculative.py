@@ -1,0 +1,178 @@
+"""The exact mode: self-speculative decoding returns the full model's greedy
+tokens and its sampling distribution, per row in a batch, for T5 and the
+decoder-only family (tiny random models)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from calm_jax.decoding import loops
+from calm_jax.decoding import speculative
+from calm_jax.model import llama
+from calm_jax.model import models
+from calm_jax.model import network
+
+T5 = network.T5Config(
+  vocab_size=32,
+  emb_dim=32,
+  num_heads=2,
+  head_dim=16,
+  mlp_dim=64,
+  num_encoder_layers=1,
+  num_decoder_layers=4,
+)
+LLAMA = llama.LlamaConfig(
+  vocab_size=32,
+  emb_dim=32,
+  num_layers=4,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=16,
+  mlp_dim=64,
+  rope_theta=10000.0,
+)
+
+
+def _model(family: str, seed: int = 0):
+  model = models.CalmModel(T5) if family == 't5' else llama.CalmLlama(LLAMA)
+  return model, model.init_params(jax.random.PRNGKey(seed))['params']
+
+
+def _inputs(rows: int, seed: int, longest: int = 9) -> np.ndarray:
+  """Ragged inputs [rows, longest], right-padded with 0."""
+  rng = np.random.default_rng(seed)
+  out = np.zeros((rows, longest), np.int32)
+  for row in range(rows):
+    length = rng.integers(2, longest + 1)
+    out[row, :length] = rng.integers(2, 32, length)
+  return out
+
+
+def _draft(model, measure='softmax', gamma=3, **options):
+  return speculative.DraftConfig(
+    model.exit_config(measure), gamma=gamma, **options
+  )
+
+
+def _decoders(model, draft, max_length, eos_id):
+  static = jax.jit(
+    lambda p, x: model.decode_static(p, x, max_length, eos_id=eos_id).tokens
+  )
+  exact = jax.jit(
+    lambda p, x, t: model.decode_speculative(
+      p, x, max_length, draft=draft, threshold=t, eos_id=eos_id
+    )
+  )
+  return static, exact
+
+
+@pytest.mark.parametrize('family', ['t5', 'llama'])
+@pytest.mark.parametrize('threshold', [0.0, 0.3])
+def test_greedy_tokens_equal_the_full_model(family, threshold):
+  model, params = _model(family)
+  # EOS 3 is a common token of these random models: drafts hit it often.
+  static, exact = _decoders(model, _draft(model), 12, eos_id=3)
+  for batch, seed in ((1, 1), (4, 2), (16, 3)):
+    inputs = _inputs(batch, seed)
+    out = exact(params, inputs, threshold)
+    np.testing.assert_array_equal(out.tokens, static(params, inputs))
+    assert (np.asarray(out.passes) >= 1).all()
+    assert (np.asarray(out.accepted) <= np.asarray(out.drafted)).all()
+    assert int(np.asarray(out.near_ties).sum()) == 0
+
+
+def test_a_draft_that_always_agrees_is_accepted_whole():
+  """At a threshold above 1 the draft runs every layer: the full model
+  drafts, every draft is accepted, and a round emits gamma + 1 tokens."""
+  model, params = _model('llama')
+  _, exact = _decoders(model, _draft(model, gamma=3), 12, eos_id=-1)
+  out = exact(params, _inputs(4, 5), 1.5)
+  np.testing.assert_array_equal(out.accepted, out.drafted)
+  np.testing.assert_array_equal(out.passes, [3, 3, 3, 3])  # 12 = 3 x 4
+
+
+def test_skipping_the_rollback_breaks_exactness(monkeypatch):
+  """Verify must overwrite the cache entries a rejected draft wrote: with
+  the draft's entries left in place, later positions read them and the
+  tokens are no longer the full model's."""
+  model, params = _model('t5')
+  static, exact = _decoders(
+    model, _draft(model, measure='softmax', forced_layer=1), 12, eos_id=-1
+  )
+  inputs = _inputs(16, 7)
+  np.testing.assert_array_equal(
+    exact(params, inputs, 0.0).tokens, static(params, inputs)
+  )
+  real_verify = speculative.verify
+
+  def verify_without_rollback(fns, state, drafts):
+    logits, _ = real_verify(fns, state, drafts)
+    return logits, drafts.cache  # the draft's entries stay
+
+  monkeypatch.setattr(speculative, 'verify', verify_without_rollback)
+  _, broken = _decoders(
+    model, _draft(model, measure='softmax', forced_layer=1), 12, eos_id=-1
+  )
+  assert not np.array_equal(
+    broken(params, inputs, 0.0).tokens, static(params, inputs)
+  )
+
+
+def _first_tokens(model, params, draft, rows, prompt, sampling, seed):
+  """The first 3 tokens of `rows` samples from one prompt: plain sampling
+  and the exact mode."""
+  prompts = np.repeat(prompt[None], rows, 0)
+  plain = jax.jit(
+    lambda p, x, r: (
+      model.decode_static(p, x, 3, eos_id=-1, sampling=sampling, rng=r).tokens
+    )
+  )
+  draft = dataclasses.replace(
+    draft, exits=dataclasses.replace(draft.exits, sampling=sampling)
+  )
+  exact = jax.jit(
+    lambda p, x, r: (
+      model.decode_speculative(
+        p, x, 3, draft=draft, threshold=0.0, eos_id=-1, rng=r
+      ).tokens
+    )
+  )
+  # Rows of one batch share a key in the loops; split the batch in
+  # single-row calls by vmap over keys instead.
+  keys = jax.random.split(jax.random.PRNGKey(seed), rows)
+  one = lambda f: jax.vmap(lambda k, x: f(params, x[None], k)[0])
+  return (
+    np.asarray(one(plain)(keys, prompts)),
+    np.asarray(one(exact)(jax.random.split(keys[0], rows), prompts)),
+  )
+
+
+def _chi_square(a: np.ndarray, b: np.ndarray, vocab: int) -> float:
+  """p-value of 'both samples come from one distribution' over the joint
+  outcomes of their rows."""
+  code = lambda t: (t * vocab ** np.arange(t.shape[1])).sum(1)
+  cells = np.union1d(code(a), code(b))
+  counts = np.stack([[np.sum(code(x) == c) for c in cells] for x in (a, b)])
+  counts = counts[:, counts.sum(0) >= 5]  # sparse cells merged away
+  return stats.chi2_contingency(counts)[1]
+
+
+@pytest.mark.parametrize('forced_layer', [None, 1])
+def test_sampling_has_the_full_models_distribution(forced_layer):
+  """Rejection sampling: the first 3 tokens' joint distribution equals
+  plain sampling's, with the confident draft and with a bad one (every
+  token forced out at layer 1, far from the top)."""
+  config = dataclasses.replace(LLAMA, vocab_size=8)
+  model = llama.CalmLlama(config)
+  params = model.init_params(jax.random.PRNGKey(4))['params']
+  sampling = loops.Sampling(temperature=1.0)
+  draft = speculative.DraftConfig(
+    model.exit_config('softmax'), gamma=2, forced_layer=forced_layer
+  )
+  plain, exact = _first_tokens(
+    model, params, draft, 3000, np.array([3, 5, 2, 6], np.int32), sampling, 0
+  )
+  assert _chi_square(plain, exact, 8) > 0.01
