@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install lint format test test-slow real-model demo-decoder-only test-time demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
+.PHONY: install lint format test test-slow real-model demo-decoder-only bench-exact test-time demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -74,6 +74,13 @@ reproduce: $(STAMP)
 	$(PY) -m calm_jax.train --gin_file=gin/runs/train_classifier.gin \
 	  --gin.MODEL_DIR="'runs/demo/model'" --gin.MIXTURE_OR_TASK_NAME="'synth_mix'"
 	$(PY) -m calm_jax.report
+
+# The exact mode (self-speculative decoding) measured: exactness against the
+# static decoder and speed against full depth and calibrated CALM, on the
+# demo model and the paper's small dims (docs/exact_mode.md and .json).
+bench-exact: $(STAMP)
+	test -f runs/demo/model/model.json || $(MAKE) demo
+	$(PY) -m calm_jax.exact_mode
 
 # The demo with a decoder-only (Llama-family) model in T5's place: trains it
 # with CALM's loss on the embedded tasks and writes docs/demo_decoder_only.json.

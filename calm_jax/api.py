@@ -21,6 +21,7 @@ from calm_jax import errors
 from calm_jax.calibration import records
 from calm_jax.data import examples
 from calm_jax.decoding import loops
+from calm_jax.decoding import speculative
 from calm_jax.inference import decoder as decoder_lib
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.inference import modes
@@ -40,6 +41,9 @@ class Generation:
   tokens: list[int]
   threshold: float  # above 1: exits disabled (full depth)
   threshold_source: str  # 'given', a record file, or 'full depth: ...'
+  # The exact mode's counts for this input: verify passes, drafted and
+  # accepted tokens, layers run by drafts and by verify passes, near ties.
+  speculative: Optional[dict] = None
 
 
 def _pad_to(length: int, multiple: int = 16) -> int:
@@ -148,12 +152,20 @@ class CalmLM:
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    mode: str = 'early_exit',
+    gamma: int = 4,
+    draft_layer: Optional[int] = None,
   ) -> list[Generation]:
     """Decodes each text with early exit; one `Generation` per input (an
     empty list gives an empty list).
 
     Without a threshold, the calibration record of the measure for `task`
-    sets it (see `resolve_threshold`). `max_length` defaults to the target
+    sets it (see `resolve_threshold`). `mode='exact'` returns exactly the
+    full model's output (its greedy tokens, or its sampling distribution):
+    the early exits at the threshold (or every token at `draft_layer`)
+    draft up to `gamma` tokens that one full-depth pass verifies; each
+    Generation's `speculative` counts what that cost. Without a threshold
+    or a record, the exact mode drafts at `EXACT_DRAFT_THRESHOLD`. `max_length` defaults to the target
     length the record was certified with, else the target length the
     model was trained with (model.json). At most `batch_size` rows are
     decoded at once, and a call with fewer texts pads only to the next
@@ -173,20 +185,28 @@ class CalmLM:
       top_k=top_k,
       top_p=top_p,
       seed=seed,
+      mode=mode,
+      gamma=gamma,
+      draft_layer=draft_layer,
       num_layers=self.config.num_decoder_layers,
     )
     choice = self.resolve_threshold(threshold, confidence, tau, task=task)
-    mode = modes.EarlyExit(
-      self.exit_config(
-        confidence,
-        min_exit=min_exit,
-        tau=choice.tau,
-        propagation=propagation,
-        sampling=loops.Sampling(float(temperature), top_k, float(top_p)),
-      ),
-      choice.value,
+    exits = self.exit_config(
+      confidence,
+      min_exit=min_exit,
+      tau=choice.tau,
+      propagation=propagation,
+      sampling=loops.Sampling(float(temperature), top_k, float(top_p)),
     )
-    records.check_decode_settings(choice, mode.exit_config.fingerprint())
+    if mode == 'exact':
+      choice = records.exact_mode_draft(choice)
+      decode_mode = modes.Speculative(
+        speculative.DraftConfig(exits, gamma=gamma, forced_layer=draft_layer),
+        choice.value,
+      )
+    else:
+      records.check_decode_settings(choice, exits.fingerprint())
+      decode_mode = modes.EarlyExit(exits, choice.value)
     self.loaded.classifier_for(confidence)
     if not texts:
       return []
@@ -203,7 +223,7 @@ class CalmLM:
       inputs = np.zeros((rows, encoded.shape[1]), np.int32)
       inputs[: len(chunk)] = chunk
       out = self.decoder.decode(
-        mode, inputs, max_length=max_length, seed=seed + start
+        decode_mode, inputs, max_length=max_length, seed=seed + start
       )
       results += [self._result(out, row, choice) for row in range(len(chunk))]
     return results
@@ -221,6 +241,11 @@ class CalmLM:
       tokens=tokens,
       threshold=choice.value,
       threshold_source=choice.source,
+      speculative=(
+        None
+        if out.extras is None
+        else {k: int(v[row]) for k, v in out.extras.items()}
+      ),
     )
 
 

@@ -30,6 +30,9 @@ PROPAGATIONS = ('hidden', 'kv_copy', 'none')
 CONSISTENCIES = ('textual', 'risk')
 DTYPES = ('float32', 'bfloat16')
 LOSS_WEIGHTINGS = ('linear', 'uniform', 'geometric')
+# 'early_exit': CALM at a certified threshold; 'exact': the full model's
+# output, drafted by the early exits and verified (self-speculative).
+DECODE_MODES = ('early_exit', 'exact')
 OPTIMIZERS = ('adafactor', 'adamw')
 SCHEDULES = ('constant', 'rsqrt', 'cosine')
 
@@ -161,6 +164,10 @@ RULES: dict[str, Rule] = {
   'top_k': _int(0),
   'top_p': _real(0.0, 1.0, open_low=True),
   'seed': _int(0),
+  'mode': _choice(DECODE_MODES),
+  'gamma': _int(1),
+  'draft_layer': _int(1, 'num_layers', optional=True),
+  'min_confidence': _real(0.0, 1.0),
   'batch_size': _int(1),
   'mesh_shape': Rule(_mesh_shape, optional=True),  # fits the devices?
   # checked when the mesh is made

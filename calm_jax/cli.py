@@ -52,6 +52,7 @@ JOBS = (
   'bench',
   'convert',
   'real_model',
+  'exact_mode',
 )
 HELP_FLAGS = ('--help', '-h', '--helpshort', '--helpfull', '-help')
 

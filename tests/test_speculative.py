@@ -176,3 +176,45 @@ def test_sampling_has_the_full_models_distribution(forced_layer):
     model, params, draft, 3000, np.array([3, 5, 2, 6], np.int32), sampling, 0
   )
   assert _chi_square(plain, exact, 8) > 0.01
+
+
+def test_the_exact_mode_through_the_api_and_the_decode_job(
+  tiny_model_dir, tmp_path
+):
+  import calm_jax  # pylint: disable=g-import-not-at-top
+
+  import entry_points  # pylint: disable=g-import-not-at-top
+
+  lm = calm_jax.load(str(tiny_model_dir))
+  texts = [
+    f'question: Who drives car {i}? context: Anna drives car {i}.'
+    for i in range(5)
+  ]
+  full = lm.generate(texts, threshold=1.5, batch_size=4, max_length=6)
+  exact = lm.generate(
+    texts, threshold=0.0, batch_size=4, max_length=6, mode='exact', gamma=3
+  )
+  assert [r.tokens for r in exact] == [r.tokens for r in full]
+  counts = exact[0].speculative
+  assert counts['passes'] >= 1 and counts['drafted'] >= counts['accepted']
+  out = tmp_path / 'decode'
+  result = entry_points.run_module(
+    'calm_jax.decode',
+    '--gin_file=gin/runs/decode.gin',
+    f"--gin.MODEL_DIR='{tiny_model_dir}'",
+    "--gin.MIXTURE_OR_TASK_NAME='synth_qa'",
+    "--gin.MODE='exact'",
+    '--gin.THRESHOLD=0.0',
+    '--gin.calm_jax.DecodeInputs.num_examples=4',
+    '--gin.calm_jax.RunSettings.batch_size=4',
+    f"--gin.OUTPUT_DIR='{out}'",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  import json  # pylint: disable=g-import-not-at-top
+
+  summary = json.loads((out / 'summary.json').read_text())
+  exact_mode = summary['tasks']['synth_qa']['exact_mode']
+  assert 0 <= exact_mode['acceptance_rate'] <= 1
+  assert exact_mode['tokens_per_pass'] >= 1
+  run = json.loads((out / 'run.json').read_text())
+  assert run['exact']['exact']['gamma'] == 4

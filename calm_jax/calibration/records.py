@@ -489,3 +489,23 @@ def check_decode_settings(
       ' decode with its settings, re-calibrate with these, or pass a '
       'threshold'
     )
+
+
+# The exact mode's draft threshold when neither a threshold nor a record
+# gives one (the output is the full model's whatever the draft; this only
+# sets how much it drafts).
+EXACT_DRAFT_THRESHOLD = 0.9
+
+
+def exact_mode_draft(
+  choice: ThresholdChoice,
+) -> ThresholdChoice:
+  """The exact mode's draft threshold: the chosen one, unless it disables
+  exits (then EXACT_DRAFT_THRESHOLD)."""
+  if not thresholds.exits_disabled(choice.value):
+    return choice
+  return dataclasses.replace(
+    choice,
+    value=EXACT_DRAFT_THRESHOLD,
+    source=f'exact mode draft at {EXACT_DRAFT_THRESHOLD} ({choice.source})',
+  )

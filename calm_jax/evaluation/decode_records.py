@@ -40,10 +40,11 @@ def _version(path: str, obj: Any, what: str) -> int:
 
 def _fields(cls, path: str, obj: dict, what: str) -> dict:
   names = {f.name for f in dataclasses.fields(cls)} - {'schema_version'}
-  missing = sorted(names - set(obj))
+  optional = {f.name for f in dataclasses.fields(cls) if f.default is None}
+  missing = sorted(names - set(obj) - optional)
   if missing:
     raise DecodeRecordError(f'{what} {path} lacks {", ".join(missing)}')
-  return {k: obj[k] for k in names}
+  return {k: obj[k] for k in names if k in obj}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +58,14 @@ class DecodeRun:
   threshold_source: str
   seed: Optional[int]  # None when greedy: the seed changes nothing
   schema_version: int = SCHEMA_VERSION
+  exact: Optional[dict] = None  # the exact mode's draft settings
 
   def fingerprint(self) -> dict:
     """The settings two runs must share to share a directory."""
     out = dataclasses.asdict(self)
     del out['schema_version']
+    if out['exact'] is None:  # as early-exit runs wrote it before
+      del out['exact']
     return out
 
   @property

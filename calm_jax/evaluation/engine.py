@@ -80,6 +80,24 @@ class Decoded:
     layers = [l for row in self.exit_layers for l in row]
     return float(np.mean(layers)) if layers else float('nan')
 
+  def speculative_summary(self) -> Optional[dict]:
+    """The exact mode's costs over these outputs (None for other modes):
+    tokens emitted per verify pass, the share of drafts accepted, and the
+    layers run per emitted token, drafts included."""
+    counts = [o['speculative'] for o in self.outputs if 'speculative' in o]
+    if not counts:
+      return None
+    total = {k: sum(c[k] for c in counts) for k in counts[0]}
+    tokens = max(self.tokens, 1)
+    return {
+      'tokens_per_pass': tokens / max(total['passes'], 1),
+      'acceptance_rate': total['accepted'] / max(total['drafted'], 1),
+      'layers_per_token': (total['draft_layers'] + total['verify_layers'])
+      / tokens,
+      'near_ties': total['near_ties'],
+      **total,
+    }
+
   def exit_shares(self, num_layers: int) -> list[float]:
     """The fraction of output tokens that exit at each layer 1..num_layers."""
     counts = np.asarray(exit_histogram(self.exit_layers, num_layers))
@@ -319,18 +337,40 @@ class Evaluator:
   def speedup(
     self,
     examples: examples_lib.ExampleSet,
-    early: modes.EarlyExit,
+    early: modes.Mode,
     *,
     batch_size: int,
     repeats: int,
     num_examples: Optional[int] = None,
     alternate: str = 'input',
   ) -> Speed:
-    """Full depth vs early exit on the same inputs (encoder included),
-    both compiled first. `alternate='input'` takes turns on every input
-    batch, each waited for (as the paper times batch 1); 'pass' takes turns
-    on whole passes over the inputs, dispatched back to back and waited for
-    once (as a batch job runs)."""
+    """Full depth vs another mode (early exit, the exact mode) on the same
+    inputs (encoder included), both compiled first (see `speedups`)."""
+    return self.speedups(
+      examples,
+      {'early': early},
+      batch_size=batch_size,
+      repeats=repeats,
+      num_examples=num_examples,
+      alternate=alternate,
+    )['early']
+
+  def speedups(
+    self,
+    examples: examples_lib.ExampleSet,
+    named: dict[str, modes.Mode],
+    *,
+    batch_size: int,
+    repeats: int,
+    num_examples: Optional[int] = None,
+    alternate: str = 'input',
+  ) -> dict[str, Speed]:
+    """Full depth against each named mode on the same inputs, every
+    program compiled first and all of them timed in turns.
+    `alternate='input'` takes turns on every input batch, each waited for
+    (as the paper times batch 1); 'pass' takes turns on whole passes over
+    the inputs, dispatched back to back and waited for once (as a batch
+    job runs)."""
     if alternate not in ('input', 'pass'):
       raise ValueError(f'alternate must be input or pass, got {alternate!r}')
     max_length = examples.lengths['targets']
@@ -341,7 +381,7 @@ class Evaluator:
     ]
     runs = {
       name: self.decoder.runner(mode, inputs[0], max_length=max_length)
-      for name, mode in (('full', modes.FullDepth()), ('early', early))
+      for name, mode in (('full', modes.FullDepth()), *named.items())
     }
     if alternate == 'pass':
       runs = {
@@ -351,11 +391,17 @@ class Evaluator:
     times = timing.alternating_seconds(
       runs, inputs if alternate == 'input' else [None], repeats
     )
-    per_pass = [f / e for f, e in zip(times['full'], times['early'])]
     medians = {k: statistics.median(v) for k, v in times.items()}
-    return Speed(
-      medians['full'] / medians['early'], min(per_pass), max(per_pass), medians
-    )
+    out = {}
+    for name in named:
+      per_pass = [f / e for f, e in zip(times['full'], times[name])]
+      out[name] = Speed(
+        medians['full'] / medians[name],
+        min(per_pass),
+        max(per_pass),
+        {'full': medians['full'], name: medians[name]},
+      )
+    return out
 
 
 def process_share(num_examples: int, index: int, count: int) -> list[int]:

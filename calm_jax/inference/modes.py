@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from calm_jax.decoding import loops
+from calm_jax.decoding import speculative
 from calm_jax.storage import provenance
 
 Program = Callable[..., loops.DecodeOutput]
@@ -251,3 +252,63 @@ class ForcedExits:
       layers = list(self.exit_layers[index])[: shape[1]]
       out[row, : len(layers)] = layers
     return np.maximum(out, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Speculative:
+  """The exact mode: the full model's output (greedy tokens, or its
+  sampling distribution), drafted by its own early exits and verified by
+  the full model (`decoding.speculative`)."""
+
+  draft: speculative.DraftConfig
+  threshold: float  # the draft's confidence threshold
+
+  measure = 'exact'
+
+  @property
+  def exit_config(self) -> loops.ExitConfig:
+    """The draft's early-exit settings."""
+    return self.draft.exits
+
+  @property
+  def uses_classifier(self) -> bool:
+    return self.draft.exits.confidence == 'classifier'
+
+  @property
+  def sampled(self) -> bool:
+    return not self.draft.exits.sampling.greedy
+
+  @property
+  def label(self) -> str:
+    return f'exact_{self.draft.exits.confidence}_{self.threshold:g}'
+
+  def fingerprint(self) -> dict:
+    # The greedy output is the full model's whatever the draft: the draft's
+    # settings are still kept, since they decide the costs recorded.
+    return {'exact': self.draft.fingerprint(), 'threshold': self.threshold}
+
+  def program_key(self) -> Hashable:
+    return ('exact', self.draft)
+
+  def describe(self) -> str:
+    return f'exact-mode decoder ({self.draft.exits.confidence} draft)'
+
+  def build(self, model, max_length: int, eos_id: int) -> Program:
+    def program(params, classifier, context, threshold, rng, forced):
+      del forced
+      out = model.decode_speculative(
+        params,
+        None,
+        max_length,
+        draft=self.draft,
+        threshold=threshold,
+        eos_id=eos_id,
+        classifier=classifier,
+        rng=rng,
+        context=context,
+      )
+      return speculative.as_decode_output(out, model.config.num_decoder_layers)
+
+    return program
+
+  forced_layers = staticmethod(_no_forcing)

@@ -21,6 +21,7 @@ from calm_jax.analysis import plots
 from calm_jax.calibration import records
 from calm_jax.data import examples as examples_lib
 from calm_jax.data import input_files
+from calm_jax.decoding import speculative
 from calm_jax.evaluation import decode_records
 from calm_jax.evaluation import engine
 from calm_jax.inference import decoder as decoder_lib
@@ -81,7 +82,7 @@ def _stem(examples: examples_lib.ExampleSet) -> str:
 def decode_run(
   model: loaded_lib.LoadedModel,
   choice: records.ThresholdChoice,
-  mode: modes.EarlyExit,
+  mode: modes.EarlyExit | modes.Speculative,
   sets,
   seed: int,
 ) -> decode_records.DecodeRun:
@@ -92,7 +93,8 @@ def decode_run(
     decode=mode.exit_config.fingerprint(),
     threshold=choice.value,
     threshold_source=choice.source,
-    seed=None if mode.exit_config.sampling.greedy else seed,
+    seed=seed if mode.sampled else None,
+    exact=mode.fingerprint() if mode.measure == 'exact' else None,
   )
 
 
@@ -143,6 +145,9 @@ def summarize(
     ),
     'decode_seconds_after_compile': round(decoded.seconds, 3),
   }
+  exact = decoded.speculative_summary()
+  if exact is not None:
+    result['exact_mode'] = exact
   if examples.metrics is not None:
     score = engine.Evaluator.score(examples, decoded.predictions)
     result.update(metric=score.metric, value=score.value, scores=score.scores)
@@ -223,17 +228,24 @@ def decode(
     calibration_record,
     task,
   )
-  mode = modes.EarlyExit(
-    model.exit_config(
-      exits.confidence,
-      min_exit=exits.min_exit,
-      tau=choice.tau,
-      propagation=exits.propagation,
-      sampling=sampling.sampling(),
-    ),
-    choice.value,
+  config = model.exit_config(
+    exits.confidence,
+    min_exit=exits.min_exit,
+    tau=choice.tau,
+    propagation=exits.propagation,
+    sampling=sampling.sampling(),
   )
-  records.check_decode_settings(choice, mode.exit_config.fingerprint())
+  if exits.mode == 'exact':
+    choice = records.exact_mode_draft(choice)
+    mode = modes.Speculative(
+      speculative.DraftConfig(
+        config, gamma=exits.gamma, forced_layer=exits.draft_layer
+      ),
+      choice.value,
+    )
+  else:
+    records.check_decode_settings(choice, config.fingerprint())
+    mode = modes.EarlyExit(config, choice.value)
   model.classifier_for(exits.confidence)
   sets = example_sets(model, inputs)
   run = decode_run(model, choice, mode, sets, sampling.seed)

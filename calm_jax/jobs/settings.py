@@ -30,12 +30,21 @@ class ExitSettings:
     min_exit: the lowest layer a token may exit at.
     propagation: what skipped layers' caches get: 'hidden' (CALM), or the
       ablations 'kv_copy' and 'none'.
+    mode: 'early_exit' (CALM at the threshold) or 'exact' (the full
+      model's output: the early exits draft up to `gamma` tokens that one
+      full-depth pass verifies; decode only).
+    gamma: the exact mode's drafted tokens per verify pass at most.
+    draft_layer: the exact mode's fixed draft exit layer (None: the
+      confidence threshold decides).
   """
 
   confidence: str = 'softmax'
   tau: Optional[float] = None
   min_exit: int = 1
   propagation: str = 'hidden'
+  mode: str = 'early_exit'
+  gamma: int = 4
+  draft_layer: Optional[int] = None
 
   def check(self) -> 'ExitSettings':
     arguments.check(**dataclasses.asdict(self))
