@@ -5,6 +5,7 @@ calls it. No TensorFlow, no gin.
 """
 
 import datetime
+import json
 import math
 import os
 from typing import Sequence
@@ -522,6 +523,45 @@ def _figures(results: dict, docs: str) -> str:
   return '## Figures\n\n' + '\n\n'.join(parts)
 
 
+def exact_mode_section(docs: str) -> str:
+  """The exact mode next to Table 2: docs/exact_mode.json (make
+  bench-exact), when it exists."""
+  path = os.path.join(docs, 'exact_mode.json')
+  if not os.path.exists(path):
+    return (
+      '## Exact mode\n\nNot measured yet: `make bench-exact` writes '
+      'docs/exact_mode.json.'
+    )
+  with open(path, encoding='utf-8') as f:
+    demo = json.load(f).get('demo')
+  if not demo:
+    return '## Exact mode\n\nNo demo model was measured.'
+  rows = [
+    (
+      r['examples'],
+      r['batch_size'],
+      f'x{r["calm_speedup"]:.2f}',
+      f'x{r["exact_speedup"]:.2f}',
+      f'{r["acceptance_rate"]:.2f}',
+      f'{r["tokens_per_pass"]:.2f}',
+    )
+    for r in demo['speed']
+  ]
+  differing = sum(r['differing_outputs'] for r in demo['exactness'])
+  outputs = sum(r['inputs'] for r in demo['exactness'])
+  return (
+    "## Exact mode\n\nThe full model's own output, drafted by the same "
+    'early exit (δ = 0.25 softmax) and verified by one full-depth pass per '
+    f'round: {differing} of {outputs} greedy outputs differ from the static '
+    "decoder's (all batch sizes). Speed-ups against full depth, measured "
+    'in turns with CALM ([exact_mode.md](exact_mode.md)):\n\n'
+    + table(
+      ('task', 'batch', 'CALM', 'exact mode', 'acceptance', 'tokens per pass'),
+      rows,
+    )
+  )
+
+
 def render(results: dict, docs: str) -> str:
   """The whole markdown document."""
   sections = [
@@ -529,6 +569,7 @@ def render(results: dict, docs: str) -> str:
     "## The paper's findings, re-measured\n\n" + findings(results),
     '## How much computation the tokens need\n\n' + difficulty(results),
     "## Table 2, in the paper's shape\n\n" + table2(results),
+    exact_mode_section(docs),
     '## Full model and oracle\n\nThe oracle exits each token at the '
     "first layer whose prediction equals the\nfull model's, so its "
     "outputs are the full model's.\n\n" + full_depth_table(results),
