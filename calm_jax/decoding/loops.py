@@ -600,7 +600,7 @@ def climb_layer(
   return climb, cache
 
 
-def _emit_tokens(
+def emit_tokens(
   fns: StepFns, cfg: ExitConfig, climb: Climb, rng: Array
 ) -> Array:
   """Next tokens: reused exit argmaxes where known, else the exit-state head.
@@ -688,7 +688,7 @@ def early_exit_decode(
     reached_top = climb.exit_layer == 0
     exit_layer = jnp.where(reached_top, num_layers, climb.exit_layer)
     confidence = jnp.where(reached_top, jnp.nan, climb.confidence)
-    next_token = _emit_tokens(fns, cfg, climb, s.rng)
+    next_token = emit_tokens(fns, cfg, climb, s.rng)
     return s.advance(
       next_token, cache, exit_layer, confidence, climb.evals, eos_id
     )

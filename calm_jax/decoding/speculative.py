@@ -106,14 +106,18 @@ class Draft:
 def _draft_step(
   fns, cfg: DraftConfig, cache, token, position, threshold, classifier, rng
 ):
-  """One drafted position per row: the early-exit climb from `token`."""
+  """One drafted position per row: the early-exit climb from `token`.
+
+  Returns the drafted token [b], its distribution [b, v] when sampling
+  (else [b, 1]), its confidence [b] (1 for a row that reached the top), the
+  layers each row ran [b] and the cache.
+  """
   batch = token.shape[0]
-  x = fns.embed(token)
   zeros_kv = jnp.zeros(
     (batch, 1, *cache.keys[0].shape[2:]), cache.keys[0].dtype
   )
   climb = loops.Climb(
-    hidden=x,
+    hidden=fns.embed(token),
     active=jnp.ones((batch,), bool),
     exit_layer=jnp.zeros((batch,), jnp.int32),
     confidence=jnp.zeros((batch,), jnp.float32),
@@ -140,10 +144,20 @@ def _draft_step(
       classifier,
       forced,
     )
+  confidence = jnp.where(climb.exit_layer == 0, 1.0, climb.confidence)
+  sampling = cfg.exits.sampling
+  if sampling.greedy:  # the exits' own argmax, reused where known
+    drafted = loops.emit_tokens(fns, cfg.exits, climb, rng)
+    return drafted, jnp.zeros((batch, 1)), confidence, layers, cache
   exits = jnp.where(climb.exit_layer == 0, fns.num_layers, climb.exit_layer)
   logits = fns.logits(fns.exit_hidden(climb.hidden[:, 0], exits))
-  confidence = jnp.where(climb.exit_layer == 0, 1.0, climb.confidence)
-  return logits, confidence, layers, cache
+  return (
+    loops.select_tokens(logits, rng, sampling),
+    _distribution(logits, sampling),
+    confidence,
+    layers,
+    cache,
+  )
 
 
 def draft(
@@ -155,7 +169,6 @@ def draft(
   max_length: int,
 ) -> Draft:
   """Up to gamma drafted tokens per row, from each row's own position."""
-  sampling = cfg.exits.sampling
   token, cache, going = state.last, state.cache, ~state.done
   tokens, probs, count = [], [], jnp.zeros_like(state.length)
   layers = jnp.zeros_like(state.length)
@@ -164,17 +177,18 @@ def draft(
     bound = thresholds.threshold_at(
       threshold, position, max_length, cfg.exits.tau
     )
-    logits, confidence, ran, cache = _draft_step(
-      fns, cfg, cache, token, position, bound, classifier, None
-    )
-    rng = jax.random.fold_in(state.rng, 2 * j)
-    token = loops.select_tokens(logits, rng, sampling)
-    probs.append(
-      _distribution(logits, sampling)
-      if not sampling.greedy
-      else jnp.zeros((logits.shape[0], 1))
+    token, q, confidence, ran, cache = _draft_step(
+      fns,
+      cfg,
+      cache,
+      token,
+      position,
+      bound,
+      classifier,
+      jax.random.fold_in(state.rng, 2 * j),
     )
     tokens.append(token)
+    probs.append(q)
     layers = layers + jnp.where(going, ran, 0)
     count = count + going
     going = going & (confidence >= cfg.min_confidence)
