@@ -155,6 +155,7 @@ class CalmLM:
     mode: str = 'early_exit',
     gamma: int = 4,
     draft_layer: Optional[int] = None,
+    draft_min_confidence: float = 0.0,
   ) -> list[Generation]:
     """Decodes each text with early exit; one `Generation` per input (an
     empty list gives an empty list).
@@ -163,11 +164,13 @@ class CalmLM:
     sets it (see `resolve_threshold`). `mode='exact'` returns exactly the
     full model's output (its greedy tokens, or its sampling distribution):
     the early exits at the threshold (or every token at `draft_layer`)
-    draft up to `gamma` tokens that one full-depth pass verifies; each
-    Generation's `speculative` counts what that cost. Without a threshold
-    or a record, the exact mode drafts at `EXACT_DRAFT_THRESHOLD`. `max_length` defaults to the target
-    length the record was certified with, else the target length the
-    model was trained with (model.json). At most `batch_size` rows are
+    draft up to `gamma` tokens that one full-depth pass verifies (a row
+    stops drafting early once its draft's confidence is below
+    `draft_min_confidence`); each Generation's `speculative` counts what
+    that cost. Without a threshold or a record, the exact mode drafts at
+    `EXACT_DRAFT_THRESHOLD`. `max_length` defaults to the target length the
+    record was certified with, else the target length the model was
+    trained with (model.json). At most `batch_size` rows are
     decoded at once, and a call with fewer texts pads only to the next
     power of two.
     """
@@ -188,6 +191,7 @@ class CalmLM:
       mode=mode,
       gamma=gamma,
       draft_layer=draft_layer,
+      draft_min_confidence=draft_min_confidence,
       num_layers=self.config.num_decoder_layers,
     )
     choice = self.resolve_threshold(threshold, confidence, tau, task=task)
@@ -201,7 +205,12 @@ class CalmLM:
     if mode == 'exact':
       choice = records.exact_mode_draft(choice)
       decode_mode = modes.Speculative(
-        speculative.DraftConfig(exits, gamma=gamma, forced_layer=draft_layer),
+        speculative.DraftConfig(
+          exits,
+          gamma=gamma,
+          forced_layer=draft_layer,
+          min_confidence=float(draft_min_confidence),
+        ),
         choice.value,
       )
     else:

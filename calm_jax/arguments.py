@@ -167,7 +167,7 @@ RULES: dict[str, Rule] = {
   'mode': _choice(DECODE_MODES),
   'gamma': _int(1),
   'draft_layer': _int(1, 'num_layers', optional=True),
-  'min_confidence': _real(0.0, 1.0),
+  'draft_min_confidence': _real(0.0, 1.0),
   'batch_size': _int(1),
   'mesh_shape': Rule(_mesh_shape, optional=True),  # fits the devices?
   # checked when the mesh is made

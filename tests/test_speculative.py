@@ -84,6 +84,45 @@ def test_greedy_tokens_equal_the_full_model(family, threshold):
     assert int(np.asarray(out.near_ties).sum()) == 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('family', ['t5', 'llama'])
+def test_greedy_tokens_equal_the_full_model_on_2000_inputs(family):
+  """Every row of 2,048 random ragged inputs (128 batches of 16, two
+  models, four thresholds), with EOS a common token so drafts cross it."""
+  static, exact, rows, eos_in_drafts = None, None, 0, 0
+  for seed in range(2):
+    model, params = _model(family, seed)
+    static, exact = _decoders(model, _draft(model), 12, eos_id=3)
+    for batch_index in range(64):
+      inputs = _inputs(16, 1000 * seed + batch_index)
+      threshold = (0.0, 0.2, 0.5, 0.9)[batch_index % 4]
+      out = exact(params, inputs, threshold)
+      expected = np.asarray(static(params, inputs))
+      np.testing.assert_array_equal(out.tokens, expected)
+      assert int(np.asarray(out.near_ties).sum()) == 0
+      rows += len(inputs)
+      # Rows that stop at EOS: with blocks of 3 drafted tokens, a row's
+      # EOS is usually drafted with tokens after it in the same block.
+      eos_in_drafts += int(((expected == 3).any(1)).sum())
+  assert rows >= 2000
+  assert eos_in_drafts >= 100
+
+
+def test_a_confidence_bound_shortens_drafts_and_stays_exact():
+  model, params = _model('t5')
+  static, _ = _decoders(model, _draft(model), 12, eos_id=3)
+  inputs = _inputs(8, 9)
+  drafted = {}
+  for bound in (0.0, 0.5):
+    _, exact = _decoders(
+      model, _draft(model, gamma=4, min_confidence=bound), 12, eos_id=3
+    )
+    out = exact(params, inputs, 0.0)
+    np.testing.assert_array_equal(out.tokens, static(params, inputs))
+    drafted[bound] = int(np.asarray(out.drafted).sum())
+  assert drafted[0.5] < drafted[0.0]
+
+
 def test_a_draft_that_always_agrees_is_accepted_whole():
   """At a threshold above 1 the draft runs every layer: the full model
   drafts, every draft is accepted, and a round emits gamma + 1 tokens."""
@@ -160,8 +199,16 @@ def _chi_square(a: np.ndarray, b: np.ndarray, vocab: int) -> float:
   return stats.chi2_contingency(counts)[1]
 
 
-@pytest.mark.parametrize('forced_layer', [None, 1])
-def test_sampling_has_the_full_models_distribution(forced_layer):
+@pytest.mark.parametrize(
+  'forced_layer, samples',
+  [
+    (None, 3000),
+    (1, 3000),
+    pytest.param(None, 20000, marks=pytest.mark.slow),
+    pytest.param(1, 20000, marks=pytest.mark.slow),
+  ],
+)
+def test_sampling_has_the_full_models_distribution(forced_layer, samples):
   """Rejection sampling: the first 3 tokens' joint distribution equals
   plain sampling's, with the confident draft and with a bad one (every
   token forced out at layer 1, far from the top)."""
@@ -173,7 +220,8 @@ def test_sampling_has_the_full_models_distribution(forced_layer):
     model.exit_config('softmax'), gamma=2, forced_layer=forced_layer
   )
   plain, exact = _first_tokens(
-    model, params, draft, 3000, np.array([3, 5, 2, 6], np.int32), sampling, 0
+    model, params, draft, samples, np.array([3, 5, 2, 6], np.int32),
+    sampling, 0,
   )
   assert _chi_square(plain, exact, 8) > 0.01
 

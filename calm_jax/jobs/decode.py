@@ -239,7 +239,10 @@ def decode(
     choice = records.exact_mode_draft(choice)
     mode = modes.Speculative(
       speculative.DraftConfig(
-        config, gamma=exits.gamma, forced_layer=exits.draft_layer
+        config,
+        gamma=exits.gamma,
+        forced_layer=exits.draft_layer,
+        min_confidence=exits.draft_min_confidence,
       ),
       choice.value,
     )

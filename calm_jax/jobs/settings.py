@@ -36,6 +36,8 @@ class ExitSettings:
     gamma: the exact mode's drafted tokens per verify pass at most.
     draft_layer: the exact mode's fixed draft exit layer (None: the
       confidence threshold decides).
+    draft_min_confidence: in the exact mode, a row stops drafting once its
+      draft's confidence falls below it (0: always `gamma` drafts).
   """
 
   confidence: str = 'softmax'
@@ -45,6 +47,7 @@ class ExitSettings:
   mode: str = 'early_exit'
   gamma: int = 4
   draft_layer: Optional[int] = None
+  draft_min_confidence: float = 0.0
 
   def check(self) -> 'ExitSettings':
     arguments.check(**dataclasses.asdict(self))
