@@ -220,8 +220,13 @@ def test_sampling_has_the_full_models_distribution(forced_layer, samples):
     model.exit_config('softmax'), gamma=2, forced_layer=forced_layer
   )
   plain, exact = _first_tokens(
-    model, params, draft, samples, np.array([3, 5, 2, 6], np.int32),
-    sampling, 0,
+    model,
+    params,
+    draft,
+    samples,
+    np.array([3, 5, 2, 6], np.int32),
+    sampling,
+    0,
   )
   assert _chi_square(plain, exact, 8) > 0.01
 
