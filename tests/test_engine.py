@@ -1,5 +1,6 @@
 """The evaluation engine: modes, provenance-keyed cache, scores, timing."""
 
+import dataclasses
 import json
 
 import jax
@@ -146,3 +147,42 @@ def test_every_process_gets_its_share_back_in_input_order():
   shares = [engine.process_share(7, i, 2) for i in range(2)]
   assert shares == [[0, 2, 4, 6], [1, 3, 5]]
   assert jax.process_count() == 1
+
+
+def test_a_context_memo_encodes_each_input_once_and_changes_nothing(
+  lm, examples
+):
+  """Decoding the same inputs in several modes through a context memo
+  gives the plain decoder's outputs and runs the encoder once per batch;
+  a model with other parameters gets its own contexts."""
+  plain = engine.Evaluator(
+    decoder_lib.Decoder(lm), batch_size=2, progress=False
+  )
+  memo = decoder_lib.ContextMemo()
+  shared = engine.Evaluator(
+    decoder_lib.Decoder(lm, contexts=memo), batch_size=2, progress=False
+  )
+  for mode in (
+    modes.FullDepth(),
+    modes.EarlyExit(lm.exit_config('softmax'), 0.5),
+    modes.EarlyExit(lm.exit_config('state'), 0.9),
+  ):
+    assert (
+      shared.decode(examples, mode).outputs
+      == plain.decode(examples, mode).outputs
+    )
+  # 3 batches of 5 examples, each encoded once; every later look-up (the
+  # compile's first batch included) hits: 3 modes x 4 look-ups - 3.
+  assert (memo.misses, memo.hits) == (3, 9)
+  other = dataclasses.replace(
+    lm, params=jax.tree_util.tree_map(lambda x: x * 1.5, lm.params)
+  )
+  engine.Evaluator(
+    decoder_lib.Decoder(other, contexts=memo), batch_size=2, progress=False
+  ).decode(examples, modes.FullDepth())
+  assert memo.misses == 6
+  tiny = decoder_lib.ContextMemo(max_bytes=1)  # holds nothing
+  engine.Evaluator(
+    decoder_lib.Decoder(lm, contexts=tiny), batch_size=2, progress=False
+  ).decode(examples, modes.FullDepth())
+  assert tiny.hits == 0

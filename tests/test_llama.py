@@ -8,6 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from calm_jax.inference import decoder as decoder_lib
+from calm_jax.inference import loaded as loaded_lib
+from calm_jax.inference import modes
 from calm_jax.model import hf_llama
 from calm_jax.model import hf_tensors
 from calm_jax.model import llama
@@ -241,3 +244,23 @@ def test_prefill_and_steps_equal_the_teacher_forced_pass(tiny):
     np.testing.assert_array_equal(
       np.argmax(agrees, 0) + 1, np.asarray(out.exit_layers[row])
     )
+
+
+def test_a_context_memo_reuses_the_prefill_and_changes_nothing(tiny):
+  model, params = tiny
+  loaded = loaded_lib.in_memory(model, params)
+  tokens = _padded(_prompts(4))
+  memo = decoder_lib.ContextMemo()
+  plain, shared = (
+    decoder_lib.Decoder(loaded, eos_id=-1),
+    decoder_lib.Decoder(loaded, eos_id=-1, contexts=memo),
+  )
+  for mode in (
+    modes.FullDepth(),
+    modes.EarlyExit(model.exit_config('softmax'), 0.3),
+  ):
+    a = plain.decode(mode, tokens, max_length=10)
+    b = shared.decode(mode, tokens, max_length=10)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.exit_layers, b.exit_layers)
+  assert (memo.misses, memo.hits) == (1, 1)

@@ -14,7 +14,9 @@ and nothing outlives the model it was built for.
 """
 
 import dataclasses
+import hashlib
 import time
+import weakref
 from typing import Any
 from typing import Callable
 from typing import Hashable
@@ -32,6 +34,7 @@ from calm_jax.inference import loaded as loaded_lib
 from calm_jax.inference import modes
 from calm_jax.parallel import multihost
 from calm_jax.parallel import partitioning
+from calm_jax.storage import provenance
 
 # Per 'data' shard: the decode's rows, and the summed evaluation count.
 _SHARDED_OUTPUT = loops.DecodeOutput(
@@ -64,12 +67,22 @@ class Decoder:
   """Compiles and runs decode programs of one `LoadedModel`."""
 
   def __init__(
-    self, model: loaded_lib.LoadedModel, *, eos_id: Optional[int] = None
+    self,
+    model: loaded_lib.LoadedModel,
+    *,
+    eos_id: Optional[int] = None,
+    contexts: Optional['ContextMemo'] = None,
   ):
-    """`eos_id` None: the model's vocabulary's (T5's 1 without one)."""
+    """`eos_id` None: the model's vocabulary's (T5's 1 without one).
+    `contexts`: keep the encoded contexts of decoded inputs there, so
+    that decoding the same inputs again (another mode, another threshold)
+    skips the encoder or prompt prefill (one device only)."""
     self.model = model
     self.eos_id = model.eos_id if eos_id is None else eos_id
     self.mesh = model.mesh if model.sharded else None
+    if contexts is not None and self.mesh is not None:
+      raise ValueError('a context memo serves one-device decoders only')
+    self.contexts = contexts
     self._programs: dict[Hashable, Callable] = {}
     self._compiled: dict[Hashable, Any] = {}
 
@@ -213,19 +226,43 @@ class Decoder:
   def _compiled_decode(
     self, mode: modes.Mode, args: tuple, max_length: int
   ) -> Any:
-    rows = args[2].shape[0]
+    rows = jax.tree_util.tree_leaves(args[2])[0].shape[0]
     return self.compiled(
-      self.program(mode, max_length),
+      self.program(mode, max_length, encoded=self.contexts is not None),
       args,
       f'{mode.describe()} (batch {rows}, length {max_length})',
     )[0]
+
+  def _program_inputs(self, encoder_tokens: np.ndarray) -> Any:
+    """What a program takes for these encoder tokens: the tokens, or with
+    a context memo their encoded context (encoded once per input)."""
+    if self.contexts is None:
+      return encoder_tokens
+    encode, _ = self.compiled(
+      self._encoder(),
+      (self.model.params, jnp.asarray(encoder_tokens)),
+      f'encoder (batch {encoder_tokens.shape[0]})',
+    )
+    return self.contexts.get(
+      self.model,
+      encoder_tokens,
+      lambda: encode(self.model.params, jnp.asarray(encoder_tokens)),
+    )
+
+  def _encoder(self) -> Callable:
+    key = ('encode_context',)
+    if key not in self._programs:
+      self._programs[key] = jax.jit(self.model.model.encode_context)
+    return self._programs[key]
 
   def prepare(
     self, mode: modes.Mode, encoder_tokens: np.ndarray, *, max_length: int
   ) -> None:
     """Compiles the decode of inputs shaped like `encoder_tokens` now, so
     that a timed decode holds no compile."""
-    args = self.arguments(mode, encoder_tokens, max_length=max_length)
+    args = self.arguments(
+      mode, self._program_inputs(encoder_tokens), max_length=max_length
+    )
     self._compiled_decode(mode, args, max_length)
 
   def decode(
@@ -240,7 +277,11 @@ class Decoder:
     """Decodes host encoder tokens [b, s] (`indices`: the examples of the
     rows, for modes that force per-example exits); host outputs."""
     args = self.arguments(
-      mode, encoder_tokens, seed=seed, max_length=max_length, indices=indices
+      mode,
+      self._program_inputs(encoder_tokens),
+      seed=seed,
+      max_length=max_length,
+      indices=indices,
     )
     return self.fetch(self._compiled_decode(mode, args, max_length)(*args))
 
@@ -264,3 +305,56 @@ class Decoder:
       f'all-layer logits (batch {len(encoder_tokens)})',
     )
     return compiled(*args)
+
+
+class ContextMemo:
+  """Encoded contexts (T5's encoder output, a decoder-only model's
+  prefilled prompt cache) of recently decoded inputs, up to a byte budget,
+  oldest dropped first. Keyed by the inputs' bytes and the full-depth
+  fingerprint of the model (config, dtype, parameters), so decoders of
+  one backbone may share it: exit adapters and classifiers do not change
+  the context."""
+
+  def __init__(self, max_bytes: int = 2 << 30):
+    self.max_bytes = max_bytes
+    self._entries: dict[tuple[str, bytes], Any] = {}  # oldest first
+    self._sizes: dict[tuple[str, bytes], int] = {}
+    # Keys by model object, dropped with it (an id could be reused).
+    self._models = weakref.WeakKeyDictionary()
+    self.hits = self.misses = 0
+
+  def _model_key(self, model: loaded_lib.LoadedModel) -> str:
+    if model not in self._models:
+      self._models[model] = provenance.short_hash(
+        model.fingerprint('full'), 16
+      )
+    return self._models[model]
+
+  def get(
+    self,
+    model: loaded_lib.LoadedModel,
+    encoder_tokens: np.ndarray,
+    encode: Callable[[], Any],
+  ) -> Any:
+    """The context of `encoder_tokens` under `model`, from `encode()` the
+    first time."""
+    tokens = np.ascontiguousarray(encoder_tokens)
+    key = (
+      self._model_key(model),
+      hashlib.sha256(
+        repr((tokens.shape, tokens.dtype.str)).encode() + tokens.tobytes()
+      ).digest(),
+    )
+    if key in self._entries:
+      self.hits += 1
+      self._entries[key] = self._entries.pop(key)  # now the newest
+      return self._entries[key]
+    self.misses += 1
+    context = encode()
+    size = sum(x.nbytes for x in jax.tree_util.tree_leaves(context))
+    while self._entries and sum(self._sizes.values()) + size > self.max_bytes:
+      oldest = next(iter(self._entries))
+      del self._entries[oldest], self._sizes[oldest]
+    if size <= self.max_bytes:
+      self._entries[key], self._sizes[key] = context, size
+    return context
