@@ -16,12 +16,12 @@ and nothing outlives the model it was built for.
 import dataclasses
 import hashlib
 import time
-import weakref
 from typing import Any
 from typing import Callable
 from typing import Hashable
 from typing import Optional
 from typing import Sequence
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -325,9 +325,7 @@ class ContextMemo:
 
   def _model_key(self, model: loaded_lib.LoadedModel) -> str:
     if model not in self._models:
-      self._models[model] = provenance.short_hash(
-        model.fingerprint('full'), 16
-      )
+      self._models[model] = provenance.short_hash(model.fingerprint('full'), 16)
     return self._models[model]
 
   def get(
