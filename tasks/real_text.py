@@ -13,7 +13,8 @@ a hash of its text:
   continue   the paragraph's first sentences, to be continued
 
 The split (calibration or test) is fixed by another hash of the text, so a
-paragraph is in one split only, and the set is the same on every machine
+paragraph is in one split only (a third hash orders each split, so that a
+prefix of it is a sample of all of it), and the set is the same on every machine
 with the same Python. Every prompt records where its text came from
 (module, object, paragraph index) and the Python version. A text's
 consistency needs no reference answer: the full model's output is the
@@ -257,7 +258,10 @@ def prompts() -> list[Prompt]:
 
 
 def split(name: str, limit: int | None = None) -> list[Prompt]:
-  """The prompts of one split, the first `limit` of them."""
+  """The prompts of one split in an order fixed by a third hash of the
+  text, the first `limit` of them: any prefix is a sample of the whole
+  split (every module and kind), not its first modules alphabetically."""
   if name not in SPLITS:
     raise ValueError(f'unknown split {name!r}; valid: {", ".join(SPLITS)}')
-  return [p for p in prompts() if p.split == name][:limit]
+  chosen = [p for p in prompts() if p.split == name]
+  return sorted(chosen, key=lambda p: _hash(p.text, 'order'))[:limit]

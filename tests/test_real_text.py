@@ -36,6 +36,19 @@ def test_the_prompt_set_is_real_text_in_fixed_disjoint_splits():
   assert source['module'] in real_text.MODULES
 
 
+def test_a_prefix_of_a_split_samples_all_of_it():
+  """The first 64 prompts of a split come from across the module list,
+  not from its first modules alphabetically."""
+  modules = sorted(real_text.MODULES)
+  for name in real_text.SPLITS:
+    head = real_text.split(name, 64)
+    assert len(head) == 64
+    assert {p.kind for p in head} == set(real_text.KINDS)
+    ranks = [modules.index(p.source['module']) for p in head]
+    assert len(set(ranks)) >= 20
+    assert min(ranks) < len(modules) // 4 and max(ranks) > 3 * len(modules) // 4
+
+
 @pytest.mark.parametrize(
   'text, prose',
   [
