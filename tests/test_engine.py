@@ -127,7 +127,12 @@ def test_scores_losses_and_layer_accuracy(lm, decoder, examples):
   assert accuracy.shape == (4,) and np.all((0 <= accuracy) & (accuracy <= 1))
 
 
-def test_speedup_times_both_decoders_alternately(lm, decoder, examples):
+@pytest.mark.parametrize('encoder', [True, False])
+def test_speedup_times_both_decoders_alternately(
+  lm, decoder, examples, encoder
+):
+  """With the encoder, or the decode loops alone over contexts encoded
+  before timing."""
   evaluator = engine.Evaluator(decoder, batch_size=4, progress=False)
   speed = evaluator.speedup(
     examples,
@@ -135,6 +140,7 @@ def test_speedup_times_both_decoders_alternately(lm, decoder, examples):
     batch_size=1,
     repeats=2,
     num_examples=3,
+    encoder=encoder,
   )
   assert set(speed.median_seconds) == {'full', 'early'}
   assert speed.low <= speed.ratio <= speed.high or np.isclose(

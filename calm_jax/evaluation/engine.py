@@ -343,9 +343,11 @@ class Evaluator:
     repeats: int,
     num_examples: Optional[int] = None,
     alternate: str = 'input',
+    encoder: bool = True,
   ) -> Speed:
     """Full depth vs another mode (early exit, the exact mode) on the same
-    inputs (encoder included), both compiled first (see `speedups`)."""
+    inputs (encoder included unless `encoder=False`), both compiled first
+    (see `speedups`)."""
     return self.speedups(
       examples,
       {'early': early},
@@ -353,6 +355,7 @@ class Evaluator:
       repeats=repeats,
       num_examples=num_examples,
       alternate=alternate,
+      encoder=encoder,
     )['early']
 
   def speedups(
@@ -364,23 +367,28 @@ class Evaluator:
     repeats: int,
     num_examples: Optional[int] = None,
     alternate: str = 'input',
+    encoder: bool = True,
   ) -> dict[str, Speed]:
     """Full depth against each named mode on the same inputs, every
     program compiled first and all of them timed in turns.
     `alternate='input'` takes turns on every input batch, each waited for
     (as the paper times batch 1); 'pass' takes turns on whole passes over
     the inputs, dispatched back to back and waited for once (as a batch
-    job runs)."""
+    job runs). `encoder=False` times the decode loops alone: the inputs
+    are encoded (or prefilled) once, before timing (one device)."""
     if alternate not in ('input', 'pass'):
       raise ValueError(f'alternate must be input or pass, got {alternate!r}')
     max_length = examples.lengths['targets']
     indices = list(range(len(examples)))[:num_examples]
     inputs = [
-      jax.numpy.asarray(b.encoder_tokens)
+      b.encoder_tokens if encoder else self.decoder.encode(b.encoder_tokens)
       for b in examples_lib.batches(examples, batch_size, indices)
     ]
+    inputs = jax.tree_util.tree_map(jax.numpy.asarray, inputs)
     runs = {
-      name: self.decoder.runner(mode, inputs[0], max_length=max_length)
+      name: self.decoder.runner(
+        mode, inputs[0], max_length=max_length, encoded=not encoder
+      )
       for name, mode in (('full', modes.FullDepth()), *named.items())
     }
     if alternate == 'pass':

@@ -233,20 +233,24 @@ class Decoder:
       f'{mode.describe()} (batch {rows}, length {max_length})',
     )[0]
 
-  def _program_inputs(self, encoder_tokens: np.ndarray) -> Any:
-    """What a program takes for these encoder tokens: the tokens, or with
-    a context memo their encoded context (encoded once per input)."""
-    if self.contexts is None:
-      return encoder_tokens
+  def encode(self, encoder_tokens: np.ndarray) -> Any:
+    """The encoded context of encoder tokens [b, s] (T5's encoder output,
+    a decoder-only model's prefilled prompt): what programs built with
+    `encoded=True` take (one device)."""
     encode, _ = self.compiled(
       self._encoder(),
       (self.model.params, jnp.asarray(encoder_tokens)),
       f'encoder (batch {encoder_tokens.shape[0]})',
     )
+    return encode(self.model.params, jnp.asarray(encoder_tokens))
+
+  def _program_inputs(self, encoder_tokens: np.ndarray) -> Any:
+    """What a program takes for these encoder tokens: the tokens, or with
+    a context memo their encoded context (encoded once per input)."""
+    if self.contexts is None:
+      return encoder_tokens
     return self.contexts.get(
-      self.model,
-      encoder_tokens,
-      lambda: encode(self.model.params, jnp.asarray(encoder_tokens)),
+      self.model, encoder_tokens, lambda: self.encode(encoder_tokens)
     )
 
   def _encoder(self) -> Callable:
