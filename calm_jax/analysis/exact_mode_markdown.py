@@ -8,7 +8,7 @@ def _exactness(rows: list[dict]) -> str:
     (
       'inputs',
       'batch',
-      'examples',
+      'count',
       'tokens',
       'outputs that differ',
       'near ties (top-2 gap < 1e-4)',

@@ -39,7 +39,7 @@ def _calibration_table(rows: list[dict]) -> str:
       'calibration risk',
       'test risk',
       'avg layers',
-      'decoder FLOPs ratio',
+      'decoder FLOPs, full / early',
     ),
     [
       (
@@ -303,7 +303,9 @@ def render(results: dict, docs: str) -> str:
     f'Textual consistency, epsilon {settings["epsilon"]}, grid step '
     f'{settings["grid_step"]}; certified on calibration, measured on test '
     '(neither was fitted on). '
-    'Decoder FLOPs count the prefill as equal on both sides, a head per '
+    'Decoder FLOPs are full depth over early exit (below x1 the early '
+    'exit costs more); they count the prefill as equal on both sides, a '
+    'head per '
     "checked exit for softmax, the adapters' maps and the K/V of skipped "
     'layers.',
     '',
