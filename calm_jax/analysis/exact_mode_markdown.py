@@ -67,8 +67,9 @@ def render(results: dict) -> str:
     f'{s["gamma"]} drafted tokens in one full-depth pass; timings are whole '
     'passes over the same inputs, full depth, CALM and the exact mode in '
     f'turns after compiling, medians of {s["repeats"]}. Layers per token '
-    'count every layer a draft or a verify pass ran, per emitted token '
-    '(full depth: the number of layers).',
+    'count every layer a draft or a verify pass ran, per emitted token, '
+    'a verify pass once per position it checks (gamma + 1), so they are '
+    'a FLOP count (full depth: the number of layers).',
     '',
   ]
   demo = results.get('demo')
