@@ -27,7 +27,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -q -m 'not slow' tests
+	$(PY) -m pytest -q -m 'not slow' -n 2 --dist loadfile tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests

@@ -58,5 +58,8 @@ setuptools.setup(
   },
   python_requires='>=3.10',
   install_requires=INSTALL_REQUIRES,
-  extras_require={'test': ['pytest==9.2.0', 'ruff==0.17.6'], 'hf': HF_REQUIRES},
+  extras_require={
+    'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'ruff==0.17.6'],
+    'hf': HF_REQUIRES,
+  },
 )

@@ -69,12 +69,18 @@ def _decoders(model, draft, max_length, eos_id):
   return static, exact
 
 
-@pytest.mark.parametrize('family', ['t5', 'llama'])
-@pytest.mark.parametrize('threshold', [0.0, 0.3])
-def test_greedy_tokens_equal_the_full_model(family, threshold):
-  model, params = _model(family)
+@pytest.fixture(scope='module', params=['t5', 'llama'])
+def greedy_decoders(request):
+  """Per family: params and the jitted static and exact decoders, shared
+  by the threshold cases (the threshold is traced: compiled once)."""
+  model, params = _model(request.param)
   # EOS 3 is a common token of these random models: drafts hit it often.
-  static, exact = _decoders(model, _draft(model), 12, eos_id=3)
+  return params, *_decoders(model, _draft(model), 12, eos_id=3)
+
+
+@pytest.mark.parametrize('threshold', [0.0, 0.3])
+def test_greedy_tokens_equal_the_full_model(greedy_decoders, threshold):
+  params, static, exact = greedy_decoders
   for batch, seed in ((1, 1), (4, 2), (16, 3)):
     inputs = _inputs(batch, seed)
     out = exact(params, inputs, threshold)
