@@ -76,6 +76,17 @@ class SpecOutput:
   near_ties: Array  # [b] int32: emitted tokens whose top-2 gap was < 1e-4
 
 
+# SpecOutput's per-row counts: zero at the start, the decode output's extras.
+COUNTS = (
+  'passes',
+  'accepted',
+  'drafted',
+  'draft_layers',
+  'verify_layers',
+  'near_ties',
+)
+
+
 @flax.struct.dataclass
 class SpecState:
   tokens: Array  # [b, T] emitted tokens
@@ -365,17 +376,7 @@ def speculative_decode(
     cache=loops.KVCache.zeros(
       fns.num_layers, (batch_size, width, heads, head_dim), cache_dtype
     ),
-    **{
-      name: jnp.zeros((batch_size,), jnp.int32)
-      for name in (
-        'passes',
-        'accepted',
-        'drafted',
-        'draft_layers',
-        'verify_layers',
-        'near_ties',
-      )
-    },
+    **{name: jnp.zeros((batch_size,), jnp.int32) for name in COUNTS},
     rng=jax.random.PRNGKey(0) if rng is None else rng,
   )
   threshold = jnp.asarray(threshold, jnp.float32)
@@ -419,17 +420,7 @@ def as_decode_output(out: SpecOutput, num_layers: int) -> loops.DecodeOutput:
   model's (exit layer: the top, no confidence), and the per-row counts as
   `extras`."""
   emitted = out.tokens.shape
-  extras = {
-    name: getattr(out, name)
-    for name in (
-      'passes',
-      'accepted',
-      'drafted',
-      'draft_layers',
-      'verify_layers',
-      'near_ties',
-    )
-  }
+  extras = {name: getattr(out, name) for name in COUNTS}
   return loops.DecodeOutput(
     tokens=out.tokens,
     exit_layers=jnp.full(emitted, num_layers, jnp.int32),
