@@ -53,6 +53,7 @@ JOBS = (
   'convert',
   'real_model',
   'exact_mode',
+  'plan',
 )
 HELP_FLAGS = ('--help', '-h', '--helpshort', '--helpfull', '-help')
 

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from calm_jax.decoding import confidence
 from calm_jax.model import llama
 from calm_jax.model import network
 
@@ -86,7 +87,7 @@ def confidence_cost(
   adapter's affine map first, with `adapters`)."""
   if adapters:
     return 2 * cfg.emb_dim**2 + confidence_cost(measure, cfg)
-  if measure in ('softmax', 'softmax_max'):
+  if measure in confidence.GIVES_LOGITS:
     return 2 * cfg.emb_dim * cfg.vocab_size + 3 * cfg.vocab_size
   if measure == 'state':
     return 3 * 2 * cfg.emb_dim
@@ -130,7 +131,7 @@ def early_exit_flops(
   allowed = np.asarray(sorted(allowed_exits), np.int64)
   top = cfg.num_decoder_layers
   checks = (allowed[None, :] <= layers[:, None]).sum(-1)  # [tokens]
-  reuses_logits = measure in ('softmax', 'softmax_max')
+  reuses_logits = measure in confidence.GIVES_LOGITS
   heads = np.where((layers < top) & reuses_logits, 0, 1)
   total = (
     len(layers) * top * c.kv

@@ -109,6 +109,9 @@ MEASURES: dict[str, Callable] = {
   'state': state_saturation,
   'classifier': learned_classifier,
 }
+# The measures that compute the exit's logits (the loops reuse their argmax
+# as the token instead of applying the head again).
+GIVES_LOGITS = ('softmax', 'softmax_max')
 # The oracle needs the full model's prediction; the static decoder records
 # it (`loops.static_decode(oracle=True)`).
 ORACLE = arguments.ORACLE

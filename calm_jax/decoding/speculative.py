@@ -223,14 +223,20 @@ def verify(fns, state: SpecState, drafts: Draft):
   positions pos .. pos + g: logits [b, g + 1, v] and the cache with the
   true keys/values of the block written over the draft's."""
   inputs = jnp.concatenate([state.last[:, None], drafts.tokens], 1)
+  return verify_block(fns, drafts.cache, inputs, state.length)
+
+
+def verify_block(fns, cache: loops.KVCache, inputs: Array, start: Array):
+  """The full-depth pass over each row's block of inputs [b, g + 1] at
+  positions start .. start + g ([b]): logits [b, g + 1, v] and the cache
+  with the block's true keys/values (what one verify pass costs)."""
   x = jnp.concatenate(
     [fns.embed(inputs[:, j]) for j in range(inputs.shape[1])], 1
   )  # [b, g+1, e]
-  positions = state.length[:, None] + jnp.arange(inputs.shape[1])
-  cache = drafts.cache
+  positions = start[:, None] + jnp.arange(inputs.shape[1])
   for layer in range(fns.num_layers):
     k, v = fns.layer_kv(layer, x, positions)
-    cache = cache.write(layer, state.length, k, v)
+    cache = cache.write(layer, start, k, v)
     x = fns.layer_step(
       layer, x, cache.keys[layer], cache.values[layer], positions
     )

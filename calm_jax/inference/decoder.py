@@ -42,6 +42,7 @@ _SHARDED_OUTPUT = loops.DecodeOutput(
   exit_layers=P('data'),
   confidences=P('data'),
   layer_evals=P(),
+  extras=P('data'),  # the exact mode's per-row counts (None otherwise)
 )
 
 
@@ -61,6 +62,34 @@ def token_confidences(values) -> list[Optional[float]]:
   """Per-token confidences for JSON: 4 decimals, None where no exit test
   decided the token (it ran through the top layer)."""
   return [None if np.isnan(c) else round(float(c), 4) for c in values]
+
+
+def jit_program(model: Any, program: modes.Program, mesh=None) -> Callable:
+  """A mode's program over encoder tokens, jitted: (params, classifier,
+  encoder tokens [b, s], threshold, rng, forced) -> DecodeOutput. On a
+  mesh, each 'data' shard encodes and decodes its own rows (shard_map over
+  'data'; 'model' stays under the automatic partitioner) and the
+  evaluation count is summed. What `Decoder` runs and the TPU planner
+  compiles."""
+
+  def decode(params, classifier, encoder_tokens, threshold, rng, forced):
+    context = model.encode_context(params, encoder_tokens)
+    return program(params, classifier, context, threshold, rng, forced)
+
+  if mesh is None:
+    return jax.jit(decode)
+
+  def decode_shard(params, classifier, encoder_tokens, threshold, rng, forced):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index('data'))
+    out = decode(params, classifier, encoder_tokens, threshold, rng, forced)
+    return out.replace(layer_evals=jax.lax.psum(out.layer_evals, 'data'))
+
+  return partitioning.per_data_shard(
+    decode_shard,
+    mesh,
+    in_specs=(P(), P(), P('data'), P(), P(), P('data')),
+    out_specs=_SHARDED_OUTPUT,
+  )
 
 
 class Decoder:
@@ -109,32 +138,11 @@ class Decoder:
     return self._programs[key]
 
   def _jit(self, program: modes.Program, encoded: bool) -> Callable:
-    model = self.model.model
     if encoded:
       if self.mesh is not None:
         raise ValueError('programs over an encoded context run on one device')
       return jax.jit(program)
-
-    def decode(params, classifier, encoder_tokens, threshold, rng, forced):
-      context = model.encode_context(params, encoder_tokens)
-      return program(params, classifier, context, threshold, rng, forced)
-
-    if self.mesh is None:
-      return jax.jit(decode)
-
-    def decode_shard(
-      params, classifier, encoder_tokens, threshold, rng, forced
-    ):
-      rng = jax.random.fold_in(rng, jax.lax.axis_index('data'))
-      out = decode(params, classifier, encoder_tokens, threshold, rng, forced)
-      return out.replace(layer_evals=jax.lax.psum(out.layer_evals, 'data'))
-
-    return partitioning.per_data_shard(
-      decode_shard,
-      self.mesh,
-      in_specs=(P(), P(), P('data'), P(), P(), P('data')),
-      out_specs=_SHARDED_OUTPUT,
-    )
+    return jit_program(self.model.model, program, self.mesh)
 
   def compiled(self, fn: Callable, args: tuple, what: str) -> tuple[Any, float]:
     """`fn` compiled for the shapes of `args` (announced the first time),

@@ -153,6 +153,48 @@ def placement(
   )
 
 
+def step_fn(
+  objective: Objective,
+  optimizer: optax.GradientTransformation,
+  guard: bool = True,
+) -> Callable:
+  """(state, batch, rng) -> (state, metrics): one optimizer step, before
+  jit (what `TrainStep` jits over its mesh and the TPU planner compiles).
+
+  `guard`: a step whose loss or gradients are not finite leaves the state
+  as it was (False: only for measuring what the guard costs)."""
+
+  def apply(args):
+    params, opt_state, grads = args
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def step(state: TrainState, batch: Batch, rng: jax.Array):
+    dropout_rng = (
+      jax.random.fold_in(rng, state.step) if objective.dropout else None
+    )
+    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, batch, dropout_rng)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    # A NaN or infinity anywhere in the gradients makes their norm one too.
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    metrics['finite'] = finite
+    args = (state.params, state.opt_state, grads)
+    # A branch, not an elementwise select of new and old: the update runs
+    # in place of the donated state, and a bad step runs nothing (the
+    # select measured 2-4% of the demo's step time, the branch < 1%).
+    params, opt_state = (
+      jax.lax.cond(finite, apply, lambda a: (a[0], a[1]), args)
+      if guard
+      else apply(args)
+    )
+    return TrainState(
+      step=state.step + 1, params=params, opt_state=opt_state
+    ), metrics
+
+  return step
+
+
 class TrainStep:
   """(state, batch, rng) -> (state, metrics), jitted over the mesh with the
   placement's shardings, state donated; compiled ahead of the first step
@@ -169,35 +211,7 @@ class TrainStep:
     """`guard`: a step whose loss or gradients are not finite leaves the
     state as it was (False: only for measuring what the guard costs)."""
     self.place = place
-
-    def apply(args):
-      params, opt_state, grads = args
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    def step(state: TrainState, batch: Batch, rng: jax.Array):
-      dropout_rng = (
-        jax.random.fold_in(rng, state.step) if objective.dropout else None
-      )
-      grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-      (loss, metrics), grads = grad_fn(state.params, batch, dropout_rng)
-      metrics['grad_norm'] = optax.global_norm(grads)
-      # A NaN or infinity anywhere in the gradients makes their norm one too.
-      finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
-      metrics['finite'] = finite
-      args = (state.params, state.opt_state, grads)
-      # A branch, not an elementwise select of new and old: the update runs
-      # in place of the donated state, and a bad step runs nothing (the
-      # select measured 2-4% of the demo's step time, the branch < 1%).
-      params, opt_state = (
-        jax.lax.cond(finite, apply, lambda a: (a[0], a[1]), args)
-        if guard
-        else apply(args)
-      )
-      return TrainState(
-        step=state.step + 1, params=params, opt_state=opt_state
-      ), metrics
-
+    step = step_fn(objective, optimizer, guard)
     self._jitted = jax.jit(
       step,
       donate_argnums=(0,),

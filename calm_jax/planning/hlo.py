@@ -1,0 +1,238 @@
+"""Reading a compiled program's HLO text: its computations, the arrays it
+materialises, and the checks a decode program must pass.
+
+The text is what `compiled.as_text()` gives: the scheduled, optimised HLO
+module (on TPU with layouts and memory spaces). Only what the checks need is
+parsed: computations, and per instruction its name, result shape, opcode,
+the computations it calls and its `op_name` metadata (the JAX source path).
+No JAX here.
+"""
+
+import dataclasses
+import math
+import re
+from typing import Iterable
+from typing import Optional
+
+# Bytes per element of HLO's primitive types.
+_BYTES = {
+  'pred': 1,
+  's8': 1,
+  'u8': 1,
+  's16': 2,
+  'u16': 2,
+  'bf16': 2,
+  'f16': 2,
+  's32': 4,
+  'u32': 4,
+  'f32': 4,
+  's64': 8,
+  'u64': 8,
+  'f64': 8,
+  'c64': 8,
+}
+_ARRAY = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
+_COMPUTATION = re.compile(
+  r'^(ENTRY )?%?([\w.\-]+)(?: \(.*\))?(?: ->.*)? \{\s*$'
+)
+_INSTRUCTION = re.compile(
+  r'^\s*(ROOT )?%?([\w.\-]+) = (.+?) ([a-z][a-z\-]*)\((.*)$'
+)
+_CALLED = re.compile(r'\b(?:calls|body|condition|to_apply)=%?([\w.\-]+)')
+_BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+# Host transfers: what a decode loop must never do per iteration.
+HOST_OPCODES = ('send', 'send-done', 'recv', 'recv-done', 'infeed', 'outfeed')
+_HOST_TARGET = re.compile(
+  r'custom_call_target="[^"]*(callback|host)[^"]*"', re.I
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  name: str
+  shape: str  # the result shape text, e.g. 'bf16[2,16,2,32]{3,2,1,0:T(2,128)}'
+  opcode: str
+  called: tuple[str, ...]
+  op_name: str  # the JAX source path, '' if none
+  root: bool
+  line: str
+
+  @property
+  def arrays(self) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of each array in the result (a tuple has several)."""
+    return [
+      (dtype, tuple(int(d) for d in dims.split(',') if d))
+      for dtype, dims in _ARRAY.findall(self.shape)
+    ]
+
+  @property
+  def bytes(self) -> int:
+    return sum(_BYTES[t] * math.prod(d) for t, d in self.arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+  computations: dict[str, list[Instruction]]
+  entry: str
+
+  def fusion_bodies(self) -> set[str]:
+    """Computations that are the bodies of fusions (their instructions
+    are not materialised on their own)."""
+    return {
+      name
+      for instructions in self.computations.values()
+      for i in instructions
+      if i.opcode == 'fusion'
+      for name in i.called
+    }
+
+  def reachable(self, roots: Iterable[str]) -> set[str]:
+    """`roots` and every computation they call, transitively."""
+    seen, todo = set(), list(roots)
+    while todo:
+      name = todo.pop()
+      if name in seen or name not in self.computations:
+        continue
+      seen.add(name)
+      todo.extend(c for i in self.computations[name] for c in i.called)
+    return seen
+
+  def loop_bodies(self) -> set[str]:
+    """Every computation a while loop runs per iteration (bodies,
+    conditions and what they call)."""
+    return self.reachable(
+      c
+      for instructions in self.computations.values()
+      for i in instructions
+      if i.opcode == 'while'
+      for c in i.called
+    )
+
+  def materialised(self, names: Optional[set[str]] = None) -> list[Instruction]:
+    """Instructions outside fusion bodies (in `names`, default all)."""
+    fused = self.fusion_bodies()
+    return [
+      i
+      for name, instructions in self.computations.items()
+      if name not in fused and (names is None or name in names)
+      for i in instructions
+    ]
+
+
+def parse(text: str) -> Module:
+  computations: dict[str, list[Instruction]] = {}
+  current, entry = None, ''
+  for line in text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(2)
+      computations[current] = []
+      entry = current if header.group(1) else entry
+      continue
+    if line.startswith('}'):
+      current = None
+      continue
+    match = _INSTRUCTION.match(line) if current else None
+    if match is None:
+      continue
+    root, name, shape, opcode, rest = match.groups()
+    called = tuple(_CALLED.findall(rest)) + tuple(
+      c.strip().lstrip('%')
+      for group in _BRANCHES.findall(rest)
+      for c in group.split(',')
+    )
+    op_name = _OP_NAME.search(rest)
+    computations[current].append(
+      Instruction(
+        name=name,
+        shape=shape,
+        opcode=opcode,
+        called=called,
+        op_name=op_name.group(1) if op_name else '',
+        root=bool(root),
+        line=line.strip(),
+      )
+    )
+  return Module(computations, entry)
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+  """One array the program materialises."""
+
+  what: str  # the JAX source path, shortened
+  shape: str  # 'bf16[8,512,32128]'
+  bytes: int
+
+
+def _short_source(op_name: str, name: str) -> str:
+  if not op_name:
+    return name
+  parts = [p for p in op_name.split('/') if p and not p.startswith('jit(')]
+  return '/'.join(parts[-3:]) or name
+
+
+# Results that name another array or that fusion makes free.
+_NOT_MATERIALISED = (
+  'parameter',
+  'get-tuple-element',
+  'tuple',
+  'bitcast',
+  'broadcast',
+  'iota',
+  'constant',
+)
+
+
+def largest_arrays(module: Module, count: int = 5) -> list[Buffer]:
+  """The `count` largest distinct arrays the program materialises (by
+  result size of instructions outside fusion bodies; one per source path
+  and shape). A size ranking, not a liveness analysis: what dominates the
+  compiler's temp bytes in practice."""
+  found: dict[tuple[str, str], Buffer] = {}
+  for i in module.materialised():
+    if i.opcode in _NOT_MATERIALISED:
+      continue
+    for dtype, dims in i.arrays:
+      size = _BYTES[dtype] * math.prod(dims)
+      shape = f'{dtype}[{",".join(map(str, dims))}]'
+      what = _short_source(i.op_name, i.name)
+      key = (what, shape)
+      if key not in found or found[key].bytes < size:
+        found[key] = Buffer(what, shape, size)
+  return sorted(found.values(), key=lambda b: -b.bytes)[:count]
+
+
+def host_transfers(
+  module: Module, names: Optional[set[str]] = None
+) -> list[str]:
+  """Host transfers (send/recv, infeed/outfeed, host callbacks) in the
+  computations `names` (default: all), as instruction lines."""
+  return [
+    i.line[:160]
+    for i in module.materialised(names)
+    if i.opcode in HOST_OPCODES
+    or (i.opcode == 'custom-call' and _HOST_TARGET.search(i.line))
+  ]
+
+
+def copies_of(
+  module: Module, dims: tuple[int, ...], names: Optional[set[str]] = None
+) -> list[str]:
+  """Materialised copies (copy, copy-start, or a fusion whose root is a
+  copy) of an array with these dims, in `names` (default: all)."""
+  fused_root_copy = {
+    name
+    for name, instructions in module.computations.items()
+    if any(i.root and i.opcode == 'copy' for i in instructions)
+  }
+  out = []
+  for i in module.materialised(names):
+    copying = i.opcode in ('copy', 'copy-start') or (
+      i.opcode == 'fusion' and any(c in fused_root_copy for c in i.called)
+    )
+    if copying and any(d == dims for _, d in i.arrays):
+      out.append(i.line[:160])
+  return out
