@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install lint format test test-slow real-model demo-decoder-only bench-exact test-time demo bench bench-dtype bench-guard device-check validity reproduce vocab clean
+.PHONY: install lint format test test-slow real-model demo-decoder-only bench-exact test-time demo bench bench-dtype bench-guard tpu-plan test-tpu-plan device-check validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -27,10 +27,25 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -q -m 'not slow' -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -m 'not slow and not tpu' -n 2 --dist loadfile tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
+
+# The TPU compiler (libtpu) is an extra, kept out of the venv's site-packages
+# in .tpu/ (jobs never see it, so they start on the CPU with no TPU probe);
+# the planner puts it on its path itself.
+TPU_DIR := .tpu
+$(TPU_DIR)/libtpu: | $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(TPU_DIR) 'libtpu==0.0.42.*'
+
+# Every job of the documented cases compiled for TPU topologies on this CPU:
+# docs/tpu_plan.md and .json (resumable; hours for the large models).
+tpu-plan: $(TPU_DIR)/libtpu
+	$(PY) tools/tpu_plan.py
+
+test-tpu-plan: $(TPU_DIR)/libtpu
+	$(PY) -m pytest -q -m tpu tests
 
 # `make test` on a fresh clone of HEAD, timed (docs/test_time.json and .md).
 test-time:

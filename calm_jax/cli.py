@@ -224,14 +224,33 @@ def parse_gin(
     ) from e
   try:
     gin.finalize()
-  except ValueError as e:  # a %gin.REQUIRED macro left unset
-    missing = re.match(r'(\w+)/macro.value set to `%gin.REQUIRED`', str(e))
-    if not missing:
-      raise
-    name = missing.group(1)
-    raise UsageError(
-      f'{name} is required: set it with `--gin.{name}=VALUE`'
-    ) from e
+  except ValueError as e:
+    raise _unset_macro_error(e) from e
+
+
+def _unset_macro_error(error: ValueError) -> Exception:
+  """The one line for a macro a config needs and nobody set: one marked
+  `%gin.REQUIRED`, or one a file refers to (`%MODEL_CONFIG`) and no file
+  stacked binds (a run file given without its model file). Any other
+  finalisation error is a bug and keeps its traceback."""
+  text = str(error)
+  required = re.match(r'(\w+)/macro.value set to `%gin.REQUIRED`', text)
+  if required:
+    name = required.group(1)
+    return UsageError(f'{name} is required: set it with `--gin.{name}=VALUE`')
+  unbound = re.match(r"No bindings specified for '(\w+)/gin.macro'", text)
+  if unbound:
+    name = unbound.group(1)
+    model_file = (
+      'stack a gin/models/*.gin file before the run file, or '
+      if name == 'MODEL_CONFIG'
+      else ''
+    )
+    return UsageError(
+      f'%{name} is used but never set: {model_file}set it with '
+      f'`--gin.{name}=VALUE`'
+    )
+  return error
 
 
 # --- what a job reads -------------------------------------------------------

@@ -126,6 +126,22 @@ def test_required_settings_and_unknown_flags_are_one_line():
   assert _last_line(result) == (
     'error: MODEL_DIR is required: set it with `--gin.MODEL_DIR=VALUE`'
   )
+  # A run file without the model file its %MODEL_CONFIG comes from, and a
+  # macro no file binds: one line each, not gin's traceback.
+  result = _run('calm_jax.train', '--gin_file=gin/runs/train.gin')
+  assert result.returncode == 2
+  assert _last_line(result).startswith(
+    'error: %MODEL_CONFIG is used but never set: stack a gin/models/*.gin'
+  )
+  result = _run(
+    'calm_jax.decode',
+    '--gin_file=gin/runs/decode.gin',
+    '--gin.MODEL_DIR=%NOWHERE',
+  )
+  assert result.returncode == 2
+  assert _last_line(result) == (
+    'error: %NOWHERE is used but never set: set it with `--gin.NOWHERE=VALUE`'
+  )
   result = _run('calm_jax.decode', '--gin_fil=x.gin')
   assert result.returncode == 2
   assert _last_line(result).startswith(

@@ -60,6 +60,10 @@ def start(topology_name: str) -> chips.Topology:
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   import jax  # pylint: disable=g-import-not-at-top
 
+  # A TPU program cannot be stored or loaded by a process with no TPU
+  # client (libtpu refuses to deserialise it), and a persistent cache set
+  # for CPU programs would receive them: the planner compiles afresh.
+  jax.config.update('jax_enable_compilation_cache', False)
   with console.native_stderr_hidden():
     jax.devices()  # the TPU backend finds no chip here, the CPU is default
   return topology

@@ -1,0 +1,163 @@
+"""docs/tpu_plan.md from the plans `make tpu-plan` wrote (no JAX)."""
+
+from typing import Any
+from typing import Mapping
+
+GIB = float(1 << 30)
+
+HEADER = """# TPU plan
+
+Written by `make tpu-plan` (tools/tpu_plan.py) from runs of the planner
+(`calm_jax.plan`): every program compiled for the TPU topology named, on a
+CPU machine, by the TPU compiler (libtpu). Memory is the compiler's per-device memory
+analysis (arguments + outputs - aliased + temporaries + code) against the
+chip's HBM; FLOPs and bytes are its per-device cost analysis.
+
+**Every time below is a roofline lower bound, not a timing**: max(FLOPs /
+peak bf16 FLOP/s, bytes accessed / HBM bandwidth) per device, from the chip
+table in `calm_jax/planning/chips.py`. It leaves out interconnect
+collectives, per-op and loop overheads and the host. "MFU" is 6 N tokens
+over (devices x peak x that bound): an upper bound on the real MFU.
+
+Where the roofline misleads: small models at batch 1 are bound by per-op
+and loop overheads (launch, `while` and `switch` control, tiny matmuls far
+below an MXU tile), not by bandwidth, so their bound is far below what a
+chip would take, and speed-up predictions from it assume that overhead is
+the same for every exit layer. The predictions take the measured exit
+histograms as given, draw the rows of a batch independently from them, and
+charge a position the cost of its deepest row (the bucketed loop runs a
+layer while any row climbs; at a memory-bound batch a layer costs about the
+same on any number of rows).
+"""
+
+
+def _gib(n) -> str:
+  return f'{n / GIB:.2f}'
+
+
+def _ms(seconds) -> str:
+  return f'{seconds * 1e3:.3g}'
+
+
+def _program_rows(reports) -> list[str]:
+  rows = [
+    '| program | mesh | compile s | args GiB | temp GiB | total GiB '
+    '| HBM GiB | headroom GiB | TFLOP | GB accessed | bound ms | bound by '
+    '| MFU bound |',
+    '|' + '---|' * 13,
+  ]
+  for r in reports:
+    mfu = r.get('roofline_mfu')
+    rows.append(
+      f'| {r["name"]} | {tuple(r.get("mesh", ()))} | '
+      f'{r["compile_seconds"]:.0f} | {_gib(r["argument_bytes"])} | '
+      f'{_gib(r["temp_bytes"])} | {_gib(r["total_bytes"])} | '
+      f'{_gib(r["hbm_bytes"])} | {_gib(r["headroom_bytes"])} | '
+      f'{r["flops"] / 1e12:.3g} | {r["bytes_accessed"] / 1e9:.3g} | '
+      f'{_ms(r["roofline_seconds"])} | {r["bound"]} | '
+      f'{"" if mfu is None else f"{mfu:.1%}"} |'
+    )
+  return rows
+
+
+def _checks(reports) -> list[str]:
+  out = []
+  for r in reports:
+    if r['kind'] != 'decode':
+      continue
+    out.append(
+      f'- {r["name"]}: {len(r["loop_host_transfers"])} host transfers and '
+      f'{len(r["loop_cache_copies"])} copies of a K/V cache array inside '
+      f'its loops; {len(r["loop_cache_moves"])} asynchronous moves of one '
+      'between memory spaces (HBM and on-chip memory, chosen by the '
+      "compiler's memory-space assignment)"
+    )
+  return out
+
+
+def _token_rows(costs: Mapping[str, Any]) -> list[str]:
+  rows = [
+    '| batch | program | GFLOP | MB accessed | bound us |',
+    '|---|---|---|---|---|',
+  ]
+  for batch, c in costs.items():
+    rows.append(
+      f'| {batch} | full depth | {c["full"]["flops"] / 1e9:.3g} | '
+      f'{c["full"]["bytes_accessed"] / 1e6:.3g} | '
+      f'{c["full"]["roofline_seconds"] * 1e6:.3g} |'
+    )
+    for measure, layers in c['exits'].items():
+      for k, f in layers.items():
+        rows.append(
+          f'| {batch} | {measure}, exit after layer {k} | '
+          f'{f["flops"] / 1e9:.3g} | {f["bytes_accessed"] / 1e6:.3g} | '
+          f'{f["roofline_seconds"] * 1e6:.3g} |'
+        )
+    v = c['verify']
+    rows.append(
+      f'| {batch} | verify pass, {v["gamma"] + 1} positions | '
+      f'{v["flops"] / 1e9:.3g} | {v["bytes_accessed"] / 1e6:.3g} | '
+      f'{v["roofline_seconds"] * 1e6:.3g} |'
+    )
+  return rows
+
+
+def _prediction_rows(predictions) -> list[str]:
+  rows = [
+    '| exits measured | batch | CALM speed-up bound | exact-mode round / '
+    'full-depth token | tokens per pass measured | exact-mode speed-up |',
+    '|---|---|---|---|---|---|',
+  ]
+  for p in predictions:
+    e = p['exact']
+    per_pass = e['tokens_per_pass']
+    speedup = e['speedup']
+    rows.append(
+      f'| {p["label"]} | {p["batch_size"]} | '
+      f'x{p["calm_speedup_bound"]:.2f} | '
+      f'{e["break_even_tokens_per_pass"]:.2f} | '
+      + ('-' if per_pass is None else f'{per_pass:.2f}')
+      + ' | '
+      + ('-' if speedup is None else f'x{speedup:.2f}')
+      + ' |'
+    )
+  return rows
+
+
+def render(results: Mapping[str, Mapping[str, Any]]) -> str:
+  lines = [HEADER]
+  for name, plan in results.items():
+    lines.append(
+      f'## {name}: {plan.get("name") or plan.get("model")} on '
+      f'{plan.get("topology")}\n'
+    )
+    if plan.get('note'):
+      lines.append(f'{plan["note"]}.\n')
+    if 'error' in plan:
+      lines.append(f'Refused: {plan["error"]}\n')
+      continue
+    chip = plan['chip']
+    lines.append(
+      f'{plan["devices"]} devices; per device {_gib(plan["device_budget"]["hbm_bytes"])} '
+      f'GiB HBM, {plan["device_budget"]["peak_flops"] / 1e12:.0f} TFLOP/s, '
+      f'{plan["device_budget"]["hbm_bandwidth"] / 1e9:.0f} GB/s ({chip["source"]}).\n'
+    )
+    reports = [
+      *plan['train'],
+      *[r for rs in plan['decode'].values() for r in rs],
+    ]
+    if reports:
+      lines += _program_rows(reports) + ['']
+      lines += _checks(reports) + ['']
+    if plan['token_costs']:
+      lines.append('One decode position (compiled one-step programs):\n')
+      lines += _token_rows(plan['token_costs']) + ['']
+    if plan.get('predictions'):
+      lines.append(
+        'Predicted from those bounds at the measured exit histograms. '
+        'The exact-mode column "round / full-depth token" is the tokens '
+        'a round must emit to break even (gamma drafts at the histogram '
+        'plus one verify pass, over one full-depth position):\n'
+      )
+      lines += _prediction_rows(plan['predictions']) + ['']
+  return '\n'.join(lines) + '\n'
