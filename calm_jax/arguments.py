@@ -29,6 +29,8 @@ ORACLE = 'oracle'  # decode at the consistency oracle's exits (analysis)
 PROPAGATIONS = ('hidden', 'kv_copy', 'none')
 CONSISTENCIES = ('textual', 'risk')
 DTYPES = ('float32', 'bfloat16')
+# What a train step's layers keep for the backward pass (layers.py).
+REMAT_POLICIES = ('none', 'minimal', 'full')
 LOSS_WEIGHTINGS = ('linear', 'uniform', 'geometric')
 # 'early_exit': CALM at a certified threshold; 'exact': the full model's
 # output, drafted by the early exits and verified (self-speculative).
@@ -194,6 +196,7 @@ RULES: dict[str, Rule] = {
   'num_train_steps': _int(1),
   'max_bad_steps': _int(0),
   'weighting': _choice(LOSS_WEIGHTINGS),  # of the per-exit losses
+  'remat_policy': _choice(REMAT_POLICIES),
   'z_loss': _real(0.0),
   'period': _int(1),
   'keep': _int(1, optional=True),

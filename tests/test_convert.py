@@ -221,6 +221,7 @@ def test_cli_error_is_one_line_and_writes_nothing(untied, tmp_path):
   assert not target.exists()
 
 
+@pytest.mark.slow
 def test_finetune_from_hf_gin_trains_the_imported_model(untied, tmp_path):
   import gin  # pylint: disable=g-import-not-at-top
 

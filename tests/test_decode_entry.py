@@ -206,6 +206,7 @@ def test_calibrate_refuses_a_measure_the_model_lacks(model_dir, tmp_path):
   assert sorted(str(p) for p in bare.rglob('*')) == before
 
 
+@pytest.mark.slow
 def test_bf16_training_writes_a_bf16_model_dir(tmp_path):
   path = tmp_path / 'bf16'
   result = _run(
@@ -230,6 +231,7 @@ def test_bf16_training_writes_a_bf16_model_dir(tmp_path):
   assert all(x.dtype == np.float32 and np.all(np.isfinite(x)) for x in leaves)
 
 
+@pytest.mark.slow
 def test_bf16_calibrate_decode_and_generate(model_dir, tmp_path):
   # The float32-trained model run with bfloat16 activations, in process.
   import calm_jax  # pylint: disable=g-import-not-at-top

@@ -265,6 +265,7 @@ def test_bad_training_flags_are_refused_before_anything_is_written(
   assert not model_dir.exists()
 
 
+@pytest.mark.slow
 def test_a_diverging_run_exits_2_and_the_next_run_works(tmp_path):
   model_dir = tmp_path / 'model'
   flags = [

@@ -105,6 +105,7 @@ def test_the_classifier_hint_runs(model_dir):
   assert (model_dir / 'classifier').is_dir()
 
 
+@pytest.mark.slow
 def test_the_recalibration_hint_reproduces_the_record(model_dir):
   record = job_calls.calibrate(
     model_dir=str(model_dir),

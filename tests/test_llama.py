@@ -208,6 +208,7 @@ def test_exits_disabled_equal_the_static_decoder(tiny, dtype, measure):
   assert (np.asarray(early.exit_layers) == 4).all()
 
 
+@pytest.mark.slow
 def test_per_row_exits_at_batch_8_equal_batch_1(tiny):
   model, params = tiny
   prompts = _prompts(5)

@@ -1,5 +1,7 @@
 """models.py: CALM's loss and full-depth prediction."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +125,169 @@ def test_classifier_loss_leaves_the_backbone_without_gradient():
     float(jnp.abs(g).sum()) == 0 for g in jax.tree_util.tree_leaves(grads[1])
   )
   assert model.classifier_exit_layers() == (1, 2)
+
+
+# --- the streamed loss against every exit's logits at once ---------------------
+
+TINY_T5 = network.T5Config(
+  vocab_size=40,
+  emb_dim=16,
+  num_heads=2,
+  head_dim=8,
+  mlp_dim=24,
+  num_encoder_layers=1,
+  num_decoder_layers=3,
+)
+TINY_LLAMA = dict(
+  vocab_size=40,
+  emb_dim=16,
+  num_layers=3,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=8,
+  mlp_dim=24,
+  rope_theta=10000.0,
+)
+LOSS_BATCH = {
+  'encoder_input_tokens': jnp.array([[4, 5, 6, 1], [7, 8, 1, 0]]),
+  'decoder_input_tokens': jnp.array([[0, 9, 10, 11], [0, 12, 13, 0]]),
+  'decoder_target_tokens': jnp.array([[9, 10, 11, 1], [12, 13, 1, 0]]),
+  'decoder_loss_weights': jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
+}
+
+
+def _family(name: str, dtype: str, weighting: str):
+  """(model, params, reference loss fn): the reference holds every exit's
+  logits [x, b, l, v] and scores them with `calm_loss`."""
+  from calm_jax.model import llama
+
+  if name == 't5':
+    model = models.CalmModel(
+      dataclasses.replace(TINY_T5, dtype=dtype), loss_weighting=weighting
+    )
+
+    def states(params, batch):
+      return model.module.apply(
+        {'params': params},
+        batch['encoder_input_tokens'],
+        batch['decoder_input_tokens'],
+        method=network.EncoderDecoder.decoder_hidden,
+      )
+
+  else:
+    model = llama.CalmLlama(
+      llama.LlamaConfig(**TINY_LLAMA, dtype=dtype), loss_weighting=weighting
+    )
+
+    def states(params, batch):
+      hidden = llama._target_states(model, params, batch)  # pylint: disable=protected-access
+      return model.exit_states(params, hidden)
+
+  def reference(params, batch):
+    exits = jnp.asarray(model.config.exit_layers) - 1
+    logits = model.head(params, states(params, batch)[exits])  # [x, b, l, v]
+    return models.calm_loss(
+      logits,
+      batch['decoder_target_tokens'],
+      batch['decoder_loss_weights'],
+      model.exit_weights(),
+      model.z_loss,
+    )
+
+  params = model.init_params(jax.random.PRNGKey(2))['params']
+  return model, params, reference
+
+
+@pytest.mark.parametrize('family', ['t5', 'llama'])
+@pytest.mark.parametrize(
+  'dtype,weighting',
+  [('float32', 'linear'), ('float32', 'geometric'), ('bfloat16', 'uniform')],
+)
+def test_the_streamed_loss_and_gradients_equal_every_exit_at_once(
+  family, dtype, weighting
+):
+  model, params, reference = _family(family, dtype, weighting)
+  # bfloat16 keeps 8 bits of mantissa (one step is 2**-8 = 0.4%): the two
+  # orders of summation may round one step apart, relative to the largest.
+  tol = 1e-5 if dtype == 'float32' else 1e-2
+
+  def value_and_grad(loss_fn):
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      params, LOSS_BATCH
+    )
+
+  (loss, metrics), grads = value_and_grad(model.loss)
+  (want_loss, want_metrics), want_grads = value_and_grad(reference)
+  assert float(metrics['z_loss']) > 0  # the z-loss term is in both
+  np.testing.assert_allclose(loss, want_loss, rtol=tol)
+  for name in ('loss_per_exit', 'accuracy_per_exit', 'z_loss'):
+    np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=tol)
+  for got, want in zip(
+    jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)
+  ):
+    scale = float(jnp.abs(want).max()) + 1e-12
+    np.testing.assert_allclose(got / scale, want / scale, atol=tol)
+
+
+@pytest.mark.parametrize('family', ['t5', 'llama'])
+def test_the_classifier_stage_labels_with_every_exits_argmax(family):
+  model, params, _ = _family(family, 'float32', 'linear')
+  from calm_jax.decoding import confidence
+
+  classifier = confidence.init_classifier(TINY_T5.emb_dim)
+  loss, metrics = jax.jit(model.classifier_loss)(classifier, params, LOSS_BATCH)
+  # The same labels from every exit's logits at once.
+  if family == 't5':
+    hidden = model.module.apply(
+      {'params': params},
+      LOSS_BATCH['encoder_input_tokens'],
+      LOSS_BATCH['decoder_input_tokens'],
+      method=network.EncoderDecoder.decoder_hidden,
+    )
+  else:
+    from calm_jax.model import llama
+
+    hidden = model.exit_states(
+      params,
+      llama._target_states(model, params, LOSS_BATCH),  # pylint: disable=protected-access
+    )
+  exits = jnp.asarray(model.classifier_exit_layers()) - 1
+  with_top = jnp.append(exits, hidden.shape[0] - 1)
+  predictions = jnp.argmax(model.head(params, hidden[with_top]), -1)
+  want_loss, want = models.exit_classifier_loss(
+    classifier, hidden[exits], predictions, LOSS_BATCH['decoder_loss_weights']
+  )
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics['positive_rate_per_exit'], want['positive_rate_per_exit']
+  )
+
+
+@pytest.mark.parametrize('family', ['t5', 'llama'])
+def test_every_remat_policy_gives_the_same_loss_and_gradients(family):
+  model, params, _ = _family(family, 'float32', 'linear')
+  grad = lambda m: jax.jit(jax.value_and_grad(m.loss, has_aux=True))(
+    params, LOSS_BATCH
+  )
+  (want, _), want_grads = grad(model)
+  for policy in ('minimal', 'full'):
+    (loss, _), grads = grad(dataclasses.replace(model, remat_policy=policy))
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    jax.tree_util.tree_map(
+      lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7),
+      grads,
+      want_grads,
+    )
+    # One rematerialised call per layer, beside the streamed loss's own.
+    jaxpr = lambda m: str(
+      jax.make_jaxpr(jax.grad(lambda p: m.loss(p, LOSS_BATCH)[0]))(params)
+    )
+    layers = 4 if family == 't5' else 3  # encoder + decoder, or decoder
+    replaced = dataclasses.replace(model, remat_policy=policy)
+    assert (
+      jaxpr(replaced).count('remat') == jaxpr(model).count('remat') + layers
+    )
+  with pytest.raises(ValueError, match='none, minimal, full'):
+    jax.eval_shape(
+      dataclasses.replace(model, remat_policy='most').loss, params, LOSS_BATCH
+    )

@@ -79,6 +79,7 @@ def _texts(task='qa', n=3):
   return [synthetic.generate(task, 'test', i)['inputs'] for i in range(n)]
 
 
+@pytest.mark.slow
 def test_retrained_classifier_decodes_afresh_and_refuses_the_old_record(
   model_dir,
 ):
@@ -121,6 +122,7 @@ def test_retrained_classifier_decodes_afresh_and_refuses_the_old_record(
   assert second.name in result[0].threshold_source
 
 
+@pytest.mark.slow
 def test_records_are_per_task_and_generate_says_which_it_used(model_dir):
   lm = calm_jax.load(str(model_dir))
   none = lm.generate(_texts(), max_length=4)

@@ -69,7 +69,11 @@ def _decoders(model, draft, max_length, eos_id):
   return static, exact
 
 
-@pytest.fixture(scope='module', params=['t5', 'llama'])
+# Llama's case is slow: `make test` keeps T5's, and the slow run's 2,000
+# inputs cover both families.
+@pytest.fixture(
+  scope='module', params=['t5', pytest.param('llama', marks=pytest.mark.slow)]
+)
 def greedy_decoders(request):
   """Per family: params and the jitted static and exact decoders, shared
   by the threshold cases (the threshold is traced: compiled once)."""
@@ -114,6 +118,7 @@ def test_greedy_tokens_equal_the_full_model_on_2000_inputs(family):
   assert eos_in_drafts >= 100
 
 
+@pytest.mark.slow
 def test_a_confidence_bound_shortens_drafts_and_stays_exact():
   model, params = _model('t5')
   static, _ = _decoders(model, _draft(model), 12, eos_id=3)
@@ -139,6 +144,7 @@ def test_a_draft_that_always_agrees_is_accepted_whole():
   np.testing.assert_array_equal(out.passes, [3, 3, 3, 3])  # 12 = 3 x 4
 
 
+@pytest.mark.slow
 def test_skipping_the_rollback_breaks_exactness(monkeypatch):
   """Verify must overwrite the cache entries a rejected draft wrote: with
   the draft's entries left in place, later positions read them and the
@@ -208,7 +214,7 @@ def _chi_square(a: np.ndarray, b: np.ndarray, vocab: int) -> float:
 @pytest.mark.parametrize(
   'forced_layer, samples',
   [
-    (None, 3000),
+    pytest.param(None, 3000, marks=pytest.mark.slow),
     (1, 3000),
     pytest.param(None, 20000, marks=pytest.mark.slow),
     pytest.param(1, 20000, marks=pytest.mark.slow),

@@ -52,6 +52,7 @@ def user_task(tmp_path, monkeypatch):
   sys.modules.pop('my_tasks', None)
 
 
+@pytest.mark.slow
 def test_an_unregistered_task_needs_only_its_lengths(
   user_task, tiny_model_dir, tmp_path
 ):

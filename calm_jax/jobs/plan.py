@@ -52,6 +52,7 @@ def plan(
   max_decode_length: int = 128,
   measures: Sequence[str] = ('softmax', 'state', 'classifier'),
   gamma: int = 4,
+  remat_policy: str = 'none',
   decoders: bool = True,
   token_costs: bool = True,
   token_exit_layers: Optional[Sequence[int]] = None,
@@ -66,7 +67,7 @@ def plan(
   """
   if model_config is None:
     raise errors.SettingError('plan needs a model config (gin/models/*.gin)')
-  arguments.check(mesh_shape=mesh_shape)
+  arguments.check(mesh_shape=mesh_shape, remat_policy=remat_policy)
   if histograms is not None:
     arguments.choice('histograms', histograms, ('reproduction', 'real_model'))
   settings = plan_lib.PlanSettings(
@@ -90,7 +91,7 @@ def plan(
   if check_only:
     return None
   tpu.start(topology)
-  model = model_files.model_for(model_config)
+  model = model_files.model_for(model_config, remat_policy=remat_policy)
   optimizer = optim.make_optimizer(name='adafactor', learning_rate=1e-3)
   console.info(
     f'planning {name or type(model_config).__name__} on {topology} '
@@ -99,6 +100,7 @@ def plan(
   result = plan_lib.plan(model, optimizer, settings, on_report=_line)
   result['name'] = name
   result['config'] = dataclasses.asdict(model_config)
+  result['remat_policy'] = remat_policy
   if histograms and token_costs:
     result['predictions'] = predictions(result, model_config, histograms)
   if output:

@@ -68,6 +68,7 @@ def train(
   shuffle: bool = True,
   initial_checkpoint_path: Optional[str] = None,
   mesh_shape: Optional[Sequence[int]] = None,
+  remat_policy: str = 'none',
   max_bad_steps: int = 0,
   checkpointing: Optional[settings.CheckpointSettings] = None,
   logging: Optional[settings.LogSettings] = None,
@@ -81,7 +82,8 @@ def train(
   `model_dir`, backbone frozen, into MODEL_DIR/classifier.
 
   The run uses a (data, model) mesh of `mesh_shape` (default: every device
-  on 'data'). `batch_size` is the global batch: with several processes each
+  on 'data'). `remat_policy` ('none', 'minimal', 'full') is what the model
+  stage's layers keep for the backward pass: memory against recompute. `batch_size` is the global batch: with several processes each
   reads batch_size / processes rows from its own shard of the data.
 
   A NaN or infinite step is not applied: the run stops (or skips up to
@@ -100,6 +102,7 @@ def train(
     max_bad_steps=max_bad_steps,
     seed=seed,
     mesh_shape=mesh_shape,
+    remat_policy=remat_policy,
   )
   if stage == 'model' and model_config is None and not initial_checkpoint_path:
     raise errors.SettingError(
@@ -122,6 +125,7 @@ def train(
         model_config,
         loss,
         initial_checkpoint_path,
+        remat_policy,
       )
       subdir = checkpoints.CHECKPOINT_SUBDIR
     else:
@@ -218,6 +222,7 @@ def _model_stage(
   model_config,
   loss: settings.LossSettings,
   initial_checkpoint_path=None,
+  remat_policy='none',
 ):
   """Checks and writes the model dir's files; the stage-1 objective."""
   if initial_checkpoint_path:
@@ -235,7 +240,10 @@ def _model_stage(
       pipeline.max_feature_lengths(task),
     )
   model = model_files.model_for(
-    model_config, loss_weighting=loss.weighting, z_loss=loss.z_loss
+    model_config,
+    loss_weighting=loss.weighting,
+    z_loss=loss.z_loss,
+    remat_policy=remat_policy,
   )
   objective = trainer.model_objective(model)
   if not initial_checkpoint_path:

@@ -45,6 +45,33 @@ def dense(spec: str, x: Array, kernel: Array, dtype) -> Array:
   )
 
 
+# What a layer's backward pass keeps of its forward (t5x's policy names,
+# `arguments.REMAT_POLICIES`):
+# 'none' keeps every activation; 'minimal' keeps the outputs of matmuls
+# against weights (dot_generals with no batch dimension) and recomputes the
+# rest, attention scores included; 'full' keeps only the layer's input and
+# recomputes the whole layer (one more forward pass per step).
+REMAT_POLICIES = {
+  'none': None,
+  'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'full': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def rematerialised(call, policy: str):
+  """`call(layer, *arrays)` with the layer's activations rematerialised
+  under the named policy in the backward pass (`call` itself for 'none').
+  Python settings (dropout's `deterministic`) go in `call`'s closure: the
+  lifted checkpoint traces every argument it is given."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(
+      f'unknown remat_policy {policy!r}; valid: {", ".join(REMAT_POLICIES)}'
+    )
+  if policy == 'none':
+    return call
+  return nn.remat(call, policy=REMAT_POLICIES[policy])
+
+
 def _fan_in_normal(scale: float = 1.0):
   """Truncation-free normal init with variance scale / fan_in (t5x default)."""
   return nn.initializers.variance_scaling(scale, 'fan_in', 'normal')

@@ -20,6 +20,7 @@ f mlp hidden, v vocab.
 """
 
 import dataclasses
+import functools
 from typing import Any
 from typing import ClassVar
 from typing import Mapping
@@ -276,16 +277,23 @@ class DecoderOnly(nn.Module):
       self.config.jnp_dtype
     )
 
-  def __call__(self, tokens: Array, lengths: Array) -> Array:
+  def __call__(
+    self, tokens: Array, lengths: Array, remat_policy: str = 'none'
+  ) -> Array:
     """Teacher-forced pass over right-padded tokens [b, l] with their
-    lengths [b] -> the raw hidden state of every layer [L, b, l, e]."""
+    lengths [b] -> the raw hidden state of every layer [L, b, l, e]
+    (`remat_policy`: `layers.REMAT_POLICIES`, for training)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     mask = causal_mask(positions, lengths)
     x = self.embed(tokens)
+    run = layers.rematerialised(
+      lambda layer, x, positions, mask: layer(x, positions, mask),
+      remat_policy,
+    )
     hidden = []
     for layer in self.layers:
       x = layers.constrain(
-        layer(x, positions, mask), ('batch', 'length', 'embed')
+        run(layer, x, positions, mask), ('batch', 'length', 'embed')
       )
       hidden.append(x)
     return jnp.stack(hidden)
@@ -456,6 +464,7 @@ class CalmLlama:
   config: LlamaConfig
   loss_weighting: str = 'linear'
   z_loss: float = 1e-4
+  remat_policy: str = 'none'  # the train step's (`layers.REMAT_POLICIES`)
 
   @property
   def module(self) -> DecoderOnly:
@@ -511,7 +520,9 @@ class CalmLlama:
     )
     exits = self.classifier_exit_layers()
     with_top = jnp.asarray((*exits, self.config.num_layers)) - 1
-    predictions = jnp.argmax(self.head(params, states[with_top]), -1)
+    predictions = models.exit_predictions(
+      functools.partial(self.head, params), states[with_top]
+    )
     return models.exit_classifier_loss(
       classifier,
       states[jnp.asarray(exits) - 1],
@@ -529,10 +540,16 @@ class CalmLlama:
       l for l in self.config.exit_layers if l < self.config.num_layers
     )
 
-  def hidden_states(self, params: Params, tokens: Array, lengths: Array):
+  def hidden_states(
+    self,
+    params: Params,
+    tokens: Array,
+    lengths: Array,
+    remat_policy: str = 'none',
+  ):
     """Teacher-forced raw hidden state of every layer [L, b, l, e]."""
     return self.module.apply(
-      {'params': network_params(params)}, tokens, lengths
+      {'params': network_params(params)}, tokens, lengths, remat_policy
     )
 
   def exit_states(self, params: Params, hidden: Array) -> Array:
@@ -715,11 +732,15 @@ def lm_batch(batch: Mapping[str, Array]) -> dict[str, Array]:
   }
 
 
-def _target_states(model: 'CalmLlama', params, batch) -> Array:
+def _target_states(
+  model: 'CalmLlama', params, batch, remat_policy: str = 'none'
+) -> Array:
   """Every layer's state at the positions that predict the targets
   [L, b, t, e]."""
   lm = lm_batch(batch)
-  hidden = model.hidden_states(params, lm['tokens'], lm['lengths'])
+  hidden = model.hidden_states(
+    params, lm['tokens'], lm['lengths'], remat_policy
+  )
   index = jnp.broadcast_to(
     lm['predict'][None, :, :, None],
     hidden.shape[:2] + lm['predict'].shape[1:] + hidden.shape[-1:],
@@ -732,14 +753,14 @@ def calm_lm_loss(
 ) -> tuple[Array, dict]:
   """CALM's weighted per-exit loss of a decoder-only model on the targets
   of an encoder-decoder batch (prompt = input, continuation = target)."""
-  states = _target_states(model, params, batch)  # [L, b, t, e]
-  exits = jnp.asarray(model.config.exit_layers) - 1
-  logits = model.head(params, model.exit_states(params, states)[exits])
+  states = _target_states(model, params, batch, model.remat_policy)
+  exits = jnp.asarray(model.config.exit_layers) - 1  # states: [L, b, t, e]
   weights = models.exit_loss_weights(
     model.config.exit_layers, model.loss_weighting
   )
-  return models.calm_loss(
-    logits,
+  return models.streamed_calm_loss(
+    functools.partial(model.head, params),
+    model.exit_states(params, states)[exits],
     batch['decoder_target_tokens'],
     batch['decoder_loss_weights'],
     weights,

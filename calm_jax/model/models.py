@@ -5,7 +5,9 @@ with pure functions over its parameters.
 """
 
 import dataclasses
+import functools
 from typing import Any
+from typing import Callable
 from typing import Mapping
 
 import flax.linen as nn
@@ -53,6 +55,31 @@ def cross_entropy_with_z_loss(
   return log_z - target_logit, z_loss * jnp.square(log_z)
 
 
+def _exit_sums(
+  logits: Array, targets: Array, mask: Array, z_loss: float
+) -> tuple[Array, Array, Array]:
+  """Masked sums over the last two axes [..., b, l] of cross-entropy, z-loss
+  and correct argmax: one number per exit in the leading axes."""
+  ce, z = cross_entropy_with_z_loss(logits, targets, z_loss)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return tuple((t * mask).sum(axis=(-2, -1)) for t in (ce, z, correct))
+
+
+def _weighted_loss(
+  sums: tuple[Array, Array, Array], weights: Array, num_tokens: Array
+) -> tuple[Array, dict[str, Array]]:
+  per_exit_ce, per_exit_z, per_exit_accuracy = (s / num_tokens for s in sums)
+  loss = jnp.sum(weights * (per_exit_ce + per_exit_z))
+  return loss, {
+    'loss': loss,
+    'cross_entropy': jnp.sum(weights * per_exit_ce),
+    'z_loss': jnp.sum(weights * per_exit_z),
+    'loss_per_exit': per_exit_ce,
+    'accuracy_per_exit': per_exit_accuracy,
+    'num_tokens': num_tokens,
+  }
+
+
 def calm_loss(
   exit_logits: Array,
   targets: Array,
@@ -60,7 +87,8 @@ def calm_loss(
   weights: Array,
   z_loss: float = 1e-4,
 ) -> tuple[Array, dict[str, Array]]:
-  """CALM's weighted per-exit loss.
+  """CALM's weighted per-exit loss over every exit's logits at once (the
+  reference `streamed_calm_loss` is tested against; training streams).
 
   Args:
     exit_logits: [x, b, l, v] logits of each exit.
@@ -72,23 +100,51 @@ def calm_loss(
   Returns:
     (scalar loss, metrics) with per-exit `loss_i` and `accuracy_i` [x].
   """
-  ce, z = cross_entropy_with_z_loss(exit_logits, targets[None], z_loss)
-  mask = loss_mask[None].astype(jnp.float32)  # [1, b, l]
-  num_tokens = jnp.maximum(mask.sum(), 1.0)
-  per_exit_ce = (ce * mask).sum(axis=(1, 2)) / num_tokens  # [x]
-  per_exit_z = (z * mask).sum(axis=(1, 2)) / num_tokens
-  correct = (jnp.argmax(exit_logits, axis=-1) == targets[None]) * mask
-  per_exit_accuracy = correct.sum(axis=(1, 2)) / num_tokens
-  loss = jnp.sum(weights * (per_exit_ce + per_exit_z))
-  metrics = {
-    'loss': loss,
-    'cross_entropy': jnp.sum(weights * per_exit_ce),
-    'z_loss': jnp.sum(weights * per_exit_z),
-    'loss_per_exit': per_exit_ce,
-    'accuracy_per_exit': per_exit_accuracy,
-    'num_tokens': num_tokens,
-  }
-  return loss, metrics
+  mask = loss_mask.astype(jnp.float32)
+  sums = _exit_sums(exit_logits, targets[None], mask[None], z_loss)
+  return _weighted_loss(sums, weights, jnp.maximum(mask.sum(), 1.0))
+
+
+def streamed_calm_loss(
+  head: Callable[[Array], Array],
+  exit_hidden: Array,
+  targets: Array,
+  loss_mask: Array,
+  weights: Array,
+  z_loss: float = 1e-4,
+  unroll: int | bool = 1,
+) -> tuple[Array, dict[str, Array]]:
+  """`calm_loss(head(exit_hidden), ...)` with one exit's logits alive at a
+  time, forward and backward.
+
+  A scan over the exits sums each exit's terms; its body is rematerialised,
+  so the backward pass recomputes that exit's logits from its hidden state
+  instead of keeping [x, b, l, v] float32 logits (and their softmax) from
+  the forward. The price is one more head matmul per exit. The head's
+  gradient accumulates in the scan's carry.
+
+  Args:
+    head: hidden [b, l, e] -> float32 logits [b, l, v] (norm and output
+      layer, closed over their parameters).
+    exit_hidden: [x, b, l, e] what each exit's head reads.
+    targets, loss_mask, weights, z_loss: as in `calm_loss`.
+  """
+  mask = loss_mask.astype(jnp.float32)
+
+  @jax.checkpoint
+  def one_exit(h):  # [b, l, e] -> three scalars
+    return _exit_sums(head(h), targets, mask, z_loss)
+
+  _, sums = jax.lax.scan(
+    lambda c, h: (c, one_exit(h)), None, exit_hidden, unroll=unroll
+  )
+  return _weighted_loss(sums, weights, jnp.maximum(mask.sum(), 1.0))
+
+
+def exit_predictions(head: Callable[[Array], Array], states: Array) -> Array:
+  """Greedy tokens [x, b, l] of the exits reading states [x, b, l, e], one
+  exit's logits at a time (what the classifier stage labels with)."""
+  return jax.lax.map(lambda h: jnp.argmax(head(h), axis=-1), states)
 
 
 def exit_classifier_loss(
@@ -210,6 +266,7 @@ class CalmModel:
   config: network.T5Config
   loss_weighting: str = 'linear'
   z_loss: float = 1e-4
+  remat_policy: str = 'none'  # the train step's (`layers.REMAT_POLICIES`)
 
   @property
   def module(self) -> network.EncoderDecoder:
@@ -244,48 +301,50 @@ class CalmModel:
     """Weighted per-exit loss of a feature-converted EncDec batch."""
     deterministic = dropout_rng is None
     rngs = {} if deterministic else {'dropout': dropout_rng}
-    logits = self.module.apply(
+    hidden = self.module.apply(
       {'params': params},
       batch['encoder_input_tokens'],
       batch['decoder_input_tokens'],
       deterministic=deterministic,
+      remat_policy=self.remat_policy,
       rngs=rngs,
-    )
-    return calm_loss(
-      logits,
+      method=network.EncoderDecoder.decoder_hidden,
+    )  # [L, b, l, e]
+    exits = jnp.asarray(self.config.exit_layers) - 1
+    return streamed_calm_loss(
+      functools.partial(self.head, params),
+      hidden[exits],
       batch['decoder_target_tokens'],
       batch['decoder_loss_weights'],
       self.exit_weights(),
       self.z_loss,
     )
 
+  def head(self, params: Params, states: Array) -> Array:
+    """The exit head (final norm, output layer) on states [..., e]."""
+    return self.module.apply(
+      {'params': params}, states, method=network.EncoderDecoder.head
+    )
+
   def classifier_loss(
     self, classifier: Params, params: Params, batch: Mapping[str, Array]
   ) -> tuple[Array, dict]:
     """Stage 2: the exit classifier's loss; the backbone gets no gradient."""
-    module = self.module
     hidden = jax.lax.stop_gradient(
-      module.apply(
+      self.module.apply(
         {'params': params},
         batch['encoder_input_tokens'],
         batch['decoder_input_tokens'],
         method=network.EncoderDecoder.decoder_hidden,
       )
     )  # [L, b, l, e]
-    exits = self.classifier_exit_layers()
-    with_top = (*exits, self.config.num_decoder_layers)
-    logits = module.apply(
-      {'params': params},
-      hidden,
-      with_top,
-      method=network.EncoderDecoder.exit_logits,
+    exits = jnp.asarray(self.classifier_exit_layers()) - 1
+    with_top = jnp.append(exits, self.config.num_decoder_layers - 1)
+    predictions = exit_predictions(
+      functools.partial(self.head, params), hidden[with_top]
     )
-    predictions = jnp.argmax(logits, -1)
     return exit_classifier_loss(
-      classifier,
-      hidden[jnp.asarray(exits) - 1],
-      predictions,
-      batch['decoder_loss_weights'],
+      classifier, hidden[exits], predictions, batch['decoder_loss_weights']
     )
 
   def exit_config(self, confidence: str, **options) -> loops.ExitConfig:

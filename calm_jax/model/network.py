@@ -149,15 +149,24 @@ class Encoder(nn.Module):
     self.encoder_norm = _norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def __call__(self, tokens: Array, *, deterministic: bool) -> Array:
+  def __call__(
+    self, tokens: Array, *, deterministic: bool, remat_policy: str = 'none'
+  ) -> Array:
     """[b, s] tokens -> [b, s, e] encoded."""
     positions = jnp.arange(tokens.shape[1])
     bias = self.relpos_bias(positions, positions)  # [1, h, s, s]
     mask = key_padding_mask(tokens)
     x = self.dropout(self.shared_embedding(tokens), deterministic=deterministic)
+    run = layers.rematerialised(
+      lambda layer, x, bias, mask: layer(
+        x, bias=bias, mask=mask, deterministic=deterministic
+      ),
+      remat_policy,
+    )
     for layer in self.layers:
-      x = layer(x, bias=bias, mask=mask, deterministic=deterministic)
-      x = layers.constrain(x, ('batch', 'length', 'embed'))
+      x = layers.constrain(
+        run(layer, x, bias, mask), ('batch', 'length', 'embed')
+      )
     return self.dropout(self.encoder_norm(x), deterministic=deterministic)
 
 
@@ -288,6 +297,7 @@ class Decoder(nn.Module):
     decoder_input_tokens: Array,
     *,
     deterministic: bool,
+    remat_policy: str = 'none',
   ) -> Array:
     """Teacher-forced pass -> raw hidden state of every layer [L, b, l, e]."""
     length = decoder_input_tokens.shape[1]
@@ -298,16 +308,20 @@ class Decoder(nn.Module):
     x = self.dropout(
       self.shared_embedding(decoder_input_tokens), deterministic=deterministic
     )
-    hidden = []
-    for layer in self.layers:
-      x = layer(
+    run = layers.rematerialised(
+      lambda layer, x, encoded, self_bias, self_mask, cross_mask: layer(
         x,
         encoded,
         self_bias=self_bias,
         self_mask=self_mask,
         cross_mask=cross_mask,
         deterministic=deterministic,
-      )
+      ),
+      remat_policy,
+    )
+    hidden = []
+    for layer in self.layers:
+      x = run(layer, x, encoded, self_bias, self_mask, cross_mask)
       x = layers.constrain(x, ('batch', 'length', 'embed'))
       hidden.append(x)
     return jnp.stack(hidden)
@@ -381,9 +395,15 @@ class EncoderDecoder(nn.Module):
     self.decoder = Decoder(cfg, self.token_embedder)
 
   def encode(
-    self, encoder_tokens: Array, *, deterministic: bool = True
+    self,
+    encoder_tokens: Array,
+    *,
+    deterministic: bool = True,
+    remat_policy: str = 'none',
   ) -> Array:
-    return self.encoder(encoder_tokens, deterministic=deterministic)
+    return self.encoder(
+      encoder_tokens, deterministic=deterministic, remat_policy=remat_policy
+    )
 
   def decoder_hidden(
     self,
@@ -391,12 +411,24 @@ class EncoderDecoder(nn.Module):
     decoder_input_tokens: Array,
     *,
     deterministic: bool = True,
+    remat_policy: str = 'none',
   ) -> Array:
-    """Raw hidden state of every decoder layer [L, b, l, e]."""
-    encoded = self.encode(encoder_tokens, deterministic=deterministic)
-    return self.decoder(
-      encoded, encoder_tokens, decoder_input_tokens, deterministic=deterministic
+    """Raw hidden state of every decoder layer [L, b, l, e]
+    (`remat_policy`: `layers.REMAT_POLICIES`, for training)."""
+    encoded = self.encode(
+      encoder_tokens, deterministic=deterministic, remat_policy=remat_policy
     )
+    return self.decoder(
+      encoded,
+      encoder_tokens,
+      decoder_input_tokens,
+      deterministic=deterministic,
+      remat_policy=remat_policy,
+    )
+
+  def head(self, h: Array) -> Array:
+    """The exit head on raw states [..., e] -> float32 logits [..., v]."""
+    return self.decoder.logits(h)
 
   def exit_logits(
     self, hidden: Array, exit_layers: Sequence[int] | None = None
