@@ -17,6 +17,7 @@ from calm_jax.decoding import loops
 from calm_jax.decoding import one_step
 from calm_jax.model import models
 from calm_jax.model import network
+from calm_jax.parallel import partitioning
 from calm_jax.planning import chips
 from calm_jax.planning import compiled as compiled_lib
 from calm_jax.planning import hlo
@@ -348,3 +349,40 @@ def test_the_tpu_plan_command_writes_its_json(tmp_path):
   assert plan['token_costs']['1']['full']['flops'] > 0
   # libtpu's start-up lines stay hidden.
   assert 'libtpu' not in done.stderr and 'TPU_WORKER' not in done.stderr
+
+
+def test_the_exit_loops_uncounted_iterations_are_added(cpu_plan, monkeypatch):
+  """The loss's loop over the exits, counted once by the cost analysis,
+  plus the other iterations compiled alone, is what the same loss with
+  the loop unrolled costs."""
+  model = models.CalmModel(TINY)
+  mesh = partitioning.make_mesh((1, 1), jax.devices()[:1])
+  shapes = dict(batch_size=4, target_length=8)
+  params = programs.abstract_params(model, mesh)
+  batch = programs.train_batch(mesh, 4, 16, 8)
+
+  def loss_flops():
+    grad = jax.jit(jax.value_and_grad(model.loss, has_aux=True))
+    cost = grad.lower(params, batch).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+
+  counted = loss_flops()
+  streamed = models.streamed_calm_loss
+  monkeypatch.setattr(
+    models,
+    'streamed_calm_loss',
+    lambda *a, **k: streamed(*a, **k, unroll=True),
+  )
+  unrolled = loss_flops()
+  iteration = programs.exit_loop_iteration(model, mesh, **shapes)
+  budget = chips.DeviceBudget.of(chips.parse_topology('v5e:2x2'), 1)
+  added = compiled_lib.compile_program(iteration, budget).flops
+  exits = len(TINY.exit_layers)
+  assert unrolled > counted  # the loop's body was counted once
+  np.testing.assert_allclose(counted + (exits - 1) * added, unrolled, rtol=0.05)
+  model_step = cpu_plan['train'][0]
+  assert model_step['exit_loop']['iterations'] == exits
+  assert model_step['flops'] == pytest.approx(
+    model_step['exit_loop']['counted_flops']
+    + (exits - 1) * model_step['exit_loop']['iteration_flops']
+  )

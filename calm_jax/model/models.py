@@ -133,12 +133,24 @@ def streamed_calm_loss(
 
   @jax.checkpoint
   def one_exit(h):  # [b, l, e] -> three scalars
-    return _exit_sums(head(h), targets, mask, z_loss)
+    return exit_loss_sums(head, h, targets, mask, z_loss)
 
   _, sums = jax.lax.scan(
     lambda c, h: (c, one_exit(h)), None, exit_hidden, unroll=unroll
   )
   return _weighted_loss(sums, weights, jnp.maximum(mask.sum(), 1.0))
+
+
+def exit_loss_sums(
+  head: Callable[[Array], Array],
+  h: Array,
+  targets: Array,
+  mask: Array,
+  z_loss: float,
+) -> tuple[Array, Array, Array]:
+  """One exit's masked sums (cross-entropy, z-loss, correct) from its
+  states h [b, l, e]: the body of `streamed_calm_loss`'s exit loop."""
+  return _exit_sums(head(h), targets, mask, z_loss)
 
 
 def exit_predictions(head: Callable[[Array], Array], states: Array) -> Array:

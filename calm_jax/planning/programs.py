@@ -32,6 +32,7 @@ from calm_jax.decoding import one_step
 from calm_jax.decoding import speculative
 from calm_jax.inference import decoder
 from calm_jax.inference import modes
+from calm_jax.model import models as models_lib
 from calm_jax.parallel import partitioning
 from calm_jax.training import trainer
 
@@ -206,6 +207,78 @@ def classifier_step(
     mesh=mesh,
     activation_rules=True,
   )
+
+
+def exit_loop_iteration(
+  model: Any,
+  mesh: Mesh,
+  *,
+  batch_size: int,
+  target_length: int,
+  backward: bool = True,
+) -> Program:
+  """One iteration of a train step's loop over the exits, alone: XLA's
+  cost analysis counts a loop's body once, so a step's FLOPs and bytes
+  need the other iterations added (`plan` does). With `backward`, the
+  streamed loss's term of one exit forward and backward (the forward loop's
+  body and the backward loop's: recompute, then gradients of the states and
+  the head); without, one exit's greedy tokens (the classifier stage's
+  labels). Only the parameters the head reads are arguments."""
+  params = abstract_params(model, mesh)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  states = abstract(
+    (batch_size, target_length, model.config.emb_dim),
+    model.config.jnp_dtype,
+    mesh,
+    P('data'),
+  )
+  read = _leaves_read(lambda p, h: model.head(p, h), params, states)
+
+  def head_of(used):
+    full = [
+      used[read.index(i)] if i in read else jnp.zeros(x.shape, x.dtype)
+      for i, x in enumerate(leaves)
+    ]  # the zeros are never read: the compiler drops them
+    return lambda h: model.head(jax.tree_util.tree_unflatten(treedef, full), h)
+
+  if backward:
+
+    def fn(used, h, targets, mask):
+      def term(used, h):
+        ce, z, _ = models_lib.exit_loss_sums(
+          head_of(used), h, targets, mask, model.z_loss
+        )
+        return ce + z
+
+      return jax.value_and_grad(jax.checkpoint(term), argnums=(0, 1))(used, h)
+
+  else:
+
+    def fn(used, h, targets, mask):
+      del targets, mask
+      return jnp.argmax(head_of(used)(h), axis=-1)
+
+  labels = abstract((batch_size, target_length), jnp.int32, mesh, P('data'))
+  weights = abstract((batch_size, target_length), jnp.float32, mesh, P('data'))
+  return Program(
+    name='one exit of the loss' if backward else "one exit's labels",
+    kind='loop',
+    fn=jax.jit(fn),
+    args=([leaves[i] for i in read], states, labels, weights),
+    mesh=mesh,
+    activation_rules=True,
+  )
+
+
+def _leaves_read(fn: Callable, params: Any, *args) -> list[int]:
+  """Indices of the flattened `params` leaves that fn(params, *args)
+  reads (found in its jaxpr)."""
+  closed = jax.make_jaxpr(fn)(params, *args)
+  count = len(jax.tree_util.tree_leaves(params))
+  read = {id(v) for eqn in closed.jaxpr.eqns for v in eqn.invars} | {
+    id(v) for v in closed.jaxpr.outvars
+  }
+  return [i for i, v in enumerate(closed.jaxpr.invars[:count]) if id(v) in read]
 
 
 def decode_modes(
