@@ -49,7 +49,9 @@ CASES = {
     'calm_t5_1_1_base',
     'v5e:2x2',
     ['--gin.BATCH_SIZE=32', '--gin.MESH_SHAPE=(2, 2)', *TRAIN_ONLY],
-    'Before the streamed loss (7e708b0): temp 15.00 GiB, 5.55 TFLOP, 136 GB',
+    'Before the streamed loss (7e708b0): temp 15.00 GiB, 5.55 TFLOP, 136 GB '
+    '(the table shows the run kept in docs/tpu_plan.json: re-run the case '
+    'if it shows these figures)',
   ),
   'demo_decode': _case(
     'calm_demo',
