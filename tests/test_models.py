@@ -157,8 +157,9 @@ LOSS_BATCH = {
 
 
 def _family(name: str, dtype: str, weighting: str):
-  """(model, params, reference loss fn): the reference holds every exit's
-  logits [x, b, l, v] and scores them with `calm_loss`."""
+  """(model, params, states fn, reference loss fn): states(params, batch)
+  is what every layer's exit reads [L, b, l, e]; the reference holds every
+  exit's logits [x, b, l, v] and scores them with `calm_loss`."""
   from calm_jax.model import llama
 
   if name == 't5':
@@ -195,7 +196,7 @@ def _family(name: str, dtype: str, weighting: str):
     )
 
   params = model.init_params(jax.random.PRNGKey(2))['params']
-  return model, params, reference
+  return model, params, states, reference
 
 
 @pytest.mark.parametrize('family', ['t5', 'llama'])
@@ -206,7 +207,7 @@ def _family(name: str, dtype: str, weighting: str):
 def test_the_streamed_loss_and_gradients_equal_every_exit_at_once(
   family, dtype, weighting
 ):
-  model, params, reference = _family(family, dtype, weighting)
+  model, params, _, reference = _family(family, dtype, weighting)
   # bfloat16 keeps 8 bits of mantissa (one step is 2**-8 = 0.4%): the two
   # orders of summation may round one step apart, relative to the largest.
   tol = 1e-5 if dtype == 'float32' else 1e-2
@@ -231,26 +232,13 @@ def test_the_streamed_loss_and_gradients_equal_every_exit_at_once(
 
 @pytest.mark.parametrize('family', ['t5', 'llama'])
 def test_the_classifier_stage_labels_with_every_exits_argmax(family):
-  model, params, _ = _family(family, 'float32', 'linear')
+  model, params, states, _ = _family(family, 'float32', 'linear')
   from calm_jax.decoding import confidence
 
   classifier = confidence.init_classifier(TINY_T5.emb_dim)
   loss, metrics = jax.jit(model.classifier_loss)(classifier, params, LOSS_BATCH)
   # The same labels from every exit's logits at once.
-  if family == 't5':
-    hidden = model.module.apply(
-      {'params': params},
-      LOSS_BATCH['encoder_input_tokens'],
-      LOSS_BATCH['decoder_input_tokens'],
-      method=network.EncoderDecoder.decoder_hidden,
-    )
-  else:
-    from calm_jax.model import llama
-
-    hidden = model.exit_states(
-      params,
-      llama._target_states(model, params, LOSS_BATCH),  # pylint: disable=protected-access
-    )
+  hidden = states(params, LOSS_BATCH)
   exits = jnp.asarray(model.classifier_exit_layers()) - 1
   with_top = jnp.append(exits, hidden.shape[0] - 1)
   predictions = jnp.argmax(model.head(params, hidden[with_top]), -1)
@@ -265,7 +253,7 @@ def test_the_classifier_stage_labels_with_every_exits_argmax(family):
 
 @pytest.mark.parametrize('family', ['t5', 'llama'])
 def test_every_remat_policy_gives_the_same_loss_and_gradients(family):
-  model, params, _ = _family(family, 'float32', 'linear')
+  model, params, _, _ = _family(family, 'float32', 'linear')
   grad = lambda m: jax.jit(jax.value_and_grad(m.loss, has_aux=True))(
     params, LOSS_BATCH
   )

@@ -55,11 +55,12 @@ def cross_entropy_with_z_loss(
   return log_z - target_logit, z_loss * jnp.square(log_z)
 
 
-def _exit_sums(
+def exit_sums(
   logits: Array, targets: Array, mask: Array, z_loss: float
 ) -> tuple[Array, Array, Array]:
   """Masked sums over the last two axes [..., b, l] of cross-entropy, z-loss
-  and correct argmax: one number per exit in the leading axes."""
+  and correct argmax: one number per exit in the leading axes (the body of
+  `streamed_calm_loss`'s exit loop, given one exit's logits)."""
   ce, z = cross_entropy_with_z_loss(logits, targets, z_loss)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return tuple((t * mask).sum(axis=(-2, -1)) for t in (ce, z, correct))
@@ -101,7 +102,7 @@ def calm_loss(
     (scalar loss, metrics) with per-exit `loss_i` and `accuracy_i` [x].
   """
   mask = loss_mask.astype(jnp.float32)
-  sums = _exit_sums(exit_logits, targets[None], mask[None], z_loss)
+  sums = exit_sums(exit_logits, targets[None], mask[None], z_loss)
   return _weighted_loss(sums, weights, jnp.maximum(mask.sum(), 1.0))
 
 
@@ -133,24 +134,12 @@ def streamed_calm_loss(
 
   @jax.checkpoint
   def one_exit(h):  # [b, l, e] -> three scalars
-    return exit_loss_sums(head, h, targets, mask, z_loss)
+    return exit_sums(head(h), targets, mask, z_loss)
 
   _, sums = jax.lax.scan(
     lambda c, h: (c, one_exit(h)), None, exit_hidden, unroll=unroll
   )
   return _weighted_loss(sums, weights, jnp.maximum(mask.sum(), 1.0))
-
-
-def exit_loss_sums(
-  head: Callable[[Array], Array],
-  h: Array,
-  targets: Array,
-  mask: Array,
-  z_loss: float,
-) -> tuple[Array, Array, Array]:
-  """One exit's masked sums (cross-entropy, z-loss, correct) from its
-  states h [b, l, e]: the body of `streamed_calm_loss`'s exit loop."""
-  return _exit_sums(head(h), targets, mask, z_loss)
 
 
 def exit_predictions(head: Callable[[Array], Array], states: Array) -> Array:

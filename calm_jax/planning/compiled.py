@@ -49,6 +49,9 @@ class ProgramReport:
   loop_host_transfers: tuple[str, ...] = ()
   loop_cache_copies: tuple[str, ...] = ()  # synchronous, in HBM
   loop_cache_moves: tuple[str, ...] = ()  # async, between memory spaces
+  # A train step's loop over the exits: the iterations the cost analysis
+  # left out, added to flops and bytes_accessed (plan._with_exit_loop).
+  exit_loop: Optional[dict] = None
 
   @property
   def total_bytes(self) -> int:

@@ -5,6 +5,7 @@ No gin (the plan job is the entry point), no parameter ever materialised.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 from typing import Optional
@@ -101,7 +102,7 @@ def plan(
       on_report(report)
     return report
 
-  train = _train_reports(model, optimizer, settings, devices, run)
+  train = _train_reports(model, optimizer, settings, devices, run, budget)
   decode, tokens = {}, {}
   for batch in settings.decode_batch_sizes:
     mesh = decode_mesh(batch, devices)
@@ -121,7 +122,9 @@ def plan(
   }
 
 
-def _train_reports(model, optimizer, settings, devices, run) -> list[dict]:
+def _train_reports(
+  model, optimizer, settings, devices, run, budget
+) -> list[dict]:
   if not settings.stages:
     return []
   mesh = train_mesh(settings, devices)
@@ -134,35 +137,28 @@ def _train_reports(model, optimizer, settings, devices, run) -> list[dict]:
   build = {'model': programs.train_step, 'classifier': programs.classifier_step}
   out = []
   for stage in settings.stages:
-    loops = []
-
-    def adjust(report, stage=stage):
-      report, loop = _with_exit_loop(model, stage, mesh, settings, report)
-      loops.append(loop)
-      return report
-
+    adjust = functools.partial(
+      _with_exit_loop, model, stage, mesh, settings, budget
+    )
     report = run(build[stage](model, optimizer, mesh, **shapes), adjust)
-    loop = loops[0]
     out.append(
-      {
-        'stage': stage,
-        'mesh': list(mesh.devices.shape),
-        **report.as_json(),
-        'exit_loop': loop,
-      }
+      {'stage': stage, 'mesh': list(mesh.devices.shape), **report.as_json()}
     )
   return out
 
 
-def _with_exit_loop(model, stage, mesh, settings, report):
+def _with_exit_loop(model, stage, mesh, settings, budget, report):
   """The step's FLOPs and bytes with every iteration of its loop over the
   exits (the cost analysis counted one): the model stage's streamed loss
   runs len(exits) iterations, the classifier stage's labels len(exits)
   + 1 (its exits and the top). One iteration is compiled alone."""
-  exits = len(model.config.exit_layers)
-  trips = exits if stage == 'model' else len(model.classifier_exit_layers()) + 1
+  trips = (
+    len(model.config.exit_layers)
+    if stage == 'model'
+    else len(model.classifier_exit_layers()) + 1
+  )
   if trips <= 1:
-    return report, None
+    return report
   iteration = compiled_lib.compile_program(
     programs.exit_loop_iteration(
       model,
@@ -171,7 +167,7 @@ def _with_exit_loop(model, stage, mesh, settings, report):
       target_length=settings.target_length,
       backward=stage == 'model',
     ),
-    chips.DeviceBudget.of(chips.parse_topology(settings.topology), mesh.size),
+    budget,
   )
   added = trips - 1
   loop = {
@@ -185,7 +181,8 @@ def _with_exit_loop(model, stage, mesh, settings, report):
     report,
     flops=report.flops + added * iteration.flops,
     bytes_accessed=report.bytes_accessed + added * iteration.bytes_accessed,
-  ), loop
+    exit_loop=loop,
+  )
 
 
 def _decode_reports(model, settings, mesh, batch, run) -> list[dict]:

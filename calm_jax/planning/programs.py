@@ -245,8 +245,8 @@ def exit_loop_iteration(
 
     def fn(used, h, targets, mask):
       def term(used, h):
-        ce, z, _ = models_lib.exit_loss_sums(
-          head_of(used), h, targets, mask, model.z_loss
+        ce, z, _ = models_lib.exit_sums(
+          head_of(used)(h), targets, mask, model.z_loss
         )
         return ce + z
 
