@@ -99,6 +99,24 @@ def test_decode_and_calibrate_a_task_with_the_decoder_only_model(
   )
   assert calibrated.returncode == 0, calibrated.stderr[-2000:]
   assert list((model_dir / 'calibration').glob('synth_qa_classifier_*.json'))
+  # The record made on this dir is the one its decodes use (the fingerprint
+  # read back from JSON matches the dir it was made on).
+  certified = _run(
+    'calm_jax.decode',
+    *flags,
+    "--gin.CONFIDENCE='classifier'",
+    f"--gin.OUTPUT_DIR='{tmp_path / 'certified'}'",
+  )
+  assert certified.returncode == 0, certified.stderr[-2000:]
+  assert 'synth_qa_classifier_' in certified.stderr + certified.stdout
+  lm = calm_jax.load(str(model_dir))
+  [result] = lm.generate(
+    ['question: Who drives the bus? context: Anna drives the bus.'],
+    task='synth_qa',
+    confidence='classifier',
+    max_length=3,
+  )
+  assert 'synth_qa_classifier_' in result.threshold_source
 
 
 def test_generate_with_the_decoder_only_model(model_dir):

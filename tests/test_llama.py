@@ -3,11 +3,15 @@ early exit against its own static decoder (tiny random models)."""
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
+from calm_jax.calibration import ltt
+from calm_jax.calibration import records
+from calm_jax.data import vocabularies
 from calm_jax.inference import decoder as decoder_lib
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.inference import modes
@@ -15,6 +19,7 @@ from calm_jax.model import hf_llama
 from calm_jax.model import hf_tensors
 from calm_jax.model import llama
 from calm_jax.model import model_files
+from calm_jax.storage import provenance
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -148,6 +153,66 @@ def test_export_round_trips_and_transformers_reloads_it(imported):
   assert (root / 'export' / 'tokenizer.json').is_file()
 
 
+def _record_on(model_dir: str) -> None:
+  """A softmax record certified on `model_dir` as it is now."""
+  grid = ltt.descending_grid(1.0, 0.0, 0.5)
+  result = ltt.fixed_sequence_test(
+    grid, lambda t: (np.zeros(50), 1.0), delta=0.2, epsilon=0.1
+  )
+  fingerprint = records.fingerprint(
+    model=loaded_lib.load(model_dir).fingerprint('softmax'),
+    data={},
+    decode={'confidence': 'softmax'},
+    consistency='textual',
+    delta=0.2,
+    epsilon=0.1,
+    grid_step=0.5,
+  )
+  record = records.new_record(
+    result,
+    task='synth_qa',
+    record_fingerprint=fingerprint,
+    tau=None,
+    checkpoint_step=0,
+    dtype='float32',
+  )
+  records.write(model_dir, record)
+
+
+def test_a_record_matches_its_imported_dir_and_not_another_chat_template(
+  imported, tmp_path
+):
+  model_dir = str(tmp_path / 'model')
+  shutil.copytree(imported[-1] / 'model', model_dir)
+  _record_on(model_dir)
+
+  def choose():
+    return records.choose_threshold(
+      model_dir, loaded_lib.load(model_dir).fingerprint, None, 'softmax'
+    )
+
+  assert choose().record is not None  # the record read back from JSON
+  template = '{{ messages[0].content }}'
+  config = tmp_path / 'model' / 'vocab' / 'tokenizer_config.json'
+  config.write_text(json.dumps({'chat_template': template}))
+  with pytest.raises(
+    provenance.ProvenanceError,
+    match=r'another model \(vocabulary\.chat_template: null -> "',
+  ):
+    choose()
+
+
+def test_a_corrupt_tokenizer_config_is_named(imported, tmp_path):
+  model_dir = tmp_path / 'model'
+  shutil.copytree(imported[-1] / 'model', model_dir)
+  config = model_dir / 'vocab' / 'tokenizer_config.json'
+  config.write_bytes(b'{"chat_template": "\xff')
+  with pytest.raises(
+    vocabularies.VocabularyError, match=rf'{config} is unreadable or corrupt'
+  ):
+    loaded_lib.load(str(model_dir))
+
+
 def test_a_misshapen_or_unknown_tensor_is_named(imported):
   hf_model, config, params, root = imported
   _, tensors = hf_tensors.read_hf_checkpoint(str(root / 'hf'))
@@ -159,10 +224,93 @@ def test_a_misshapen_or_unknown_tensor_is_named(imported):
     r'shape \(5, 64\)',
   ):
     hf_llama.hf_to_params(bad, config)
-  with pytest.raises(hf_tensors.ConversionError, match='rotary scaling'):
-    hf_llama.config_from_hf(
-      {**hf_model.config.to_dict(), 'rope_scaling': {'rope_type': 'yarn'}}
+
+
+REFUSED = {
+  'yarn scaling': (
+    {'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}},
+    "rope_scaling type 'yarn' is not supported",
+  ),
+  'older dynamic key': (
+    {'rope_scaling': {'type': 'dynamic', 'factor': 2.0}, 'rope_parameters': {}},
+    "rope_scaling type 'dynamic' is not supported",
+  ),
+  'sliding window': (
+    {'model_type': 'mistral', 'sliding_window': 4096},
+    'config.json sliding_window=4096 is not supported',
+  ),
+  'partial rotary': (
+    {'partial_rotary_factor': 0.5},
+    'config.json partial_rotary_factor=0.5 is not supported',
+  ),
+  'attention bias': (
+    {'attention_bias': True},
+    'config.json attention_bias=True is not supported',
+  ),
+  'model type': ({'model_type': 'gemma'}, "model_type 'gemma' is not"),
+}
+
+
+@pytest.mark.parametrize('case', sorted(REFUSED))
+def test_a_config_field_that_changes_the_computation_is_refused(case):
+  fields, message = REFUSED[case]
+  hf = {**transformers.LlamaConfig(**DIMS).to_dict(), **fields}
+  with pytest.raises(hf_tensors.ConversionError, match=message):
+    hf_llama.config_from_hf(hf)
+
+
+SCALINGS = {
+  # Short pretraining context, so that every band of llama3's is used by
+  # head_dim 16's wavelengths (6 to 20,000 positions).
+  'llama3': {
+    'rope_type': 'llama3',
+    'factor': 8.0,
+    'low_freq_factor': 1.0,
+    'high_freq_factor': 4.0,
+    'original_max_position_embeddings': 256,
+  },
+  'linear': {'type': 'linear', 'factor': 4.0},  # the older key
+}
+
+
+@pytest.mark.parametrize('kind', sorted(SCALINGS))
+def test_rope_scaling_matches_transformers(kind, tmp_path):
+  torch.manual_seed(0)
+  hf_model = transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      **DIMS, **CONFIGS['gqa_tied'], rope_scaling=dict(SCALINGS[kind])
     )
+  ).eval()
+  hf_model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  saved = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  saved['rope_scaling'] = SCALINGS[kind]  # as the checkpoint's own file
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps(saved))
+  _tokenizer_dir(tmp_path / 'hf')
+  config = hf_llama.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'model'))
+  assert config.rope_scaling == kind
+  params, _ = model_files.load_params(str(tmp_path / 'model'), config)
+  tokens = _padded(_prompts(5, longest=48))
+  real = tokens > 0
+  with torch.no_grad():
+    theirs = hf_model(
+      torch.tensor(tokens.astype(np.int64)),
+      attention_mask=torch.tensor(real.astype(np.int64)),
+    ).logits.numpy()[real]
+  lengths = real.sum(1)
+
+  def ours(cfg):
+    logits = llama.CalmLlama(cfg).all_layer_logits(params, tokens, lengths)
+    return np.asarray(logits[-1])[real]
+
+  scale = np.abs(theirs).max()
+  assert np.abs(ours(config) - theirs).max() <= 1e-4 * scale
+  # The scaling is what makes them equal: plain rotary positions miss.
+  plain = dataclasses.replace(config, rope_scaling='none')
+  assert np.abs(ours(plain) - theirs).max() > 1e-3 * scale
+  # Exported and read back, the scaling survives.
+  hf_llama.export_hf(str(tmp_path / 'model'), str(tmp_path / 'out'))
+  exported = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  assert hf_llama.config_from_hf(exported) == config
 
 
 # --- early exit on the decoder-only family -------------------------------------

@@ -2,6 +2,7 @@
 fingerprint of what they certify, stale ones are refused, outputs never
 overwrite another run, and every user argument is checked."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import calm_jax
 from calm_jax import api
 from calm_jax import errors
 from calm_jax.decoding import thresholds
+from calm_jax.model import llama
 from calm_jax.storage import provenance
 from calm_jax.tasks import data_settings
 from calm_jax.tasks import synthetic
@@ -349,3 +351,15 @@ def test_two_calibrations_of_one_model_dir_at_once(model_dir):
   for path in _cache_files(model_dir):
     assert json.loads(path.read_text())['fingerprint']
   assert not [p for p in model_dir.rglob('*.tmp')]
+
+
+def test_a_fingerprint_equals_itself_after_a_json_round_trip():
+  """Records hold fingerprints as JSON: a tuple in a config (Llama's
+  exit_layer_list) comes back a list, and must still match the dir it was
+  made on, in every comparison and in the changes a refusal names."""
+  current = {'config': dataclasses.asdict(llama.LlamaConfig()), 'n': 1}
+  stored = json.loads(json.dumps(current))
+  assert stored != current  # the bug's shape: [] is not ()
+  assert provenance.same(stored, current)
+  assert provenance.changes(stored, current) == []
+  assert provenance.changes(stored, {**current, 'n': 2}) == ['n: 1 -> 2']

@@ -457,7 +457,7 @@ def _matching(
   """The newest record certified on this very model, else an error."""
   newest = sorted(candidates, key=lambda pr: pr[1].created, reverse=True)
   for path, record in newest:
-    if record.fingerprint.get('model') == current:
+    if provenance.same(record.fingerprint.get('model'), current):
       return path, record
   path, record = newest[0]
   stored = record.fingerprint.get('model')
@@ -482,7 +482,7 @@ def check_decode_settings(
   if choice.record is None:
     return
   stored = choice.record.fingerprint.get('decode')
-  if stored != decode_fingerprint:
+  if not provenance.same(stored, decode_fingerprint):
     raise provenance.ProvenanceError(
       f'the calibration record was certified with other decode settings '
       f'({provenance.describe_changes(stored or {}, decode_fingerprint)});'

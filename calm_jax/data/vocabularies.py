@@ -20,6 +20,7 @@ import sentencepiece as spm
 
 from calm_jax import arguments
 from calm_jax import errors
+from calm_jax.storage import provenance
 
 
 class Vocabulary(Protocol):
@@ -42,6 +43,10 @@ class Vocabulary(Protocol):
     """The model's input for `text`, at most `limit` ids, and whether it
     had to be cut to fit."""
 
+  def fingerprint(self) -> object:
+    """Everything of the tokenizer's files that changes a text's ids or an
+    output's text (a JSON value), for the model's fingerprint."""
+
 
 class VocabularyError(errors.UserError, ValueError):
   """A vocabulary file that is missing or not a SentencePiece model."""
@@ -63,6 +68,9 @@ class SentencePieceVocabulary:
       ) from e
 
   eos_id = 1  # T5's: pad 0, EOS 1
+
+  def fingerprint(self) -> str:
+    return provenance.digest_file(self.path)
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text` (valid Unicode: see `arguments.unicode_text`)."""
@@ -132,6 +140,19 @@ class TokenizerVocabulary:
   def chat_template(self) -> Optional[str]:
     return self.config.get('chat_template')
 
+  def fingerprint(self) -> dict:
+    """The tokenizer file's digest, the chat template every input is wrapped
+    in (None: inputs go in bare) and the special tokens the template and EOS
+    are read from: each a key of its own, so a refusal names what changed."""
+    return {
+      'tokenizer': provenance.digest_file(self.path),
+      'chat_template': (
+        provenance.short_hash(self.chat_template) if self.chat else None
+      ),
+      'bos_token': _special(self.config, 'bos_token'),
+      'eos_token': _special(self.config, 'eos_token'),
+    }
+
   def chat_prompt(self, text: str, system: Optional[str] = None) -> str:
     """`text` as the user's turn of a chat, with the generation prompt, in
     the tokenizer's own template (as transformers' apply_chat_template
@@ -150,17 +171,34 @@ def _tokenizer_config(path: str) -> dict:
   chat_template.jinja when the template is kept in a file of its own."""
   folder = os.path.dirname(path)
   config = {}
-  if os.path.exists(os.path.join(folder, 'tokenizer_config.json')):
-    with open(
-      os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8'
-    ) as f:
-      config = json.load(f)
-  if os.path.exists(os.path.join(folder, 'chat_template.jinja')):
-    with open(
-      os.path.join(folder, 'chat_template.jinja'), encoding='utf-8'
-    ) as f:
-      config['chat_template'] = f.read()
+  config_path = os.path.join(folder, 'tokenizer_config.json')
+  if os.path.exists(config_path):
+    config = json.loads(_read_text(config_path))
+    if not isinstance(config, dict):
+      raise VocabularyError(
+        f'{config_path} is not a JSON object: restore it from the '
+        'checkpoint the model was imported from'
+      )
+  template_path = os.path.join(folder, 'chat_template.jinja')
+  if os.path.exists(template_path):
+    config['chat_template'] = _read_text(template_path)
   return config
+
+
+def _read_text(path: str) -> str:
+  """A tokenizer file's text; a file that is unreadable, not UTF-8 or (for
+  .json) not JSON is one line naming it."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+    if path.endswith('.json'):
+      json.loads(text)
+    return text
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise VocabularyError(
+      f'{path} is unreadable or corrupt ({errors.first_line(e)}): restore '
+      'it from the checkpoint the model was imported from'
+    ) from e
 
 
 def _special(config: dict, name: str) -> str:

@@ -178,7 +178,8 @@ def filtered_logits(logits: Array, sampling: Sampling) -> Array:
   """[..., v] logits a sample is drawn from: over the temperature, -inf
   outside the top k and outside the top-p nucleus."""
   logits = logits.astype(jnp.float32) / sampling.temperature
-  if sampling.top_k > 0:
+  # A top_k of the vocabulary or more keeps every token (no filter).
+  if 0 < sampling.top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if sampling.top_p < 1.0:

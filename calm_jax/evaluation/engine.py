@@ -429,4 +429,6 @@ def _read_entry(path: str, fingerprint: dict) -> Optional[dict]:
   except files.FileError as e:
     console.warn(str(e))
     return None
-  return entry if entry.get('fingerprint') == fingerprint else None
+  return (
+    entry if provenance.same(entry.get('fingerprint'), fingerprint) else None
+  )

@@ -30,6 +30,7 @@ import numpy as np
 
 from calm_jax import console
 from calm_jax.decoding import loops
+from calm_jax.inference import limits
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.inference import modes
 from calm_jax.parallel import multihost
@@ -175,6 +176,13 @@ class Decoder:
     """The program's arguments for host `inputs` (encoder tokens [b, s],
     or an encoded context), placed on the mesh when there is one."""
     rows = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+    if isinstance(inputs, np.ndarray):  # encoder tokens, not a context
+      draft = getattr(mode, 'draft', None)
+      size = limits.DecodeSize(
+        rows, inputs.shape[1], max_length, draft.gamma if draft else 0
+      )
+      devices = self.mesh.size if self.mesh is not None else 1
+      limits.check(self.model.config, size, devices=devices)
     forced = mode.forced_layers(indices, (rows, max_length))
     classifier = (
       self.model.classifier_for('classifier') if mode.uses_classifier else None

@@ -63,11 +63,7 @@ class LoadedModel:
       'adapters': None
       if adapters is None
       else provenance.digest_tree(adapters),
-      'vocabulary': (
-        None
-        if self.vocab_path is None
-        else provenance.digest_file(self.vocab_path)
-      ),
+      'vocabulary': None if self.vocab is None else self.vocab.fingerprint(),
       'classifier': (
         None
         if self.classifier is None
@@ -78,7 +74,7 @@ class LoadedModel:
   def fingerprint(self, measure: str) -> dict:
     """What of the model dir determines a decode with this measure: the
     config (dtype included), step and content hash of the parameters, the
-    vocabulary, the exit adapters' hash when it has them (a full-depth
+    vocabulary (with a tokenizer's chat template), the exit adapters' hash when it has them (a full-depth
     decode, measure 'full', reads none), and the exit classifier's hash
     when the measure uses it."""
     digests = self._digests

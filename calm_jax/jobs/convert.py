@@ -24,19 +24,25 @@ DEFAULT_GIN_FILES = ('gin/runs/convert.gin',)
 
 
 def _hf_family(path: str) -> str:
-  """'llama' or 't5', from the checkpoint's config.json."""
+  """'llama' or 't5', from the checkpoint's config.json; another model_type
+  is refused by name, with the ones that convert."""
   config_path = files.join(hf_tensors.checkpoint_root(path), 'config.json')
   if not files.exists(config_path):
     return 't5'  # hf_t5 names what is missing
   hf = files.read_json(config_path, what='HF config')
-  return (
-    'llama'
-    if isinstance(hf, dict)
-    and (
-      hf.get('model_type') in ('llama', 'mistral', 'qwen2')
-      or 'LlamaForCausalLM' in hf.get('architectures', [])
-    )
-    else 't5'
+  if not isinstance(hf, dict):
+    return 't5'  # hf_t5 says it is not a JSON object
+  kind = hf.get('model_type')
+  if kind in hf_llama.MODEL_TYPES or (
+    kind is None and 'LlamaForCausalLM' in hf.get('architectures', [])
+  ):
+    return 'llama'
+  if kind is None or kind in hf_t5.MODEL_TYPES:
+    return 't5'
+  supported = ', '.join(hf_t5.MODEL_TYPES + hf_llama.MODEL_TYPES)
+  raise hf_tensors.ConversionError(
+    f'{config_path}: model_type {kind!r} is not supported; calm_jax '
+    f'converts {supported}'
   )
 
 

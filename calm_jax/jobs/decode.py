@@ -121,7 +121,7 @@ def claim_output_dir(
       if files.exists(marker)
       else None
     )
-    if stored != run.fingerprint():
+    if stored is None or not provenance.same(stored, run.fingerprint()):
       what = (
         provenance.describe_changes(stored, run.fingerprint())
         if stored
@@ -236,6 +236,11 @@ def decode(
     sampling=sampling.sampling(),
   )
   if exits.mode == 'exact':
+    # The draft layer is bounded by this model's depth, as the API bounds it.
+    arguments.check(
+      draft_layer=exits.draft_layer,
+      num_layers=model.config.num_decoder_layers,
+    )
     choice = records.exact_mode_draft(choice)
     mode = modes.Speculative(
       speculative.DraftConfig(

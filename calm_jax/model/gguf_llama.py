@@ -68,6 +68,19 @@ def _field(reader, key: str, default=None):
   return default if field is None else field.contents()
 
 
+def _rope_scaling(get) -> Optional[dict]:
+  """transformers' rope_scaling of a GGUF's rotary scaling keys (None:
+  plain); a kind other than linear is passed on, and refused by name."""
+  kind = get('rope.scaling.type', 'none')
+  if kind == 'none':
+    return None
+  scaling = {'rope_type': kind, 'factor': get('rope.scaling.factor')}
+  original = get('rope.scaling.original_context_length')
+  if original is not None:
+    scaling['original_max_position_embeddings'] = original
+  return scaling
+
+
 def config_from_gguf(reader) -> dict:
   """A Hugging Face config.json of a Llama-family GGUF's metadata."""
   arch = _field(reader, 'general.architecture')
@@ -78,6 +91,7 @@ def config_from_gguf(reader) -> dict:
   get = lambda key, default=None: _field(reader, f'llama.{key}', default)
   heads = get('attention.head_count')
   names = {t.name for t in reader.tensors}
+  head_dim = get('attention.key_length') or get('embedding_length') // heads
   return {
     'model_type': 'llama',
     'vocab_size': get('vocab_size')
@@ -88,6 +102,9 @@ def config_from_gguf(reader) -> dict:
     'num_key_value_heads': get('attention.head_count_kv', heads),
     'intermediate_size': get('feed_forward_length'),
     'rope_theta': float(get('rope.freq_base', 10000.0)),
+    'max_position_embeddings': get('context_length', 8192),
+    'rope_scaling': _rope_scaling(get),
+    'partial_rotary_factor': get('rope.dimension_count', head_dim) / head_dim,
     'rms_norm_eps': float(get('attention.layer_norm_rms_epsilon', 1e-6)),
     'tie_word_embeddings': 'output.weight' not in names,
   }

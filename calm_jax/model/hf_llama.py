@@ -1,9 +1,10 @@
 """Hugging Face Llama-family checkpoints in and out of model dirs (no gin).
 
 Import reads `config.json` and the weights (safetensors, sharded, or
-`pytorch_model.bin`) of a `LlamaForCausalLM` with SiLU SwiGLU MLPs and plain
-rotary positions, maps every tensor onto `llama.DecoderOnly`'s parameters
-(shapes checked) and writes a model dir whole or not at all: orbax
+`pytorch_model.bin`) of a `LlamaForCausalLM` with SiLU SwiGLU MLPs and
+rotary positions (plain, linear-scaled or Llama 3.1-scaled; any other field
+that changes the computation is refused by name), maps every tensor onto
+`llama.DecoderOnly`'s parameters (shapes checked) and writes a model dir whole or not at all: orbax
 parameters at step 0, model.json (family 'llama'), and the tokenizer files
 (tokenizer.json, tokenizer_config.json with its chat template) under vocab/.
 Export writes a Hugging Face dir that transformers loads.
@@ -37,16 +38,89 @@ HF_DIMS = (
 )
 
 
-def _rope_theta(hf: dict) -> float:
-  """transformers 5 keeps it in `rope_parameters`, 4 at the top level."""
+# config.json model types whose checkpoints map onto `llama.DecoderOnly`.
+MODEL_TYPES = ('llama', 'mistral')
+
+
+def _number(scaling: dict, key: str, kind: str) -> float:
+  value = scaling.get(key)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise hf_tensors.ConversionError(
+      f'rope_scaling {kind!r} lacks a number {key!r} (got {value!r})'
+    )
+  return value
+
+
+def _rope_fields(hf: dict) -> dict:
+  """Our rotary fields of a config.json: transformers 5 keeps them in
+  `rope_parameters`, 4 in `rope_theta` and `rope_scaling` (whose older
+  form names the kind 'type'). A scaling this model cannot apply is
+  refused by name."""
   parameters = hf.get('rope_parameters') or {}
   scaling = hf.get('rope_scaling') or parameters
-  if scaling.get('rope_type', 'default') != 'default':
+  if not isinstance(scaling, dict) or not isinstance(parameters, dict):
+    raise hf_tensors.ConversionError('rope_scaling is not a JSON object')
+  kind = scaling.get('rope_type', scaling.get('type', 'default'))
+  context = hf.get('max_position_embeddings', 8192)
+  fields = {
+    'rope_theta': float(
+      parameters.get('rope_theta', hf.get('rope_theta', 10000.0))
+    ),
+    'context_length': int(context),
+  }
+  if kind == 'default':
+    return fields
+  if kind not in ('linear', 'llama3'):
     raise hf_tensors.ConversionError(
-      f'rotary scaling {scaling.get("rope_type")!r} is not supported; only '
-      'plain rotary positions map onto this model'
+      f'rope_scaling type {kind!r} is not supported: linear and llama3 '
+      'scalings (and plain rotary positions) map onto this model'
     )
-  return float(parameters.get('rope_theta', hf.get('rope_theta', 10000.0)))
+  fields.update(rope_scaling=kind, rope_factor=_number(scaling, 'factor', kind))
+  if kind == 'llama3':
+    fields.update(
+      rope_low_freq_factor=_number(scaling, 'low_freq_factor', kind),
+      rope_high_freq_factor=_number(scaling, 'high_freq_factor', kind),
+      rope_original_context=int(
+        scaling.get(
+          'original_max_position_embeddings',
+          hf.get('original_max_position_embeddings', context),
+        )
+      ),
+    )
+    if fields['rope_high_freq_factor'] <= fields['rope_low_freq_factor']:
+      raise hf_tensors.ConversionError(
+        'rope_scaling llama3 needs high_freq_factor > low_freq_factor'
+      )
+  if fields['rope_factor'] <= 0:
+    raise hf_tensors.ConversionError('rope_scaling factor must be positive')
+  return fields
+
+
+def _refuse_what_does_not_map(hf: dict) -> None:
+  """Every config.json field that changes the computation and that this
+  model does not implement, refused by name."""
+  kind = hf.get('model_type')
+  if kind is not None and kind not in MODEL_TYPES:
+    raise hf_tensors.ConversionError(
+      f'model_type {kind!r} is not a Llama-family model this imports '
+      f'({", ".join(MODEL_TYPES)})'
+    )
+  refused = {
+    'hidden_act': hf.get('hidden_act', 'silu') != 'silu',
+    'attention_bias': bool(hf.get('attention_bias')),
+    'mlp_bias': bool(hf.get('mlp_bias')),
+    # Mistral's windowed attention: each token sees the last N only.
+    'sliding_window': hf.get('sliding_window') is not None
+    and hf.get('use_sliding_window', True) is not False,
+    'partial_rotary_factor': hf.get('partial_rotary_factor', 1.0) != 1.0,
+  }
+  for field, unsupported in refused.items():
+    if unsupported:
+      raise hf_tensors.ConversionError(
+        f'config.json {field}={hf.get(field)!r} is not supported: this '
+        'model has SiLU MLPs, no biases, full causal attention and rotary '
+        'positions on the whole head'
+      )
 
 
 def config_from_hf(hf: dict) -> llama.LlamaConfig:
@@ -58,14 +132,7 @@ def config_from_hf(hf: dict) -> llama.LlamaConfig:
     raise hf_tensors.ConversionError(
       f'config.json lacks integer {", ".join(missing)}: not a Llama config'
     )
-  if (
-    hf.get('hidden_act', 'silu') != 'silu'
-    or hf.get('attention_bias')
-    or (hf.get('mlp_bias'))
-  ):
-    raise hf_tensors.ConversionError(
-      'only Llama models with SiLU MLPs and no biases map onto this model'
-    )
+  _refuse_what_does_not_map(hf)
   heads = hf['num_attention_heads']
   return llama.LlamaConfig(
     vocab_size=hf['vocab_size'],
@@ -75,10 +142,24 @@ def config_from_hf(hf: dict) -> llama.LlamaConfig:
     num_kv_heads=hf.get('num_key_value_heads') or heads,
     head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
     mlp_dim=hf['intermediate_size'],
-    rope_theta=_rope_theta(hf),
     rms_norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
     tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+    **_rope_fields(hf),
   )
+
+
+def _rope_scaling_json(config: llama.LlamaConfig) -> Optional[dict]:
+  """transformers' rope_scaling of our config (None: plain rotary)."""
+  if config.rope_scaling == 'none':
+    return None
+  scaling = {'rope_type': config.rope_scaling, 'factor': config.rope_factor}
+  if config.rope_scaling == 'llama3':
+    scaling.update(
+      low_freq_factor=config.rope_low_freq_factor,
+      high_freq_factor=config.rope_high_freq_factor,
+      original_max_position_embeddings=config.rope_original_context,
+    )
+  return scaling
 
 
 def hf_config(config: llama.LlamaConfig, **special_tokens) -> dict:
@@ -96,6 +177,8 @@ def hf_config(config: llama.LlamaConfig, **special_tokens) -> dict:
     'hidden_act': 'silu',
     'rms_norm_eps': config.rms_norm_eps,
     'rope_theta': config.rope_theta,
+    'rope_scaling': _rope_scaling_json(config),
+    'max_position_embeddings': config.context_length,
     'tie_word_embeddings': config.tie_embeddings,
     'attention_bias': False,
     'mlp_bias': False,

@@ -152,6 +152,8 @@ def tensor_maps(config: network.T5Config) -> list[hf_tensors.TensorMap]:
 
 # --- configs ---------------------------------------------------------------
 
+# config.json model types whose checkpoints map onto this model.
+MODEL_TYPES = ('t5',)
 # The config.json fields the dims come from.
 HF_DIMS = ('vocab_size', 'd_model', 'num_heads', 'd_kv', 'd_ff', 'num_layers')
 

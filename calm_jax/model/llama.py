@@ -21,6 +21,7 @@ f mlp hidden, v vocab.
 
 import dataclasses
 import functools
+import math
 from typing import Any
 from typing import ClassVar
 from typing import Mapping
@@ -42,6 +43,11 @@ Array = jax.Array
 Params = Mapping[str, Any]
 
 
+# Rotary scalings that map onto this model (transformers' rope types
+# 'default', 'linear', 'llama3').
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Dims and exit layout of a Llama-family model (SmolLM2-135M by default).
@@ -61,6 +67,18 @@ class LlamaConfig:
   head_dim: int = 64
   mlp_dim: int = 1536
   rope_theta: float = 100000.0
+  # Rotary scaling of long-context checkpoints (`ROPE_SCALINGS`): 'none';
+  # 'linear' (every frequency / rope_factor); 'llama3' (Llama 3.1's: the
+  # low frequencies / rope_factor, the high ones kept, a smooth blend
+  # between, set by the pretraining context rope_original_context).
+  rope_scaling: str = 'none'
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_context: int = 8192
+  # The longest sequence, prompt and output, its positions were trained for
+  # (HF's max_position_embeddings): a longer decode is refused.
+  context_length: int = 8192
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = True
   first_exit: int = 1
@@ -84,6 +102,11 @@ class LlamaConfig:
       )
     for layer in self.exit_layer_list:
       arguments.check(first_exit=layer, num_layers=self.num_layers)
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise errors.SettingError(
+        f'rope_scaling={self.rope_scaling!r}: one of {ROPE_SCALINGS}'
+      )
+    arguments.integer('context_length', self.context_length, 1)
 
   @property
   def num_decoder_layers(self) -> int:
@@ -108,14 +131,41 @@ class LlamaConfig:
 # --- blocks ------------------------------------------------------------------
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
+def rotary_frequencies(config: LlamaConfig, half: int) -> Array:
+  """The rotary angle per position of each of the `half` frequency pairs,
+  [half], scaled as transformers' rope types 'default', 'linear' and
+  'llama3' scale them."""
+  inv_freq = 1.0 / config.rope_theta ** (
+    jnp.arange(0, half, dtype=jnp.float32) / half
+  )
+  if config.rope_scaling == 'none':
+    return inv_freq
+  scaled = inv_freq / config.rope_factor
+  if config.rope_scaling == 'linear':
+    return scaled
+  # llama3: wavelengths past the pretraining context / low_freq_factor are
+  # scaled, those under it / high_freq_factor kept, and those between blend
+  # linearly in context / wavelength.
+  context = config.rope_original_context
+  low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+  wavelength = 2 * math.pi / inv_freq
+  smooth = (context / wavelength - low) / (high - low)
+  blended = (1 - smooth) * scaled + smooth * inv_freq
+  return jnp.where(
+    wavelength > context / low,
+    scaled,
+    jnp.where(wavelength < context / high, inv_freq, blended),
+  )
+
+
+def rotary(x: Array, positions: Array, config: LlamaConfig) -> Array:
   """Rotary position embedding, half-split layout (x1, x2) -> (x1 cos - x2
   sin, x2 cos + x1 sin), as Hugging Face's Llama applies it.
 
   x [b, l, n, d], positions [b, l] -> [b, l, n, d].
   """
   half = x.shape[-1] // 2
-  inv_freq = 1.0 / theta ** (jnp.arange(0, half, dtype=jnp.float32) / half)
+  inv_freq = rotary_frequencies(config, half)  # [d/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, d/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -151,14 +201,14 @@ class Attention(nn.Module):
     """[b, l, e] -> rotated queries [b, l, h, d]."""
     dtype = self.config.jnp_dtype
     q = layers.dense('ble,ehd->blhd', x, self.query, dtype).astype(dtype)
-    return rotary(q, positions, self.config.rope_theta)
+    return rotary(q, positions, self.config)
 
   def project_kv(self, x: Array, positions: Array) -> tuple[Array, Array]:
     """[b, l, e] -> rotated keys and values, each [b, l, k, d]."""
     dtype = self.config.jnp_dtype
     k = layers.dense('ble,ekd->blkd', x, self.key, dtype).astype(dtype)
     v = layers.dense('ble,ekd->blkd', x, self.value, dtype).astype(dtype)
-    return rotary(k, positions, self.config.rope_theta), v
+    return rotary(k, positions, self.config), v
 
   def attend(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
     """q [b, l, h, d] over k, v [b, t, k, d]; mask [b, 1, l, t] -> [b, l, e]."""

@@ -64,6 +64,13 @@ def canonical(obj: Any) -> str:
   return json.dumps(obj, sort_keys=True, separators=(',', ':'), default=str)
 
 
+def same(stored: Any, current: Any) -> bool:
+  """Whether two fingerprints are equal as JSON. A stored one was read back
+  from JSON (a tuple came back a list), so `==` would refuse a record on
+  the very dir it was made on."""
+  return canonical(stored) == canonical(current)
+
+
 def short_hash(obj: Any, length: int = 12) -> str:
   return hashlib.sha256(canonical(obj).encode()).hexdigest()[:length]
 
@@ -89,7 +96,7 @@ def changes(stored: Mapping, current: Mapping) -> list[str]:
   return [
     f'{key}: {_show(old.get(key))} -> {_show(new.get(key))}'
     for key in sorted(set(old) | set(new))
-    if old.get(key) != new.get(key)
+    if not same(old.get(key), new.get(key))
   ]
 
 
