@@ -12,15 +12,7 @@ from calm_jax.model import llama
 from calm_jax.model import network
 
 SMOLLM2 = llama.LlamaConfig()  # context 8,192
-T5 = network.T5Config(
-  vocab_size=1024,
-  emb_dim=32,
-  num_heads=2,
-  head_dim=16,
-  mlp_dim=64,
-  num_encoder_layers=2,
-  num_decoder_layers=4,
-)
+T5 = network.T5Config()  # T5 1.1 small's dims
 
 
 def test_a_prompt_past_the_llama_context_is_refused():

@@ -11,7 +11,6 @@ import pytest
 
 from calm_jax.calibration import ltt
 from calm_jax.calibration import records
-from calm_jax.data import vocabularies
 from calm_jax.inference import decoder as decoder_lib
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.inference import modes
@@ -19,6 +18,7 @@ from calm_jax.model import hf_llama
 from calm_jax.model import hf_tensors
 from calm_jax.model import llama
 from calm_jax.model import model_files
+from calm_jax.storage import files
 from calm_jax.storage import provenance
 
 torch = pytest.importorskip('torch')
@@ -208,7 +208,7 @@ def test_a_corrupt_tokenizer_config_is_named(imported, tmp_path):
   config = model_dir / 'vocab' / 'tokenizer_config.json'
   config.write_bytes(b'{"chat_template": "\xff')
   with pytest.raises(
-    vocabularies.VocabularyError, match=rf'{config} is unreadable or corrupt'
+    files.FileError, match=rf'tokenizer config {config} cannot be read'
   ):
     loaded_lib.load(str(model_dir))
 

@@ -10,7 +10,6 @@
 valid Unicode before it reaches a tokenizer.
 """
 
-import json
 import os
 from typing import Optional
 from typing import Protocol
@@ -20,6 +19,7 @@ import sentencepiece as spm
 
 from calm_jax import arguments
 from calm_jax import errors
+from calm_jax.storage import files
 from calm_jax.storage import provenance
 
 
@@ -168,37 +168,24 @@ class TokenizerVocabulary:
 
 def _tokenizer_config(path: str) -> dict:
   """tokenizer_config.json beside the tokenizer, with the chat template of
-  chat_template.jinja when the template is kept in a file of its own."""
+  chat_template.jinja when the template is kept in a file of its own. A
+  corrupt or unreadable one is one line naming it."""
   folder = os.path.dirname(path)
+  recovery = 'restore it from the checkpoint the model was imported from'
   config = {}
   config_path = os.path.join(folder, 'tokenizer_config.json')
   if os.path.exists(config_path):
-    config = json.loads(_read_text(config_path))
+    config = files.read_json(config_path, 'tokenizer config', recovery)
     if not isinstance(config, dict):
       raise VocabularyError(
-        f'{config_path} is not a JSON object: restore it from the '
-        'checkpoint the model was imported from'
+        f'tokenizer config {config_path} is not a JSON object: {recovery}'
       )
   template_path = os.path.join(folder, 'chat_template.jinja')
   if os.path.exists(template_path):
-    config['chat_template'] = _read_text(template_path)
+    config['chat_template'] = files.read_text(
+      template_path, 'chat template', recovery
+    )
   return config
-
-
-def _read_text(path: str) -> str:
-  """A tokenizer file's text; a file that is unreadable, not UTF-8 or (for
-  .json) not JSON is one line naming it."""
-  try:
-    with open(path, encoding='utf-8') as f:
-      text = f.read()
-    if path.endswith('.json'):
-      json.loads(text)
-    return text
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise VocabularyError(
-      f'{path} is unreadable or corrupt ({errors.first_line(e)}): restore '
-      'it from the checkpoint the model was imported from'
-    ) from e
 
 
 def _special(config: dict, name: str) -> str:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from calm_jax import errors
+from calm_jax.model import model_files
 
 # The longest T5 input, and the longest output, a decode may ask for: 16x
 # the 512 / 128 tokens T5 1.1 is trained with, far past what its relative
@@ -67,8 +68,8 @@ def check_lengths(config: Any, size: DecodeSize) -> None:
       f'gamma={size.gamma} is above its cap, MAX_GAMMA={MAX_GAMMA} drafted '
       'tokens per round (the draft loop is unrolled gamma times)'
     )
-  context = getattr(config, 'context_length', None)
-  if context is not None:
+  if model_files.family_of(config) == 'llama':
+    context = config.context_length
     total = size.input_length + size.max_length
     if total > context:
       raise SizeError(
@@ -93,7 +94,7 @@ def memory_estimate(config: Any, size: DecodeSize) -> dict[str, int]:
   at once at the least: {'kv_cache', 'cross_kv' (T5), 'attention'}."""
   item = jnp.dtype(config.dtype).itemsize
   rows = size.rows
-  if hasattr(config, 'num_kv_heads'):  # the Llama family
+  if model_files.family_of(config) == 'llama':
     positions = size.input_length + size.cache_positions
     per_position = 2 * config.num_kv_heads * config.head_dim * item
     return {
