@@ -13,6 +13,7 @@ import calm_jax
 from calm_jax import errors
 from calm_jax.data import input_files
 from calm_jax.data import vocabularies
+from calm_jax.storage import checkpoints
 from calm_jax.storage import provenance
 from calm_jax.training import trainer
 
@@ -171,6 +172,11 @@ def test_a_hand_edited_record_is_refused_by_decode(model_dir):
 def test_a_missing_or_corrupt_vocabulary_is_one_line(model_dir):
   [vocab] = (model_dir / 'vocab').iterdir()
   vocab.write_bytes(b'not a sentencepiece model')
+  with pytest.raises(
+    checkpoints.CheckpointError, match=f'{vocab} was changed after it was'
+  ):
+    calm_jax.load(str(model_dir))  # its sha256 is in model.json
+  _unseal(model_dir)  # a dir written before model.json held digests
   with pytest.raises(vocabularies.VocabularyError, match=f'{vocab} is missing'):
     calm_jax.load(str(model_dir))
   vocab.unlink()
@@ -186,12 +192,24 @@ def test_a_missing_or_corrupt_vocabulary_is_one_line(model_dir):
   assert 'Traceback' not in result.stderr
 
 
+def _unseal(model_dir) -> None:
+  """model.json as written before it held its own digest and the files'."""
+  meta = json.loads((model_dir / 'model.json').read_text())
+  del meta[provenance.DIGEST], meta['files']
+  (model_dir / 'model.json').write_text(json.dumps(meta))
+
+
 def test_model_json_dims_that_do_not_match_the_checkpoint_are_one_line(
   model_dir,
 ):
   meta = json.loads((model_dir / 'model.json').read_text())
   meta['config']['emb_dim'] *= 2
   (model_dir / 'model.json').write_text(json.dumps(meta))
+  with pytest.raises(
+    checkpoints.CheckpointError, match='model.json was changed after it was'
+  ):
+    calm_jax.load(str(model_dir))  # the edit breaks its seal
+  _unseal(model_dir)  # hand-written, with no seal: the checkpoint tells
   result = entry_points.run_subprocess(
     'calm_jax.decode',
     *DECODE,

@@ -56,13 +56,32 @@ def save(model_dir: str, adapters: dict, info: dict) -> None:
   """Writes the adapters (replacing any) and what they were fitted on."""
   mgr = checkpoints.manager(model_dir, subdir=SUBDIR, max_to_keep=1)
   step = (mgr.latest_step() or 0) + 1
-  mgr.save(step, args=checkpoints.params_only_save_args(adapters))
-  mgr.wait_until_finished()
+  checkpoints.save_params_only(mgr, step, adapters)
   mgr.close()
   files.atomic_write_json(
     files.join(model_dir, INFO),
-    {**info, 'sha256': provenance.digest_tree(adapters), 'step': step},
+    provenance.sealed(
+      {**info, 'sha256': provenance.digest_tree(adapters), 'step': step}
+    ),
   )
+
+
+def _check_info(model_dir: str, restored: Any) -> None:
+  """adapters.json, when there is one: sealed, and naming these arrays."""
+  path = files.join(model_dir, INFO)
+  if not files.exists(path):
+    return
+  info = files.read_json(path, what='adapters info')
+  if not isinstance(info, dict) or not provenance.seal_intact(info):
+    raise checkpoints.CheckpointError(
+      f'{path} was changed after it was written: its content does not match '
+      'its digest; fit the adapters again'
+    )
+  if info.get('sha256') not in (None, provenance.digest_tree(restored)):
+    raise checkpoints.CheckpointError(
+      f'{path} describes other adapters than {model_dir}/{SUBDIR} holds; '
+      'fit the adapters again'
+    )
 
 
 def load(model_dir: str, config: llama.LlamaConfig) -> Optional[Any]:
@@ -81,4 +100,5 @@ def load(model_dir: str, config: llama.LlamaConfig) -> Optional[Any]:
     restored, _ = checkpoints.restore_verified(mgr, params=target)
   finally:
     mgr.close()
+  _check_info(model_dir, restored['params'])
   return restored['params']

@@ -151,8 +151,7 @@ def save_params(model_dir: str, params: Any) -> None:
   from calm_jax.storage import checkpoints  # pylint: disable=g-import-not-at-top
 
   mgr = checkpoints.manager(model_dir)
-  mgr.save(0, args=checkpoints.params_only_save_args(params))
-  mgr.wait_until_finished()
+  checkpoints.save_params_only(mgr, 0, params)
   mgr.close()
 
 

@@ -11,6 +11,11 @@ loading its parameters.
                              tokenizer_config.json with the chat template)
   MODEL_DIR/checkpoints/ and classifier/   verified orbax checkpoints
                              (`storage.checkpoints`)
+
+model.json is sealed (its own sha256 in "digest") and holds the sha256 of
+the vocabulary files and config.gin ("files"): a changed byte in any of
+them is refused, naming the file, before the dir is used. A dir written
+before seals (no "digest") is read as it is.
 """
 
 import dataclasses
@@ -28,6 +33,7 @@ from calm_jax.model import network
 from calm_jax.parallel import partitioning
 from calm_jax.storage import checkpoints
 from calm_jax.storage import files
+from calm_jax.storage import provenance
 
 MODEL_JSON = 'model.json'
 
@@ -68,20 +74,28 @@ def write_model_files(
   vocab_files = (
     vocab if isinstance(vocab, dict) else {files.as_path(vocab).name: vocab}
   )
+  written = {}  # path in the dir -> its sha256; model.json comes last
   for name, path in vocab_files.items():
-    files.copy_file(path, files.join(model_dir, 'vocab', name))
+    written[f'vocab/{name}'] = files.copy_file(
+      path, files.join(model_dir, 'vocab', name)
+    )
+  if operative_gin:
+    written['config.gin'] = files.atomic_write_text(
+      files.join(model_dir, 'config.gin'), operative_gin
+    )
   meta = {
     'family': family_of(config),
     'config': dataclasses.asdict(config),
     'vocabulary': next(iter(vocab_files)),
+    'files': {k: provenance.digest_file(v) for k, v in written.items()},
   }
   if feature_lengths:
     meta['feature_lengths'] = dict(feature_lengths)
   if source:
     meta['source'] = source
-  files.atomic_write_json(files.join(model_dir, MODEL_JSON), meta)
-  if operative_gin:
-    files.atomic_write_text(files.join(model_dir, 'config.gin'), operative_gin)
+  files.atomic_write_json(
+    files.join(model_dir, MODEL_JSON), provenance.sealed(meta)
+  )
 
 
 # What decoding defaults to for a model dir that records no lengths (one
@@ -104,7 +118,46 @@ def _read_meta(model_dir: str) -> tuple[str, dict]:
     )
   except files.FileError as e:
     raise checkpoints.CheckpointError(str(e)) from e
+  if isinstance(meta, dict):
+    _check_sealed(model_dir, path, meta)
   return path, meta
+
+
+# Everything model.json may hold; a key outside it (a flipped bit in a key
+# would otherwise hide the seal itself) is refused.
+META_KEYS = (
+  'family',
+  'config',
+  'vocabulary',
+  'feature_lengths',
+  'source',
+  'files',
+  provenance.DIGEST,
+)
+_REWRITE = 'restore it from a copy, or write the model dir again'
+
+
+def _check_sealed(model_dir: str, path: str, meta: dict) -> None:
+  """model.json's own digest, then each file it holds a sha256 of (a file
+  that is missing is left to the reader that needs it, which names it)."""
+  unknown = sorted(set(meta) - set(META_KEYS))
+  if unknown:
+    raise checkpoints.CheckpointError(
+      f'{path} holds unknown keys {unknown}; valid: {", ".join(META_KEYS)}'
+    )
+  if not provenance.seal_intact(meta):
+    raise checkpoints.CheckpointError(
+      f'{path} was changed after it was written: its content does not match '
+      f'its digest; {_REWRITE}'
+    )
+  digests = meta.get('files', {})
+  for name, digest in digests.items() if isinstance(digests, dict) else ():
+    file_path = files.join(model_dir, name)
+    if files.exists(file_path) and provenance.digest_file(file_path) != digest:
+      raise checkpoints.CheckpointError(
+        f'{file_path} was changed after it was written: its sha256 does not '
+        f'match the one {MODEL_JSON} holds; {_REWRITE}'
+      )
 
 
 def read_model_config(model_dir: str) -> tuple[Config, str]:
@@ -256,8 +309,7 @@ def save_classifier(model_dir: str, classifier: Any) -> int:
   model's states) as the model dir's newest classifier step."""
   mgr = checkpoints.manager(model_dir, subdir=checkpoints.CLASSIFIER_SUBDIR)
   step = (mgr.latest_step() or 0) + 1
-  mgr.save(step, args=checkpoints.params_only_save_args(classifier))
-  mgr.wait_until_finished()
+  checkpoints.save_params_only(mgr, step, classifier)
   mgr.close()
   return step
 

@@ -121,10 +121,24 @@ def save(
   return saved
 
 
-def params_only_save_args(params: Any) -> ocp.args.Composite:
-  """Save args of a checkpoint without optimizer state (an imported model:
-  fine-tuning starts a fresh optimizer in another model dir)."""
-  return ocp.args.Composite(params=ocp.args.StandardSave(params))
+def save_params_only(mgr: ocp.CheckpointManager, step: int, params: Any) -> None:
+  """Saves a checkpoint without optimizer state (an imported model, whose
+  fine-tuning starts a fresh optimizer; exit adapters; a classifier fitted
+  outside training) with the manifest every restore checks, and waits for
+  it. The manifest is written first: a crash in between leaves a manifest
+  without a step, never a step without one."""
+  digests, non_finite = array_digests(params)
+  if non_finite:
+    raise NonFiniteError(
+      f'step {step}: params {non_finite[0]} holds NaN or infinity '
+      f'({len(non_finite)} arrays); not saved'
+    )
+  if jax.process_index() == 0:
+    files.atomic_write_json(
+      manifest_path(mgr, step), {'step': step, 'params': digests}
+    )
+  mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+  mgr.wait_until_finished()
 
 
 def restore(
@@ -140,10 +154,18 @@ def restore(
   try:
     return dict(mgr.restore(step, args=ocp.args.Composite(**items)))
   except (ValueError, KeyError, TypeError) as e:
+    message = reader_message(e)
+    if message.startswith('DATA_LOSS'):
+      raise  # damaged bytes (a checksum), not another model's tree
     raise CheckpointError(
-      f'checkpoint {mgr.directory}/{step} does not match this model: '
-      f'{errors.first_line(e)}'
+      f'checkpoint {mgr.directory}/{step} does not match this model: {message}'
     ) from e
+
+
+def reader_message(error: BaseException) -> str:
+  """The first line of a checkpoint reader's error, without the
+  tensorstore spec (a kilobyte of JSON) that tensorstore appends."""
+  return errors.first_line(error).split(' [tensorstore_spec')[0]
 
 
 def damage(
@@ -250,7 +272,7 @@ def restore_verified(
     except Exception as e:  # pylint: disable=broad-except
       # Damage shows as any error of the reader (or a tree that no longer
       # matches); every step failing alike reads as another model's dir.
-      problem = f'unreadable: {errors.first_line(e)}'
+      problem = f'unreadable: {reader_message(e)}'
     if problem is None:
       return restored, candidate
     problems.append(problem)

@@ -71,6 +71,22 @@ def same(stored: Any, current: Any) -> bool:
   return canonical(stored) == canonical(current)
 
 
+DIGEST = 'digest'  # the key of a sealed JSON object's own sha256
+
+
+def sealed(obj: Mapping[str, Any]) -> dict[str, Any]:
+  """A JSON object with its own digest: the sha256 of the canonical JSON of
+  everything else in it (a reader checks it with `seal_intact`)."""
+  body = {k: v for k, v in obj.items() if k != DIGEST}
+  return {**body, DIGEST: hashlib.sha256(canonical(body).encode()).hexdigest()}
+
+
+def seal_intact(obj: Mapping[str, Any]) -> bool:
+  """False when a sealed object's content no longer matches its digest (a
+  bit flipped, or a hand edit); True for one written without a seal."""
+  return DIGEST not in obj or sealed(obj)[DIGEST] == obj[DIGEST]
+
+
 def short_hash(obj: Any, length: int = 12) -> str:
   return hashlib.sha256(canonical(obj).encode()).hexdigest()[:length]
 
