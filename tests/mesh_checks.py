@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from calm_jax.decoding import loops
+from calm_jax.decoding import speculative
 from calm_jax.inference import decoder as decoder_lib
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.inference import modes
@@ -234,6 +235,51 @@ def decode_checks(params):
   }
 
 
+def _decoder_on(model, params, shape):
+  """A Decoder of the in-memory model on the first devices of a mesh."""
+  mesh = partitioning.make_mesh(shape, jax.devices()[: int(np.prod(shape))])
+  placed = jax.device_put(
+    params, partitioning.param_shardings(model.param_axes(), mesh)
+  )
+  return decoder_lib.Decoder(
+    dataclasses.replace(loaded_lib.in_memory(model, placed), mesh=mesh)
+  )
+
+
+def exact_checks(params, meshes):
+  """The exact mode, greedy and sampled, on each mesh against one device:
+  tokens, per-row counts and the evaluation count."""
+  model = models.CalmModel(CONFIG)
+  tokens = np.random.default_rng(2).integers(2, CONFIG.vocab_size, (8, 12))
+  tokens[5, 4:] = 0  # a padded row
+  tokens = tokens.astype(np.int32)
+  params = jax.device_get(params)
+  single = decoder_lib.Decoder(loaded_lib.in_memory(model, params))
+  out = {}
+  for name, sampling in (
+    ('greedy', loops.Sampling()),
+    ('sampled', loops.Sampling(temperature=1.0)),
+  ):
+    exits = loops.ExitConfig.create(4, confidence='softmax', sampling=sampling)
+    mode = modes.Speculative(speculative.DraftConfig(exits, gamma=3), 0.5)
+    decode = lambda decoder: decoder.decode(mode, tokens, max_length=8, seed=5)
+    reference = decode(single)
+    for shape in meshes:
+      on_mesh = decode(_decoder_on(model, params, shape))
+      out[f'{name} {shape}'] = {
+        'same_tokens': bool(
+          np.array_equal(np.asarray(on_mesh.tokens), reference.tokens)
+        ),
+        'same_counts': all(
+          np.array_equal(np.asarray(on_mesh.extras[k]), reference.extras[k])
+          for k in reference.extras
+        ),
+        'layer_evals': [int(reference.layer_evals), int(on_mesh.layer_evals)],
+        'accepted': int(np.sum(reference.extras['accepted'])),
+      }
+  return out
+
+
 def main(argv):
   """argv: the training meshes as DATAxMODEL (default: all of MESHES);
   (4, 2) is always among them (the restore checks start from it)."""
@@ -244,6 +290,10 @@ def main(argv):
   results, dirs, reference = training_checks(one_device, meshes)
   results['restore'] = restore_checks(dirs, one_device)
   results['decode'] = decode_checks(reference.params)
+  results['exact'] = exact_checks(
+    reference.params,
+    [(4, 2)] if meshes == [(4, 2)] else [(2, 1), (1, 2), (4, 2)],
+  )
   results['constraints'] = constraint_checks(jax.device_get(reference.params))
   print(json.dumps(results))
 

@@ -155,6 +155,25 @@ def test_early_exit_decode_on_4x2_equals_one_device(mesh_results):
   assert decode['tokens'] == {'spec': ['data'], 'shard_shape': [4, 10]}
 
 
+def _same_exact_mode(exact: dict, shapes) -> None:
+  assert sorted(exact) == sorted(
+    f'{name} {shape}' for name in ('greedy', 'sampled') for shape in shapes
+  )
+  for case, run in exact.items():
+    assert run['same_tokens'] and run['same_counts'], case
+    assert run['layer_evals'][0] == run['layer_evals'][1], case
+    assert run['accepted'] > 0, case  # drafts were kept: a real draft
+
+
+def test_the_exact_mode_on_4x2_equals_one_device(mesh_results):
+  _same_exact_mode(mesh_results['exact'], ['(4, 2)'])
+
+
+@pytest.mark.slow  # six more exact-mode compiles
+def test_the_exact_mode_on_each_mesh_equals_one_device(all_mesh_results):
+  _same_exact_mode(all_mesh_results['exact'], ['(2, 1)', '(1, 2)', '(4, 2)'])
+
+
 def test_optimizer_state_follows_the_parameters():
   cfg = network.T5Config(
     vocab_size=64,

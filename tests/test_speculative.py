@@ -191,13 +191,12 @@ def _first_tokens(model, params, draft, rows, prompt, sampling, seed):
       ).tokens
     )
   )
-  # Rows of one batch share a key in the loops; split the batch in
-  # single-row calls by vmap over keys instead.
-  keys = jax.random.split(jax.random.PRNGKey(seed), rows)
-  one = lambda f: jax.vmap(lambda k, x: f(params, x[None], k)[0])
+  # One batch of equal prompts: each row samples from its own key
+  # (`loops.row_keys`), so the rows are independent samples.
+  plain_key, exact_key = jax.random.split(jax.random.PRNGKey(seed))
   return (
-    np.asarray(one(plain)(keys, prompts)),
-    np.asarray(one(exact)(jax.random.split(keys[0], rows), prompts)),
+    np.asarray(plain(params, prompts, plain_key)),
+    np.asarray(exact(params, prompts, exact_key)),
   )
 
 

@@ -165,13 +165,45 @@ class Sampling:
     return self.temperature == 0.0
 
 
-def select_tokens(logits: Array, rng: Array, sampling: Sampling) -> Array:
-  """[b, v] logits -> [b] tokens: argmax, or temperature/top-k/top-p sample."""
+# Sampling draws from one PRNG key per row, made from the decode's key and
+# the row's index in the global batch: a row's sample depends on neither its
+# batch-mates nor how the batch is split over devices, so a decode on any
+# mesh samples what one device samples.
+
+
+def row_keys(rng: Array, batch_size: int) -> Array:
+  """[b] keys (raw: [b, 2]), one per row, from the decode's key; keys that
+  are already per row are returned as they are."""
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  if rng.ndim > (0 if typed else 1):
+    return rng
+  return jax.vmap(lambda row: jax.random.fold_in(rng, row))(
+    jnp.arange(batch_size)
+  )
+
+
+def fold_rows(keys: Array, data: Any) -> Array:
+  """Each row's key folded with the same `data` (a position, a round)."""
+  return jax.vmap(jax.random.fold_in, (0, None))(keys, data)
+
+
+def uniform_rows(keys: Array, shape: tuple[int, ...]) -> Array:
+  """[b, *shape] uniforms, each row from its own key."""
+  return jax.vmap(lambda key: jax.random.uniform(key, shape))(keys)
+
+
+def categorical_rows(keys: Array, logits: Array) -> Array:
+  """[b] samples of [b, v] logits, each row from its own key."""
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def select_tokens(logits: Array, keys: Array, sampling: Sampling) -> Array:
+  """[b, v] logits -> [b] tokens: argmax, or temperature/top-k/top-p sample
+  (`keys`: one per row, or one key that `row_keys` spreads over them)."""
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, filtered_logits(logits, sampling)).astype(
-    jnp.int32
-  )
+  keys = row_keys(keys, logits.shape[0])
+  return categorical_rows(keys, filtered_logits(logits, sampling))
 
 
 def filtered_logits(logits: Array, sampling: Sampling) -> Array:
@@ -204,7 +236,7 @@ class LoopState:
   exit_layers: Array  # [b, t] int32
   confidences: Array  # [b, t] float32
   layer_evals: Array  # [] int32
-  rng: Array
+  rng: Array  # [b] keys, one per row (`row_keys`)
 
   @classmethod
   def start(
@@ -233,7 +265,7 @@ class LoopState:
       exit_layers=jnp.zeros((batch_size, max_length), jnp.int32),
       confidences=jnp.zeros((batch_size, max_length), jnp.float32),
       layer_evals=jnp.zeros((), jnp.int32),
-      rng=rng,
+      rng=row_keys(rng, batch_size),
     )
 
   def advance(
@@ -256,7 +288,7 @@ class LoopState:
       exit_layers=put(self.exit_layers, jnp.where(self.done, 0, exit_layer)),
       confidences=put(self.confidences, jnp.where(self.done, 0.0, confidence)),
       layer_evals=self.layer_evals + layer_evals,
-      rng=jax.random.fold_in(self.rng, self.position),
+      rng=fold_rows(self.rng, self.position),
     )
 
   def output(self) -> DecodeOutput:

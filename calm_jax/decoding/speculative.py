@@ -100,7 +100,7 @@ class SpecState:
   draft_layers: Array  # [b]
   verify_layers: Array  # [b]
   near_ties: Array  # [b]
-  rng: Array
+  rng: Array  # [b] keys, one per row (`loops.row_keys`)
 
 
 @flax.struct.dataclass
@@ -196,7 +196,7 @@ def draft(
       position,
       bound,
       classifier,
-      jax.random.fold_in(state.rng, 2 * j),
+      loops.fold_rows(state.rng, 2 * j),
     )
     tokens.append(token)
     probs.append(q)
@@ -269,7 +269,7 @@ def _accept_sampled(drafts: Draft, logits: Array, sampling, rng):
   steps = jnp.arange(gamma)[None]
   p_x = p[rows, steps, drafts.tokens]
   q_x = q[rows, steps, drafts.tokens]
-  u = jax.random.uniform(jax.random.fold_in(rng, 1), p_x.shape)
+  u = loops.uniform_rows(loops.fold_rows(rng, 1), p_x.shape[1:])
   keep = (u * q_x <= p_x) & (steps < drafts.count[:, None])
   accepted = jnp.sum(jnp.cumprod(keep, axis=1), axis=1)
   # At the first rejection: normalise(max(0, p - q)); after every draft
@@ -281,9 +281,7 @@ def _accept_sampled(drafts: Draft, logits: Array, sampling, rng):
   rejected = (accepted < drafts.count)[:, None]
   residual = jnp.where(rejected, jnp.maximum(at - q_at, 0.0), at)
   residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, at)
-  extra = jax.random.categorical(
-    jax.random.fold_in(rng, 2), jnp.log(residual)
-  ).astype(jnp.int32)
+  extra = loops.categorical_rows(loops.fold_rows(rng, 2), jnp.log(residual))
   emit = jnp.where(
     jnp.arange(gamma + 1) < accepted[:, None],
     jnp.pad(drafts.tokens, ((0, 0), (0, 1))),
@@ -343,7 +341,7 @@ def _advance(
     verify_layers=state.verify_layers + running * layers,
     near_ties=state.near_ties
     + jnp.where(running, _near_ties(logits, count), 0),
-    rng=jax.random.fold_in(state.rng, 7),
+    rng=loops.fold_rows(state.rng, 7),
   )
 
 
@@ -383,7 +381,9 @@ def speculative_decode(
       fns.num_layers, (batch_size, width, heads, head_dim), cache_dtype
     ),
     **{name: jnp.zeros((batch_size,), jnp.int32) for name in COUNTS},
-    rng=jax.random.PRNGKey(0) if rng is None else rng,
+    rng=loops.row_keys(
+      jax.random.PRNGKey(0) if rng is None else rng, batch_size
+    ),
   )
   threshold = jnp.asarray(threshold, jnp.float32)
   sampling = cfg.exits.sampling
@@ -395,7 +395,7 @@ def speculative_decode(
       emit, accepted = _accept_greedy(drafts, logits)
     else:
       emit, accepted = _accept_sampled(
-        drafts, logits, sampling, jax.random.fold_in(s.rng, 99)
+        drafts, logits, sampling, loops.fold_rows(s.rng, 99)
       )
     return _advance(
       s,

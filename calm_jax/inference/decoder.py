@@ -73,23 +73,35 @@ def jit_program(model: Any, program: modes.Program, mesh=None) -> Callable:
   evaluation count is summed. What `Decoder` runs and the TPU planner
   compiles."""
 
-  def decode(params, classifier, encoder_tokens, threshold, rng, forced):
+  def decode(params, classifier, encoder_tokens, threshold, keys, forced):
     context = model.encode_context(params, encoder_tokens)
-    return program(params, classifier, context, threshold, rng, forced)
+    return program(params, classifier, context, threshold, keys, forced)
+
+  def with_row_keys(decode_rows: Callable) -> Callable:
+    # One sampling key per row of the global batch, made before the batch
+    # is split: each row samples the same on any mesh (`loops.row_keys`).
+    def call(params, classifier, encoder_tokens, threshold, rng, forced):
+      keys = loops.row_keys(rng, encoder_tokens.shape[0])
+      return decode_rows(
+        params, classifier, encoder_tokens, threshold, keys, forced
+      )
+
+    return jax.jit(call)
 
   if mesh is None:
-    return jax.jit(decode)
+    return with_row_keys(decode)
 
-  def decode_shard(params, classifier, encoder_tokens, threshold, rng, forced):
-    rng = jax.random.fold_in(rng, jax.lax.axis_index('data'))
-    out = decode(params, classifier, encoder_tokens, threshold, rng, forced)
+  def decode_shard(params, classifier, encoder_tokens, threshold, keys, forced):
+    out = decode(params, classifier, encoder_tokens, threshold, keys, forced)
     return out.replace(layer_evals=jax.lax.psum(out.layer_evals, 'data'))
 
-  return partitioning.per_data_shard(
-    decode_shard,
-    mesh,
-    in_specs=(P(), P(), P('data'), P(), P(), P('data')),
-    out_specs=_SHARDED_OUTPUT,
+  return with_row_keys(
+    partitioning.per_data_shard(
+      decode_shard,
+      mesh,
+      in_specs=(P(), P(), P('data'), P(), P('data'), P('data')),
+      out_specs=_SHARDED_OUTPUT,
+    )
   )
 
 
