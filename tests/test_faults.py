@@ -3,6 +3,7 @@ flags stop cleanly, and the last good state survives."""
 
 import json
 import pathlib
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -50,14 +51,13 @@ def _batches(bad_steps=()):
 
 
 def _train(model_dir, steps, bad_steps=(), **kwargs):
+  kwargs = {'checkpoint_period': 3, 'keep_checkpoints': 3, **kwargs}
   return trainer.train_loop(
     objective=_objective(),
     optimizer=optax.sgd(0.1),
     model_dir=str(model_dir),
     batches_from=_batches(bad_steps),
     num_steps=steps,
-    checkpoint_period=3,
-    keep_checkpoints=3,
     progress=False,
     log_every=100,
     **kwargs,
@@ -166,6 +166,33 @@ def test_a_damaged_latest_checkpoint_is_reported_and_the_one_before_used(
   assert int(state.step) == 9 and _steps(tmp_path) == [3, 6, 9]
   assert (tmp_path / 'damaged' / 'checkpoints-6').is_dir()
   assert _params(tmp_path)[1] == 9
+
+
+def test_a_reader_beside_a_writer_keeping_one_step_never_fails(tmp_path):
+  """Loads in a loop while training saves every step and keeps only the
+  newest: a step deleted under a reader is listed again, not an error."""
+  _train(tmp_path, 1, checkpoint_period=1, keep_checkpoints=1)
+  training, loads, failures = threading.Event(), [], []
+
+  def read():
+    while training.is_set():
+      try:
+        w, step = _params(tmp_path)
+        loads.append((step, bool(np.all(np.isfinite(w)))))
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f'{type(e).__name__}: {errors.first_line(e)}')
+
+  training.set()
+  reader = threading.Thread(target=read)
+  reader.start()
+  try:
+    _train(tmp_path, 120, checkpoint_period=1, keep_checkpoints=1)
+  finally:
+    training.clear()
+    reader.join()
+  assert not failures, (len(failures), len(loads), failures[:3])
+  assert len(loads) > 20 and all(finite for _, finite in loads)
+  assert len({step for step, _ in loads}) > 5  # it read a moving target
 
 
 def test_checkpoints_without_a_manifest_are_checked_for_finite_values(tmp_path):

@@ -3,6 +3,9 @@
 import json
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +63,44 @@ def test_json_holds_no_nan_and_a_failed_write_leaves_nothing(tmp_path):
   with pytest.raises(RuntimeError):
     files.atomic_write(str(tmp_path / 'b.txt'), fail)
   assert sorted(os.listdir(tmp_path)) == ['a.jsonl', 'summary.json']
+
+
+_KILLED_WRITER = '''
+import sys, time
+from calm_jax.storage import files
+def fill(staging):
+  open(staging + '/params', 'w').write('half')
+  print('filling', flush=True)
+  time.sleep(600)
+files.new_directory(sys.argv[1], fill)
+'''
+
+
+def test_a_killed_writers_staging_dir_is_removed_by_the_next(tmp_path, capsys):
+  """kill -9 in the middle of a new directory (a convert) leaves a hidden
+  staging dir; the next write of that directory removes it, in one line,
+  and leaves a live writer's staging dir alone."""
+  target = tmp_path / 'model'
+  writer = subprocess.Popen(
+    [sys.executable, '-c', _KILLED_WRITER, str(target)],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  assert writer.stdout.readline().strip() == 'filling'
+  writer.send_signal(signal.SIGKILL)
+  writer.wait()
+  [left] = [p for p in os.listdir(tmp_path) if p.startswith('.model.')]
+  live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  try:
+    prefix = left[: left.rindex(str(writer.pid))]
+    os.mkdir(tmp_path / f'{prefix}{live.pid}-busy')
+    files.new_directory(str(target), lambda d: open(f'{d}/params', 'w').close())
+  finally:
+    live.kill()
+    live.wait()
+  assert sorted(os.listdir(tmp_path)) == sorted(
+    ['model', f'{prefix}{live.pid}-busy']
+  )
+  [line] = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith(f'warning: removed {tmp_path / left}: the staging')
+  assert f'process {writer.pid} is gone' in line

@@ -15,6 +15,7 @@ model.
 import hashlib
 import os
 from typing import Any
+from typing import Callable
 from typing import Optional
 
 import jax
@@ -29,6 +30,9 @@ from calm_jax.storage import provenance
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 CLASSIFIER_SUBDIR = 'classifier'  # stage-2 exit classifier checkpoints
+# How often a reader lists the steps again when the ones it chose were
+# deleted under it (a writer's retention, saving every step beside it).
+RELIST_ATTEMPTS = 20
 
 
 class CheckpointError(errors.UserError, RuntimeError):
@@ -54,7 +58,21 @@ def manager(
   root = (
     os.path.abspath(model_dir) if files.is_local(model_dir) else (model_dir)
   )
-  return ocp.CheckpointManager(files.join(root, subdir), options=options)
+  directory = files.join(root, subdir)
+  return _listing(lambda: ocp.CheckpointManager(directory, options=options))
+
+
+def _listing(list_steps: Callable[[], Any]) -> Any:
+  """`list_steps()` (a manager's creation or reload, which stat every
+  step), again when a step was deleted while it was listed (a training run
+  beside this reader, keeping its newest steps)."""
+  for attempt in range(RELIST_ATTEMPTS):
+    try:
+      return list_steps()
+    except FileNotFoundError:
+      if attempt == RELIST_ATTEMPTS - 1:
+        raise
+  raise AssertionError('unreachable')
 
 
 def _abstract(tree: Any) -> Any:
@@ -244,6 +262,21 @@ def check_shapes(
     )
 
 
+class _Vanished(Exception):
+  """The step being read was deleted meanwhile: not damage."""
+
+
+def _overtaken(mgr: ocp.CheckpointManager, listed: list[int], step: int) -> bool:
+  """Whether a step that failed to read may have been deleted under the
+  reader: it is gone, or newer steps than the listing's were saved since
+  (retention deletes a step only after saving a newer one, and a step
+  being deleted still exists, half empty)."""
+  if not files.exists(files.join(str(mgr.directory), str(step))):
+    return True
+  _listing(mgr.reload)
+  return max(mgr.all_steps(), default=-1) > listed[0]
+
+
 def restore_verified(
   mgr: ocp.CheckpointManager,
   step: Optional[int] = None,
@@ -258,11 +291,33 @@ def restore_verified(
   `step` None and `fallback`, the next older step is tried, else it is a
   CheckpointError. A step saved with other shapes than the targets' is a
   ShapeMismatchError at once (the model's config is wrong, not the step).
-  Nothing is deleted. Returns (restored, step).
+  A step deleted while it was read (a training run beside this reader,
+  keeping its newest steps) is not damage: the steps are listed again and
+  the newest one read. Nothing is deleted. Returns (restored, step).
   """
-  steps = sorted(mgr.all_steps(), reverse=True) if step is None else [step]
-  if not steps:
-    raise CheckpointError(f'{mgr.directory} holds no checkpoint')
+  for _ in range(RELIST_ATTEMPTS):
+    steps = sorted(mgr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+      raise CheckpointError(f'{mgr.directory} holds no checkpoint')
+    try:
+      return _first_intact(mgr, steps, params, opt_state, step, fallback)
+    except _Vanished as e:
+      if step is not None:
+        raise CheckpointError(
+          f'checkpoint {mgr.directory}/{step} was deleted while it was read '
+          '(by the training run writing this dir?)'
+        ) from e
+      _listing(mgr.reload)
+  raise CheckpointError(
+    f'{mgr.directory}: the newest checkpoint was deleted while it was read, '
+    f'{RELIST_ATTEMPTS} times over; keep more steps in the training run '
+    '(CheckpointSettings.keep) or read a finished dir'
+  )
+
+
+def _first_intact(mgr, steps, params, opt_state, step, fallback):
+  """The newest of `steps` that reads and verifies (see restore_verified);
+  _Vanished when one of them was deleted while it was read."""
   problems = []
   for candidate in steps:
     check_shapes(mgr, candidate, 'params', params)
@@ -270,11 +325,15 @@ def restore_verified(
       restored = restore(mgr, candidate, params=params, opt_state=opt_state)
       problem = damage(mgr, candidate, restored)
     except Exception as e:  # pylint: disable=broad-except
+      if _overtaken(mgr, steps, candidate):
+        raise _Vanished(candidate) from e
       # Damage shows as any error of the reader (or a tree that no longer
       # matches); every step failing alike reads as another model's dir.
       problem = f'unreadable: {reader_message(e)}'
     if problem is None:
       return restored, candidate
+    if _overtaken(mgr, steps, candidate):
+      raise _Vanished(candidate)  # read half-deleted: not damage either
     problems.append(problem)
     where = f'{mgr.directory}/{candidate}'
     if step is not None or not fallback:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from typing import Any
 from typing import Callable
@@ -27,6 +28,7 @@ from typing import Union
 
 from etils import epath
 
+from calm_jax import console
 from calm_jax import errors
 
 PathLike = Union[str, os.PathLike, epath.Path]
@@ -193,7 +195,9 @@ def new_directory(
     os.path.dirname(os.path.abspath(target)) if local else tempfile.gettempdir()
   )
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(target)}.')
+  prefix = _staging_prefix(os.path.basename(target))
+  _remove_abandoned_staging(parent, prefix)
+  staging = tempfile.mkdtemp(dir=parent, prefix=f'{prefix}{os.getpid()}-')
   try:
     fill(staging)
     if local:
@@ -206,6 +210,37 @@ def new_directory(
     if os.path.exists(staging):
       shutil.rmtree(staging)
   return target
+
+
+def _staging_prefix(name: str) -> str:
+  """Staging dirs are `.NAME.staging-HOST-PID-XXXX`: the process that made
+  one is known, so a later writer can tell an abandoned one (its process
+  killed) from one being filled now."""
+  return f'.{name}.staging-{socket.gethostname()}-'
+
+
+def _remove_abandoned_staging(parent: str, prefix: str) -> None:
+  """Removes this host's staging dirs for the same target whose process
+  is gone (a writer killed before it finished), saying so in one line."""
+  for name in sorted(os.listdir(parent)):
+    pid = name[len(prefix) :].split('-')[0]
+    if not (name.startswith(prefix) and pid.isdigit()) or _alive(int(pid)):
+      continue
+    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    console.warn(
+      f'removed {os.path.join(parent, name)}: the staging dir of a write '
+      f'that did not finish (process {pid} is gone)'
+    )
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # another user's process
+  return True
 
 
 def _upload_tree(local_dir: str, target: str) -> None:
