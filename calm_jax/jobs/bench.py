@@ -38,6 +38,7 @@ from calm_jax.evaluation import timing
 from calm_jax.inference import decoder as decoder_lib
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.inference import modes
+from calm_jax.jobs import preflight
 from calm_jax.model import model_files
 from calm_jax.model import models
 from calm_jax.model import network
@@ -436,6 +437,8 @@ def tables_markdown(results: dict, source: str) -> str:
     '',
     markdown_table(results['cases']),
   ]
+  if results.get('complete') is False:
+    lines += ['', f'Partial: the run stopped after {len(results["cases"])} cases.']
   if 'dtype_agreement' in results:
     lines += [
       '',
@@ -501,6 +504,7 @@ def bench(
   if table:
     console.result(write_tables(table))
     return None
+  preflight.refuse_unmet('the bench', needs(models, measures, demo_model_dir))
   demo = (
     api.CalmLM(demo_model_dir)
     if files.exists(files.join(demo_model_dir, model_files.MODEL_JSON))
@@ -516,6 +520,13 @@ def bench(
     ),
   }
   cases, results = [], {'mixed_pattern': {}}
+  finished = []  # every case measured so far, written as it comes
+
+  def log(case: dict) -> None:
+    console.result(format_row(case))
+    finished.append(case)
+    _write(output, results, cases + finished, complete=False)
+
   for name in models:
     model = builders[name]()
     if model is None:
@@ -534,24 +545,44 @@ def bench(
         list(measures),
         list(patterns),
         repeats,
-        lambda c: console.result(format_row(c)),
+        log,
         compare_buckets=compare_buckets,
       )
+      finished.clear()
   if agreement and demo is not None:
     results['dtype_agreement'] = dtype_agreement(demo)
     console.info(
       f'bfloat16 vs float32 greedy tokens: {results["dtype_agreement"]}'
     )
+  out = _write(output, results, cases, complete=True)
+  console.info(f'wrote {output} and its markdown page')
+  return out
+
+
+def needs(
+  models: Sequence[str], measures: Sequence[str], demo_model_dir: str
+) -> list[preflight.Need]:
+  """The demo cases' classifier measure needs the demo model's classifier
+  (without a demo model its cases are skipped, in one line)."""
+  demo = preflight.model_dir(demo_model_dir)
+  if 'demo' in models and demo.met and 'classifier' in measures:
+    return [preflight.classifier(demo_model_dir)]
+  return []
+
+
+def _write(output: str, results: dict, cases: list, complete: bool) -> dict:
+  """bench.json and its page: after every case (complete False: a run that
+  stops keeps what it measured), and at the end."""
   out = {
     **results,
     'cases': cases,
+    'complete': complete,
     'devices': [str(d) for d in jax.devices()],
     'timed': 'the decode loop; encoder and cross K/V computed once outside',
     'note': 'ratios from one run on this machine; absolute times are noise',
   }
   files.atomic_write_json(output, out)
   write_tables(output)
-  console.info(f'wrote {output} and its markdown page')
   return out
 
 

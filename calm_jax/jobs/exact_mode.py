@@ -278,14 +278,18 @@ def exact_mode(
     timing_inputs=timing_inputs,
     repeats=repeats,
   )
-  results = {
-    'settings': settings,
-    'demo': demo_rows(demo_model_dir, settings),
-    'paper_small_random': paper_small_rows(settings),
-    'devices': [str(d) for d in jax.devices()],
-  }
-  docs = os.path.dirname(os.path.abspath(output))
-  files.atomic_write_json(os.path.join(docs, 'exact_mode.json'), results)
+  saved = os.path.join(os.path.dirname(os.path.abspath(output)), 'exact_mode.json')
+  results = {'settings': settings, 'devices': [str(d) for d in jax.devices()]}
+  # Each model's rows are written once measured: a run that stops after
+  # the demo's keeps them ('complete' false until the end).
+  for name, rows in (
+    ('demo', lambda: demo_rows(demo_model_dir, settings)),
+    ('paper_small_random', lambda: paper_small_rows(settings)),
+  ):
+    results[name] = rows()
+    files.atomic_write_json(saved, {**results, 'complete': False})
+  results['complete'] = True
+  files.atomic_write_json(saved, results)
   files.atomic_write_text(output, exact_mode_markdown.render(results))
   console.info(f'wrote {output}')
   return results

@@ -32,6 +32,7 @@ from calm_jax.decoding import thresholds
 from calm_jax.evaluation import engine
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.jobs import calibrate as calibrate_job
+from calm_jax.jobs import preflight
 from calm_jax.storage import files
 
 # The SeqIO pipeline (and with it TensorFlow) loads when a job first
@@ -241,6 +242,11 @@ def figures(results: dict, figures_dir: str, num_layers: int) -> dict:
   }
 
 
+def needs(model_dir: str) -> list[preflight.Need]:
+  """The trained model and its exit classifier (the classifier measure)."""
+  return [preflight.model_dir(model_dir), preflight.classifier(model_dir)]
+
+
 def measure(
   model_dir: str,
   output: str,
@@ -252,8 +258,8 @@ def measure(
 ) -> dict:
   """All measurements, figures and the document."""
   start = time.perf_counter()
+  preflight.refuse_unmet('the reproduction report', needs(model_dir))
   model = loaded_lib.load(model_dir)
-  model.classifier_for('classifier')  # one-line error if never trained
   setup = findings.Setup(
     model,
     lambda task, split, n: pipeline.task_examples(task, split, num_examples=n),

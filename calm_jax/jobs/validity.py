@@ -25,6 +25,7 @@ from calm_jax.calibration import ltt
 from calm_jax.inference import decoder as decoder_lib
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.jobs import calibrate as calibrate_job
+from calm_jax.jobs import preflight
 from calm_jax.jobs import settings
 from calm_jax.storage import files
 
@@ -36,6 +37,14 @@ with epy.lazy_imports():
 READS = ('calm_jax.validity',)
 DEFAULT_GIN_FILES = ('gin/runs/validity.gin',)
 DELTAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+
+
+def needs(model_dir: str, confidence: str) -> list[preflight.Need]:
+  """The trained model (and its classifier for the classifier measure)."""
+  found = [preflight.model_dir(model_dir)]
+  if confidence == 'classifier':
+    found.append(preflight.classifier(model_dir))
+  return found
 
 
 @gin.configurable(module='calm_jax')
@@ -63,6 +72,7 @@ def validity(
   files.check_writable_dir(output_dir, 'output_dir')
   if check_only:
     return None
+  preflight.refuse_unmet('the validity protocol', needs(model_dir, confidence))
   model = loaded_lib.load(model_dir)
   calibration = calibrate_job.calibration_for(
     decoder_lib.Decoder(model),

@@ -289,6 +289,14 @@ def load_params(
   return restored['params'], step
 
 
+def has_classifier(model_dir: str) -> bool:
+  """Whether the model dir holds a trained exit classifier step."""
+  root = files.join(model_dir, checkpoints.CLASSIFIER_SUBDIR)
+  return files.is_dir(root) and any(
+    name.isdigit() for name in files.listdir(root)
+  )
+
+
 def load_classifier(model_dir: str, config: Config) -> Optional[Any]:
   """The latest exit classifier of a model dir, or None if never trained."""
   if not files.is_dir(files.join(model_dir, checkpoints.CLASSIFIER_SUBDIR)):
