@@ -94,28 +94,67 @@ def test_greedy_tokens_equal_the_full_model(greedy_decoders, threshold):
     assert int(np.asarray(out.near_ties).sum()) == 0
 
 
+# A top-2 logit gap under this is a tie: float rounding between the verify
+# pass (a block of positions) and single steps may pick either token.
+TIE_GAP = 1e-3
+
+
+def _top2_gaps(model, params, inputs, tokens) -> np.ndarray:
+  """The full model's top-2 logit gap at each position of `tokens`
+  (teacher-forced), [b, t]."""
+  logits = jax.jit(model.target_logits)(params, inputs, tokens)[-1]
+  top2 = jax.lax.top_k(logits, 2)[0]
+  return np.asarray(top2[..., 0] - top2[..., 1])
+
+
+def _rows_split_at_a_tie(tokens, expected, gaps) -> int:
+  """Asserts each row equals the full model's, or equals it up to a first
+  difference at a tie (after which the two continuations differ, as two
+  greedy decodes that broke a tie differently do); returns how many
+  rows split at a tie. No row is skipped."""
+  differ = np.asarray(tokens) != expected
+  split = np.nonzero(differ.any(1))[0]
+  for row in split:
+    first = int(np.argmax(differ[row]))
+    assert gaps[row, first] < TIE_GAP, (row, first, gaps[row, first])
+  return len(split)
+
+
+def _most_emitted_token(model, params) -> int:
+  """The token a random model's full-depth greedy decodes emit most (not
+  pad 0 or T5's 1): as EOS, it ends many rows inside a drafted block."""
+  static, _ = _decoders(model, _draft(model), 12, eos_id=-1)
+  tokens = np.asarray(static(params, _inputs(64, 99)))
+  return int(np.bincount(tokens.ravel(), minlength=32)[2:].argmax()) + 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('family', ['t5', 'llama'])
 def test_greedy_tokens_equal_the_full_model_on_2000_inputs(family):
   """Every row of 2,048 random ragged inputs (128 batches of 16, two
-  models, four thresholds), with EOS a common token so drafts cross it."""
-  static, exact, rows, eos_in_drafts = None, None, 0, 0
+  models, four thresholds), with EOS a common token so drafts cross it:
+  the full model's tokens, a row differing only from a tie on."""
+  rows, eos_rows, split, near_ties = 0, 0, 0, 0
   for seed in range(2):
     model, params = _model(family, seed)
-    static, exact = _decoders(model, _draft(model), 12, eos_id=3)
+    eos_id = _most_emitted_token(model, params)
+    static, exact = _decoders(model, _draft(model), 12, eos_id=eos_id)
     for batch_index in range(64):
       inputs = _inputs(16, 1000 * seed + batch_index)
       threshold = (0.0, 0.2, 0.5, 0.9)[batch_index % 4]
       out = exact(params, inputs, threshold)
       expected = np.asarray(static(params, inputs))
-      np.testing.assert_array_equal(out.tokens, expected)
-      assert int(np.asarray(out.near_ties).sum()) == 0
+      gaps = _top2_gaps(model, params, inputs, expected)
+      split += _rows_split_at_a_tie(out.tokens, expected, gaps)
+      near_ties += int(np.asarray(out.near_ties).sum())
       rows += len(inputs)
-      # Rows that stop at EOS: with blocks of 3 drafted tokens, a row's
-      # EOS is usually drafted with tokens after it in the same block.
-      eos_in_drafts += int(((expected == 3).any(1)).sum())
+      eos_rows += int(((expected == eos_id).any(1)).sum())
   assert rows >= 2000
-  assert eos_in_drafts >= 100
+  # Rows that stop at EOS: with blocks of 3 drafted tokens, a row's EOS is
+  # usually drafted with tokens after it in the same block.
+  assert eos_rows >= 100, eos_rows
+  # Ties are rare, and a row splits only where the verify pass saw one.
+  assert split <= near_ties < rows // 50, (split, near_ties)
 
 
 @pytest.mark.slow
