@@ -379,7 +379,7 @@ def run_command(
   console.show_warnings()
   try:
     flags = parse_flags(argv)
-    with console.native_stderr_hidden():
+    with console.native_stderr_hidden(console.START_UP_NOISE):
       module = load_jobs(job)
     environment = importlib.import_module('calm_jax.jobs.environment')
     # Jobs with one run file of their own (report, validity, bench,
@@ -392,7 +392,7 @@ def run_command(
     if check_only:
       module.run(check_only=True)
       return 0
-    environment.setup()
+    environment.setup(getattr(module, 'STARTS_TPU_COMPILER', False))
     module.run()
   except errors.UserError as e:
     print(f'error: {errors.first_line(e)}', file=sys.stderr)

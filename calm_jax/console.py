@@ -10,12 +10,14 @@ prefixes.
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
 from typing import Iterable
 from typing import Iterator
 from typing import Optional
+from typing import Sequence
 from typing import TypeVar
 
 import tqdm
@@ -68,14 +70,30 @@ def show_warnings() -> None:
   logger.propagate = False
 
 
-@contextlib.contextmanager
-def native_stderr_hidden() -> Iterator[None]:
-  """Hides what C++ libraries write to file descriptor 2 meanwhile (kept
-  and shown if the block fails).
+# Native start-up lines that say nothing a user of a CPU (or TPU) machine
+# can act on: absl's pre-init banner, C++ INFO lines (oneDNN notes, CPU
+# features), the CUDA probes of a machine without a GPU.
+START_UP_NOISE = (
+  r'^WARNING: All log messages before absl::InitializeLog\(\) is called',
+  r'^WARNING: Logging before InitGoogle\(\) is written to STDERR',
+  r'^I\d{4} ',
+  r'^To enable the following instructions: ',
+  r'^[EW]\d{4} .*(cuInit|cuda|CUDA|cuDNN|cuFFT|cuBLAS|TensorRT)',
+)
 
-  TensorFlow's native start-up lines (the CUDA probe on a machine without
-  a GPU, oneDNN notes) go through absl's C++ log before it is initialized,
-  which no environment variable silences any more.
+
+@contextlib.contextmanager
+def native_stderr_hidden(
+  noise: Optional[Sequence[str]] = None,
+) -> Iterator[None]:
+  """Hides what is written to file descriptor 2 meanwhile (C++ libraries
+  write there), all of it kept and shown if the block fails.
+
+  With `noise` (regular expressions), the lines that match none of them
+  are shown after the block: a warning worth acting on survives, the
+  start-up lines do not. TensorFlow's native start-up lines go through
+  absl's C++ log before it is initialized, which no environment variable
+  silences any more.
   """
   sys.stderr.flush()
   saved = os.dup(2)
@@ -89,8 +107,18 @@ def native_stderr_hidden() -> Iterator[None]:
       sys.stderr.write(captured.read().decode(errors='replace'))
       raise
     finally:
+      sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
+    if noise is not None:
+      captured.seek(0)
+      kept = [
+        line
+        for line in captured.read().decode(errors='replace').splitlines()
+        if not any(re.search(pattern, line) for pattern in noise)
+      ]
+      if kept:
+        sys.stderr.write('\n'.join(kept) + '\n')
 
 
 @contextlib.contextmanager

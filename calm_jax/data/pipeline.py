@@ -18,11 +18,16 @@ import tempfile
 
 import jax
 import numpy as np
-import seqio
-import tensorflow as tf
 
-# Keep TensorFlow off any accelerator: JAX owns it.
-tf.config.set_visible_devices([], 'GPU')
+from calm_jax import console  # noqa: E402
+
+# TensorFlow's native start-up lines (and the CUDA probe of keeping it off
+# any accelerator: JAX owns them) hidden; any other line is shown.
+with console.native_stderr_hidden(console.START_UP_NOISE):
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tf.config.set_visible_devices([], 'GPU')
 
 # The tasks register themselves with SeqIO when imported.
 from calm_jax.data import examples as examples_lib  # noqa: E402

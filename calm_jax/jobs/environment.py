@@ -6,7 +6,12 @@
   TFDS data, and per-task feature lengths.
 """
 
+import glob
+import importlib.util
+import os
+
 import gin
+import jax
 
 from calm_jax.parallel import multihost
 from calm_jax.tasks import data_settings as settings
@@ -52,6 +57,35 @@ def distributed(
   )
 
 
-def setup() -> None:
+# JAX plugins of other accelerators: with one installed, the platforms are
+# JAX's to choose.
+_GPU_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin')
+
+
+def _tpu_chip_present() -> bool:
+  """TPU VMs expose their chips as /dev/accel* or VFIO groups."""
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+def cpu_without_tpu_probe() -> bool:
+  """On a machine with libtpu installed (the TPU extra) but no TPU chip
+  and no GPU plugin, JAX would probe for a TPU at its first device use and
+  print libtpu's errors before falling back to the CPU: there, JAX starts
+  on the CPU. A JAX_PLATFORMS the user set is left alone. Whether it did."""
+  if 'JAX_PLATFORMS' in os.environ or importlib.util.find_spec('libtpu') is None:
+    return False
+  if _tpu_chip_present() or any(
+    importlib.util.find_spec(name) for name in _GPU_PLUGINS
+  ):
+    return False
+  jax.config.update('jax_platforms', 'cpu')
+  return True
+
+
+def setup(starts_tpu_compiler: bool = False) -> None:
+  """Before a job starts: the platforms (the planner starts libtpu itself),
+  the processes, the data settings."""
+  if not starts_tpu_compiler:
+    cpu_without_tpu_probe()
   distributed()
   data_settings()

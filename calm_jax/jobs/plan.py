@@ -25,6 +25,8 @@ from calm_jax.training import optim
 
 READS = ('calm_jax.plan', 'calm_jax.T5Config', 'calm_jax.LlamaConfig')
 DEFAULT_GIN_FILES = ('gin/runs/plan.gin',)
+# It starts libtpu itself (planning.tpu), to compile for a TPU on any machine.
+STARTS_TPU_COMPILER = True
 MEASURED = {
   # Exit histograms measured on this CPU, keyed by what they measured: the
   # demo model's certified softmax exits at delta 0.25 (make reproduce) and
