@@ -65,7 +65,7 @@ def test_json_holds_no_nan_and_a_failed_write_leaves_nothing(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['a.jsonl', 'summary.json']
 
 
-_KILLED_WRITER = '''
+_KILLED_WRITER = """
 import sys, time
 from calm_jax.storage import files
 def fill(staging):
@@ -73,7 +73,7 @@ def fill(staging):
   print('filling', flush=True)
   time.sleep(600)
 files.new_directory(sys.argv[1], fill)
-'''
+"""
 
 
 def test_a_killed_writers_staging_dir_is_removed_by_the_next(tmp_path, capsys):

@@ -52,9 +52,7 @@ def _target_needs(model_dir: str) -> dict[str, list[preflight.Need]]:
   """Each documented long target's job's needs, with its Makefile defaults
   and the demo model dir."""
   return {
-    'bench': bench_job.needs(
-      bench_job.MODELS, bench_job.MEASURES, model_dir
-    ),
+    'bench': bench_job.needs(bench_job.MODELS, bench_job.MEASURES, model_dir),
     'reproduce': report_job.needs(model_dir),
     'validity': validity_job.needs(model_dir, 'softmax'),
     'bench-exact': [],  # the demo's rows read no classifier (softmax draft)
@@ -156,7 +154,7 @@ def test_a_bench_that_fails_mid_run_keeps_the_cases_it_finished(
   saved = json.loads(output.read_text())
   assert saved['complete'] is False
   assert [c['pattern'] for c in saved['cases']] == ['exit@1', 'exit@2']
-  assert 'Partial: the run stopped after 2 cases' in (
-    tmp_path / 'bench.md'
-  ).read_text()
-
+  assert (
+    'Partial: the run stopped after 2 cases'
+    in (tmp_path / 'bench.md').read_text()
+  )

@@ -438,7 +438,10 @@ def tables_markdown(results: dict, source: str) -> str:
     markdown_table(results['cases']),
   ]
   if results.get('complete') is False:
-    lines += ['', f'Partial: the run stopped after {len(results["cases"])} cases.']
+    lines += [
+      '',
+      f'Partial: the run stopped after {len(results["cases"])} cases.',
+    ]
   if 'dtype_agreement' in results:
     lines += [
       '',

@@ -72,7 +72,9 @@ def cpu_without_tpu_probe() -> bool:
   and no GPU plugin, JAX would probe for a TPU at its first device use and
   print libtpu's errors before falling back to the CPU: there, JAX starts
   on the CPU. A JAX_PLATFORMS the user set is left alone. Whether it did."""
-  if 'JAX_PLATFORMS' in os.environ or importlib.util.find_spec('libtpu') is None:
+  if (
+    'JAX_PLATFORMS' in os.environ or importlib.util.find_spec('libtpu') is None
+  ):
     return False
   if _tpu_chip_present() or any(
     importlib.util.find_spec(name) for name in _GPU_PLUGINS

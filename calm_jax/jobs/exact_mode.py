@@ -278,7 +278,9 @@ def exact_mode(
     timing_inputs=timing_inputs,
     repeats=repeats,
   )
-  saved = os.path.join(os.path.dirname(os.path.abspath(output)), 'exact_mode.json')
+  saved = os.path.join(
+    os.path.dirname(os.path.abspath(output)), 'exact_mode.json'
+  )
   results = {'settings': settings, 'devices': [str(d) for d in jax.devices()]}
   # Each model's rows are written once measured: a run that stops after
   # the demo's keeps them ('complete' false until the end).

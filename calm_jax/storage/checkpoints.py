@@ -139,7 +139,9 @@ def save(
   return saved
 
 
-def save_params_only(mgr: ocp.CheckpointManager, step: int, params: Any) -> None:
+def save_params_only(
+  mgr: ocp.CheckpointManager, step: int, params: Any
+) -> None:
   """Saves a checkpoint without optimizer state (an imported model, whose
   fine-tuning starts a fresh optimizer; exit adapters; a classifier fitted
   outside training) with the manifest every restore checks, and waits for
@@ -266,7 +268,9 @@ class _Vanished(Exception):
   """The step being read was deleted meanwhile: not damage."""
 
 
-def _overtaken(mgr: ocp.CheckpointManager, listed: list[int], step: int) -> bool:
+def _overtaken(
+  mgr: ocp.CheckpointManager, listed: list[int], step: int
+) -> bool:
   """Whether a step that failed to read may have been deleted under the
   reader: it is gone, or newer steps than the listing's were saved since
   (retention deletes a step only after saving a newer one, and a step
