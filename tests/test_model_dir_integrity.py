@@ -5,6 +5,8 @@ converted dirs, parameters, classifier, adapters and JSON alike."""
 import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -137,3 +139,29 @@ def test_a_dir_written_before_seals_is_read_as_it_is(converted_dir, tmp_path):
   (model_dir / 'model.json').write_text(json.dumps(meta))
   config, _ = model_files.read_model_config(str(model_dir))
   assert config == TINY_LLAMA
+
+
+def test_a_damaged_step_is_refused_without_reader_tracebacks(
+  converted_dir, tmp_path
+):
+  """tensorstore's callbacks on orbax's closed event loop printed hundreds
+  of tracebacks under the refusal; the job prints only its own lines."""
+  model_dir = _copy(converted_dir, tmp_path)
+  _flip_one_bit(_array_file(model_dir / 'checkpoints' / '0'))
+  code = (
+    'import sys\n'
+    'from calm_jax import errors\n'
+    'from calm_jax.inference import loaded\n'
+    'try:\n'
+    f'  loaded.load({str(model_dir)!r})\n'
+    'except errors.UserError as e:\n'
+    '  sys.exit(f"error: {errors.first_line(e)}")\n'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, check=False
+  )
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr, result.stderr[:2000]
+  assert result.stderr.splitlines()[-1].startswith(
+    'error: no usable checkpoint'
+  )

@@ -14,6 +14,7 @@ model.
 
 import hashlib
 import os
+import sys
 from typing import Any
 from typing import Callable
 from typing import Optional
@@ -33,6 +34,24 @@ CLASSIFIER_SUBDIR = 'classifier'  # stage-2 exit classifier checkpoints
 # How often a reader lists the steps again when the ones it chose were
 # deleted under it (a writer's retention, saving every step beside it).
 RELIST_ATTEMPTS = 20
+
+
+def _unraisable_hook(previous):
+  """A hook that drops one known unraisable: tensorstore's read callbacks
+  landing on orbax's closed event loop after a read failed (a damaged
+  step). Each printed a traceback, hundreds per damaged step, under the
+  one line that says what is wrong. Anything else goes to `previous`."""
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  return hook
+
+
+sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
 
 
 class CheckpointError(errors.UserError, RuntimeError):
