@@ -124,6 +124,23 @@ class Rule:
   optional: bool = False
 
 
+# The exact mode's cap on drafted tokens per round (speculative decoding
+# gains little past 8; its draft loop is unrolled gamma times, so compile
+# time grows with it): refused with the settings, before anything loads.
+MAX_GAMMA = 16
+
+
+def _gamma(name: str, value: Any, ctx: dict) -> int:
+  del ctx
+  integer(name, value, 1)
+  if value > MAX_GAMMA:
+    raise errors.SettingError(
+      f'{name}={value} is above its cap, MAX_GAMMA={MAX_GAMMA} drafted '
+      'tokens per round (the draft loop is unrolled gamma times)'
+    )
+  return int(value)
+
+
 def _int(low: int, high_key: Optional[str] = None, optional=False) -> Rule:
   return Rule(lambda n, v, ctx: integer(n, v, low, ctx.get(high_key)), optional)
 
@@ -167,7 +184,7 @@ RULES: dict[str, Rule] = {
   'top_p': _real(0.0, 1.0, open_low=True),
   'seed': _int(0),
   'mode': _choice(DECODE_MODES),
-  'gamma': _int(1),
+  'gamma': Rule(_gamma),
   'draft_layer': _int(1, 'num_layers', optional=True),
   'draft_min_confidence': _real(0.0, 1.0),
   'batch_size': _int(1),

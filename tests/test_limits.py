@@ -1,6 +1,8 @@
 """Decode sizes refused before anything compiles, in one line with their
 figures (no program is built here: each refusal is a pure check)."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ from calm_jax.decoding import loops
 from calm_jax.inference import limits
 from calm_jax.model import llama
 from calm_jax.model import network
+
+import entry_points  # tests/entry_points.py
 
 SMOLLM2 = llama.LlamaConfig()  # context 8,192
 T5 = network.T5Config()  # T5 1.1 small's dims
@@ -56,3 +60,41 @@ def test_a_top_k_past_the_vocabulary_keeps_every_token():
   np.testing.assert_array_equal(every, clipped)
   top3 = loops.filtered_logits(logits, loops.Sampling(1.0, 3, 1.0))
   assert int(jnp.isfinite(top3).sum()) == 6
+
+
+@pytest.mark.parametrize(
+  'flags, message',
+  [
+    (
+      ["--gin.MODE='exact'", '--gin.GAMMA=1000'],
+      'error: gamma=1000 is above its cap, MAX_GAMMA=16',
+    ),
+    (
+      ['--gin.calm_jax.DecodeInputs.target_length=1000000'],
+      'error: max_length 1000000 is above T5_MAX_LENGTH=8192',
+    ),
+  ],
+)
+def test_the_decode_job_refuses_a_size_in_seconds(
+  tiny_model_dir, tmp_path, flags, message
+):
+  """Through the job, before anything compiles: one line, exit 2, nothing
+  written (3.1 and 3.7 s measured here, most of it imports; unbounded, the
+  same settings compiled for minutes or grew to gigabytes)."""
+  inputs = tmp_path / 'in.jsonl'
+  inputs.write_text('{"inputs": "what is two"}\n')
+  output = tmp_path / 'out'
+  start = time.perf_counter()
+  result = entry_points.run_subprocess(
+    'calm_jax.decode',
+    '--gin_file=gin/runs/decode.gin',
+    f"--gin.MODEL_DIR='{tiny_model_dir}'",
+    f"--gin.INPUT_FILE='{inputs}'",
+    '--gin.THRESHOLD=0.5',
+    f"--gin.OUTPUT_DIR='{output}'",
+    *flags,
+  )
+  seconds = time.perf_counter() - start
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(message)
+  assert seconds < 15 and not output.exists()

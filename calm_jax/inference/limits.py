@@ -27,6 +27,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from calm_jax import arguments
 from calm_jax import errors
 from calm_jax.model import model_files
 
@@ -34,9 +35,7 @@ from calm_jax.model import model_files
 # the 512 / 128 tokens T5 1.1 is trained with, far past what its relative
 # position buckets (exact below 128) resolve.
 T5_MAX_LENGTH = 8192
-# The exact mode's cap on drafted tokens per round (speculative decoding
-# gains little past 8; its draft loop is unrolled gamma times).
-MAX_GAMMA = 16
+MAX_GAMMA = arguments.MAX_GAMMA  # checked again here for library callers
 GIB = 1 << 30
 
 

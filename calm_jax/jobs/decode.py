@@ -25,6 +25,7 @@ from calm_jax.decoding import speculative
 from calm_jax.evaluation import decode_records
 from calm_jax.evaluation import engine
 from calm_jax.inference import decoder as decoder_lib
+from calm_jax.inference import limits
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.inference import modes
 from calm_jax.jobs import settings
@@ -179,6 +180,22 @@ def _write(
     console.info(f'wrote {" and ".join(paths)}')
 
 
+def check_sizes(model, sets, mode, batch_size: int) -> None:
+  """Each set's decode at its longest (`limits.check`), before the output
+  dir is claimed: a size the model or the device cannot take writes
+  nothing."""
+  draft = getattr(mode, 'draft', None)
+  devices = model.mesh.size if model.mesh is not None else 1
+  for examples in sets:
+    size = limits.DecodeSize(
+      min(batch_size, max(len(examples), 1)),
+      examples.lengths['inputs'],
+      examples.lengths['targets'],
+      draft.gamma if draft else 0,
+    )
+    limits.check(model.config, size, devices=devices)
+
+
 @gin.configurable(module='calm_jax')
 def decode(
   *,
@@ -256,6 +273,7 @@ def decode(
     mode = modes.EarlyExit(config, choice.value)
   model.classifier_for(exits.confidence)
   sets = example_sets(model, inputs)
+  check_sizes(model, sets, mode, runtime.batch_size)  # before any file
   run = decode_run(model, choice, mode, sets, sampling.seed)
   label = inputs.split if not inputs.input_file else _stem(sets[0])
   output_dir = output.output_dir or output_dir_for(model_dir, run, label)

@@ -129,6 +129,13 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   tensors = {}
   for tensor in reader.tensors:
     name = hf_name(tensor.name)
+    if tensor.name == 'rope_freqs.weight':
+      raise hf_tensors.ConversionError(
+        f'{path}: GGUF tensor rope_freqs.weight (per-frequency rotary '
+        'scaling, as Llama 3.1 GGUFs carry) is not supported; import the '
+        "HF checkpoint instead (its config.json's llama3 rope_scaling "
+        'converts)'
+      )
     if name is None:
       raise hf_tensors.ConversionError(f'unexpected GGUF tensor {tensor.name}')
     weight = np.asarray(
