@@ -93,7 +93,7 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
   # init (seed 0): two small Adafactor steps stay close to the former.
   init_params, _ = model_files.load_params(init_dir, config)
   tuned, step = model_files.load_params(model_dir, config)
-  fresh = train.models.CalmModel(config).init_params(jax.random.PRNGKey(0))[
+  fresh = model_files.model_for(config).init_params(jax.random.PRNGKey(0))[
     'params'
   ]
   assert step == 2
@@ -113,7 +113,7 @@ def test_cnn_dailymail_recipe_on_mock_data(tmp_path):
   )
   # Six examples cannot certify anything at delta 0.25 (the best p-value,
   # e * 0.75**6 = 0.48, is above epsilon): the record says full depth.
-  assert not records[1]['certified']
+  assert not records[1].certified
   assert summary.threshold == thresholds.EXITS_OFF
   assert result['metric'] == 'rougeL' and result['num_examples'] == 4
   assert 1 <= result['avg_decoder_layers'] <= config.num_decoder_layers

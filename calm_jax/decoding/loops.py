@@ -171,14 +171,16 @@ class Sampling:
 # mesh samples what one device samples.
 
 
-def row_keys(rng: Array, batch_size: int) -> Array:
-  """[b] keys (raw: [b, 2]), one per row, from the decode's key; keys that
-  are already per row are returned as they are."""
+def row_keys(rng: Array, batch_size: int, first_row: Any = 0) -> Array:
+  """[b] keys (raw: [b, 2]), one per row, from the decode's key: row i's
+  is the key folded with first_row + i, its index in the global batch (a
+  'data' shard passes its first row). Keys already per row are returned
+  as they are."""
   typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
   if rng.ndim > (0 if typed else 1):
     return rng
   return jax.vmap(lambda row: jax.random.fold_in(rng, row))(
-    jnp.arange(batch_size)
+    first_row + jnp.arange(batch_size)
   )
 
 

@@ -73,35 +73,27 @@ def jit_program(model: Any, program: modes.Program, mesh=None) -> Callable:
   evaluation count is summed. What `Decoder` runs and the TPU planner
   compiles."""
 
-  def decode(params, classifier, encoder_tokens, threshold, keys, forced):
+  def decode(params, classifier, encoder_tokens, threshold, rng, forced):
+    # One sampling key per row, from the row's index in the global batch
+    # (`loops.row_keys`): each row samples the same on any mesh.
+    rows = encoder_tokens.shape[0]
+    first_row = jax.lax.axis_index('data') * rows if mesh is not None else 0
+    keys = loops.row_keys(rng, rows, first_row)
     context = model.encode_context(params, encoder_tokens)
     return program(params, classifier, context, threshold, keys, forced)
 
-  def with_row_keys(decode_rows: Callable) -> Callable:
-    # One sampling key per row of the global batch, made before the batch
-    # is split: each row samples the same on any mesh (`loops.row_keys`).
-    def call(params, classifier, encoder_tokens, threshold, rng, forced):
-      keys = loops.row_keys(rng, encoder_tokens.shape[0])
-      return decode_rows(
-        params, classifier, encoder_tokens, threshold, keys, forced
-      )
-
-    return jax.jit(call)
-
   if mesh is None:
-    return with_row_keys(decode)
+    return jax.jit(decode)
 
-  def decode_shard(params, classifier, encoder_tokens, threshold, keys, forced):
-    out = decode(params, classifier, encoder_tokens, threshold, keys, forced)
+  def decode_shard(params, classifier, encoder_tokens, threshold, rng, forced):
+    out = decode(params, classifier, encoder_tokens, threshold, rng, forced)
     return out.replace(layer_evals=jax.lax.psum(out.layer_evals, 'data'))
 
-  return with_row_keys(
-    partitioning.per_data_shard(
-      decode_shard,
-      mesh,
-      in_specs=(P(), P(), P('data'), P(), P('data'), P('data')),
-      out_specs=_SHARDED_OUTPUT,
-    )
+  return partitioning.per_data_shard(
+    decode_shard,
+    mesh,
+    in_specs=(P(), P(), P('data'), P(), P(), P('data')),
+    out_specs=_SHARDED_OUTPUT,
   )
 
 
