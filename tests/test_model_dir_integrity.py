@@ -100,17 +100,21 @@ CONVERTED_FILES = {
 }
 
 
-@pytest.mark.parametrize('kind', sorted(CONVERTED_FILES))
-def test_one_flipped_bit_in_a_converted_dir_is_refused(
-  converted_dir, tmp_path, kind
-):
-  model_dir = _copy(converted_dir, tmp_path)
-  name, message = CONVERTED_FILES[kind]
-  path = model_dir / name
+def _refused_after_one_flipped_bit(model_dir, name: str, message: str):
+  [path] = model_dir.glob(name)
   _flip_one_bit(_array_file(path) if path.is_dir() else path)
   with pytest.raises(checkpoints.CheckpointError, match=message) as raised:
     loaded_lib.load(str(model_dir))
   assert '\n' not in str(raised.value)
+
+
+@pytest.mark.parametrize('kind', sorted(CONVERTED_FILES))
+def test_one_flipped_bit_in_a_converted_dir_is_refused(
+  converted_dir, tmp_path, kind
+):
+  _refused_after_one_flipped_bit(
+    _copy(converted_dir, tmp_path), *CONVERTED_FILES[kind]
+  )
 
 
 TRAINED_FILES = {
@@ -124,12 +128,9 @@ TRAINED_FILES = {
 def test_one_flipped_bit_in_a_trained_dir_is_refused(
   tiny_model_dir, tmp_path, kind
 ):
-  model_dir = _copy(pathlib.Path(tiny_model_dir), tmp_path)
-  name, message = TRAINED_FILES[kind]
-  [path] = model_dir.glob(name)
-  _flip_one_bit(_array_file(path) if path.is_dir() else path)
-  with pytest.raises(checkpoints.CheckpointError, match=message):
-    loaded_lib.load(str(model_dir))
+  _refused_after_one_flipped_bit(
+    _copy(pathlib.Path(tiny_model_dir), tmp_path), *TRAINED_FILES[kind]
+  )
 
 
 def test_a_dir_written_before_seals_is_read_as_it_is(converted_dir, tmp_path):

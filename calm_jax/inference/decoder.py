@@ -181,10 +181,7 @@ class Decoder:
     or an encoded context), placed on the mesh when there is one."""
     rows = jax.tree_util.tree_leaves(inputs)[0].shape[0]
     if isinstance(inputs, np.ndarray):  # encoder tokens, not a context
-      draft = getattr(mode, 'draft', None)
-      size = limits.DecodeSize(
-        rows, inputs.shape[1], max_length, draft.gamma if draft else 0
-      )
+      size = limits.DecodeSize.of(mode, rows, inputs.shape[1], max_length)
       devices = self.mesh.size if self.mesh is not None else 1
       limits.check(self.model.config, size, devices=devices)
     forced = mode.forced_layers(indices, (rows, max_length))

@@ -14,7 +14,7 @@ minutes of compiling or an allocation failure.
   (every layer's K/V cache, T5's cross-attention keys and values, the
   widest attention scores) per device. It is a lower bound on the need,
   compared with what the device has free now.
-- The exact mode: `gamma` at most `MAX_GAMMA` (its draft loop is unrolled,
+- The exact mode: `gamma` at most `arguments.MAX_GAMMA` (its draft loop is unrolled,
   so compile time grows with it). A gamma above max_length is allowed (the
   default 4 with a 3-token output): it drafts no further than the end.
 """
@@ -35,7 +35,6 @@ from calm_jax.model import model_files
 # the 512 / 128 tokens T5 1.1 is trained with, far past what its relative
 # position buckets (exact below 128) resolve.
 T5_MAX_LENGTH = 8192
-MAX_GAMMA = arguments.MAX_GAMMA  # checked again here for library callers
 GIB = 1 << 30
 
 
@@ -52,6 +51,14 @@ class DecodeSize:
   max_length: int  # output tokens
   gamma: int = 0  # the exact mode's drafts per round (0: another mode)
 
+  @classmethod
+  def of(
+    cls, mode: Any, rows: int, input_length: int, max_length: int
+  ) -> 'DecodeSize':
+    """The size of a decode mode's call (the exact mode's gamma with it)."""
+    draft = getattr(mode, 'draft', None)
+    return cls(rows, input_length, max_length, draft.gamma if draft else 0)
+
   @property
   def cache_positions(self) -> int:
     """Decoder positions cached (the exact mode's verify writes gamma + 1
@@ -62,11 +69,11 @@ class DecodeSize:
 def check_lengths(config: Any, size: DecodeSize) -> None:
   """Refuses a sequence the model's positions do not cover, and a gamma
   above its cap."""
-  if size.gamma > MAX_GAMMA:
-    raise SizeError(
-      f'gamma={size.gamma} is above its cap, MAX_GAMMA={MAX_GAMMA} drafted '
-      'tokens per round (the draft loop is unrolled gamma times)'
-    )
+  if size.gamma:  # its cap (a settings rule), for library callers too
+    try:
+      arguments.check(gamma=size.gamma)
+    except errors.SettingError as e:
+      raise SizeError(str(e)) from e
   if model_files.family_of(config) == 'llama':
     context = config.context_length
     total = size.input_length + size.max_length

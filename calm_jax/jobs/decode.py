@@ -184,14 +184,13 @@ def check_sizes(model, sets, mode, batch_size: int) -> None:
   """Each set's decode at its longest (`limits.check`), before the output
   dir is claimed: a size the model or the device cannot take writes
   nothing."""
-  draft = getattr(mode, 'draft', None)
   devices = model.mesh.size if model.mesh is not None else 1
   for examples in sets:
-    size = limits.DecodeSize(
+    size = limits.DecodeSize.of(
+      mode,
       min(batch_size, max(len(examples), 1)),
       examples.lengths['inputs'],
       examples.lengths['targets'],
-      draft.gamma if draft else 0,
     )
     limits.check(model.config, size, devices=devices)
 

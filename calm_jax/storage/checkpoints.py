@@ -85,13 +85,12 @@ def _listing(list_steps: Callable[[], Any]) -> Any:
   """`list_steps()` (a manager's creation or reload, which stat every
   step), again when a step was deleted while it was listed (a training run
   beside this reader, keeping its newest steps)."""
-  for attempt in range(RELIST_ATTEMPTS):
+  for _ in range(RELIST_ATTEMPTS - 1):
     try:
       return list_steps()
-    except FileNotFoundError:
-      if attempt == RELIST_ATTEMPTS - 1:
-        raise
-  raise AssertionError('unreachable')
+    except (FileNotFoundError, NotADirectoryError):  # a step being deleted
+      continue
+  return list_steps()
 
 
 def _abstract(tree: Any) -> Any:
