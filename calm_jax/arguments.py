@@ -31,6 +31,8 @@ CONSISTENCIES = ('textual', 'risk')
 DTYPES = ('float32', 'bfloat16')
 # What a train step's layers keep for the backward pass (layers.py).
 REMAT_POLICIES = ('none', 'minimal', 'full')
+# 1: parameters split over 'model'; 2: over 'data' too (t5x's name).
+PARAMETER_PARTITIONING_DIMS = (1, 2)
 LOSS_WEIGHTINGS = ('linear', 'uniform', 'geometric')
 # 'early_exit': CALM at a certified threshold; 'exact': the full model's
 # output, drafted by the early exits and verified (self-speculative).
@@ -83,7 +85,7 @@ def real(
 def choice(name: str, value: Any, valid: Sequence[str]) -> str:
   if value not in valid:
     raise errors.SettingError(
-      f'unknown {name} {value!r}; valid: {", ".join(valid)}'
+      f'unknown {name} {value!r}; valid: {", ".join(map(str, valid))}'
     )
   return value
 
@@ -214,6 +216,7 @@ RULES: dict[str, Rule] = {
   'max_bad_steps': _int(0),
   'weighting': _choice(LOSS_WEIGHTINGS),  # of the per-exit losses
   'remat_policy': _choice(REMAT_POLICIES),
+  'parameter_partitioning_dims': _choice(PARAMETER_PARTITIONING_DIMS),
   'z_loss': _real(0.0),
   'period': _int(1),
   'keep': _int(1, optional=True),

@@ -64,7 +64,7 @@ class Losses:
     self.values.append(scalars['loss'])
 
 
-def train(mesh, model_dir):
+def train(mesh, model_dir, rules=partitioning.RULES):
   losses = Losses()
   state = trainer.train_loop(
     objective=trainer.model_objective(models.CalmModel(CONFIG)),
@@ -76,6 +76,7 @@ def train(mesh, model_dir):
     progress=False,
     writer=losses,
     mesh=mesh,
+    rules=rules,
   )
   return state, losses.values
 
@@ -96,14 +97,21 @@ def spec(array):
 
 
 def training_checks(one_device, meshes):
+  """Each mesh with the 1D rules, and (4, 2) with the 2D rules (named
+  '(4, 2) 2D'), against one device."""
   reference, reference_losses = train(one_device, tempfile.mkdtemp())
   out = {'reference_losses': reference_losses, 'meshes': {}}
   dirs = {}
-  for shape in meshes:
-    dirs[shape] = tempfile.mkdtemp()
-    state, losses = train(partitioning.make_mesh(shape), dirs[shape])
+  runs = [(str(shape), shape, 1) for shape in meshes] + [
+    ('(4, 2) 2D', (4, 2), 2)
+  ]
+  for name, shape, dims in runs:
+    dirs[name] = tempfile.mkdtemp()
+    state, losses = train(
+      partitioning.make_mesh(shape), dirs[name], partitioning.rules_for(dims)
+    )
     attention = state.params['decoder']['layers_0']['self_attention']
-    out['meshes'][str(shape)] = {
+    out['meshes'][name] = {
       'losses': losses,
       'params_difference': max_difference(state.params, reference.params),
       'opt_state_difference': max_difference(
@@ -129,23 +137,27 @@ def training_checks(one_device, meshes):
 
 
 def restore_checks(dirs, one_device):
-  """The (4, 2) run's checkpoint onto (8, 1) and onto one device."""
-  saved, _ = model_files.load_params(dirs[(4, 2)], CONFIG)
+  """The (4, 2) run's checkpoint onto (8, 1), onto one device and onto
+  (4, 2) with the 2D rules; the 2D run's onto (8, 1) with the 1D rules."""
   out = {}
   model = models.CalmModel(CONFIG)
-  for name, mesh in (
-    ('(8, 1)', partitioning.make_mesh((8, 1))),
-    ('one device', one_device),
+  for name, source, mesh, dims in (
+    ('(8, 1)', '(4, 2)', partitioning.make_mesh((8, 1)), 1),
+    ('one device', '(4, 2)', one_device, 1),
+    ('(4, 2) 2D', '(4, 2)', partitioning.make_mesh((4, 2)), 2),
+    ('2D onto (8, 1)', '(4, 2) 2D', partitioning.make_mesh((8, 1)), 1),
   ):
-    shardings = partitioning.param_shardings(model.param_axes(), mesh)
+    saved, _ = model_files.load_params(dirs[source], CONFIG)
+    rules = partitioning.rules_for(dims)
+    shardings = partitioning.param_shardings(model.param_axes(), mesh, rules)
     params, step = model_files.load_params(
-      dirs[(4, 2)], CONFIG, shardings=shardings
+      dirs[source], CONFIG, shardings=shardings
     )
     # The whole train state too, as a resumed run restores it.
     objective = trainer.model_objective(model)
     optimizer = optim.make_optimizer('adafactor', learning_rate=1e-2)
-    place = trainer.placement(objective, optimizer, mesh)
-    mgr = checkpoints.manager(dirs[(4, 2)])
+    place = trainer.placement(objective, optimizer, mesh, rules)
+    mgr = checkpoints.manager(dirs[source])
     state = trainer.restore_or_init(
       objective, optimizer, mgr, jax.random.PRNGKey(0), place
     )

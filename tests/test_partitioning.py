@@ -1,6 +1,8 @@
 """partitioning.py on the one device of this process (the 8-device checks
 run in a subprocess: tests/test_scale_out.py, tests/mesh_checks.py)."""
 
+import types
+
 import jax
 from jax.sharding import PartitionSpec as P
 import pytest
@@ -47,3 +49,35 @@ def test_every_parameter_has_logical_axes_of_the_vocabulary():
   for spec, shape in zip(specs, jax.tree_util.tree_leaves(shapes)):
     assert len(spec) == len(shape.shape)
     assert set(spec) <= set(partitioning.AXES), spec
+
+
+def test_2d_rules_put_embed_on_data_unless_the_batch_holds_it():
+  rules = partitioning.rules_for(2)
+  # Parameters: 'embed' over 'data' beside 'model'.
+  assert partitioning.logical_to_mesh(P('embed', 'heads', 'kv'), rules) == P(
+    'data', 'model', None
+  )
+  assert partitioning.logical_to_mesh(P('vocab', 'embed'), rules) == P(
+    'model', 'data'
+  )
+  # Activations: the batch took 'data' first, so 'embed' stays whole.
+  assert partitioning.logical_to_mesh(
+    P('batch', 'length', 'embed'), rules
+  ) == P('data', None, None)
+  assert partitioning.rules_for(1) == partitioning.RULES
+  with pytest.raises(ValueError, match=r'parameter_partitioning_dims 3'):
+    partitioning.rules_for(3)
+
+
+def test_a_parameter_that_does_not_split_is_named():
+  # A sharding of 4 'data' shards (this process has one device).
+  sharding = types.SimpleNamespace(
+    spec=P('data'), mesh=types.SimpleNamespace(shape={'data': 4})
+  )
+  params = {'layer': {'query': jax.ShapeDtypeStruct((6, 4), 'float32')}}
+  with pytest.raises(
+    ValueError,
+    match=r'parameter layer/query \(6, 4\): dimension 6 does not split '
+    r"over the mesh's 4 'data' shards",
+  ):
+    partitioning.check_params_split(params, {'layer': {'query': sharding}})

@@ -8,6 +8,8 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
 import jax
 import numpy as np
@@ -77,14 +79,37 @@ def _same_training(results) -> None:
 
 
 def test_training_on_a_mesh_equals_one_device(mesh_results):
-  assert list(mesh_results['meshes']) == ['(4, 2)']
+  assert list(mesh_results['meshes']) == ['(4, 2)', '(4, 2) 2D']
   _same_training(mesh_results)
 
 
 @pytest.mark.slow  # two more meshes: about 40 s
 def test_training_on_each_mesh_equals_one_device(all_mesh_results):
-  assert list(all_mesh_results['meshes']) == list(MESHES)
+  assert list(all_mesh_results['meshes']) == [*MESHES, '(4, 2) 2D']
   _same_training(all_mesh_results)
+
+
+def test_2d_rules_split_parameters_over_data_too(mesh_results):
+  """parameter_partitioning_dims=2: 'embed' over the 4 'data' shards as
+  well, in parameters and the optimizer state shaped like them."""
+  specs = mesh_results['meshes']['(4, 2) 2D']['specs']
+  assert specs['query'] == {
+    'spec': ['data', 'model', None],
+    'shard_shape': [32 // 4, 4 // 2, 8],
+  }
+  assert specs['out'] == {
+    'spec': ['model', None, 'data'],
+    'shard_shape': [4 // 2, 8, 32 // 4],
+  }
+  assert specs['wi_0']['spec'] == ['data', 'model']
+  assert specs['embedding'] == {
+    'spec': ['model', 'data'],
+    'shard_shape': [256 // 2, 32 // 4],
+  }
+  assert specs['norm'] == {'spec': ['data'], 'shard_shape': [32 // 4]}
+  assert mesh_results['meshes']['(4, 2) 2D']['opt_state_query_shards'] == [
+    str([8, 2, 8])
+  ]
 
 
 def test_parameters_are_sharded_by_the_rules(mesh_results):
@@ -135,13 +160,19 @@ def test_activations_carry_the_rules_only_under_them(mesh_results):
 
 
 def test_checkpoint_saved_on_4x2_restores_on_8x1_and_one_device(mesh_results):
-  for name, devices, model_shards in (('(8, 1)', 8, 1), ('one device', 1, 1)):
+  """Across meshes and across the 1D and 2D layouts, both ways."""
+  for name, devices, shard_shape in (
+    ('(8, 1)', 8, [32, 4, 8]),
+    ('one device', 1, [32, 4, 8]),
+    ('(4, 2) 2D', 8, [8, 2, 8]),
+    ('2D onto (8, 1)', 8, [32, 4, 8]),
+  ):
     restored = mesh_results['restore'][name]
     assert restored['step'] == restored['resumed_step'] == 3
     assert restored['difference'] == 0.0
     assert restored['state_difference'] == 0.0
     assert restored['query_devices'] == devices
-    assert restored['query']['shard_shape'] == [32, 4 // model_shards, 8]
+    assert restored['query']['shard_shape'] == shard_shape
 
 
 def test_early_exit_decode_on_4x2_equals_one_device(mesh_results):
@@ -275,7 +306,7 @@ def _free_port() -> int:
 def run_job(module: str, flags: list, processes: int) -> None:
   """Runs an entry point as `processes` processes sharing 8 devices."""
   port = _free_port()
-  jobs = []
+  jobs, logs = [], []
   for index in range(processes):
     env = device_env(8 // processes)
     if processes > 1:
@@ -287,19 +318,40 @@ def run_job(module: str, flags: list, processes: int) -> None:
           multihost.PROCESS_ID_ENV: str(index),
         }
       )
+    # Files, not pipes: nobody reads a pipe while the processes run.
+    logs.append(tempfile.TemporaryFile('w+'))
     jobs.append(
       subprocess.Popen(
         [sys.executable, '-m', module, *flags],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=logs[-1],
+        stderr=subprocess.STDOUT,
         text=True,
       )
     )
-  for job in jobs:
-    _, err = job.communicate(timeout=600)
-    assert job.returncode == 0, err[-3000:]
+  _wait_all(jobs, logs, timeout=600)
+
+
+def _wait_all(jobs: list, logs: list, timeout: float) -> None:
+  """Waits for every process; the first to fail stops the others (a peer
+  left waiting in a collective would otherwise hang until the timeout) and
+  its output is the assertion's message."""
+  deadline = time.monotonic() + timeout
+  try:
+    while any(job.poll() is None for job in jobs):
+      failed = [j for j in jobs if j.returncode not in (None, 0)]
+      if failed or time.monotonic() > deadline:
+        break
+      time.sleep(0.5)
+  finally:
+    for job in jobs:
+      if job.poll() is None:
+        job.kill()
+  for index, (job, log) in enumerate(zip(jobs, logs)):
+    job.wait()
+    log.seek(0)
+    assert job.returncode == 0, f'process {index}: {log.read()[-3000:]}'
 
 
 def _records(path: pathlib.Path) -> list:

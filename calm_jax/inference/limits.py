@@ -119,8 +119,10 @@ def memory_estimate(config: Any, size: DecodeSize) -> dict[str, int]:
 
 def free_bytes(device: Optional[Any] = None) -> Optional[int]:
   """What the device can still allocate: its allocator's limit less what
-  is in use, or on a CPU the host's available memory (None: unknown)."""
-  device = device or jax.devices()[0]
+  is in use, or on a CPU the host's available memory (None: unknown).
+  By default this process's first device: another process's devices have
+  no memory statistics here (JAX raises INVALID_ARGUMENT)."""
+  device = device or jax.local_devices()[0]
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   if stats and 'bytes_limit' in stats:
     return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))

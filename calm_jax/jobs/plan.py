@@ -55,6 +55,7 @@ def plan(
   measures: Sequence[str] = ('softmax', 'state', 'classifier'),
   gamma: int = 4,
   remat_policy: str = 'none',
+  parameter_partitioning_dims: int = 1,
   decoders: bool = True,
   token_costs: bool = True,
   token_exit_layers: Optional[Sequence[int]] = None,
@@ -75,6 +76,7 @@ def plan(
   settings = plan_lib.PlanSettings(
     topology=topology,
     mesh_shape=tuple(mesh_shape) if mesh_shape else None,
+    parameter_partitioning_dims=parameter_partitioning_dims,
     train_batch_size=train_batch_size,
     input_length=input_length,
     target_length=target_length,

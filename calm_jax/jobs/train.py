@@ -69,6 +69,7 @@ def train(
   initial_checkpoint_path: Optional[str] = None,
   mesh_shape: Optional[Sequence[int]] = None,
   remat_policy: str = 'none',
+  parameter_partitioning_dims: int = 1,
   max_bad_steps: int = 0,
   checkpointing: Optional[settings.CheckpointSettings] = None,
   logging: Optional[settings.LogSettings] = None,
@@ -83,8 +84,12 @@ def train(
 
   The run uses a (data, model) mesh of `mesh_shape` (default: every device
   on 'data'). `remat_policy` ('none', 'minimal', 'full') is what the model
-  stage's layers keep for the backward pass: memory against recompute. `batch_size` is the global batch: with several processes each
-  reads batch_size / processes rows from its own shard of the data.
+  stage's layers keep for the backward pass: memory against recompute.
+  `parameter_partitioning_dims` 2 splits parameters and optimizer state
+  over 'data' too (t5x's 2D parameter sharding, for XL and XXL); the
+  checkpoints restore onto either layout. `batch_size` is the global
+  batch: with several processes each reads batch_size / processes rows
+  from its own shard of the data.
 
   A NaN or infinite step is not applied: the run stops (or skips up to
   `max_bad_steps`). The settings groups default to their gin bindings
@@ -103,6 +108,7 @@ def train(
     seed=seed,
     mesh_shape=mesh_shape,
     remat_policy=remat_policy,
+    parameter_partitioning_dims=parameter_partitioning_dims,
   )
   if stage == 'model' and model_config is None and not initial_checkpoint_path:
     raise errors.SettingError(
@@ -117,6 +123,7 @@ def train(
     lock.acquire()
   try:
     mesh = partitioning.make_mesh(mesh_shape)
+    rules = partitioning.rules_for(parameter_partitioning_dims)
     local_batch = _local_batch_size(batch_size, mesh)
     if stage == 'model':
       objective = _model_stage(
@@ -129,7 +136,7 @@ def train(
       )
       subdir = checkpoints.CHECKPOINT_SUBDIR
     else:
-      objective = _classifier_stage(model_dir, mesh)
+      objective = _classifier_stage(model_dir, mesh, rules)
       subdir = checkpoints.CLASSIFIER_SUBDIR
     writer = metric_writers.create_default_writer(
       files.join(model_dir, 'train' if stage == 'model' else subdir),
@@ -174,6 +181,7 @@ def train(
       progress=logging.progress,
       checkpoint_subdir=subdir,
       mesh=mesh,
+      rules=rules,
       max_bad_steps=max_bad_steps,
       restore_fallback=checkpointing.restore_fallback,
       validation_batches=validation,
@@ -256,7 +264,7 @@ def _model_stage(
   return dataclasses.replace(objective, load=load)
 
 
-def _classifier_stage(model_dir, mesh):
+def _classifier_stage(model_dir, mesh, rules):
   """The stage-2 objective over the latest backbone in `model_dir`, placed
   on the mesh like a stage-1 run's parameters."""
   config, _ = model_files.read_model_config(model_dir)
@@ -264,7 +272,7 @@ def _classifier_stage(model_dir, mesh):
   backbone, step = model_files.load_params(
     model_dir,
     config,
-    shardings=partitioning.param_shardings(model.param_axes(), mesh),
+    shardings=partitioning.param_shardings(model.param_axes(), mesh, rules),
   )
   console.info(
     f'training the exit classifier on the frozen model of step {step}'

@@ -4,7 +4,12 @@ One vocabulary names every parameter axis (layers.py) and activation axis:
   batch, length, embed, heads, kv, mlp, vocab, relpos, layers.
 The mesh has the axes ('data', 'model'). As in t5x's standard rules, the
 batch is split over 'data', and heads, MLP hidden units and the vocabulary
-over 'model' (model parallelism); every other axis is replicated.
+over 'model' (model parallelism); every other axis is replicated. With
+`parameter_partitioning_dims=2` (t5x's name), 'embed' goes over 'data' as
+well: parameters and optimizer state split in two dimensions (FSDP-like,
+gathered per layer by the partitioner), while activations, whose 'batch'
+already holds 'data', stay split by the batch alone (a mesh axis goes to
+the first logical axis whose rule names it).
 
 Training runs as one program over the mesh (jit with in/out shardings, the
 automatic partitioner inserts the collectives). The early-exit decode runs
@@ -25,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import numpy as np
 
+from calm_jax import arguments
 from calm_jax import errors
 
 MESH_AXES = ('data', 'model')
@@ -39,7 +45,8 @@ AXES = (
   'relpos',
   'layers',
 )
-RULES = (
+Rules = tuple[tuple[str, Optional[str]], ...]
+RULES: Rules = (
   ('batch', 'data'),
   ('heads', 'model'),
   ('mlp', 'model'),
@@ -50,6 +57,18 @@ RULES = (
   ('relpos', None),
   ('layers', None),
 )
+
+
+def rules_for(parameter_partitioning_dims: int = 1) -> Rules:
+  """RULES (1: parameters split over 'model' only) or the 2D rules (2:
+  'embed' over 'data' too)."""
+  arguments.check(parameter_partitioning_dims=parameter_partitioning_dims)
+  if parameter_partitioning_dims == 1:
+    return RULES
+  return tuple(
+    ('embed', 'data') if name == 'embed' else (name, axis)
+    for name, axis in RULES
+  )
 
 
 def make_mesh(
@@ -66,19 +85,35 @@ def make_mesh(
   return Mesh(np.array(devices).reshape(shape), MESH_AXES)
 
 
-def logical_to_mesh(spec: PartitionSpec) -> PartitionSpec:
-  """Logical axis names -> mesh axis names under RULES."""
-  return nn.logical_to_mesh_axes(tuple(spec), RULES)
+def logical_to_mesh(spec: PartitionSpec, rules: Rules = RULES) -> PartitionSpec:
+  """Logical axis names -> mesh axis names under `rules`."""
+  return nn.logical_to_mesh_axes(tuple(spec), rules)
 
 
-def param_shardings(param_axes: Any, mesh: Mesh) -> Any:
+def param_shardings(param_axes: Any, mesh: Mesh, rules: Rules = RULES) -> Any:
   """NamedShardings for a tree of logical PartitionSpecs (the output of
   `CalmModel.param_axes()`)."""
   return jax.tree_util.tree_map(
-    lambda spec: NamedSharding(mesh, logical_to_mesh(spec)),
+    lambda spec: NamedSharding(mesh, logical_to_mesh(spec, rules)),
     param_axes,
     is_leaf=lambda x: isinstance(x, PartitionSpec),
   )
+
+
+def check_params_split(params: Any, shardings: Any) -> None:
+  """Refuses, naming the first parameter, a tree whose sharded dimensions
+  do not divide by their mesh axes (jit would fail later, deep in a
+  trace, on the first such array)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, leaf), sharding in zip(flat, jax.tree_util.tree_leaves(shardings)):
+    for dim, axis in zip(leaf.shape, sharding.spec):
+      size = sharding.mesh.shape[axis] if isinstance(axis, str) else 1
+      if dim % size:
+        name = '/'.join(_path_key(path))
+        raise errors.SettingError(
+          f'parameter {name} {tuple(leaf.shape)}: dimension {dim} does not '
+          f"split over the mesh's {size} {axis!r} shards"
+        )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -102,13 +137,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map(put, tree)
 
 
-def activation_rules(mesh: Mesh):
+def activation_rules(mesh: Mesh, rules: Rules = RULES):
   """Context in which the layers' `nn.with_logical_constraint` calls on
   activations take effect (outside it they are no-ops): trace sharded
   functions inside it."""
   stack = contextlib.ExitStack()
   stack.enter_context(jax.set_mesh(mesh))
-  stack.enter_context(nn.logical_axis_rules(RULES))
+  stack.enter_context(nn.logical_axis_rules(rules))
   return stack
 
 

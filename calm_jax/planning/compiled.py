@@ -141,8 +141,8 @@ def compile_program(
   the compiler's analyses and HLO."""
   start = time.perf_counter()
   with console.compiling(program.name):
-    if program.activation_rules:
-      with partitioning.activation_rules(program.mesh):
+    if program.rules is not None:
+      with partitioning.activation_rules(program.mesh, program.rules):
         lowered = program.fn.lower(*program.args)
     else:
       lowered = program.fn.lower(*program.args)

@@ -28,6 +28,7 @@ class PlanSettings:
 
   topology: str
   mesh_shape: Optional[tuple[int, int]] = None  # train: (data, model)
+  parameter_partitioning_dims: int = 1  # train: 2 splits 'embed' over 'data'
   train_batch_size: int = 128
   input_length: int = 512
   target_length: int = 128
@@ -45,6 +46,9 @@ class PlanSettings:
 
   def check(self) -> 'PlanSettings':
     chips.parse_topology(self.topology)
+    arguments.check(
+      parameter_partitioning_dims=self.parameter_partitioning_dims
+    )
     for name in ('train_batch_size', 'input_length', 'target_length'):
       arguments.integer(name, getattr(self, name), 1)
     for name in ('decode_input_length', 'max_decode_length', 'gamma'):
@@ -132,6 +136,7 @@ def _train_reports(
     batch_size=settings.train_batch_size,
     input_length=settings.input_length,
     target_length=settings.target_length,
+    rules=partitioning.rules_for(settings.parameter_partitioning_dims),
   )
   partitioning.check_batch_fits(settings.train_batch_size, mesh)
   build = {'model': programs.train_step, 'classifier': programs.classifier_step}
@@ -166,6 +171,7 @@ def _with_exit_loop(model, stage, mesh, settings, budget, report):
       batch_size=settings.train_batch_size,
       target_length=settings.target_length,
       backward=stage == 'model',
+      rules=partitioning.rules_for(settings.parameter_partitioning_dims),
     ),
     budget,
   )

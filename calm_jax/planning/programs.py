@@ -53,7 +53,8 @@ class Program:
   fn: Callable
   args: tuple
   mesh: Mesh
-  activation_rules: bool = False  # traced under the mesh's logical rules
+  # Traced under these logical rules (the layers' activation constraints).
+  rules: Optional[partitioning.Rules] = None
   model_flops: Optional[float] = None  # 6 N tokens, for a train step
   cache_dims: Optional[tuple[int, ...]] = None  # a layer's K/V per device
   tokens: int = 0  # positions one call produces (token programs)
@@ -76,13 +77,15 @@ def fitted(spec: P, shape, mesh: Mesh) -> P:
   return P(*out[: len(shape)])
 
 
-def abstract_params(model: Any, mesh: Mesh) -> Any:
+def abstract_params(
+  model: Any, mesh: Mesh, rules: partitioning.Rules = partitioning.RULES
+) -> Any:
   """The model's parameters as sharded ShapeDtypeStructs (the rules'
   shardings, fitted to the dimensions)."""
   shapes = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0)))
   shapes = shapes.get('params', shapes)
   specs = jax.tree_util.tree_map(
-    partitioning.logical_to_mesh,
+    lambda spec: partitioning.logical_to_mesh(spec, rules),
     model.param_axes(),
     is_leaf=lambda x: isinstance(x, P),
   )
@@ -127,11 +130,12 @@ def train_step(
   batch_size: int,
   input_length: int,
   target_length: int,
+  rules: partitioning.Rules = partitioning.RULES,
 ) -> Program:
   """The stage-1 train step (CALM's loss over every exit), as the trainer
   jits it (state donated, shardings from the rules)."""
   objective = trainer.model_objective(model)
-  place = trainer.placement(objective, optimizer, mesh)
+  place = trainer.placement(objective, optimizer, mesh, rules)
   fn = jax.jit(
     trainer.step_fn(objective, optimizer),
     donate_argnums=(0,),
@@ -150,7 +154,7 @@ def train_step(
       _rng(mesh),
     ),
     mesh=mesh,
-    activation_rules=True,
+    rules=rules,
     model_flops=6.0 * params * tokens,
   )
 
@@ -171,12 +175,13 @@ def classifier_step(
   batch_size: int,
   input_length: int,
   target_length: int,
+  rules: partitioning.Rules = partitioning.RULES,
 ) -> Program:
   """The stage-2 step: the exit classifier trained over a frozen backbone
   (an argument here, a constant of the trainer's objective)."""
-  backbone = abstract_params(model, mesh)
+  backbone = abstract_params(model, mesh, rules)
   placeholder = trainer.classifier_objective(model, None)
-  place = trainer.placement(placeholder, optimizer, mesh)
+  place = trainer.placement(placeholder, optimizer, mesh, rules)
 
   def step(state, backbone, batch, rng):
     objective = trainer.classifier_objective(model, backbone)
@@ -205,7 +210,7 @@ def classifier_step(
       _rng(mesh),
     ),
     mesh=mesh,
-    activation_rules=True,
+    rules=rules,
   )
 
 
@@ -216,6 +221,7 @@ def exit_loop_iteration(
   batch_size: int,
   target_length: int,
   backward: bool = True,
+  rules: partitioning.Rules = partitioning.RULES,
 ) -> Program:
   """One iteration of a train step's loop over the exits, alone: XLA's
   cost analysis counts a loop's body once, so a step's FLOPs and bytes
@@ -266,7 +272,7 @@ def exit_loop_iteration(
     fn=jax.jit(fn),
     args=([leaves[i] for i in read], states, labels, weights),
     mesh=mesh,
-    activation_rules=True,
+    rules=rules,
   )
 
 

@@ -116,6 +116,7 @@ class Placement:
   mesh: Mesh
   state: TrainState  # of NamedShardings
   abstract_state: TrainState  # of ShapeDtypeStructs carrying those shardings
+  rules: partitioning.Rules = partitioning.RULES  # parameters and activations
 
   @property
   def batch(self) -> NamedSharding:
@@ -127,7 +128,10 @@ class Placement:
 
 
 def placement(
-  objective: Objective, optimizer: optax.GradientTransformation, mesh: Mesh
+  objective: Objective,
+  optimizer: optax.GradientTransformation,
+  mesh: Mesh,
+  rules: partitioning.Rules = partitioning.RULES,
 ) -> Placement:
   """Shardings of the train state: parameters by the rules, optimizer state
   like the parameters it mirrors, the step replicated."""
@@ -138,7 +142,8 @@ def placement(
   if objective.param_axes is None:
     params = jax.tree_util.tree_map(lambda _: replicated, shapes.params)
   else:
-    params = partitioning.param_shardings(objective.param_axes, mesh)
+    params = partitioning.param_shardings(objective.param_axes, mesh, rules)
+    partitioning.check_params_split(shapes.params, params)
   shardings = TrainState(
     step=replicated,
     params=params,
@@ -150,6 +155,7 @@ def placement(
     mesh=mesh,
     state=shardings,
     abstract_state=partitioning.with_shardings(shapes, shardings),
+    rules=rules,
   )
 
 
@@ -232,7 +238,7 @@ class TrainStep:
       ]
       shape = ', lengths ' + '/'.join(map(str, lengths)) if lengths else ''
       with console.compiling(f'train step (batch {rows}{shape})'):
-        with partitioning.activation_rules(self.place.mesh):  # traced here
+        with partitioning.activation_rules(self.place.mesh, self.place.rules):
           self._programs[key] = self._jitted.lower(state, batch, rng).compile()
     return self._programs[key]
 
@@ -257,7 +263,7 @@ def make_eval_step(objective: Objective, place: Placement):
   )
 
   def evaluate(params, batch):
-    with partitioning.activation_rules(place.mesh):
+    with partitioning.activation_rules(place.mesh, place.rules):
       return jitted(params, batch)
 
   return evaluate
@@ -443,6 +449,7 @@ def train_loop(
   progress: bool = True,
   checkpoint_subdir: str = checkpoints.CHECKPOINT_SUBDIR,
   mesh: Optional[Mesh] = None,
+  rules: partitioning.Rules = partitioning.RULES,
   max_bad_steps: int = 0,
   restore_fallback: bool = True,
   validation_batches: Optional[Callable[[], Iterable[Batch]]] = None,
@@ -457,14 +464,15 @@ def train_loop(
   shape the run will meet (a mixture's tasks have their own lengths): all
   are compiled before the first step, each with a notice.
 
-  Runs on `mesh` (default: every device on 'data'). Saves every
+  Runs on `mesh` (default: every device on 'data'), its parameters and
+  activations split by `rules` (`partitioning.rules_for`). Saves every
   `checkpoint_period` steps, at the end, and on Ctrl-C (orbax commits
   atomically; a manifest of array hashes is verified on restore). Steps
   that are not finite are not applied; past `max_bad_steps` of them the run
   stops (NonFiniteStepError) and saves nothing more.
   """
   mesh = mesh or partitioning.make_mesh()
-  place = placement(objective, optimizer, mesh)
+  place = placement(objective, optimizer, mesh, rules)
   mgr = checkpoints.manager(
     model_dir, max_to_keep=keep_checkpoints, subdir=checkpoint_subdir
   )
