@@ -78,6 +78,11 @@ bench-dtype: $(STAMP)
 bench-guard: $(STAMP)
 	$(PY) tools/guard_cost.py
 
+# Target tokens trained per second, packed against unpacked batches
+# (docs/packing.json and .md; about 15 minutes).
+bench-packing: $(STAMP)
+	$(PY) tools/packing_throughput.py
+
 # The accelerator check (bf16/f32 tests and bench on whatever backend JAX
 # has); `bash tools/device_check.sh --quick` is its CPU dry run.
 device-check: $(STAMP)

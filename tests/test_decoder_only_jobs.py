@@ -60,9 +60,42 @@ def test_the_lm_batch_puts_each_target_after_its_input():
   np.testing.assert_array_equal(
     lm['tokens'], [[5, 6, 1, 8, 1, 0, 0], [7, 1, 9, 4, 1, 0, 0]]
   )
-  np.testing.assert_array_equal(lm['lengths'], [5, 5])
-  # The state before each target token predicts it.
-  np.testing.assert_array_equal(lm['predict'], [[2, 3, 4], [1, 2, 3]])
+  np.testing.assert_array_equal(
+    lm['segments'], [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0]]
+  )
+  np.testing.assert_array_equal(
+    lm['positions'][:, :5], [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+  )
+  # The state before each target token predicts it (padding: weight 0).
+  np.testing.assert_array_equal(lm['predict'][0, :2], [2, 3])
+  np.testing.assert_array_equal(lm['predict'][1], [1, 2, 3])
+
+
+def test_a_packed_lm_batch_puts_each_example_after_the_one_before():
+  """Two examples packed in one row (SeqIO's segment ids and positions):
+  each example's input then its target, positions from 0 per example."""
+  batch = {
+    'encoder_input_tokens': np.array([[5, 1, 7, 6, 1, 0]]),
+    'encoder_segment_ids': np.array([[1, 1, 2, 2, 2, 0]]),
+    'encoder_positions': np.array([[0, 1, 0, 1, 2, 0]]),
+    'decoder_target_tokens': np.array([[8, 1, 9, 1, 0]]),
+    'decoder_segment_ids': np.array([[1, 1, 2, 2, 0]]),
+    'decoder_positions': np.array([[0, 1, 0, 1, 0]]),
+  }
+  lm = llama.lm_batch(batch)
+  np.testing.assert_array_equal(
+    lm['tokens'], [[5, 1, 8, 1, 7, 6, 1, 9, 1, 0, 0]]
+  )
+  np.testing.assert_array_equal(
+    lm['positions'], [[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 0]]
+  )
+  np.testing.assert_array_equal(
+    lm['segments'], [[1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0]]
+  )
+  np.testing.assert_array_equal(lm['predict'][:, :4], [[1, 2, 6, 7]])
+  mask = np.asarray(llama.segment_causal_mask(lm['segments']))[0, 0]
+  assert mask[3, :4].all() and not mask[3, 4:].any()  # example 1's end
+  assert not mask[5, :4].any() and mask[5, 4:6].all()  # example 2 sees itself
 
 
 def test_decode_and_calibrate_a_task_with_the_decoder_only_model(

@@ -117,7 +117,10 @@ def _task_batches(
   shuffle: bool,
   num_epochs: Optional[int],
   shard: Optional[seqio.ShardInfo] = None,
+  pack: bool = False,
 ) -> tf.data.Dataset:
+  """Feature-converted batches of one task; `pack` puts several examples
+  in a row (SeqIO's packing: segment ids and positions per example)."""
   ds = seqio.get_mixture_or_task(task_name).get_dataset(
     lengths,
     split=split,
@@ -127,7 +130,9 @@ def _task_batches(
     shard_info=shard,
     try_in_mem_cache=False,
   )  # see eval_examples
-  ds = seqio.EncDecFeatureConverter(pack=False)(ds, lengths)
+  if pack:  # the converter would drop them itself, with a warning
+    ds = ds.map(lambda ex: {k: ex[k] for k in lengths})
+  ds = seqio.EncDecFeatureConverter(pack=pack)(ds, lengths)
   return ds.batch(batch_size, drop_remainder=True)
 
 
@@ -139,8 +144,10 @@ def train_batches(
   start_step: int = 0,
   shuffle: bool = True,
   shard: Optional[seqio.ShardInfo] = None,
+  pack: bool = False,
 ) -> Iterator[Batch]:
-  """Endless deterministic training batches, resumed at `start_step`.
+  """Endless deterministic training batches, resumed at `start_step`
+  (`pack`: several examples per row, as t5x's run configs train).
 
   The whole pipeline is a function of `seed`, so skipping the first
   `start_step` batches puts a resumed run at the same data position. With
@@ -160,6 +167,7 @@ def train_batches(
       shuffle,
       None,
       shard,
+      pack,
     )
     for task in rates
   ]
@@ -182,6 +190,7 @@ def first_batches(
   batch_size: int,
   batches_per_task: int,
   shard: Optional[seqio.ShardInfo] = None,
+  pack: bool = False,
 ) -> list[Batch]:
   """The first `batches_per_task` batches of each task's split, unshuffled,
   in the training batches' layout: what training reports on (validation),
@@ -190,7 +199,7 @@ def first_batches(
   out = []
   for task in task_rates(name):
     ds = _task_batches(
-      task, feature_lengths(task), split, batch_size, 0, False, 1, shard
+      task, feature_lengths(task), split, batch_size, 0, False, 1, shard, pack
     )
     out += list(ds.take(batches_per_task).as_numpy_iterator())
   if not out:

@@ -66,6 +66,7 @@ def train(
   num_train_steps: int = 1000,
   seed: int = 0,
   shuffle: bool = True,
+  pack: bool = True,
   initial_checkpoint_path: Optional[str] = None,
   mesh_shape: Optional[Sequence[int]] = None,
   remat_policy: str = 'none',
@@ -85,6 +86,8 @@ def train(
   The run uses a (data, model) mesh of `mesh_shape` (default: every device
   on 'data'). `remat_policy` ('none', 'minimal', 'full') is what the model
   stage's layers keep for the backward pass: memory against recompute.
+  `pack` (as t5x's run configs) fills each row with several examples,
+  each attending to itself only, instead of one example and padding.
   `parameter_partitioning_dims` 2 splits parameters and optimizer state
   over 'data' too (t5x's 2D parameter sharding, for XL and XXL); the
   checkpoints restore onto either layout. `batch_size` is the global
@@ -151,6 +154,7 @@ def train(
       start_step=start,
       shuffle=shuffle,
       shard=shard,
+      pack=pack,
     )
     validation = lambda: pipeline.first_batches(
       mixture_or_task_name,
@@ -158,6 +162,7 @@ def train(
       batch_size=local_batch,
       batches_per_task=logging.eval_batches,
       shard=shard,
+      pack=pack,
     )
     # One batch of each shape the run trains on: all compiled before step 1.
     shapes = lambda: pipeline.first_batches(
@@ -166,6 +171,7 @@ def train(
       batch_size=local_batch,
       batches_per_task=1,
       shard=shard,
+      pack=pack,
     )
     state = trainer.train_loop(
       objective=objective,

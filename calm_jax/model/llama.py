@@ -328,13 +328,22 @@ class DecoderOnly(nn.Module):
     )
 
   def __call__(
-    self, tokens: Array, lengths: Array, remat_policy: str = 'none'
+    self,
+    tokens: Array,
+    lengths: Optional[Array],
+    remat_policy: str = 'none',
+    positions: Optional[Array] = None,
+    mask: Optional[Array] = None,
   ) -> Array:
     """Teacher-forced pass over right-padded tokens [b, l] with their
     lengths [b] -> the raw hidden state of every layer [L, b, l, e]
-    (`remat_policy`: `layers.REMAT_POLICIES`, for training)."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    mask = causal_mask(positions, lengths)
+    (`remat_policy`: `layers.REMAT_POLICIES`, for training). A packed
+    batch gives its own rotary `positions` [b, l] and `mask` [b, 1, l, l]
+    (`segment_causal_mask`) instead of lengths."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if mask is None:
+      mask = causal_mask(positions, lengths)
     x = self.embed(tokens)
     run = layers.rematerialised(
       lambda layer, x, positions, mask: layer(x, positions, mask),
@@ -373,6 +382,17 @@ class DecoderOnly(nn.Module):
       kv.append((keys, values))
       x = layer.attend_and_mlp(x, positions, keys, values, mask)
     return tuple(kv)
+
+
+def segment_causal_mask(segments: Array) -> Array:
+  """[b, l] example ids of a (packed) row, 0 for padding -> [b, 1, l, l]: a
+  query may see keys at or before it of its own example."""
+  index = jnp.arange(segments.shape[1])
+  return (
+    (index[None, None, None, :] <= index[None, None, :, None])
+    & (segments[:, None, :, None] == segments[:, None, None, :])
+    & (segments[:, None, None, :] > 0)
+  )
 
 
 def causal_mask(positions: Array, lengths: Array) -> Array:
@@ -761,24 +781,51 @@ class CalmLlama:
 
 
 def lm_batch(batch: Mapping[str, Array]) -> dict[str, Array]:
-  """An encoder-decoder batch (the SeqIO feature converter's) as a causal
-  LM batch: each row's input (with its EOS) followed by its target.
+  """An encoder-decoder batch (the SeqIO feature converter's, packed or
+  not) as a causal LM batch: each example's input (with its EOS) followed
+  by its target, the examples of a packed row one after another.
 
-  Returns tokens [b, s + t], lengths [b], and `predict` [b, t]: the
-  position whose state predicts each target token (the one before it).
+  Returns tokens [b, s + t]; positions [b, s + t], from 0 in each example
+  (rotary); segments [b, s + t], each position's example (1, 2, ...; 0 for
+  padding); and `predict` [b, t]: the position whose state predicts each
+  target token (the one before it).
   """
   inputs = batch['encoder_input_tokens']  # [b, s], 0-padded
   targets = batch['decoder_target_tokens']  # [b, t], 0-padded
-  rows, width = inputs.shape[0], inputs.shape[1] + targets.shape[1]
-  input_lengths = jnp.sum(inputs != 0, axis=1)
-  target_positions = input_lengths[:, None] + jnp.arange(targets.shape[1])
-  tokens = jnp.zeros((rows, width), jnp.int32)
-  tokens = tokens.at[:, : inputs.shape[1]].set(inputs)
-  tokens = tokens.at[jnp.arange(rows)[:, None], target_positions].set(targets)
+  (rows, s), t = inputs.shape, targets.shape[1]
+  width = s + t
+  # An unpacked row is one example.
+  in_seg = batch.get('encoder_segment_ids', (inputs != 0).astype(jnp.int32))
+  out_seg = batch.get('decoder_segment_ids', (targets != 0).astype(jnp.int32))
+  in_pos = batch.get('encoder_positions', jnp.arange(s)[None, :])
+  out_pos = batch.get('decoder_positions', jnp.arange(t)[None, :])
+  real_in, real_out = in_seg > 0, out_seg > 0
+  # An input token moves right by the targets of the examples before it; a
+  # target token by the inputs of its example and those before it.
+  targets_before = (out_seg[:, None, :] < in_seg[:, :, None]) & real_out[
+    :, None, :
+  ]  # [b, s, t]
+  inputs_up_to = (in_seg[:, None, :] <= out_seg[:, :, None]) & real_in[
+    :, None, :
+  ]  # [b, t, s]
+  own_inputs = (in_seg[:, None, :] == out_seg[:, :, None]) & real_in[:, None, :]
+  in_index = jnp.where(real_in, jnp.arange(s) + targets_before.sum(2), width)
+  out_index = jnp.where(real_out, jnp.arange(t) + inputs_up_to.sum(2), width)
+
+  def place(in_values, out_values):  # padding goes nowhere (index width)
+    rows_ = jnp.arange(rows)[:, None]
+    out = jnp.zeros((rows, width), jnp.int32)
+    out = out.at[rows_, in_index].set(in_values, mode='drop')
+    return out.at[rows_, out_index].set(out_values, mode='drop')
+
   return {
-    'tokens': tokens,
-    'lengths': input_lengths + jnp.sum(targets != 0, axis=1),
-    'predict': target_positions - 1,
+    'tokens': place(inputs, targets),
+    'positions': place(
+      jnp.broadcast_to(in_pos, inputs.shape),
+      own_inputs.sum(2) + out_pos,
+    ),
+    'segments': place(in_seg, out_seg),
+    'predict': jnp.clip(out_index - 1, 0, width - 1),
   }
 
 
@@ -788,8 +835,13 @@ def _target_states(
   """Every layer's state at the positions that predict the targets
   [L, b, t, e]."""
   lm = lm_batch(batch)
-  hidden = model.hidden_states(
-    params, lm['tokens'], lm['lengths'], remat_policy
+  hidden = model.module.apply(
+    {'params': network_params(params)},
+    lm['tokens'],
+    None,
+    remat_policy,
+    positions=lm['positions'],
+    mask=segment_causal_mask(lm['segments']),
   )
   index = jnp.broadcast_to(
     lm['predict'][None, :, :, None],

@@ -142,6 +142,15 @@ def streamed_calm_loss(
   return _weighted_loss(sums, weights, jnp.maximum(mask.sum(), 1.0))
 
 
+SEGMENT_KEYS = ('encoder_segment_ids', 'decoder_segment_ids')
+
+
+def segment_ids(batch: Mapping[str, Array]) -> dict[str, Array]:
+  """A packed batch's segment ids (SeqIO's packing feature converter
+  writes them; an unpacked batch has none)."""
+  return {k: batch[k] for k in SEGMENT_KEYS if k in batch}
+
+
 def exit_predictions(head: Callable[[Array], Array], states: Array) -> Array:
   """Greedy tokens [x, b, l] of the exits reading states [x, b, l, e], one
   exit's logits at a time (what the classifier stage labels with)."""
@@ -310,6 +319,7 @@ class CalmModel:
       remat_policy=self.remat_policy,
       rngs=rngs,
       method=network.EncoderDecoder.decoder_hidden,
+      **segment_ids(batch),
     )  # [L, b, l, e]
     exits = jnp.asarray(self.config.exit_layers) - 1
     return streamed_calm_loss(
@@ -337,6 +347,7 @@ class CalmModel:
         batch['encoder_input_tokens'],
         batch['decoder_input_tokens'],
         method=network.EncoderDecoder.decoder_hidden,
+        **segment_ids(batch),
       )
     )  # [L, b, l, e]
     exits = jnp.asarray(self.classifier_exit_layers()) - 1

@@ -14,6 +14,7 @@ h heads, d head dim, e embed, v vocab, x exits.
 """
 
 import dataclasses
+from typing import Optional
 from typing import Sequence
 
 import flax.linen as nn
@@ -114,6 +115,36 @@ def key_padding_mask(tokens: Array) -> Array:
   return (tokens > 0)[:, None, None, :]
 
 
+def same_segment(query_segments: Array, key_segments: Array) -> Array:
+  """Segment ids [b, q] and [b, k] of a packed batch (SeqIO's: 1, 2, ...
+  per example in a row, 0 for padding) -> [b, 1, q, k], True where query
+  and key belong to the same example."""
+  return query_segments[:, None, :, None] == key_segments[:, None, None, :]
+
+
+def attention_masks(
+  encoder_tokens: Array,
+  decoder_input_tokens: Array,
+  encoder_segment_ids: Optional[Array] = None,
+  decoder_segment_ids: Optional[Array] = None,
+) -> tuple[Array, Array, Array]:
+  """The encoder's, the decoder's self- and the cross-attention masks
+  ([b, 1, s|1, s], [b, 1, l, l], [b, 1, l|1, s]). With segment ids (a packed
+  batch) no attention crosses from one example to another; the relative
+  position biases need nothing more, since an example's tokens are
+  contiguous and their offsets are those of the example alone."""
+  encoder = key_padding_mask(encoder_tokens)
+  decoder = nn.make_causal_mask(decoder_input_tokens, dtype=jnp.bool_)
+  cross = key_padding_mask(encoder_tokens)
+  if encoder_segment_ids is not None:
+    encoder = encoder & same_segment(encoder_segment_ids, encoder_segment_ids)
+  if decoder_segment_ids is not None:
+    decoder = decoder & same_segment(decoder_segment_ids, decoder_segment_ids)
+  if encoder_segment_ids is not None and decoder_segment_ids is not None:
+    cross = cross & same_segment(decoder_segment_ids, encoder_segment_ids)
+  return encoder, decoder, cross
+
+
 class EncoderLayer(nn.Module):
   config: T5Config
 
@@ -150,12 +181,18 @@ class Encoder(nn.Module):
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def __call__(
-    self, tokens: Array, *, deterministic: bool, remat_policy: str = 'none'
+    self,
+    tokens: Array,
+    *,
+    deterministic: bool,
+    remat_policy: str = 'none',
+    mask: Optional[Array] = None,
   ) -> Array:
-    """[b, s] tokens -> [b, s, e] encoded."""
+    """[b, s] tokens -> [b, s, e] encoded (`mask`: `attention_masks`'s
+    first, for a packed batch; by default the keys' padding)."""
     positions = jnp.arange(tokens.shape[1])
     bias = self.relpos_bias(positions, positions)  # [1, h, s, s]
-    mask = key_padding_mask(tokens)
+    mask = key_padding_mask(tokens) if mask is None else mask
     x = self.dropout(self.shared_embedding(tokens), deterministic=deterministic)
     run = layers.rematerialised(
       lambda layer, x, bias, mask: layer(
@@ -298,13 +335,16 @@ class Decoder(nn.Module):
     *,
     deterministic: bool,
     remat_policy: str = 'none',
+    masks: Optional[tuple[Array, Array]] = None,
   ) -> Array:
-    """Teacher-forced pass -> raw hidden state of every layer [L, b, l, e]."""
+    """Teacher-forced pass -> raw hidden state of every layer [L, b, l, e]
+    (`masks`: the self- and cross-attention masks of `attention_masks`)."""
     length = decoder_input_tokens.shape[1]
     positions = jnp.arange(length)
     self_bias = self.relpos_bias(positions, positions)  # [1, h, l, l]
-    self_mask = nn.make_causal_mask(decoder_input_tokens)  # [b, 1, l, l]
-    cross_mask = key_padding_mask(encoder_tokens)
+    if masks is None:
+      masks = attention_masks(encoder_tokens, decoder_input_tokens)[1:]
+    self_mask, cross_mask = masks  # [b, 1, l, l], [b, 1, l|1, s]
     x = self.dropout(
       self.shared_embedding(decoder_input_tokens), deterministic=deterministic
     )
@@ -412,11 +452,23 @@ class EncoderDecoder(nn.Module):
     *,
     deterministic: bool = True,
     remat_policy: str = 'none',
+    encoder_segment_ids: Optional[Array] = None,
+    decoder_segment_ids: Optional[Array] = None,
   ) -> Array:
     """Raw hidden state of every decoder layer [L, b, l, e]
-    (`remat_policy`: `layers.REMAT_POLICIES`, for training)."""
-    encoded = self.encode(
-      encoder_tokens, deterministic=deterministic, remat_policy=remat_policy
+    (`remat_policy`: `layers.REMAT_POLICIES`, for training; segment ids
+    [b, s] and [b, l]: a packed batch)."""
+    encoder_mask, *masks = attention_masks(
+      encoder_tokens,
+      decoder_input_tokens,
+      encoder_segment_ids,
+      decoder_segment_ids,
+    )
+    encoded = self.encoder(
+      encoder_tokens,
+      deterministic=deterministic,
+      remat_policy=remat_policy,
+      mask=encoder_mask,
     )
     return self.decoder(
       encoded,
@@ -424,6 +476,7 @@ class EncoderDecoder(nn.Module):
       decoder_input_tokens,
       deterministic=deterministic,
       remat_policy=remat_policy,
+      masks=tuple(masks),
     )
 
   def head(self, h: Array) -> Array:
