@@ -270,6 +270,33 @@ def test_a_plan_compiles_every_program_of_the_run(cpu_plan):
   assert cpu_plan['train'][1]['flops'] < model_step['flops']
 
 
+def test_a_packed_train_step_with_2d_rules_compiles():
+  """What gin/runs/plan.gin plans by default (packed batches), with the 2D
+  parameter rules; the segment ids and positions are arguments."""
+  model = models.CalmModel(TINY)
+  optimizer = optim.make_optimizer(name='adafactor', learning_rate=1e-3)
+  mesh = plan_lib.train_mesh(SETTINGS, jax.devices()[:1])
+  program = programs.train_step(
+    model,
+    optimizer,
+    mesh,
+    batch_size=4,
+    input_length=16,
+    target_length=8,
+    rules=partitioning.rules_for(2),
+    pack=True,
+  )
+  batch = program.args[1]
+  assert set(programs.PACKED_KEYS) <= set(batch)
+  assert batch['encoder_segment_ids'].shape == (4, 16)
+  assert batch['decoder_positions'].shape == (4, 8)
+  budget = chips.DeviceBudget(
+    hbm_bytes=1 << 34, peak_flops=1e12, hbm_bandwidth=1e11
+  )
+  report = compiled_lib.compile_program(program, budget)
+  assert report.flops > 0 and report.fits
+
+
 def test_a_program_that_does_not_fit_is_refused_in_one_line():
   model = models.CalmModel(TINY)
   optimizer = optim.make_optimizer(name='adafactor', learning_rate=1e-3)

@@ -3,7 +3,7 @@ train step, on packed batches (SeqIO's packing feature converter, the
 training default) and on unpacked ones, in alternating rounds after
 compiling both, per task.
 
-  .venv/bin/python tools/packing_throughput.py [--rounds 5] [--steps 20]
+  .venv/bin/python tools/packing_throughput.py [--rounds 5] [--steps 6]
 
 Tasks: the demo's stand-in mixture and each of its tasks, and the paper's
 three tasks under TFDS mock data (their feature lengths, the embedded
@@ -180,7 +180,7 @@ def markdown(result: dict, output: str) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--steps', type=int, default=6)
   parser.add_argument('--no-paper', action='store_true')
   parser.add_argument('--output', default='docs/packing.json')
   args = parser.parse_args()

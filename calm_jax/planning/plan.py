@@ -29,6 +29,7 @@ class PlanSettings:
   topology: str
   mesh_shape: Optional[tuple[int, int]] = None  # train: (data, model)
   parameter_partitioning_dims: int = 1  # train: 2 splits 'embed' over 'data'
+  pack: bool = False  # train: packed batches (segment ids in every mask)
   train_batch_size: int = 128
   input_length: int = 512
   target_length: int = 128
@@ -137,6 +138,7 @@ def _train_reports(
     input_length=settings.input_length,
     target_length=settings.target_length,
     rules=partitioning.rules_for(settings.parameter_partitioning_dims),
+    pack=settings.pack,
   )
   partitioning.check_batch_fits(settings.train_batch_size, mesh)
   build = {'model': programs.train_step, 'classifier': programs.classifier_step}

@@ -42,6 +42,13 @@ BATCH_KEYS = (
   'decoder_target_tokens',
   'decoder_loss_weights',
 )
+# What SeqIO's packing feature converter adds.
+PACKED_KEYS = (
+  'encoder_segment_ids',
+  'encoder_positions',
+  'decoder_segment_ids',
+  'decoder_positions',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +108,11 @@ def num_params(params: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
 
 
-def train_batch(mesh, batch_size, input_length, target_length) -> dict:
-  """An encoder-decoder batch's abstract arrays, split over 'data'."""
+def train_batch(
+  mesh, batch_size, input_length, target_length, pack: bool = False
+) -> dict:
+  """An encoder-decoder batch's abstract arrays, split over 'data' (`pack`:
+  with the packed batch's segment ids and positions)."""
   shape = lambda k: (
     batch_size,
     input_length if k.startswith('encoder') else target_length,
@@ -114,7 +124,7 @@ def train_batch(mesh, batch_size, input_length, target_length) -> dict:
       mesh,
       P('data'),
     )
-    for k in BATCH_KEYS
+    for k in BATCH_KEYS + (PACKED_KEYS if pack else ())
   }
 
 
@@ -131,6 +141,7 @@ def train_step(
   input_length: int,
   target_length: int,
   rules: partitioning.Rules = partitioning.RULES,
+  pack: bool = False,
 ) -> Program:
   """The stage-1 train step (CALM's loss over every exit), as the trainer
   jits it (state donated, shardings from the rules)."""
@@ -150,7 +161,7 @@ def train_step(
     fn=fn,
     args=(
       place.abstract_state,
-      train_batch(mesh, batch_size, input_length, target_length),
+      train_batch(mesh, batch_size, input_length, target_length, pack),
       _rng(mesh),
     ),
     mesh=mesh,
@@ -176,6 +187,7 @@ def classifier_step(
   input_length: int,
   target_length: int,
   rules: partitioning.Rules = partitioning.RULES,
+  pack: bool = False,
 ) -> Program:
   """The stage-2 step: the exit classifier trained over a frozen backbone
   (an argument here, a constant of the trainer's objective)."""
@@ -206,7 +218,7 @@ def classifier_step(
     args=(
       place.abstract_state,
       backbone,
-      train_batch(mesh, batch_size, input_length, target_length),
+      train_batch(mesh, batch_size, input_length, target_length, pack),
       _rng(mesh),
     ),
     mesh=mesh,
