@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install lint format test test-slow real-model demo-decoder-only bench-exact test-time demo bench bench-dtype bench-guard tpu-plan test-tpu-plan device-check validity reproduce vocab clean
+.PHONY: install lint format test test-slow real-model demo-decoder-only bench-exact test-time demo bench bench-dtype bench-guard bench-packing check-predictions tpu-plan test-tpu-plan device-check validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -82,6 +82,12 @@ bench-guard: $(STAMP)
 # (docs/packing.json and .md; about 15 minutes).
 bench-packing: $(STAMP)
 	$(PY) tools/packing_throughput.py
+
+# The planner's speed-up prediction checked where it can be: the same
+# one-position programs timed on this CPU against make reproduce's measured
+# speed-ups (docs/cpu_prediction_check.json and .md).
+check-predictions: $(STAMP)
+	$(PY) tools/cpu_prediction_check.py
 
 # The accelerator check (bf16/f32 tests and bench on whatever backend JAX
 # has); `bash tools/device_check.sh --quick` is its CPU dry run.

@@ -82,6 +82,30 @@ CASES = {
     ],
     'SmolLM2-135M (make real-model) at its real-text lengths',
   ),
+  't5_small_train_b32_minimal_remat': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    [
+      '--gin.BATCH_SIZE=32',
+      '--gin.MESH_SHAPE=(2, 2)',
+      "--gin.REMAT_POLICY='minimal'",
+      *YARDSTICK,
+    ],
+    "the yardstick case with minimal remat (each layer's matmul outputs "
+    'kept, the rest recomputed)',
+  ),
+  't5_small_train_b32_2d': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    [
+      '--gin.BATCH_SIZE=32',
+      '--gin.MESH_SHAPE=(2, 2)',
+      '--gin.PARAMETER_PARTITIONING_DIMS=2',
+      *YARDSTICK,
+    ],
+    "the yardstick case with 2D parameter sharding: the parameters' and "
+    "optimizer state's bytes split over 'data' too",
+  ),
   't5_xxl_train_v5e256_2d': _case(
     'calm_t5_1_1_xxl',
     'v5e:16x16',

@@ -27,7 +27,9 @@ the same for every exit layer. The predictions take the measured exit
 histograms as given, draw the rows of a batch independently from them, and
 charge a position the cost of its deepest row (the bucketed loop runs a
 layer while any row climbs; at a memory-bound batch a layer costs about the
-same on any number of rows).
+same on any number of rows). The same method on per-token times measured
+on this CPU is set against the CPU's measured speed-ups in
+[cpu_prediction_check.md](cpu_prediction_check.md).
 """
 
 
@@ -124,6 +126,20 @@ def _prediction_rows(predictions) -> list[str]:
   return rows
 
 
+def _train_settings(plan: Mapping[str, Any]) -> str:
+  """One line: what the train steps were planned at (plans made before a
+  setting existed ran at its default)."""
+  settings = plan['settings']
+  dims = settings.get('parameter_partitioning_dims', 1)
+  return (
+    f'Train steps: global batch {settings["train_batch_size"]}, lengths '
+    f'{settings["input_length"]}/{settings["target_length"]}, '
+    f'{"packed" if settings.get("pack") else "unpacked"}, parameters split '
+    f'{"over model and data (2D)" if dims == 2 else "over model"}, remat '
+    f'{plan.get("remat_policy", "none")}.\n'
+  )
+
+
 def render(results: Mapping[str, Mapping[str, Any]]) -> str:
   lines = [HEADER]
   for name, plan in results.items():
@@ -142,6 +158,8 @@ def render(results: Mapping[str, Mapping[str, Any]]) -> str:
       f'GiB HBM, {plan["device_budget"]["peak_flops"] / 1e12:.0f} TFLOP/s, '
       f'{plan["device_budget"]["hbm_bandwidth"] / 1e9:.0f} GB/s ({chip["source"]}).\n'
     )
+    if plan['train']:
+      lines.append(_train_settings(plan))
     reports = [
       *plan['train'],
       *[r for rs in plan['decode'].values() for r in rs],
