@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
+import test_models  # tests/test_models.py: the tiny Llama dims
 
 from calm_jax.model import llama
 from calm_jax.model import models
@@ -32,16 +33,7 @@ T5 = network.T5Config(
   num_decoder_layers=3,
   dtype='float32',
 )
-LLAMA = llama.LlamaConfig(
-  vocab_size=40,
-  emb_dim=16,
-  num_layers=3,
-  num_heads=2,
-  num_kv_heads=1,
-  head_dim=8,
-  mlp_dim=24,
-  rope_theta=10000.0,
-)
+LLAMA = llama.LlamaConfig(**test_models.TINY_LLAMA)
 
 
 def converted(examples, pack: bool) -> dict:
