@@ -97,6 +97,27 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
   assert _steps(model_dir) == [4, 6, 7]
 
 
+def test_a_scanned_run_trains_resumes_and_keeps_its_layout(tmp_path):
+  """SCAN_LAYERS=True: stacked parameters and per-layer optimizer state
+  are saved and resumed; the dir then refuses the other layout."""
+  model_dir = tmp_path / 'model'
+  flags = [*TINY, f"--gin.MODEL_DIR='{model_dir}'", '--gin.SCAN_LAYERS=True']
+  first = _run('calm_jax.train', *flags, '--gin.TRAIN_STEPS=3')
+  assert first.returncode == 0, first.stderr[-2000:]
+  meta = json.loads((model_dir / 'model.json').read_text())
+  assert meta['config']['scan_layers'] is True
+  second = _run('calm_jax.train', *flags, '--gin.TRAIN_STEPS=4')
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert _steps(model_dir) == [3, 4]
+  unrolled = _run(
+    'calm_jax.train', *TINY, f"--gin.MODEL_DIR='{model_dir}'",
+    '--gin.TRAIN_STEPS=5',
+  )
+  assert unrolled.returncode == 2
+  assert 'INITIAL_CHECKPOINT_PATH' in unrolled.stderr.splitlines()[-1]
+  assert _steps(model_dir) == [3, 4]
+
+
 @pytest.mark.parametrize(
   'extra, message',
   [

@@ -14,6 +14,7 @@ from calm_jax.data import examples
 from calm_jax.data import vocabularies
 from calm_jax.decoding import loops
 from calm_jax.model import adapters
+from calm_jax.model import layout
 from calm_jax.model import llama
 from calm_jax.model import model_files
 from calm_jax.parallel import partitioning
@@ -59,7 +60,8 @@ class LoadedModel:
     network = {k: v for k, v in self.params.items() if k != llama.ADAPTERS}
     adapters = self.params.get(llama.ADAPTERS)
     return {
-      'params': provenance.digest_tree(network),
+      # In the unrolled layout: both layouts are the same model.
+      'params': provenance.digest_tree(layout.to_layout(network, False)),
       'adapters': None
       if adapters is None
       else provenance.digest_tree(adapters),
@@ -73,13 +75,13 @@ class LoadedModel:
 
   def fingerprint(self, measure: str) -> dict:
     """What of the model dir determines a decode with this measure: the
-    config (dtype included), step and content hash of the parameters, the
+    config (dtype included, the parameter layout not), step and content hash of the parameters, the
     vocabulary (with a tokenizer's chat template), the exit adapters' hash when it has them (a full-depth
     decode, measure 'full', reads none), and the exit classifier's hash
     when the measure uses it."""
     digests = self._digests
     fingerprint = {
-      'config': dataclasses.asdict(self.config),
+      'config': layout.without_layout(self.config),
       'step': self.step,
       'params': digests['params'],
       'vocabulary': digests['vocabulary'],

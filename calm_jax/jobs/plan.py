@@ -55,6 +55,7 @@ def plan(
   measures: Sequence[str] = ('softmax', 'state', 'classifier'),
   gamma: int = 4,
   remat_policy: str = 'none',
+  scan_layers: bool = False,
   parameter_partitioning_dims: int = 1,
   pack: bool = False,
   decoders: bool = True,
@@ -97,8 +98,12 @@ def plan(
   if check_only:
     return None
   tpu.start(topology)
+  model_config = dataclasses.replace(model_config, scan_layers=scan_layers)
   model = model_files.model_for(model_config, remat_policy=remat_policy)
-  optimizer = optim.make_optimizer(name='adafactor', learning_rate=1e-3)
+  optimizer = dataclasses.replace(
+    optim.make_optimizer(name='adafactor', learning_rate=1e-3),
+    per_layer=scan_layers,
+  )
   console.info(
     f'planning {name or type(model_config).__name__} on {topology} '
     '(the TPU compiler on this machine: memory and costs, no timings)'

@@ -19,6 +19,7 @@ from calm_jax import arguments
 from calm_jax import console
 from calm_jax import errors
 from calm_jax.jobs import settings
+from calm_jax.model import layout
 from calm_jax.model import llama
 from calm_jax.model import model_files
 from calm_jax.model import network
@@ -70,6 +71,7 @@ def train(
   initial_checkpoint_path: Optional[str] = None,
   mesh_shape: Optional[Sequence[int]] = None,
   remat_policy: str = 'none',
+  scan_layers: bool = False,
   parameter_partitioning_dims: int = 1,
   max_bad_steps: int = 0,
   checkpointing: Optional[settings.CheckpointSettings] = None,
@@ -86,7 +88,9 @@ def train(
   The run uses a (data, model) mesh of `mesh_shape` (default: every device
   on 'data'). `remat_policy` ('none', 'minimal', 'full') is what the model
   stage's layers keep for the backward pass: memory against recompute.
-  `pack` (as t5x's run configs) fills each row with several examples,
+  `scan_layers` runs each stack's layers as one scan over
+  parameters stacked on a 'layers' axis (t5x's), with the optimizer
+  applied per layer. `pack` (as t5x's run configs) fills each row with several examples,
   each attending to itself only, instead of one example and padding.
   `parameter_partitioning_dims` 2 splits parameters and optimizer state
   over 'data' too (t5x's 2D parameter sharding, for XL and XXL); the
@@ -136,7 +140,9 @@ def train(
         loss,
         initial_checkpoint_path,
         remat_policy,
+        scan_layers,
       )
+      optimizer = dataclasses.replace(optimizer, per_layer=scan_layers)
       subdir = checkpoints.CHECKPOINT_SUBDIR
     else:
       objective = _classifier_stage(model_dir, mesh, rules)
@@ -210,18 +216,19 @@ def initial_params_config(
   initial_checkpoint_path: str, model_config: Optional[model_files.Config]
 ) -> model_files.Config:
   """The config to fine-tune with: the initial model's, with the requested
-  dropout; other differences (dims, exits) are errors."""
+  dropout and layout; other differences (dims, exits) are errors."""
   initial, _ = model_files.read_model_config(initial_checkpoint_path)
   if model_config is None:
     return initial
+  free = ('dropout_rate', *layout.LAYOUT_FIELDS)
   if (
-    dataclasses.replace(initial, dropout_rate=model_config.dropout_rate)
+    dataclasses.replace(initial, **{k: getattr(model_config, k) for k in free})
     != model_config
   ):
     diff = {
       k: (v, getattr(model_config, k))
       for k, v in dataclasses.asdict(initial).items()
-      if k != 'dropout_rate' and getattr(model_config, k) != v
+      if k not in free and getattr(model_config, k) != v
     }
     raise checkpoints.CheckpointError(
       f'{initial_checkpoint_path} holds another architecture than the '
@@ -237,10 +244,12 @@ def _model_stage(
   loss: settings.LossSettings,
   initial_checkpoint_path=None,
   remat_policy='none',
+  scan_layers=False,
 ):
   """Checks and writes the model dir's files; the stage-1 objective."""
   if initial_checkpoint_path:
     model_config = initial_params_config(initial_checkpoint_path, model_config)
+  model_config = dataclasses.replace(model_config, scan_layers=scan_layers)
   model_files.check_compatible(model_dir, model_config)
   pipeline.check_ready(task, 'train')  # before anything is written
   pipeline.check_vocab_fits(task, model_config.vocab_size)

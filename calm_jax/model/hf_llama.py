@@ -360,6 +360,8 @@ def import_hf(
 def export_hf(model_dir: str, out_dir: str, step: Optional[int] = None) -> None:
   """Writes a new HF dir: config.json, model.safetensors, tokenizer files."""
   config, vocab = model_files.read_model_config(model_dir)
+  # HF's layout is one tensor per layer: a scanned dir's stacks are split.
+  config = dataclasses.replace(config, scan_layers=False)
   params, _ = model_files.load_params(model_dir, config, step)
   tokenizer_dir = files.as_path(vocab).parent
   hf_tensors.write_hf_dir(

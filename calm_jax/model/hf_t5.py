@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from calm_jax.model import hf_tensors
+from calm_jax.model import layout
 from calm_jax.model import model_files
 from calm_jax.model import models
 from calm_jax.model import network
@@ -226,7 +227,7 @@ def model_gin(config: network.T5Config) -> str:
   ]
   lines += [
     f'calm_jax.T5Config.{k} = {v!r}'
-    for k, v in dataclasses.asdict(config).items()
+    for k, v in layout.without_layout(config).items()
   ]
   return '\n'.join(lines) + '\n'
 
@@ -327,6 +328,8 @@ def import_hf(
 def export_hf(model_dir: str, out_dir: str, step: Optional[int] = None) -> None:
   """Writes a new HF dir: config.json, model.safetensors, spiece.model."""
   config, vocab = model_files.read_model_config(model_dir)
+  # HF's layout is one tensor per layer: a scanned dir's stacks are split.
+  config = dataclasses.replace(config, scan_layers=False)
   params, _ = model_files.load_params(model_dir, config, step)
   hf_tensors.write_hf_dir(
     out_dir,

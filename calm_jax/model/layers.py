@@ -72,6 +72,88 @@ def rematerialised(call, policy: str):
   return nn.remat(call, policy=REMAT_POLICIES[policy])
 
 
+def scanned(body, num_layers: int, remat_policy: str = 'none'):
+  """One layer module run `num_layers` times as a `lax.scan` (t5x's
+  `scan_layers`): its parameters are stacked on a leading 'layers' axis,
+  and the program holds one layer's code whatever the depth.
+
+  body(layer, x, *context) -> x' with context (biases, masks, positions,
+  the encoder output) the same for every layer; returns
+  f(layer, x, *context) -> (x of the top layer, every layer's x [L, ...]).
+  Each layer gets its own init and dropout keys."""
+  def step(layer, x, *context):
+    x = body(layer, x, *context)
+    return x, x
+
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(
+      f'unknown remat_policy {remat_policy!r}; '
+      f'valid: {", ".join(REMAT_POLICIES)}'
+    )
+  if remat_policy != 'none':
+    # prevent_cse=False: inside a scan the loop already keeps XLA from
+    # merging the recomputation into the forward pass.
+    step = nn.remat(
+      step, policy=REMAT_POLICIES[remat_policy], prevent_cse=False
+    )
+
+  def run(layer, x, *context):
+    scan = nn.scan(
+      step,
+      variable_axes={'params': 0},
+      split_rngs={'params': True, 'dropout': True},
+      in_axes=(nn.broadcast,) * len(context),
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: 'layers'},
+    )
+    return scan(layer, x, *context)
+
+  return run
+
+
+def layer_stack(make_layer, num_layers: int, scan: bool):
+  """The layers of an encoder or decoder, built in `setup`: one module
+  named 'layers' whose parameters `run_layers` stacks (scan), or
+  `num_layers` modules 'layers_0', 'layers_1', ... (unrolled).
+  make_layer(name=...) builds one layer."""
+  if scan:
+    return make_layer(name='layers')
+  return [make_layer(name=f'layers_{i}') for i in range(num_layers)]
+
+
+def run_layers(
+  stack, num_layers: int, body, x, *context, remat_policy: str = 'none'
+):
+  """x through every layer of a stack -> (x of the top layer, every
+  layer's output [L, ...]): a list of layer modules runs unrolled, one
+  module with stacked parameters runs as a scan (`scanned`).
+  body(layer, x, *context) -> x' is one layer's call."""
+  if not isinstance(stack, (list, tuple)):
+    return scanned(body, num_layers, remat_policy)(stack, x, *context)
+  run = rematerialised(body, remat_policy)
+  hidden = []
+  for layer in stack:
+    x = run(layer, x, *context)
+    hidden.append(x)
+  return x, jnp.stack(hidden)
+
+
+def on_layer(layer_or_layers, index: int, method, *args, **kwargs):
+  """method(layer, *args, **kwargs) on layer `index` of a stack: a list of
+  layer modules (unrolled), or one module whose parameters are stacked on
+  a leading 'layers' axis (`scanned`), read at that index."""
+  if isinstance(layer_or_layers, (list, tuple)):
+    return method(layer_or_layers[index], *args, **kwargs)
+  at_index = nn.map_variables(
+    lambda layer, *a, **k: method(layer, *a, **k),
+    'params',
+    trans_in_fn=lambda tree: jax.tree_util.tree_map(
+      lambda stacked: stacked[index], tree
+    ),
+  )
+  return at_index(layer_or_layers, *args, **kwargs)
+
+
 def _fan_in_normal(scale: float = 1.0):
   """Truncation-free normal init with variance scale / fan_in (t5x default)."""
   return nn.initializers.variance_scaling(scale, 'fan_in', 'normal')

@@ -85,6 +85,9 @@ class LlamaConfig:
   exit_interval: int = 1
   exit_layer_list: tuple[int, ...] = ()
   dropout_rate: float = 0.0
+  # Parameter layout (as `network.T5Config.scan_layers`): the layers'
+  # parameters stacked on a leading 'layers' axis, run as one scan.
+  scan_layers: bool = False
   # Activation dtype (`arguments.DTYPES`); parameters stay float32.
   dtype: str = 'float32'
 
@@ -298,9 +301,9 @@ class DecoderOnly(nn.Module):
       (cfg.vocab_size, cfg.emb_dim),
       jnp.float32,
     )
-    self.layers = [
-      Block(cfg, name=f'layers_{i}') for i in range(cfg.num_layers)
-    ]
+    self.layers = layers.layer_stack(
+      functools.partial(Block, cfg), cfg.num_layers, cfg.scan_layers
+    )
     self.final_norm = _norm(cfg)
     if not cfg.tie_embeddings:
       self.logits_dense = self.param(
@@ -345,17 +348,21 @@ class DecoderOnly(nn.Module):
     if mask is None:
       mask = causal_mask(positions, lengths)
     x = self.embed(tokens)
-    run = layers.rematerialised(
-      lambda layer, x, positions, mask: layer(x, positions, mask),
-      remat_policy,
+
+    def body(layer, x, positions, mask):
+      x = layer(x, positions, mask)
+      return layers.constrain(x, ('batch', 'length', 'embed'))
+
+    _, hidden = layers.run_layers(
+      self.layers,
+      self.config.num_layers,
+      body,
+      x,
+      positions,
+      mask,
+      remat_policy=remat_policy,
     )
-    hidden = []
-    for layer in self.layers:
-      x = layers.constrain(
-        run(layer, x, positions, mask), ('batch', 'length', 'embed')
-      )
-      hidden.append(x)
-    return jnp.stack(hidden)
+    return hidden
 
   def every_exit_logits(self, tokens: Array, lengths: Array) -> Array:
     """Logits of every layer [L, b, l, v] (what `init` traces, so that
@@ -365,10 +372,19 @@ class DecoderOnly(nn.Module):
   # --- decode-time pieces (see decoding/loops.py) ---
 
   def layer_kv(self, index: int, x: Array, positions: Array):
-    return self.layers[index].kv(x, positions)
+    return layers.on_layer(self.layers, index, Block.kv, x, positions)
 
   def layer_step(self, index, x, positions, keys, values, mask):
-    return self.layers[index].attend_and_mlp(x, positions, keys, values, mask)
+    return layers.on_layer(
+      self.layers,
+      index,
+      Block.attend_and_mlp,
+      x,
+      positions,
+      keys,
+      values,
+      mask,
+    )
 
   def prefill(self, tokens: Array, lengths: Array):
     """Every layer's keys/values over the first `lengths` [b] positions of
@@ -377,10 +393,10 @@ class DecoderOnly(nn.Module):
     mask = causal_mask(positions, lengths)
     x = self.embed(tokens)
     kv = []
-    for layer in self.layers:
-      keys, values = layer.kv(x, positions)
+    for index in range(self.config.num_layers):
+      keys, values = self.layer_kv(index, x, positions)
       kv.append((keys, values))
-      x = layer.attend_and_mlp(x, positions, keys, values, mask)
+      x = self.layer_step(index, x, positions, keys, values, mask)
     return tuple(kv)
 
 

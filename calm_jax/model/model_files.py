@@ -27,6 +27,7 @@ import jax
 
 from calm_jax import errors
 from calm_jax.decoding import confidence
+from calm_jax.model import layout
 from calm_jax.model import llama
 from calm_jax.model import models
 from calm_jax.model import network
@@ -249,9 +250,17 @@ def check_compatible(model_dir: str, config: Config) -> None:
       for k, v in dataclasses.asdict(stored).items()
       if getattr(config, k) != v
     }
+    hint = 'use another MODEL_DIR'
+    if set(diff) <= set(layout.LAYOUT_FIELDS):
+      # Its optimizer state is stored in that layout too.
+      hint = (
+        f'a run keeps the layout it started with (scan_layers='
+        f'{stored.scan_layers}); to change it, fine-tune from this dir '
+        'into another MODEL_DIR (INITIAL_CHECKPOINT_PATH)'
+      )
     raise checkpoints.CheckpointError(
       f'{model_dir} holds a model with other settings '
-      f'(stored, requested): {diff}; use another MODEL_DIR'
+      f'(stored, requested): {diff}; {hint}'
     )
 
 
@@ -277,6 +286,10 @@ def load_params(
   target = target['params']
   if shardings is not None:
     target = partitioning.with_shardings(target, shardings)
+  # The steps are in the layout the dir was trained in; restored in it
+  # (shards placed as the requested ones would be), then converted.
+  saved_scanned = _saved_layout(model_dir, config)
+  target = layout.to_layout(target, saved_scanned)
   try:
     restored, step = checkpoints.restore_verified(mgr, step, params=target)
   except checkpoints.ShapeMismatchError as e:
@@ -286,7 +299,21 @@ def load_params(
     ) from e
   finally:
     mgr.close()
-  return restored['params'], step
+  params = restored['params']
+  if saved_scanned != config.scan_layers:
+    placed = {} if shardings is None else {'out_shardings': shardings}
+    params = jax.jit(
+      lambda p: layout.to_layout(p, config.scan_layers), **placed
+    )(params)
+  return params, step
+
+
+def _saved_layout(model_dir: str, config: Config) -> bool:
+  """Whether the dir's checkpoints stack their layers (model.json's
+  scan_layers); a dir without a model.json is taken to hold `config`'s."""
+  if not files.exists(files.join(model_dir, MODEL_JSON)):
+    return config.scan_layers
+  return read_model_config(model_dir)[0].scan_layers
 
 
 def has_classifier(model_dir: str) -> bool:

@@ -14,6 +14,7 @@ h heads, d head dim, e embed, v vocab, x exits.
 """
 
 import dataclasses
+import functools
 from typing import Optional
 from typing import Sequence
 
@@ -50,6 +51,11 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   first_exit: int = 1
   exit_interval: int = 1
+  # Parameter layout, not a model property: True stacks each stack's layer
+  # parameters on a leading 'layers' axis and runs the layers as one scan
+  # (t5x's scan_layers: compile time independent of depth). Outputs are
+  # the same either way; `model/layout.py` converts between the two.
+  scan_layers: bool = False
   # Activation dtype (`arguments.DTYPES`). Parameters are float32 in every
   # case (t5x's default); bfloat16 runs matmuls in bfloat16 with float32
   # accumulation, while norm statistics, attention softmax, logits and
@@ -173,10 +179,11 @@ class Encoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.relpos_bias = _relpos(cfg, bidirectional=True)
-    self.layers = [
-      EncoderLayer(cfg, name=f'layers_{i}')
-      for i in range(cfg.num_encoder_layers)
-    ]
+    self.layers = layers.layer_stack(
+      functools.partial(EncoderLayer, cfg),
+      cfg.num_encoder_layers,
+      cfg.scan_layers,
+    )
     self.encoder_norm = _norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
@@ -194,16 +201,20 @@ class Encoder(nn.Module):
     bias = self.relpos_bias(positions, positions)  # [1, h, s, s]
     mask = key_padding_mask(tokens) if mask is None else mask
     x = self.dropout(self.shared_embedding(tokens), deterministic=deterministic)
-    run = layers.rematerialised(
-      lambda layer, x, bias, mask: layer(
-        x, bias=bias, mask=mask, deterministic=deterministic
-      ),
-      remat_policy,
+
+    def body(layer, x, bias, mask):
+      x = layer(x, bias=bias, mask=mask, deterministic=deterministic)
+      return layers.constrain(x, ('batch', 'length', 'embed'))
+
+    x, _ = layers.run_layers(
+      self.layers,
+      self.config.num_encoder_layers,
+      body,
+      x,
+      bias,
+      mask,
+      remat_policy=remat_policy,
     )
-    for layer in self.layers:
-      x = layers.constrain(
-        run(layer, x, bias, mask), ('batch', 'length', 'embed')
-      )
     return self.dropout(self.encoder_norm(x), deterministic=deterministic)
 
 
@@ -300,10 +311,11 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.relpos_bias = _relpos(cfg, bidirectional=False)
-    self.layers = [
-      DecoderLayer(cfg, name=f'layers_{i}')
-      for i in range(cfg.num_decoder_layers)
-    ]
+    self.layers = layers.layer_stack(
+      functools.partial(DecoderLayer, cfg),
+      cfg.num_decoder_layers,
+      cfg.scan_layers,
+    )
     self.decoder_norm = _norm(cfg)
     self.logits_dense = self.param(
       'logits_dense',
@@ -348,23 +360,30 @@ class Decoder(nn.Module):
     x = self.dropout(
       self.shared_embedding(decoder_input_tokens), deterministic=deterministic
     )
-    run = layers.rematerialised(
-      lambda layer, x, encoded, self_bias, self_mask, cross_mask: layer(
+
+    def body(layer, x, encoded, self_bias, self_mask, cross_mask):
+      x = layer(
         x,
         encoded,
         self_bias=self_bias,
         self_mask=self_mask,
         cross_mask=cross_mask,
         deterministic=deterministic,
-      ),
-      remat_policy,
+      )
+      return layers.constrain(x, ('batch', 'length', 'embed'))
+
+    _, hidden = layers.run_layers(
+      self.layers,
+      self.config.num_decoder_layers,
+      body,
+      x,
+      encoded,
+      self_bias,
+      self_mask,
+      cross_mask,
+      remat_policy=remat_policy,
     )
-    hidden = []
-    for layer in self.layers:
-      x = run(layer, x, encoded, self_bias, self_mask, cross_mask)
-      x = layers.constrain(x, ('batch', 'length', 'embed'))
-      hidden.append(x)
-    return jnp.stack(hidden)
+    return hidden
 
   # --- Decode-time pieces, one position at a time (see decoding/loops.py). ---
 
@@ -374,7 +393,10 @@ class Decoder(nn.Module):
 
   def cross_kv(self, encoded: Array) -> tuple[tuple[Array, Array], ...]:
     """Per layer (keys, values) [b, s, h, d] over the encoder output."""
-    return tuple(layer.cross_kv(encoded) for layer in self.layers)
+    return tuple(
+      layers.on_layer(self.layers, i, DecoderLayer.cross_kv, encoded)
+      for i in range(self.config.num_decoder_layers)
+    )
 
   def step_bias(self, position: Array, cache_length: int) -> Array:
     """Relative position bias of query `position` over the cache [1, h, 1, t]."""
@@ -394,7 +416,7 @@ class Decoder(nn.Module):
     )
 
   def layer_kv(self, index: int, x: Array) -> tuple[Array, Array]:
-    return self.layers[index].self_kv(x)
+    return layers.on_layer(self.layers, index, DecoderLayer.self_kv, x)
 
   def layer_step(
     self,
@@ -409,7 +431,10 @@ class Decoder(nn.Module):
     self_mask: Array,
     cross_mask: Array,
   ) -> Array:
-    return self.layers[index].step(
+    return layers.on_layer(
+      self.layers,
+      index,
+      DecoderLayer.step,
       x,
       keys,
       values,
