@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install lint format test test-slow real-model demo-decoder-only bench-exact test-time demo bench bench-dtype bench-guard bench-packing check-predictions tpu-plan test-tpu-plan device-check validity reproduce vocab clean
+.PHONY: install lint format test test-slow real-model demo-decoder-only bench-exact test-time demo bench bench-dtype bench-guard bench-packing bench-scan check-predictions tpu-plan test-tpu-plan device-check validity reproduce vocab clean
 
 install: $(STAMP)
 
@@ -82,6 +82,11 @@ bench-guard: $(STAMP)
 # (docs/packing.json and .md; about 15 minutes).
 bench-packing: $(STAMP)
 	$(PY) tools/packing_throughput.py
+
+# Compile time of the train step against depth, unrolled and scanned
+# (SCAN_LAYERS), by XLA:CPU and by the TPU compiler (installs libtpu).
+bench-scan: $(STAMP) $(TPU_DIR)/libtpu
+	$(PY) tools/scan_compile_time.py
 
 # The planner's speed-up prediction checked where it can be: the same
 # one-position programs timed on this CPU against make reproduce's measured

@@ -413,3 +413,45 @@ def test_the_exit_loops_uncounted_iterations_are_added(cpu_plan, monkeypatch):
     model_step['exit_loop']['counted_flops']
     + (exits - 1) * model_step['exit_loop']['iteration_flops']
   )
+
+
+@pytest.mark.parametrize('family', ['t5', 'llama'])
+def test_a_scanned_steps_uncounted_layers_are_added(family):
+  """With the layers scanned the cost analysis counts one layer per stack;
+  the plan adds the others (one layer's cost from unrolled compiles at
+  depth 1 and 2), and so reports what the unrolled step costs."""
+  if family == 't5':
+    config = TINY
+    build = models.CalmModel
+  else:
+    from calm_jax.model import llama  # pylint: disable=g-import-not-at-top
+
+    config = llama.LlamaConfig(
+      vocab_size=256, emb_dim=32, num_layers=4, num_heads=2,
+      num_kv_heads=1, head_dim=16, mlp_dim=64,
+    )
+    build = llama.CalmLlama
+  settings = dataclasses.replace(
+    SETTINGS, stages=('model',), decode_batch_sizes=()
+  )
+
+  def step(scan: bool) -> dict:
+    model = build(dataclasses.replace(config, scan_layers=scan))
+    optimizer = dataclasses.replace(
+      optim.make_optimizer(name='adafactor', learning_rate=1e-3),
+      per_layer=scan,
+    )
+    return plan_lib.plan(
+      model, optimizer, settings, devices=jax.devices()[:1], refuse=False
+    )['train'][0]
+
+  unrolled, scanned = step(False), step(True)
+  assert unrolled['layer_scan'] is None
+  counted = scanned['layer_scan']['counted_flops']
+  assert counted < 0.8 * unrolled['flops']  # one layer per stack counted
+  np.testing.assert_allclose(scanned['flops'], unrolled['flops'], rtol=0.02)
+  np.testing.assert_allclose(
+    scanned['bytes_accessed'], unrolled['bytes_accessed'], rtol=0.05
+  )
+  stacks = scanned['layer_scan']['stacks']
+  assert {s['layers'] for s in stacks.values()} <= {2, 4}

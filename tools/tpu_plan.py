@@ -106,6 +106,28 @@ CASES = {
     "the yardstick case with 2D parameter sharding: the parameters' and "
     "optimizer state's bytes split over 'data' too",
   ),
+  't5_small_train_b32_scan': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    [
+      '--gin.BATCH_SIZE=32',
+      '--gin.MESH_SHAPE=(2, 2)',
+      '--gin.SCAN_LAYERS=True',
+      *YARDSTICK,
+    ],
+    'the yardstick case with the layers scanned (SCAN_LAYERS)',
+  ),
+  't5_base_train_b32_scan': _case(
+    'calm_t5_1_1_base',
+    'v5e:2x2',
+    [
+      '--gin.BATCH_SIZE=32',
+      '--gin.MESH_SHAPE=(2, 2)',
+      '--gin.SCAN_LAYERS=True',
+      *YARDSTICK,
+    ],
+    'the base yardstick case with the layers scanned (SCAN_LAYERS)',
+  ),
   't5_xxl_train_v5e256_2d': _case(
     'calm_t5_1_1_xxl',
     'v5e:16x16',
@@ -114,10 +136,12 @@ CASES = {
       '--gin.MESH_SHAPE=(32, 8)',
       '--gin.PARAMETER_PARTITIONING_DIMS=2',
       "--gin.REMAT_POLICY='minimal'",
+      '--gin.SCAN_LAYERS=True',
       *TRAIN_ONLY,
     ],
     "XXL CALM fine-tuning at the paper's batch (packed, 512/128) on "
-    "v5e-256: 2D parameter sharding ('embed' over 'data'), minimal remat",
+    "v5e-256 as t5x runs XXL: 2D parameter sharding ('embed' over 'data'), "
+    'minimal remat, layers scanned',
   ),
   't5_small_train_b128': _case(
     'calm_t5_1_1_small',

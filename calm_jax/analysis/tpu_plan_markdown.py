@@ -11,7 +11,12 @@ Written by `make tpu-plan` (tools/tpu_plan.py) from runs of the planner
 (`calm_jax.plan`): every program compiled for the TPU topology named, on a
 CPU machine, by the TPU compiler (libtpu). Memory is the compiler's per-device memory
 analysis (arguments + outputs - aliased + temporaries + code) against the
-chip's HBM; FLOPs and bytes are its per-device cost analysis.
+chip's HBM; FLOPs and bytes are its per-device cost analysis, which
+counts a loop's body once: the iterations of the loss's loop over the
+exits it leaves out are compiled alone and added, and a step with its
+layers scanned (`SCAN_LAYERS`) reports the unrolled step's FLOPs and bytes,
+extrapolated from unrolled compiles at depth 1 and 2 of each stack (its
+memory is the scanned program's own).
 
 **Every time below is a roofline lower bound, not a timing**: max(FLOPs /
 peak bf16 FLOP/s, bytes accessed / HBM bandwidth) per device, from the chip
@@ -136,7 +141,9 @@ def _train_settings(plan: Mapping[str, Any]) -> str:
     f'{settings["input_length"]}/{settings["target_length"]}, '
     f'{"packed" if settings.get("pack") else "unpacked"}, parameters split '
     f'{"over model and data (2D)" if dims == 2 else "over model"}, remat '
-    f'{plan.get("remat_policy", "none")}.\n'
+    f'{plan.get("remat_policy", "none")}, layers '
+    f'{"scanned" if plan.get("config", {}).get("scan_layers") else "unrolled"}'
+    '.\n'
   )
 
 

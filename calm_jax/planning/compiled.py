@@ -52,6 +52,9 @@ class ProgramReport:
   # A train step's loop over the exits: the iterations the cost analysis
   # left out, added to flops and bytes_accessed (plan._with_exit_loop).
   exit_loop: Optional[dict] = None
+  # A scanned model's loops over its layers (scan_layers): the layers the
+  # cost analysis left out, added likewise (plan._with_layer_scan).
+  layer_scan: Optional[dict] = None
 
   @property
   def total_bytes(self) -> int:

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import math
 from typing import Callable
+from typing import Mapping
 from typing import Optional
 from typing import Sequence
 
@@ -144,9 +145,16 @@ def _train_reports(
   build = {'model': programs.train_step, 'classifier': programs.classifier_step}
   out = []
   for stage in settings.stages:
-    adjust = functools.partial(
+    exit_loop = functools.partial(
       _with_exit_loop, model, stage, mesh, settings, budget
     )
+    layer_scan = functools.partial(
+      _with_layer_scan,
+      lambda m, stage=stage: build[stage](m, optimizer, mesh, **shapes),
+      model,
+      budget,
+    )
+    adjust = lambda report, e=exit_loop, l=layer_scan: e(l(report))
     report = run(build[stage](model, optimizer, mesh, **shapes), adjust)
     out.append(
       {'stage': stage, 'mesh': list(mesh.devices.shape), **report.as_json()}
@@ -190,6 +198,63 @@ def _with_exit_loop(model, stage, mesh, settings, budget, report):
     flops=report.flops + added * iteration.flops,
     bytes_accessed=report.bytes_accessed + added * iteration.bytes_accessed,
     exit_loop=loop,
+  )
+
+
+def layer_depths(config) -> dict[str, int]:
+  """The depth of each of a config's layer stacks, by field name."""
+  fields = ('num_encoder_layers', 'num_decoder_layers', 'num_layers')
+  return {f: getattr(config, f) for f in fields if f in vars(config)}
+
+
+def _shallow(model, depths: Mapping[str, int]):
+  """The model unrolled at the given depths, every layer an exit (valid
+  at any depth; the loop over the exits is counted the same way)."""
+  config = model.config
+  changes = {'scan_layers': False, 'first_exit': 1, 'exit_interval': 1}
+  if 'exit_layer_list' in vars(config):
+    changes['exit_layer_list'] = ()
+  config = dataclasses.replace(config, **changes, **depths)
+  return dataclasses.replace(model, config=config)
+
+
+def _with_layer_scan(build, model, budget, report):
+  """A scanned step's FLOPs and bytes as its layers' work: the cost
+  analysis counts a scan's body once, one layer per stack, and counts the
+  scan's in-place slicing of stacked arrays as whole-array traffic. The
+  unrolled step's figures stand in, extrapolated from unrolled compiles at
+  depth 1 and 2 of each stack (cost is linear in each stack's depth; the
+  loop over the exits is counted once in each, as in the scanned step, and
+  `_with_exit_loop` adds the rest). Memory stays the scanned program's."""
+  if not model.config.scan_layers:
+    return report
+  depths = layer_depths(model.config)
+  ones = {f: 1 for f in depths}
+  base = compiled_lib.compile_program(build(_shallow(model, ones)), budget)
+  stacks = {}
+  flops, accessed = base.flops, base.bytes_accessed
+  for field, depth in depths.items():
+    deeper = compiled_lib.compile_program(
+      build(_shallow(model, {**ones, field: 2})), budget
+    )
+    layer_flops = deeper.flops - base.flops
+    layer_bytes = deeper.bytes_accessed - base.bytes_accessed
+    stacks[field] = {
+      'layers': depth,
+      'layer_flops': layer_flops,
+      'layer_bytes_accessed': layer_bytes,
+    }
+    flops += (depth - 1) * layer_flops
+    accessed += (depth - 1) * layer_bytes
+  scan = {
+    'stacks': stacks,
+    'one_layer_flops': base.flops,
+    'one_layer_bytes_accessed': base.bytes_accessed,
+    'counted_flops': report.flops,
+    'counted_bytes_accessed': report.bytes_accessed,
+  }
+  return dataclasses.replace(
+    report, flops=flops, bytes_accessed=accessed, layer_scan=scan
   )
 
 
