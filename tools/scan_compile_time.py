@@ -175,7 +175,8 @@ def markdown(rows: list[dict]) -> str:
     'layers of a scanned step (`plan._with_layer_scan`: within 2% of the '
     'unrolled FLOPs and 5% of its bytes, tests/test_plan.py). Temp memory '
     'differs because a scan saves each layer\'s residuals into stacked '
-    'buffers.',
+    'buffers; at these widths the TPU compiler reports no temp at all for '
+    'some scanned steps (everything fits its argument and output buffers).',
   ]
   return '\n'.join(lines) + '\n'
 
