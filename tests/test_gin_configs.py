@@ -128,3 +128,27 @@ def test_paper_task_names_are_registered():
 
   for task in ('cnn_dailymail_v3', 'wmt15_enfr', 'squad_v010_allanswers'):
     assert pipeline.task_rates(task) == {task: 1.0}
+
+
+@pytest.mark.parametrize(
+  'size, emb_dim, dims, scan',
+  [('large', 1024, 1, False), ('xl', 2048, 2, True), ('xxl', 4096, 2, True)],
+)
+def test_the_large_experiments_keep_the_recipe_at_their_size(
+  size, emb_dim, dims, scan
+):
+  """CNN/DM at large, xl and xxl: the paper's task, batch and recipe, the
+  size's dims, and the layout t5x runs it in."""
+  cli.parse(
+    [f'--gin_file=gin/experiments/cnn_dailymail_{size}.gin']
+    + ["--gin.MODEL_DIR='/tmp/model'"]
+  )
+  assert _value('calm_jax.train.model_config').emb_dim == emb_dim
+  assert _value('calm_jax.train.mixture_or_task_name') == 'cnn_dailymail_v3'
+  assert _value('calm_jax.train.batch_size') == 128
+  assert _value('calm_jax.train.parameter_partitioning_dims') == dims
+  assert _value('calm_jax.train.scan_layers') is scan
+  assert _value('calm_jax.train.initial_checkpoint_path') == (
+    f'runs/t5_1_1_{size}'
+  )
+  assert _value('calm_jax.ExitSettings.confidence') == 'softmax'
