@@ -1,11 +1,13 @@
-"""T5 1.1 building blocks: RMS norm, relative position bias, attention, gated MLP.
+"""The blocks of both families (T5 1.1 and Llama): RMS norm, relative
+position bias, attention (multi-head or grouped-query), gated MLP; and the
+layer stacks, unrolled or scanned.
 
 Every parameter carries logical axis names from `partitioning.AXES`; the rules
 that map them onto a device mesh live in `partitioning.py`.
 
 Einsum letters used in this file:
-  b batch, q query length, k key length, h heads, d head dim (kv),
-  e embed, f mlp hidden.
+  b batch, q query length, k key length, h heads, n key/value heads,
+  g query heads per key/value head, d head dim (kv), e embed, f mlp hidden.
 """
 
 from typing import Optional
@@ -240,30 +242,45 @@ class RelativePositionBias(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-  """Dot-product attention without 1/sqrt(d) scaling (T5 folds it into init).
+  """Dot-product attention of both families, split into projections and the
+  attention itself so that the decode loop can write this position's
+  keys/values into a cache before attending.
 
-  Split into projections and the attention itself so that the decode loop can
-  write this position's keys/values into a cache before attending.
+  `num_kv_heads` < num_heads is grouped-query attention (Llama's): each
+  key/value head serves num_heads / num_kv_heads query heads. The 1/sqrt(d)
+  of the logits is folded into the query init (T5's, `scale_logits`
+  False) or applied to the logits (Llama's). Positions are the caller's:
+  T5 adds a relative bias, Llama rotates the projected queries and keys.
   """
 
   embed_dim: int
   num_heads: int
   head_dim: int
+  num_kv_heads: Optional[int] = None  # None: one per query head
+  scale_logits: bool = False
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
 
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
   def setup(self):
-    qkv_shape = (self.embed_dim, self.num_heads, self.head_dim)
-    qkv_axes = ('embed', 'heads', 'kv')
-    depth_scale = np.sqrt(self.head_dim)
-    # Query init is scaled down by sqrt(head_dim): the scaling T5 leaves out
-    # of the attention logits.
-    query_init = lambda *a: _fan_in_normal()(*a) / depth_scale
-    self.query = self.param('query', _init(query_init, qkv_axes), qkv_shape)
-    self.key = self.param('key', _init(_fan_in_normal(), qkv_axes), qkv_shape)
-    self.value = self.param(
-      'value', _init(_fan_in_normal(), qkv_axes), qkv_shape
+    axes = ('embed', 'heads', 'kv')
+    query_init = _fan_in_normal()
+    if not self.scale_logits:
+      # Scaled down by sqrt(head_dim): the scaling T5 leaves out of the
+      # attention logits.
+      depth_scale = np.sqrt(self.head_dim)
+      query_init = lambda *a: _fan_in_normal()(*a) / depth_scale
+    self.query = self.param(
+      'query',
+      _init(query_init, axes),
+      (self.embed_dim, self.num_heads, self.head_dim),
     )
+    kv_shape = (self.embed_dim, self.kv_heads, self.head_dim)
+    self.key = self.param('key', _init(_fan_in_normal(), axes), kv_shape)
+    self.value = self.param('value', _init(_fan_in_normal(), axes), kv_shape)
     self.out = self.param(
       'out',
       _init(
@@ -298,25 +315,29 @@ class MultiHeadAttention(nn.Module):
     mask: Optional[Array],
     deterministic: bool,
   ) -> Array:
-    """Attention of q [b, q, h, d] over k, v [b, k, h, d] -> [b, q, e].
-
-    bias broadcasts to [b, h, q, k]; so does mask (True = may attend).
+    """Attention of q [b, q, h, d] over k, v [b, k, kv heads, d] ->
+    [b, q, e]. bias and mask (True = may attend) broadcast to [b, h, q, k].
     """
+    b, length, heads, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, length, kv_heads, heads // kv_heads, d)
     logits = jnp.einsum(
-      'bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32
-    )
+      'bqngd,bknd->bngqk', q, k, preferred_element_type=jnp.float32
+    )  # [b, kv heads, group, q, k]
+    if self.scale_logits:
+      logits = logits * d**-0.5
     if bias is not None:
-      logits = logits + bias
+      logits = logits + _by_group(bias, kv_heads)
     if mask is not None:
-      logits = jnp.where(mask, logits, NEG_INF)
+      logits = jnp.where(_by_group(mask, kv_heads), logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = self.dropout(weights, deterministic=deterministic)
     context = jnp.einsum(
-      'bhqk,bkhd->bqhd',
+      'bngqk,bknd->bqngd',
       weights,
       v.astype(self.dtype),
       preferred_element_type=jnp.float32,
-    )
+    ).reshape(b, length, heads, d)
     return dense('bqhd,hde->bqe', context, self.out, self.dtype).astype(
       self.dtype
     )
@@ -341,33 +362,54 @@ class MultiHeadAttention(nn.Module):
     )
 
 
+def _by_group(x: Array, kv_heads: int) -> Array:
+  """A per-head array [b|1, h|1, q, k] -> [b|1, kv heads|1, group|1, q, k],
+  the query heads split into the groups that share a key/value head."""
+  if x.shape[1] == 1:
+    return x[:, :, None]
+  return x.reshape(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
+
+
+# The gate activations of the families' MLPs.
+ACTIVATIONS = {
+  'gelu': lambda x: jax.nn.gelu(x, approximate=True),  # T5 1.1's
+  'silu': jax.nn.silu,  # Llama's SwiGLU
+}
+
+
 class GatedMLP(nn.Module):
-  """T5 1.1 feed-forward: gelu(x W0) * (x W1) -> W_out."""
+  """Gated feed-forward: activation(x W_gate) * (x W_up) -> W_down.
+
+  `names` are the three kernels' parameter names, each family's own
+  (T5 1.1's wi_0, wi_1, wo; Llama's gate, up, down), so that checkpoints
+  and the HF mappings read the same trees.
+  """
 
   embed_dim: int
   mlp_dim: int
+  activation: str = 'gelu'
+  names: tuple[str, str, str] = ('wi_0', 'wi_1', 'wo')
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    gate_name, up_name, down_name = self.names
     in_shape, in_axes = (self.embed_dim, self.mlp_dim), ('embed', 'mlp')
-    wi_0 = self.param('wi_0', _init(_fan_in_normal(), in_axes), in_shape)
-    wi_1 = self.param('wi_1', _init(_fan_in_normal(), in_axes), in_shape)
-    wo = self.param(
-      'wo',
+    gate = self.param(gate_name, _init(_fan_in_normal(), in_axes), in_shape)
+    up = self.param(up_name, _init(_fan_in_normal(), in_axes), in_shape)
+    down = self.param(
+      down_name,
       _init(_fan_in_normal(), ('mlp', 'embed')),
       (self.mlp_dim, self.embed_dim),
     )
-    gate = jax.nn.gelu(
-      dense('bqe,ef->bqf', x, wi_0, self.dtype), approximate=True
+    activation = ACTIVATIONS[self.activation]
+    hidden = activation(dense('bqe,ef->bqf', x, gate, self.dtype)) * dense(
+      'bqe,ef->bqf', x, up, self.dtype
     )
-    hidden = (gate * dense('bqe,ef->bqf', x, wi_1, self.dtype)).astype(
-      self.dtype
-    )
-    hidden = constrain(hidden, ('batch', 'length', 'mlp'))
+    hidden = constrain(hidden.astype(self.dtype), ('batch', 'length', 'mlp'))
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    return dense('bqf,fe->bqe', hidden, wo, self.dtype).astype(self.dtype)
+    return dense('bqf,fe->bqe', hidden, down, self.dtype).astype(self.dtype)
 
 
 class Embed(nn.Module):

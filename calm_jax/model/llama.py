@@ -177,110 +177,54 @@ def rotary(x: Array, positions: Array, config: LlamaConfig) -> Array:
   return out.astype(x.dtype)
 
 
-class Attention(nn.Module):
-  """Grouped-query attention with rotary positions and 1/sqrt(d) scaling."""
-
-  config: LlamaConfig
-
-  def setup(self):
-    cfg = self.config
-    init = layers._init(layers._fan_in_normal(), ('embed', 'heads', 'kv'))
-    e, d = cfg.emb_dim, cfg.head_dim
-    self.query = self.param('query', init, (e, cfg.num_heads, d))
-    self.key = self.param('key', init, (e, cfg.num_kv_heads, d))
-    self.value = self.param('value', init, (e, cfg.num_kv_heads, d))
-    self.out = self.param(
-      'out',
-      layers._init(
-        nn.initializers.variance_scaling(
-          1.0, 'fan_in', 'normal', in_axis=(0, 1), out_axis=2
-        ),
-        ('heads', 'kv', 'embed'),
-      ),
-      (cfg.num_heads, d, e),
-    )
-
-  def project_q(self, x: Array, positions: Array) -> Array:
-    """[b, l, e] -> rotated queries [b, l, h, d]."""
-    dtype = self.config.jnp_dtype
-    q = layers.dense('ble,ehd->blhd', x, self.query, dtype).astype(dtype)
-    return rotary(q, positions, self.config)
-
-  def project_kv(self, x: Array, positions: Array) -> tuple[Array, Array]:
-    """[b, l, e] -> rotated keys and values, each [b, l, k, d]."""
-    dtype = self.config.jnp_dtype
-    k = layers.dense('ble,ekd->blkd', x, self.key, dtype).astype(dtype)
-    v = layers.dense('ble,ekd->blkd', x, self.value, dtype).astype(dtype)
-    return rotary(k, positions, self.config), v
-
-  def attend(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """q [b, l, h, d] over k, v [b, t, k, d]; mask [b, 1, l, t] -> [b, l, e]."""
-    cfg = self.config
-    b, l, h, d = q.shape
-    groups = h // cfg.num_kv_heads
-    q = q.reshape(b, l, cfg.num_kv_heads, groups, d)
-    logits = jnp.einsum(
-      'blkgd,btkd->bkglt', q, k, preferred_element_type=jnp.float32
-    ) * (d**-0.5)
-    logits = jnp.where(mask[:, :, None], logits, layers.NEG_INF)
-    weights = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
-    context = jnp.einsum(
-      'bkglt,btkd->blkgd', weights, v, preferred_element_type=jnp.float32
-    ).reshape(b, l, h, d)
-    return layers.dense('blhd,hde->ble', context, self.out, cfg.jnp_dtype)
-
-
-class SwiGLU(nn.Module):
-  """down(silu(x gate) * (x up))."""
-
-  config: LlamaConfig
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.config
-    dtype = cfg.jnp_dtype
-    init = layers._init(layers._fan_in_normal(), ('embed', 'mlp'))
-    gate = self.param('gate', init, (cfg.emb_dim, cfg.mlp_dim))
-    up = self.param('up', init, (cfg.emb_dim, cfg.mlp_dim))
-    down = self.param(
-      'down',
-      layers._init(layers._fan_in_normal(), ('mlp', 'embed')),
-      (cfg.mlp_dim, cfg.emb_dim),
-    )
-    hidden = jax.nn.silu(layers.dense('ble,ef->blf', x, gate, dtype)) * (
-      layers.dense('ble,ef->blf', x, up, dtype)
-    )
-    hidden = layers.constrain(hidden.astype(dtype), ('batch', 'length', 'mlp'))
-    return layers.dense('blf,fe->ble', hidden, down, dtype).astype(dtype)
-
-
 def _norm(cfg: LlamaConfig) -> layers.RMSNorm:
   return layers.RMSNorm(epsilon=cfg.rms_norm_eps, dtype=cfg.jnp_dtype)
 
 
 class Block(nn.Module):
-  """Pre-norm attention and MLP, each residual."""
+  """Pre-norm grouped-query attention (rotary positions) and SwiGLU MLP,
+  each residual; the blocks are `layers`' (T5's too)."""
 
   config: LlamaConfig
 
   def setup(self):
-    self.attention_norm = _norm(self.config)
-    self.attention = Attention(self.config)
-    self.mlp_norm = _norm(self.config)
-    self.mlp = SwiGLU(self.config)
+    cfg = self.config
+    self.attention_norm = _norm(cfg)
+    self.attention = layers.MultiHeadAttention(
+      embed_dim=cfg.emb_dim,
+      num_heads=cfg.num_heads,
+      head_dim=cfg.head_dim,
+      num_kv_heads=cfg.num_kv_heads,
+      scale_logits=True,
+      dtype=cfg.jnp_dtype,
+    )
+    self.mlp_norm = _norm(cfg)
+    self.mlp = layers.GatedMLP(
+      embed_dim=cfg.emb_dim,
+      mlp_dim=cfg.mlp_dim,
+      activation='silu',
+      names=('gate', 'up', 'down'),
+      dtype=cfg.jnp_dtype,
+    )
 
   def kv(self, x: Array, positions: Array) -> tuple[Array, Array]:
-    """Keys/values of the layer's inputs x [b, l, e]: all a skipped layer
-    computes for an exited token (CALM's state propagation)."""
-    return self.attention.project_kv(self.attention_norm(x), positions)
+    """Rotated keys and values [b, l, k, d] of the layer's inputs x
+    [b, l, e] at rotary positions [b, l]: all a skipped layer computes for
+    an exited token (CALM's state propagation)."""
+    keys, values = self.attention.project_kv(self.attention_norm(x))
+    return rotary(keys, positions, self.config), values
 
   def attend_and_mlp(
     self, x: Array, positions: Array, keys: Array, values: Array, mask: Array
   ) -> Array:
     """The rest of the layer over keys/values [b, t, k, d] (mask [b, 1, l,
     t]) that already hold x's own."""
-    q = self.attention.project_q(self.attention_norm(x), positions)
-    x = x + self.attention.attend(q, keys, values, mask).astype(x.dtype)
+    q = self.attention.project_q(self.attention_norm(x))
+    q = rotary(q, positions, self.config)
+    y = self.attention.attend(
+      q, keys, values, bias=None, mask=mask, deterministic=True
+    )
+    x = x + y.astype(x.dtype)
     return x + self.mlp(self.mlp_norm(x))
 
   def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
