@@ -10,6 +10,7 @@ import pytest
 import calm_jax
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.model import llama
+from calm_jax.model import llama_network
 
 import entry_points  # tests/entry_points.py
 
@@ -93,7 +94,7 @@ def test_a_packed_lm_batch_puts_each_example_after_the_one_before():
     lm['segments'], [[1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0]]
   )
   np.testing.assert_array_equal(lm['predict'][:, :4], [[1, 2, 6, 7]])
-  mask = np.asarray(llama.segment_causal_mask(lm['segments']))[0, 0]
+  mask = np.asarray(llama_network.segment_causal_mask(lm['segments']))[0, 0]
   assert mask[3, :4].all() and not mask[3, 4:].any()  # example 1's end
   assert not mask[5, :4].any() and mask[5, 4:6].all()  # example 2 sees itself
 

@@ -427,8 +427,13 @@ def test_a_scanned_steps_uncounted_layers_are_added(family):
     from calm_jax.model import llama  # pylint: disable=g-import-not-at-top
 
     config = llama.LlamaConfig(
-      vocab_size=256, emb_dim=32, num_layers=4, num_heads=2,
-      num_kv_heads=1, head_dim=16, mlp_dim=64,
+      vocab_size=256,
+      emb_dim=32,
+      num_layers=4,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=16,
+      mlp_dim=64,
     )
     build = llama.CalmLlama
   settings = dataclasses.replace(

@@ -10,13 +10,15 @@ both families.
 import dataclasses
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from safetensors.numpy import load_file
 import pytest
+from safetensors.numpy import load_file
+from test_models import LOSS_BATCH
+from test_models import TINY_LLAMA
+from test_models import TINY_T5
 
 from calm_jax.decoding import speculative
 from calm_jax.inference import loaded
@@ -26,15 +28,14 @@ from calm_jax.model import layout
 from calm_jax.model import llama
 from calm_jax.model import model_files
 from calm_jax.model import models
-from calm_jax.model import network
 from calm_jax.storage import checkpoints
 from calm_jax.training import optim
-from test_models import LOSS_BATCH
-from test_models import TINY_LLAMA
-from test_models import TINY_T5
 
 VOCAB = os.path.join(
-  os.path.dirname(os.path.dirname(__file__)), 'tasks', 'vocab', 'calm_synth.model'
+  os.path.dirname(os.path.dirname(__file__)),
+  'tasks',
+  'vocab',
+  'calm_synth.model',
 )
 PROMPTS = jnp.array([[4, 5, 6, 7, 1], [8, 9, 1, 0, 0], [10, 11, 12, 1, 0]])
 
@@ -73,8 +74,12 @@ def test_scanned_init_stacks_every_layer_on_the_layers_axis(family):
   stacked_specs = [s for p, s in leaves if layout.in_stacked_layer(p)]
   assert stacked_specs and all(s[0] == 'layers' for s in stacked_specs)
   # Each layer got its own initial values.
-  stack = fresh['decoder' if family == 't5' else 'layers']['layers' if family == 't5' else 'attention']
-  kernel = stack['self_attention']['query'] if family == 't5' else stack['query']
+  stack = fresh['decoder' if family == 't5' else 'layers'][
+    'layers' if family == 't5' else 'attention'
+  ]
+  kernel = (
+    stack['self_attention']['query'] if family == 't5' else stack['query']
+  )
   assert not np.allclose(kernel[0], kernel[1])
   # Both ways round, exactly.
   assert layout.is_scanned(stacked) and not layout.is_scanned(params)
@@ -86,7 +91,10 @@ def test_scanned_init_stacks_every_layer_on_the_layers_axis(family):
 def test_scanned_logits_equal_unrolled(family):
   unrolled, scanned, params, stacked = _pair(family)
   if family == 't5':
-    args = (LOSS_BATCH['encoder_input_tokens'], LOSS_BATCH['decoder_input_tokens'])
+    args = (
+      LOSS_BATCH['encoder_input_tokens'],
+      LOSS_BATCH['decoder_input_tokens'],
+    )
   else:
     args = (LOSS_BATCH['decoder_target_tokens'], jnp.array([4, 3]))
   want = unrolled.all_layer_logits(params, *args)
@@ -139,7 +147,9 @@ def test_scanned_early_exit_and_exact_decodes_equal_unrolled(family):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.exit_layers, b.exit_layers)
   # Some threshold exits early, so the comparison covers skipped layers.
-  assert (np.asarray(want[0].exit_layers) < unrolled.config.num_decoder_layers).any()
+  assert (
+    np.asarray(want[0].exit_layers) < unrolled.config.num_decoder_layers
+  ).any()
   np.testing.assert_array_equal(got[3], want[3])
   np.testing.assert_array_equal(
     want[3], unrolled.decode_static(params, PROMPTS, 6, eos_id=-1).tokens

@@ -110,7 +110,9 @@ def test_a_scanned_run_trains_resumes_and_keeps_its_layout(tmp_path):
   assert second.returncode == 0, second.stderr[-2000:]
   assert _steps(model_dir) == [3, 4]
   unrolled = _run(
-    'calm_jax.train', *TINY, f"--gin.MODEL_DIR='{model_dir}'",
+    'calm_jax.train',
+    *TINY,
+    f"--gin.MODEL_DIR='{model_dir}'",
     '--gin.TRAIN_STEPS=5',
   )
   assert unrolled.returncode == 2

@@ -122,9 +122,9 @@ def run_backend(backend: str, depths, families, out: str) -> None:
       for scan in (True, False):
         row = {'backend': backend, **measure(family, depth, scan, devices)}
         print(
-          f"{backend} {family} depth {depth} {row['layout']}: "
-          f"lower {row['lower_seconds']:.1f} s, "
-          f"compile {row['compile_seconds']:.1f} s",
+          f'{backend} {family} depth {depth} {row["layout"]}: '
+          f'lower {row["lower_seconds"]:.1f} s, '
+          f'compile {row["compile_seconds"]:.1f} s',
           file=sys.stderr,
           flush=True,
         )
@@ -145,7 +145,7 @@ def markdown(rows: list[dict]) -> str:
     f'the TPU compiler for {TOPOLOGY} (mesh (2, 2)) on this machine. '
     "Depth is each stack's: a T5 of depth 24 has 24 encoder and 24 "
     'decoder layers. Seconds are wall-clock on this 2-core machine, one '
-    'run: compare within the table. Temp and FLOPs are the compiler\'s '
+    "run: compare within the table. Temp and FLOPs are the compiler's "
     'per-device analyses.',
     '',
     '| backend | family | depth | lower + compile, unrolled | scanned | '
@@ -162,8 +162,8 @@ def markdown(rows: list[dict]) -> str:
     lines.append(
       f'| {backend} | {family} | {depth} | {total(u):.1f} s | '
       f'{total(s):.1f} s | x{total(u) / total(s):.1f} | '
-      f"{u['temp_bytes'] / 2**20:.1f} / {s['temp_bytes'] / 2**20:.1f} | "
-      f"{u['flops'] / 1e9:.2f} / {s['flops'] / 1e9:.2f} |"
+      f'{u["temp_bytes"] / 2**20:.1f} / {s["temp_bytes"] / 2**20:.1f} | '
+      f'{u["flops"] / 1e9:.2f} / {s["flops"] / 1e9:.2f} |'
     )
   lines += [
     '',
@@ -174,7 +174,7 @@ def markdown(rows: list[dict]) -> str:
     "unrolled ones' are the true count. `calm_jax.plan` adds the uncounted "
     'layers of a scanned step (`plan._with_layer_scan`: within 2% of the '
     'unrolled FLOPs and 5% of its bytes, tests/test_plan.py). Temp memory '
-    'differs because a scan saves each layer\'s residuals into stacked '
+    "differs because a scan saves each layer's residuals into stacked "
     'buffers; at these widths the TPU compiler reports no temp at all for '
     'some scanned steps (everything fits its argument and output buffers).',
   ]

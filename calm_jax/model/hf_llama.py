@@ -4,7 +4,7 @@ Import reads `config.json` and the weights (safetensors, sharded, or
 `pytorch_model.bin`) of a `LlamaForCausalLM` with SiLU SwiGLU MLPs and
 rotary positions (plain, linear-scaled or Llama 3.1-scaled; any other field
 that changes the computation is refused by name), maps every tensor onto
-`llama.DecoderOnly`'s parameters (shapes checked) and writes a model dir whole or not at all: orbax
+`llama_network.DecoderOnly`'s parameters (shapes checked) and writes a model dir whole or not at all: orbax
 parameters at step 0, model.json (family 'llama'), and the tokenizer files
 (tokenizer.json, tokenizer_config.json with its chat template) under vocab/.
 Export writes a Hugging Face dir that transformers loads.
@@ -38,7 +38,7 @@ HF_DIMS = (
 )
 
 
-# config.json model types whose checkpoints map onto `llama.DecoderOnly`.
+# config.json model types whose checkpoints map onto `llama_network.DecoderOnly`.
 MODEL_TYPES = ('llama', 'mistral')
 
 

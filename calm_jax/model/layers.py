@@ -83,6 +83,7 @@ def scanned(body, num_layers: int, remat_policy: str = 'none'):
   the encoder output) the same for every layer; returns
   f(layer, x, *context) -> (x of the top layer, every layer's x [L, ...]).
   Each layer gets its own init and dropout keys."""
+
   def step(layer, x, *context):
     x = body(layer, x, *context)
     return x, x

@@ -66,9 +66,7 @@ def stack_layers(params: Params) -> Params:
   if not isinstance(params, Mapping):
     return params
   keys = _layer_keys(params)
-  out = {
-    k: stack_layers(v) for k, v in params.items() if k not in set(keys)
-  }
+  out = {k: stack_layers(v) for k, v in params.items() if k not in set(keys)}
   if keys:
     out[STACKED] = jax.tree_util.tree_map(
       _stack_leaves, *[params[k] for k in keys]
