@@ -117,6 +117,32 @@ CASES = {
     ],
     'the yardstick case with the layers scanned (SCAN_LAYERS)',
   ),
+  't5_small_train_b32_scan_minimal_remat': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    [
+      '--gin.BATCH_SIZE=32',
+      '--gin.MESH_SHAPE=(2, 2)',
+      '--gin.SCAN_LAYERS=True',
+      "--gin.REMAT_POLICY='minimal'",
+      *YARDSTICK,
+    ],
+    "the yardstick case as t5x's scalable T5 runs: layers scanned, minimal "
+    'remat',
+  ),
+  't5_base_train_b32_scan_minimal_remat': _case(
+    'calm_t5_1_1_base',
+    'v5e:2x2',
+    [
+      '--gin.BATCH_SIZE=32',
+      '--gin.MESH_SHAPE=(2, 2)',
+      '--gin.SCAN_LAYERS=True',
+      "--gin.REMAT_POLICY='minimal'",
+      *YARDSTICK,
+    ],
+    "the base yardstick case as t5x's scalable T5 runs: layers scanned, "
+    'minimal remat',
+  ),
   't5_base_train_b32_scan': _case(
     'calm_t5_1_1_base',
     'v5e:2x2',
