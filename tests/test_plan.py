@@ -424,17 +424,11 @@ def test_a_scanned_steps_uncounted_layers_are_added(family):
     config = TINY
     build = models.CalmModel
   else:
+    from test_models import TINY_LLAMA  # pylint: disable=g-import-not-at-top
+
     from calm_jax.model import llama  # pylint: disable=g-import-not-at-top
 
-    config = llama.LlamaConfig(
-      vocab_size=256,
-      emb_dim=32,
-      num_layers=4,
-      num_heads=2,
-      num_kv_heads=1,
-      head_dim=16,
-      mlp_dim=64,
-    )
+    config = llama.LlamaConfig(**TINY_LLAMA)
     build = llama.CalmLlama
   settings = dataclasses.replace(
     SETTINGS, stages=('model',), decode_batch_sizes=()
@@ -459,4 +453,6 @@ def test_a_scanned_steps_uncounted_layers_are_added(family):
     scanned['bytes_accessed'], unrolled['bytes_accessed'], rtol=0.05
   )
   stacks = scanned['layer_scan']['stacks']
-  assert {s['layers'] for s in stacks.values()} <= {2, 4}
+  assert {f: s['layers'] for f, s in stacks.items()} == (
+    plan_lib.layer_depths(config)
+  )

@@ -60,7 +60,7 @@ REMAT_POLICIES = {
 }
 
 
-def rematerialised(call, policy: str):
+def rematerialised(call, policy: str, prevent_cse: bool = True):
   """`call(layer, *arrays)` with the layer's activations rematerialised
   under the named policy in the backward pass (`call` itself for 'none').
   Python settings (dropout's `deterministic`) go in `call`'s closure: the
@@ -71,7 +71,7 @@ def rematerialised(call, policy: str):
     )
   if policy == 'none':
     return call
-  return nn.remat(call, policy=REMAT_POLICIES[policy])
+  return nn.remat(call, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
 
 
 def scanned(body, num_layers: int, remat_policy: str = 'none'):
@@ -88,17 +88,9 @@ def scanned(body, num_layers: int, remat_policy: str = 'none'):
     x = body(layer, x, *context)
     return x, x
 
-  if remat_policy not in REMAT_POLICIES:
-    raise ValueError(
-      f'unknown remat_policy {remat_policy!r}; '
-      f'valid: {", ".join(REMAT_POLICIES)}'
-    )
-  if remat_policy != 'none':
-    # prevent_cse=False: inside a scan the loop already keeps XLA from
-    # merging the recomputation into the forward pass.
-    step = nn.remat(
-      step, policy=REMAT_POLICIES[remat_policy], prevent_cse=False
-    )
+  # prevent_cse=False: inside a scan the loop already keeps XLA from
+  # merging the recomputation into the forward pass.
+  step = rematerialised(step, remat_policy, prevent_cse=False)
 
   def run(layer, x, *context):
     scan = nn.scan(
@@ -148,7 +140,7 @@ def on_layer(layer_or_layers, index: int, method, *args, **kwargs):
   if isinstance(layer_or_layers, (list, tuple)):
     return method(layer_or_layers[index], *args, **kwargs)
   at_index = nn.map_variables(
-    lambda layer, *a, **k: method(layer, *a, **k),
+    method,
     'params',
     trans_in_fn=lambda tree: jax.tree_util.tree_map(
       lambda stacked: stacked[index], tree
