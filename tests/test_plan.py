@@ -80,6 +80,19 @@ def test_a_device_gets_its_share_of_a_chip():
   assert whole.hbm_bytes == 16 * chips.GIB
 
 
+def test_decode_meshes_put_rows_on_data_and_keep_the_model_split():
+  shape = plan_lib.decode_mesh_shape
+  assert shape(1, 8) == (1, 8)
+  assert shape(32, 8) == (8, 1)
+  assert shape(6, 8) == (2, 4)
+  # A model split over 4 devices stays split at a batch that would
+  # otherwise take every device on 'data'.
+  assert shape(32, 8, 4) == (2, 4)
+  assert shape(1, 8, 4) == (1, 8)
+  with pytest.raises(errors.SettingError, match='does not divide'):
+    shape(32, 8, 3)
+
+
 # --- HLO checks --------------------------------------------------------------
 
 
@@ -115,6 +128,7 @@ SYNTHETIC = """HloModule m
   %t = (s32[], f32[2,8,2,4]{3,2,1,0}) parameter(0)
   %c = f32[2,8,2,4]{3,2,1,0} get-tuple-element(%t), index=1
   %copy.1 = f32[2,8,2,4]{3,1,2,0} copy(%c), metadata={op_name="jit(f)/while/body/cache"}
+  %copy.2 = f32[2,8,2,4]{3,2,1,0:T(2,128)S(1)} copy(%c)
   %f = f32[2,8,2,4]{3,2,1,0} fusion(%c), kind=kLoop, calls=%fused
   %i = s32[] get-tuple-element(%t), index=0
   ROOT %r = (s32[], f32[2,8,2,4]{3,2,1,0}) tuple(%i, %f)
@@ -144,9 +158,12 @@ def test_cache_copies_are_found_in_loops_only():
   assert loops_ >= {'body', 'cond', 'fused'}
   found = hlo.copies_of(module, (2, 8, 2, 4), loops_)
   # The copy in the body and the fusion whose root is a copy; not the
-  # entry's copy (outside the loop), nor another shape.
-  assert len(found) == 2 and all('copy.0' not in f for f in found)
-  assert hlo.copies_of(module, (2, 8, 2, 5), loops_) == []
+  # entry's copy (outside the loop), nor another shape. The copy into
+  # memory space 1 is a move between memory spaces, not a second buffer.
+  assert len(found.copies) == 2
+  assert all('copy.0' not in f and 'copy.2' not in f for f in found.copies)
+  assert len(found.moves) == 1 and 'copy.2' in found.moves[0]
+  assert hlo.copies_of(module, (2, 8, 2, 5), loops_) == hlo.Copies((), ())
   largest = hlo.largest_arrays(module, 1)[0]
   assert largest.shape == 'f32[2,8,2,4]' and largest.bytes == 512
 

@@ -75,8 +75,8 @@ def _checks(reports) -> list[str]:
     out.append(
       f'- {r["name"]}: {len(r["loop_host_transfers"])} host transfers and '
       f'{len(r["loop_cache_copies"])} copies of a K/V cache array inside '
-      f'its loops; {len(r["loop_cache_moves"])} asynchronous moves of one '
-      'between memory spaces (HBM and on-chip memory, chosen by the '
+      f'its loops; {len(r["loop_cache_moves"])} moves of one between '
+      'memory spaces (HBM and on-chip memory, chosen by the '
       "compiler's memory-space assignment)"
     )
   return out

@@ -194,8 +194,7 @@ def _cache_copies(module, dims, names):
   if dims is None:
     return [], []
   found = hlo.copies_of(module, tuple(dims), names)
-  moves = [line for line in found if 'copy-start' in line]
-  return [line for line in found if line not in moves], moves
+  return list(found.copies), list(found.moves)
 
 
 def _oom_refusal(

@@ -41,6 +41,10 @@ _INSTRUCTION = re.compile(
 _CALLED = re.compile(r'\b(?:calls|body|condition|to_apply)=%?([\w.\-]+)')
 _BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_OPERAND = re.compile(r'%([\w.\-]+)')
+# A layout's memory space: `S(1)` in `{1,3,2,0:T(8,128)(2,1)S(1)}`; none
+# written is the default space (HBM on a TPU).
+_MEMORY_SPACE = re.compile(r'S\((\d+)\)')
 
 # Host transfers: what a decode loop must never do per iteration.
 HOST_OPCODES = ('send', 'send-done', 'recv', 'recv-done', 'infeed', 'outfeed')
@@ -58,6 +62,13 @@ class Instruction:
   op_name: str  # the JAX source path, '' if none
   root: bool
   line: str
+  operands: tuple[str, ...] = ()
+
+  @property
+  def memory_space(self) -> int:
+    """The memory space of the result's layout (0: the default)."""
+    spaces = _MEMORY_SPACE.findall(self.shape)
+    return int(spaces[0]) if spaces else 0
 
   @property
   def arrays(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -144,6 +155,7 @@ def parse(text: str) -> Module:
       for c in group.split(',')
     )
     op_name = _OP_NAME.search(rest)
+    operands = tuple(_OPERAND.findall(_operand_text(rest)))
     computations[current].append(
       Instruction(
         name=name,
@@ -153,9 +165,21 @@ def parse(text: str) -> Module:
         op_name=op_name.group(1) if op_name else '',
         root=bool(root),
         line=line.strip(),
+        operands=operands,
       )
     )
   return Module(computations, entry)
+
+
+def _operand_text(rest: str) -> str:
+  """The operand list of an instruction: `rest` up to the parenthesis
+  that closes the opcode's (shapes inside it may hold parentheses)."""
+  depth = 1
+  for at, char in enumerate(rest):
+    depth += {'(': 1, ')': -1}.get(char, 0)
+    if depth == 0:
+      return rest[:at]
+  return rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,21 +242,43 @@ def host_transfers(
   ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Copies:
+  """Copies of one array shape: `copies` stay in one memory space (a
+  second buffer of the same bytes), `moves` go between memory spaces
+  (HBM and the chip's on-chip memory, placed by the compiler's
+  memory-space assignment: the array is staged where the loop reads it)."""
+
+  copies: tuple[str, ...]
+  moves: tuple[str, ...]
+
+
 def copies_of(
   module: Module, dims: tuple[int, ...], names: Optional[set[str]] = None
-) -> list[str]:
+) -> Copies:
   """Materialised copies (copy, copy-start, or a fusion whose root is a
-  copy) of an array with these dims, in `names` (default: all)."""
+  copy) of an array with these dims, in `names` (default: all), split
+  into copies within a memory space and moves between two."""
   fused_root_copy = {
     name
     for name, instructions in module.computations.items()
     if any(i.root and i.opcode == 'copy' for i in instructions)
   }
-  out = []
+  by_name = {
+    i.name: i
+    for instructions in module.computations.values()
+    for i in instructions
+  }
+  copies, moves = [], []
   for i in module.materialised(names):
     copying = i.opcode in ('copy', 'copy-start') or (
       i.opcode == 'fusion' and any(c in fused_root_copy for c in i.called)
     )
-    if copying and any(d == dims for _, d in i.arrays):
-      out.append(i.line[:160])
-  return out
+    if not copying or all(d != dims for _, d in i.arrays):
+      continue
+    sources = [by_name[o] for o in i.operands if o in by_name]
+    moving = i.opcode == 'copy-start' or any(
+      s.memory_space != i.memory_space for s in sources
+    )
+    (moves if moving else copies).append(i.line[:160])
+  return Copies(tuple(copies), tuple(moves))

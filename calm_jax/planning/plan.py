@@ -40,6 +40,10 @@ class PlanSettings:
   max_decode_length: int = 128
   measures: tuple[str, ...] = ('softmax', 'state', 'classifier')
   gamma: int = 4
+  # The decoders' smallest 'model' axis: 1 puts rows on 'data' as far as
+  # the batch splits; a model whose float32 parameters do not fit one
+  # device is split over this many at every batch.
+  decode_model_parallelism: int = 1
   decoders: bool = True  # the whole decode programs of each mode
   token_costs: bool = True  # the one-position programs
   # Exit layers whose one-position program is compiled (None: every one);
@@ -53,7 +57,8 @@ class PlanSettings:
     )
     for name in ('train_batch_size', 'input_length', 'target_length'):
       arguments.integer(name, getattr(self, name), 1)
-    for name in ('decode_input_length', 'max_decode_length', 'gamma'):
+    names = ('decode_input_length', 'max_decode_length', 'gamma')
+    for name in (*names, 'decode_model_parallelism'):
       arguments.integer(name, getattr(self, name), 1)
     for size in self.decode_batch_sizes:
       arguments.integer('decode_batch_sizes', size, 1)
@@ -69,10 +74,23 @@ def train_mesh(settings: PlanSettings, devices: Sequence):
   return partitioning.make_mesh(shape, devices)
 
 
-def decode_mesh(batch_size: int, devices: Sequence):
-  """Rows over 'data' as far as the batch splits, the rest on 'model'."""
-  data = math.gcd(batch_size, len(devices))
-  return partitioning.make_mesh((data, len(devices) // data), devices)
+def decode_mesh_shape(
+  batch_size: int, num_devices: int, model_parallelism: int = 1
+) -> tuple[int, int]:
+  """(data, model): rows over 'data' as far as the batch splits, keeping
+  at least `model_parallelism` devices on 'model'; the rest on 'model'."""
+  if num_devices % model_parallelism:
+    raise errors.SettingError(
+      f'decode_model_parallelism {model_parallelism} does not divide the '
+      f'{num_devices} devices'
+    )
+  data = math.gcd(batch_size, num_devices // model_parallelism)
+  return data, num_devices // data
+
+
+def decode_mesh(batch_size: int, devices: Sequence, model_parallelism: int = 1):
+  shape = decode_mesh_shape(batch_size, len(devices), model_parallelism)
+  return partitioning.make_mesh(shape, devices)
 
 
 def plan(
@@ -97,12 +115,14 @@ def plan(
 
   def run(program: programs.Program, adjust=None) -> compiled_lib.ProgramReport:
     report = compiled_lib.compile_program(program, budget, settings.topology)
-    if adjust is not None:  # costs the analysis leaves out, added
-      report = adjust(report)
+    # Refused on the program's own memory (what `adjust` adds is costs, not
+    # bytes held), before compiling what `adjust` needs.
     if refuse and not report.fits:
       raise compiled_lib.DoesNotFitError(
         compiled_lib.refusal(report, settings.topology)
       )
+    if adjust is not None:  # costs the analysis leaves out, added
+      report = adjust(report)
     reports.append(report)
     if on_report is not None:
       on_report(report)
@@ -111,7 +131,7 @@ def plan(
   train = _train_reports(model, optimizer, settings, devices, run, budget)
   decode, tokens = {}, {}
   for batch in settings.decode_batch_sizes:
-    mesh = decode_mesh(batch, devices)
+    mesh = decode_mesh(batch, devices, settings.decode_model_parallelism)
     if settings.decoders:
       decode[batch] = _decode_reports(model, settings, mesh, batch, run)
     if settings.token_costs:
