@@ -6,6 +6,13 @@ runs/tpu_plan/, kept: a finished case is not compiled again, so an
 interrupted run resumes); a case that does not fit is recorded with the
 planner's one-line refusal. `--cases a,b` runs some; `--render` only
 renders what runs/tpu_plan/ holds over docs/tpu_plan.json.
+
+The sizes matrix (`--sizes`, default every size): each model size's CALM
+fine-tuning step at the paper's batch, tried on v5e slices from the
+smallest up until one fits (the larger ones are not compiled), and on
+v5e-256; its one-position decode programs at batch 1, 32 and 256 on v5e-4
+and v5e-256, one case per batch so that a batch that does not fit is a
+refusal of its own.
 """
 
 import argparse
@@ -184,6 +191,154 @@ CASES = {
 }
 
 
+# --- the sizes matrix ----------------------------------------------------------
+
+SIZES = {
+  # size: (gin/models file, the smallest 'model' axis it is split over)
+  't5_small': ('calm_t5_1_1_small', 2),
+  't5_base': ('calm_t5_1_1_base', 2),
+  't5_large': ('calm_t5_1_1_large', 2),
+  't5_xl': ('calm_t5_1_1_xl', 4),
+  't5_xxl': ('calm_t5_1_1_xxl', 8),
+  # SmolLM2's 9 heads (3 K/V heads) split over no power of two.
+  'llama_smollm2_135m': ('calm_llama_smollm2_135m', 1),
+  'llama_1b': ('calm_llama_1b', 2),
+  'llama_8b': ('calm_llama_8b', 8),
+}
+FIT_TOPOLOGIES = (
+  'v5e:2x2',
+  'v5e:2x4',
+  'v5e:4x4',
+  'v5e:4x8',
+  'v5e:8x8',
+  'v5e:8x16',
+  'v5e:16x16',
+)
+DECODE_TOPOLOGIES = ('v5e:2x2', 'v5e:16x16')
+DECODE_BATCHES = (1, 32, 256)
+TRAIN_BATCH = 128  # the paper's fine-tuning batch
+# As t5x runs its large T5s: packed (the plan's default), layers scanned,
+# minimal remat, parameters split over 'data' too.
+AT_SCALE = [
+  f'--gin.BATCH_SIZE={TRAIN_BATCH}',
+  '--gin.SCAN_LAYERS=True',
+  "--gin.REMAT_POLICY='minimal'",
+  '--gin.PARAMETER_PARTITIONING_DIMS=2',
+  *TRAIN_ONLY,
+]
+# Exit programs compiled besides each measure's first exit and the top
+# (the curve is linear in between), as fractions of the depth.
+EXIT_FRACTIONS = (0.25, 0.5, 0.75)
+DECODER_LAYERS = {
+  'calm_t5_1_1_small': 8,
+  'calm_t5_1_1_base': 12,
+  'calm_t5_1_1_large': 24,
+  'calm_t5_1_1_xl': 24,
+  'calm_t5_1_1_xxl': 24,
+  'calm_llama_smollm2_135m': 30,
+  'calm_llama_1b': 16,
+  'calm_llama_8b': 32,
+}
+
+
+def num_devices(topology: str) -> int:
+  """Chips of a CHIP:AxB[xC] topology."""
+  count = 1
+  for n in topology.split(':')[1].split('x'):
+    count *= int(n)
+  return count
+
+
+def _tag(topology: str) -> str:
+  return topology.replace(':', '_')
+
+
+def _model_axis(size: str, devices: int) -> int:
+  """The size's 'model' axis on this many devices: its own smallest,
+  raised so that the train batch splits over 'data'."""
+  return min(devices, max(SIZES[size][1], devices // TRAIN_BATCH))
+
+
+def fit_case(size: str, topology: str) -> dict:
+  model = SIZES[size][0]
+  devices = num_devices(topology)
+  model_axis = _model_axis(size, devices)
+  mesh = (devices // model_axis, model_axis)
+  case = _case(
+    model,
+    topology,
+    [f'--gin.MESH_SHAPE={mesh}', *AT_SCALE],
+    f'{size} CALM fine-tuning at batch {TRAIN_BATCH}, lengths 512/128, '
+    'packed, layers scanned, minimal remat, 2D parameter sharding',
+  )
+  return {**case, 'matrix': {'kind': 'train', 'size': size}}
+
+
+def decode_case(size: str, topology: str, batch: int) -> dict:
+  model, parallel = SIZES[size]
+  layers = DECODER_LAYERS[model]
+  exits = sorted({max(1, round(f * layers)) for f in EXIT_FRACTIONS})
+  llama = model.startswith('calm_llama')
+  # T5 at the demo's softmax exits, Llama at SmolLM2's classifier exits
+  # (a softmax over a 49k-128k vocabulary per layer is what CALM's
+  # classifier is for).
+  measure, histograms = (
+    ('classifier', 'real_model') if llama else ('softmax', 'reproduction')
+  )
+  case = _case(
+    model,
+    topology,
+    [
+      *DECODE_ONLY,
+      '--gin.calm_jax.plan.decoders=False',
+      f'--gin.calm_jax.plan.decode_batch_sizes=({batch},)',
+      f'--gin.calm_jax.plan.decode_model_parallelism='
+      f'{min(parallel, num_devices(topology))}',
+      f"--gin.calm_jax.plan.measures=('{measure}',)",
+      f'--gin.calm_jax.plan.token_exit_layers={tuple(exits)}',
+      f"--gin.calm_jax.plan.histograms='{histograms}'",
+    ],
+    f'{size} one-position decode programs at batch {batch}, prompt 512, '
+    '128 generated',
+  )
+  return {**case, 'matrix': {'kind': 'decode', 'size': size, 'batch': batch}}
+
+
+for _size in SIZES:
+  for _topology in FIT_TOPOLOGIES:
+    CASES[f'fit_{_size}_{_tag(_topology)}'] = fit_case(_size, _topology)
+  for _topology in DECODE_TOPOLOGIES:
+    for _batch in DECODE_BATCHES:
+      CASES[f'decode_{_size}_{_tag(_topology)}_b{_batch}'] = decode_case(
+        _size, _topology, _batch
+      )
+
+
+def _fits(result: dict) -> bool:
+  return 'error' not in result and all(r['fits'] for r in result['train'])
+
+
+def fit_search(size: str, run, results: dict) -> None:
+  """The size's train step on the smallest topology where it fits (the
+  larger ones not compiled), and on v5e-256."""
+  names = [f'fit_{size}_{_tag(t)}' for t in FIT_TOPOLOGIES]
+  for name in names:
+    results[name] = run(name)
+    if _fits(results[name]):
+      break
+  if names[-1] not in results:
+    results[names[-1]] = run(names[-1])
+
+
+def matrix_names(size: str) -> list[str]:
+  """The decode cases of a size, in the order they run."""
+  return [
+    f'decode_{size}_{_tag(t)}_b{b}'
+    for t in DECODE_TOPOLOGIES
+    for b in DECODE_BATCHES
+  ]
+
+
 def run_case(name: str, case: dict, timeout: int) -> dict:
   output = RUNS / f'{name}.json'
   if output.exists():
@@ -224,7 +379,19 @@ def run_case(name: str, case: dict, timeout: int) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument('--cases', default=','.join(CASES))
+  parser.add_argument(
+    '--cases',
+    default=','.join(n for n, c in CASES.items() if 'matrix' not in c),
+    help='named cases (default: every case outside the sizes matrix)',
+  )
+  parser.add_argument(
+    '--sizes',
+    default=','.join(SIZES),
+    help="the sizes matrix's sizes ('' for none)",
+  )
+  parser.add_argument(
+    '--matrix', default='train,decode', help='train, decode or both'
+  )
   parser.add_argument('--render', action='store_true')
   parser.add_argument('--timeout', type=int, default=3600)
   args = parser.parse_args()
@@ -233,16 +400,26 @@ def main() -> None:
   # not in the repository) keeps the result it has there.
   report = ROOT / 'docs' / 'tpu_plan.json'
   results = json.loads(report.read_text()) if report.exists() else {}
-  for name in args.cases.split(','):
-    output = RUNS / f'{name}.json'
-    if args.render:
+  if args.render:
+    for name in CASES:
+      output = RUNS / f'{name}.json'
       if output.exists():
         results[name] = json.loads(output.read_text())
-      continue
-    results[name] = run_case(name, CASES[name], args.timeout)
+  else:
+    run = lambda name: run_case(name, CASES[name], args.timeout)
+    for name in filter(None, args.cases.split(',')):
+      results[name] = run(name)
+    for size in filter(None, args.sizes.split(',')):
+      if 'train' in args.matrix:
+        fit_search(size, run, results)
+      if 'decode' in args.matrix:
+        for name in matrix_names(size):
+          results[name] = run(name)
   for name, result in results.items():
     if name in CASES:
       result['note'] = CASES[name]['note']
+      if 'matrix' in CASES[name]:
+        result['matrix'] = CASES[name]['matrix']
   files.atomic_write_json(report, results)
   files.atomic_write_text(
     ROOT / 'docs' / 'tpu_plan.md', tpu_plan_markdown.render(results)

@@ -1,5 +1,6 @@
 """docs/tpu_plan.md from the plans `make tpu-plan` wrote (no JAX)."""
 
+import re
 from typing import Any
 from typing import Mapping
 
@@ -147,8 +148,121 @@ def _train_settings(plan: Mapping[str, Any]) -> str:
   )
 
 
+# What a refusal says a program needs per device: the planner's own line
+# ('it needs 20.1 GiB per device') or the compiler's ('Used 20.1G of ...').
+_NEEDS = re.compile(r'it needs ([\d.]+) GiB|[Uu]sed ([\d.]+)G of')
+
+
+def _devices(topology: str) -> int:
+  count = 1
+  for n in topology.split(':')[1].split('x'):
+    count *= int(n)
+  return count
+
+
+def _matrix(results, kind: str) -> dict:
+  """{size: {column: result}} of the sizes matrix's cases of a kind."""
+  out: dict = {}
+  for plan in results.values():
+    matrix = plan.get('matrix') or {}
+    if matrix.get('kind') != kind:
+      continue
+    column = plan['topology']
+    if kind == 'decode':
+      column = (plan['topology'], matrix['batch'])
+    out.setdefault(matrix['size'], {})[column] = plan
+  return out
+
+
+def _refused_cell(plan) -> str:
+  needs = _NEEDS.search(plan['error'])
+  if needs:
+    return f'needs {needs.group(1) or needs.group(2)} GiB'
+  if 'not finished' in plan['error']:
+    return 'not compiled in time'
+  return 'refused'
+
+
+def _fit_cell(plan) -> str:
+  if 'error' in plan:
+    return _refused_cell(plan)
+  step = plan['train'][0]
+  mfu = step.get('roofline_mfu')
+  return f'{_gib(step["total_bytes"])} of {_gib(step["hbm_bytes"])} GiB' + (
+    '' if mfu is None else f', MFU <= {mfu:.0%}'
+  )
+
+
+def _fit_table(results) -> list[str]:
+  matrix = _matrix(results, 'train')
+  if not matrix:
+    return []
+  topologies = sorted({t for row in matrix.values() for t in row}, key=_devices)
+  lines = [
+    '## Which sizes fit where: CALM fine-tuning\n',
+    "Each size's train step (model stage: every exit's loss) at batch "
+    '128, lengths 512/128 (Llama: 640 tokens), packed, layers scanned, '
+    'minimal remat, 2D parameter sharding, tried on v5e slices from the '
+    'smallest up; a slice above the first that fits is not compiled (-) '
+    'except v5e-256. A cell is the memory per device against the HBM and '
+    'the roofline MFU bound, or what a refused step needs. Details in the '
+    'sections below.\n',
+    '| size | ' + ' | '.join(topologies) + ' |',
+    '|---|' + '---|' * len(topologies),
+  ]
+  for size, row in matrix.items():
+    cells = [_fit_cell(row[t]) if t in row else '-' for t in topologies]
+    lines.append(f'| {size} | ' + ' | '.join(cells) + ' |')
+  return lines + ['']
+
+
+def _decode_cell(plan) -> str:
+  if 'error' in plan:
+    return _refused_cell(plan)
+  (costs,) = plan['token_costs'].values()
+  full = costs['full']['roofline_seconds']
+  speedups = [p['calm_speedup_bound'] for p in plan.get('predictions', ())]
+  exact = [
+    p['exact']['break_even_tokens_per_pass']
+    for p in plan.get('predictions', ())
+  ]
+  cell = f'{_ms(full)} ms'
+  if speedups:
+    cell += f', CALM x{min(speedups):.2f}-{max(speedups):.2f}'
+  if exact:
+    cell += f', exact breaks even at {min(exact):.2f}-{max(exact):.2f}'
+  return cell
+
+
+def _decode_table(results) -> list[str]:
+  matrix = _matrix(results, 'decode')
+  if not matrix:
+    return []
+  columns = sorted(
+    {c for row in matrix.values() for c in row},
+    key=lambda c: (_devices(c[0]), c[1]),
+  )
+  lines = [
+    '## Decoding across sizes: one position\n',
+    "Each size's one-position decode programs (prompt 512, 128 "
+    "generated; T5 at the softmax measure and the demo model's exit "
+    "histograms, Llama at the classifier measure and SmolLM2's), per "
+    "topology and batch. A cell is the full-depth position's roofline "
+    'bound, the predicted CALM speed-up bound over the measured '
+    'histograms (their range), and the tokens an exact-mode round (gamma '
+    'drafts and one verify pass) must emit per verify pass to break '
+    'even; or what a refused program needs. Bounds, not timings.\n',
+    '| size | ' + ' | '.join(f'{t} batch {b}' for t, b in columns) + ' |',
+    '|---|' + '---|' * len(columns),
+  ]
+  for size, row in matrix.items():
+    cells = [_decode_cell(row[c]) if c in row else '-' for c in columns]
+    lines.append(f'| {size} | ' + ' | '.join(cells) + ' |')
+  return lines + ['']
+
+
 def render(results: Mapping[str, Mapping[str, Any]]) -> str:
-  lines = [HEADER]
+  lines = [HEADER, *_fit_table(results), *_decode_table(results)]
   for name, plan in results.items():
     lines.append(
       f'## {name}: {plan.get("name") or plan.get("model")} on '

@@ -1,0 +1,123 @@
+"""`make tpu-plan`'s sizes matrix: the search for the smallest slice that
+fits, and the summary tables of docs/tpu_plan.md (no compiles)."""
+
+import importlib.util
+import pathlib
+
+from calm_jax.analysis import tpu_plan_markdown
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tool():
+  spec = importlib.util.spec_from_file_location(
+    'tpu_plan_tool', ROOT / 'tools' / 'tpu_plan.py'
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+GIB = 1 << 30
+
+
+def _train_plan(size, topology, total_gib, fits=True):
+  return {
+    'topology': topology,
+    'matrix': {'kind': 'train', 'size': size},
+    'train': [
+      {
+        'fits': fits,
+        'total_bytes': total_gib * GIB,
+        'hbm_bytes': 16 * GIB,
+        'roofline_mfu': 0.4,
+      }
+    ],
+  }
+
+
+def test_the_search_stops_at_the_first_slice_that_fits_and_adds_v5e_256():
+  tool = _tool()
+  fitting = {'v5e:4x4'}
+  ran = []
+
+  def run(name):
+    ran.append(name)
+    topology = next(
+      t for t in tool.FIT_TOPOLOGIES if name.endswith(tool._tag(t))
+    )
+    if topology in fitting or topology == 'v5e:16x16':
+      return _train_plan('t5_xl', topology, 9)
+    return {'topology': topology, 'error': 'x does not fit: it needs 30.5 GiB'}
+
+  results = {}
+  tool.fit_search('t5_xl', run, results)
+  assert ran == [
+    'fit_t5_xl_v5e_2x2',
+    'fit_t5_xl_v5e_2x4',
+    'fit_t5_xl_v5e_4x4',
+    'fit_t5_xl_v5e_16x16',
+  ]
+  assert set(results) == set(ran)
+
+
+def test_a_size_splits_the_batch_over_data_on_every_slice():
+  tool = _tool()
+  for size in tool.SIZES:
+    for topology in tool.FIT_TOPOLOGIES:
+      devices = tool.num_devices(topology)
+      case = tool.CASES[f'fit_{size}_{tool._tag(topology)}']
+      (mesh,) = [a for a in case['args'] if a.startswith('--gin.MESH_SHAPE=')]
+      data, model = eval(mesh.split('=', 1)[1])
+      assert data * model == devices and tool.TRAIN_BATCH % data == 0
+      assert model >= min(devices, tool.SIZES[size][1])
+
+
+def test_the_fit_table_shows_fits_refusals_and_what_was_not_compiled():
+  results = {
+    'a': _train_plan('t5_xl', 'v5e:2x2', 0, fits=False)
+    | {'error': 'step does not fit v5e:2x2: it needs 30.50 GiB per device'},
+    'b': _train_plan('t5_xl', 'v5e:4x4', 9),
+    'c': _train_plan('t5_xl', 'v5e:16x16', 3),
+    'd': _train_plan('t5_small', 'v5e:2x2', 2),
+    'e': {
+      'topology': 'v5e:2x4',
+      'matrix': {'kind': 'train', 'size': 't5_xxl'},
+      'error': 'RESOURCE_EXHAUSTED: Used 40.1G of 15.75G hbm',
+    },
+  }
+  table = tpu_plan_markdown._fit_table(results)
+  header = table[2]
+  assert header == '| size | v5e:2x2 | v5e:2x4 | v5e:4x4 | v5e:16x16 |'
+  rows = {line.split(' | ')[0][2:]: line for line in table[4:-1]}
+  assert rows['t5_xl'] == (
+    '| t5_xl | needs 30.50 GiB | - | 9.00 of 16.00 GiB, MFU <= 40% '
+    '| 3.00 of 16.00 GiB, MFU <= 40% |'
+  )
+  assert rows['t5_xxl'] == '| t5_xxl | - | needs 40.1 GiB | - | - |'
+
+
+def test_the_decode_table_shows_the_bound_and_the_predicted_range():
+  plan = {
+    'topology': 'v5e:2x2',
+    'matrix': {'kind': 'decode', 'size': 't5_xxl', 'batch': 1},
+    'token_costs': {'1': {'full': {'roofline_seconds': 2e-3}}},
+    'predictions': [
+      {
+        'calm_speedup_bound': s,
+        'exact': {'break_even_tokens_per_pass': e},
+      }
+      for s, e in ((1.5, 2.0), (2.5, 1.2))
+    ],
+  }
+  refused = {
+    'topology': 'v5e:2x2',
+    'matrix': {'kind': 'decode', 'size': 't5_xxl', 'batch': 256},
+    'error': 'token does not fit v5e:2x2: it needs 70.00 GiB per device',
+  }
+  table = tpu_plan_markdown._decode_table({'a': plan, 'b': refused})
+  assert table[2] == '| size | v5e:2x2 batch 1 | v5e:2x2 batch 256 |'
+  assert table[4] == (
+    '| t5_xxl | 2 ms, CALM x1.50-2.50, exact breaks even at 1.20-2.00 '
+    '| needs 70.00 GiB |'
+  )
