@@ -121,3 +121,22 @@ def test_the_decode_table_shows_the_bound_and_the_predicted_range():
     '| t5_xxl | 2 ms, CALM x1.50-2.50, exact breaks even at 1.20-2.00 '
     '| needs 70.00 GiB |'
   )
+
+
+def test_a_decoders_in_loop_copies_are_named_by_shape_and_memory_space():
+  line = (
+    '%copy.1 = bf16[8,53,4,32]{1,3,2,0:T(8,128)(2,1)S(1)} '
+    'copy(%get-tuple-element.5), metadata={op_name="jit(f)/while/body"}'
+  )
+  report = {
+    'kind': 'decode',
+    'name': 'exact-mode decoder (batch 32)',
+    'loop_host_transfers': [],
+    'loop_cache_copies': [line],
+    'loop_cache_moves': [line, line],
+  }
+  (check,) = tpu_plan_markdown._checks([report])
+  assert '0 host transfers and 1 copies' in check and '2 moves' in check
+  assert check.endswith(
+    'of `bf16[8,53,4,32]` within memory space 1 (its operand in the same space)'
+  )

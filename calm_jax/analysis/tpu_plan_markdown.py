@@ -78,9 +78,26 @@ def _checks(reports) -> list[str]:
       f'{len(r["loop_cache_copies"])} copies of a K/V cache array inside '
       f'its loops; {len(r["loop_cache_moves"])} moves of one between '
       'memory spaces (HBM and on-chip memory, chosen by the '
-      "compiler's memory-space assignment)"
+      "compiler's memory-space assignment)" + _copied(r['loop_cache_copies'])
     )
   return out
+
+
+# An HLO copy line: `%copy.3 = bf16[8,53,4,32]{1,3,2,0:T(8,128)S(1)} copy(`.
+_COPY = re.compile(r'= (\w+\[[\d,]*\])\{[^}]*?(?:S\((\d+)\))?\}')
+
+
+def _copied(lines) -> str:
+  """What the first in-loop copy copies: its shape and memory space."""
+  if not lines:
+    return ''
+  found = _COPY.search(lines[0])
+  if not found:
+    return ''
+  return (
+    f'; the copies are of `{found.group(1)}` within memory space '
+    f'{found.group(2) or 0} (its operand in the same space)'
+  )
 
 
 def _token_rows(costs: Mapping[str, Any]) -> list[str]:
