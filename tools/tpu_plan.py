@@ -194,16 +194,18 @@ CASES = {
 # --- the sizes matrix ----------------------------------------------------------
 
 SIZES = {
-  # size: (gin/models file, the smallest 'model' axis it is split over)
-  't5_small': ('calm_t5_1_1_small', 2),
-  't5_base': ('calm_t5_1_1_base', 2),
-  't5_large': ('calm_t5_1_1_large', 2),
-  't5_xl': ('calm_t5_1_1_xl', 4),
-  't5_xxl': ('calm_t5_1_1_xxl', 8),
+  # size: (gin/models file, the smallest 'model' axis of its train step,
+  # of its decoders: those whose float32 parameters and cache would crowd
+  # one chip's HBM are split)
+  't5_small': ('calm_t5_1_1_small', 2, 1),
+  't5_base': ('calm_t5_1_1_base', 2, 1),
+  't5_large': ('calm_t5_1_1_large', 2, 1),
+  't5_xl': ('calm_t5_1_1_xl', 4, 4),
+  't5_xxl': ('calm_t5_1_1_xxl', 8, 8),
   # SmolLM2's 9 heads (3 K/V heads) split over no power of two.
-  'llama_smollm2_135m': ('calm_llama_smollm2_135m', 1),
-  'llama_1b': ('calm_llama_1b', 2),
-  'llama_8b': ('calm_llama_8b', 8),
+  'llama_smollm2_135m': ('calm_llama_smollm2_135m', 1, 1),
+  'llama_1b': ('calm_llama_1b', 2, 1),
+  'llama_8b': ('calm_llama_8b', 8, 8),
 }
 FIT_TOPOLOGIES = (
   'v5e:2x2',
@@ -275,7 +277,7 @@ def fit_case(size: str, topology: str) -> dict:
 
 
 def decode_case(size: str, topology: str, batch: int) -> dict:
-  model, parallel = SIZES[size]
+  model, _, parallel = SIZES[size]
   layers = DECODER_LAYERS[model]
   exits = sorted({max(1, round(f * layers)) for f in EXIT_FRACTIONS})
   llama = model.startswith('calm_llama')
