@@ -161,6 +161,61 @@ CASES = {
     ],
     'the base yardstick case with the layers scanned (SCAN_LAYERS)',
   ),
+  't5_small_train_b32_no_dropout': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    [
+      '--gin.BATCH_SIZE=32',
+      '--gin.MESH_SHAPE=(2, 2)',
+      '--gin.calm_jax.T5Config.dropout_rate=0.0',
+      *YARDSTICK,
+    ],
+    "the yardstick case without dropout (t5x's T5 1.1 gin files default "
+    'to DROPOUT_RATE = 0.0; calm_t5_1_1_small.gin fine-tunes at 0.1, whose '
+    'masks over attention weights and activations are drawn, written and '
+    'read every step)',
+  ),
+  # CALM's cost over a plain step of the same network: one exit (the top),
+  # at 8 and at 24 decoder layers (t5x's step was measured at 8 only).
+  't5_small_train_b32_one_exit_no_dropout': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    [
+      '--gin.BATCH_SIZE=32',
+      '--gin.MESH_SHAPE=(2, 2)',
+      '--gin.calm_jax.T5Config.dropout_rate=0.0',
+      '--gin.calm_jax.T5Config.first_exit=8',
+      *YARDSTICK,
+    ],
+    'the yardstick network with one exit (the top layer) and no dropout: '
+    "calm_jax's plain step, to set beside t5x's",
+  ),
+  't5_small_24_train_b32_no_dropout': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    [
+      '--gin.BATCH_SIZE=32',
+      '--gin.MESH_SHAPE=(2, 2)',
+      '--gin.calm_jax.T5Config.dropout_rate=0.0',
+      '--gin.calm_jax.T5Config.num_decoder_layers=24',
+      *YARDSTICK,
+    ],
+    'the yardstick case at 24 decoder layers (24 exits), no dropout',
+  ),
+  't5_small_24_train_b32_one_exit_no_dropout': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    [
+      '--gin.BATCH_SIZE=32',
+      '--gin.MESH_SHAPE=(2, 2)',
+      '--gin.calm_jax.T5Config.dropout_rate=0.0',
+      '--gin.calm_jax.T5Config.num_decoder_layers=24',
+      '--gin.calm_jax.T5Config.first_exit=24',
+      *YARDSTICK,
+    ],
+    'the 24-decoder-layer network with one exit (the top layer), no '
+    'dropout: the plain step at that depth',
+  ),
   't5_xxl_train_v5e256_2d': _case(
     'calm_t5_1_1_xxl',
     'v5e:16x16',
