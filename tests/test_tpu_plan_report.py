@@ -3,6 +3,8 @@ fits, and the summary tables of docs/tpu_plan.md (no compiles)."""
 
 import importlib.util
 import pathlib
+import sys
+import time
 
 from calm_jax.analysis import tpu_plan_markdown
 
@@ -140,3 +142,17 @@ def test_a_decoders_in_loop_copies_are_named_by_shape_and_memory_space():
   assert check.endswith(
     'of `bf16[8,53,4,32]` within memory space 1 (its operand in the same space)'
   )
+
+
+def test_a_case_process_is_streamed_and_stopped_at_its_timeout(capsys):
+  tool = _tool()
+  code = 'import sys; print("compiling x", file=sys.stderr); sys.exit(2)'
+  status, tail, timed_out = tool._run_streamed(
+    [sys.executable, '-c', code], timeout=60
+  )
+  assert (status, timed_out) == (2, False) and 'compiling x' in tail
+  assert 'compiling x' in capsys.readouterr().err
+  sleeper = [sys.executable, '-c', 'import time; time.sleep(30)']
+  start = time.perf_counter()
+  status, _, timed_out = tool._run_streamed(sleeper, timeout=1)
+  assert timed_out and status != 0 and time.perf_counter() - start < 20

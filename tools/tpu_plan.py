@@ -16,11 +16,13 @@ refusal of its own.
 """
 
 import argparse
+import collections
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -396,6 +398,32 @@ def matrix_names(size: str) -> list[str]:
   ]
 
 
+def _run_streamed(command, timeout: int) -> tuple[int, str, bool]:
+  """Runs a planner process with its compile notices passed on as they
+  come (a case compiles for minutes): (exit status, the last of its
+  stderr, whether it was stopped at `timeout` seconds)."""
+  process = subprocess.Popen(
+    command, cwd=ROOT, stderr=subprocess.PIPE, text=True, bufsize=1
+  )
+  stopped = []
+
+  def stop():
+    stopped.append(True)
+    process.kill()
+
+  watchdog = threading.Timer(timeout, stop)
+  watchdog.start()
+  tail = collections.deque(maxlen=200)
+  try:
+    for line in process.stderr:
+      sys.stderr.write(line)
+      tail.append(line)
+    process.wait()
+  finally:
+    watchdog.cancel()
+  return process.returncode, ''.join(tail), bool(stopped)
+
+
 def run_case(name: str, case: dict, timeout: int) -> dict:
   output = RUNS / f'{name}.json'
   if output.exists():
@@ -413,23 +441,19 @@ def run_case(name: str, case: dict, timeout: int) -> dict:
   ]
   print(f'[{name}] {" ".join(command[2:])}', file=sys.stderr, flush=True)
   start = time.perf_counter()
-  try:
-    done = subprocess.run(
-      command, cwd=ROOT, stderr=subprocess.PIPE, text=True, timeout=timeout
-    )
-  except subprocess.TimeoutExpired:
+  returncode, stderr, timed_out = _run_streamed(command, timeout)
+  if timed_out:
     return {'case': name, **case, 'error': f'not finished in {timeout} s'}
-  sys.stderr.write(done.stderr)
-  if done.returncode == 0:
+  if returncode == 0:
     return json.loads(output.read_text())
-  lines = [l for l in done.stderr.splitlines() if l.startswith('error: ')]
+  lines = [l for l in stderr.splitlines() if l.startswith('error: ')]
   record = {
     'case': name,
     **case,
-    'error': lines[-1][7:] if lines else done.stderr[-500:],
+    'error': lines[-1][7:] if lines else stderr[-500:],
     'seconds': time.perf_counter() - start,
   }
-  if done.returncode == 2:  # a refusal: kept, as a finished case
+  if returncode == 2:  # a refusal: kept, as a finished case
     files.atomic_write_json(output, record)
   return record
 
