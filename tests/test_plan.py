@@ -168,6 +168,23 @@ def test_cache_copies_are_found_in_loops_only():
   assert largest.shape == 'f32[2,8,2,4]' and largest.bytes == 512
 
 
+def test_traffic_is_attributed_to_sources_with_layers_folded():
+  module = hlo.parse(
+    SYNTHETIC.replace('while/body/cache', 'decoder/layers_3/cache')
+  )
+  traffic = hlo.traffic_by_source(module)
+  # Each copy reads its 512-byte operand and writes 512 bytes: the two
+  # without a source path (one in the loop, one outside) under their
+  # opcode; the fusion likewise; the condition's compare reads two s32
+  # and writes a pred.
+  assert traffic[0] == hlo.Traffic('copy', 2048, 2)
+  assert set(traffic[1:]) == {
+    hlo.Traffic('decoder/layers_*/cache', 1024, 1),
+    hlo.Traffic('fusion', 1024, 1),
+    hlo.Traffic('compare', 9, 1),
+  }
+
+
 # --- one decode position -----------------------------------------------------
 
 

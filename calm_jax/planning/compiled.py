@@ -43,12 +43,14 @@ class ProgramReport:
   peak_flops: float  # per device
   hbm_bandwidth: float  # per device
   largest: tuple[hlo.Buffer, ...]
+  # The sources with the most bytes read and written (an attribution).
+  traffic: tuple[hlo.Traffic, ...] = ()
   model_flops: Optional[float] = None  # per step, all devices
   devices: int = 1
   tokens: int = 0
   loop_host_transfers: tuple[str, ...] = ()
-  loop_cache_copies: tuple[str, ...] = ()  # synchronous, in HBM
-  loop_cache_moves: tuple[str, ...] = ()  # async, between memory spaces
+  loop_cache_copies: tuple[str, ...] = ()  # within one memory space
+  loop_cache_moves: tuple[str, ...] = ()  # between memory spaces
   # A train step's loop over the exits: the iterations the cost analysis
   # left out, added to flops and bytes_accessed (plan._with_exit_loop).
   exit_loop: Optional[dict] = None
@@ -108,6 +110,7 @@ class ProgramReport:
   def as_json(self) -> dict:
     out = dataclasses.asdict(self)
     out['largest'] = [dataclasses.asdict(b) for b in self.largest]
+    out['traffic'] = [dataclasses.asdict(t) for t in self.traffic]
     for name in (
       'total_bytes',
       'headroom_bytes',
@@ -179,6 +182,7 @@ def compile_program(
     peak_flops=budget.peak_flops,
     hbm_bandwidth=budget.hbm_bandwidth,
     largest=tuple(hlo.largest_arrays(module)),
+    traffic=tuple(hlo.traffic_by_source(module)),
     model_flops=program.model_flops,
     devices=program.mesh.size,
     tokens=program.tokens,

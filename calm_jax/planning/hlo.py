@@ -229,6 +229,45 @@ def largest_arrays(module: Module, count: int = 5) -> list[Buffer]:
   return sorted(found.values(), key=lambda b: -b.bytes)[:count]
 
 
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+  """HBM bytes read and written by the instructions of one source."""
+
+  what: str  # the JAX source path, layer numbers folded
+  bytes: int
+  instructions: int
+
+
+# Passes through (a loop, a branch, a call): its body's instructions count.
+_CONTROL = ('while', 'conditional', 'call', 'async-start', 'async-done')
+_LAYER_NUMBER = re.compile(r'(layers?)_\d+')
+
+
+def traffic_by_source(module: Module, count: int = 8) -> list[Traffic]:
+  """Bytes each source's materialised instructions read and write (each
+  one's operands and result, a loop's body once, as the cost analysis
+  counts them), summed over the source paths with layer numbers folded
+  (`layers_3` -> `layers_*`), largest first. An attribution of the cost
+  analysis's "bytes accessed", not the compiler's own: operands in on-chip
+  memory count as HBM traffic here."""
+  fused = module.fusion_bodies()
+  totals: dict[str, list[int]] = {}
+  for computation, instructions in module.computations.items():
+    if computation in fused:
+      continue
+    local = {i.name: i for i in instructions}
+    for i in instructions:
+      if i.opcode in _NOT_MATERIALISED or i.opcode in _CONTROL:
+        continue
+      read = sum(local[o].bytes for o in i.operands if o in local)
+      what = _LAYER_NUMBER.sub(r'\1_*', _short_source(i.op_name, i.opcode))
+      total = totals.setdefault(what, [0, 0])
+      total[0] += read + i.bytes
+      total[1] += 1
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:count]
+  return [Traffic(what, b, n) for what, (b, n) in ranked]
+
+
 def host_transfers(
   module: Module, names: Optional[set[str]] = None
 ) -> list[str]:
