@@ -156,3 +156,16 @@ def test_a_case_process_is_streamed_and_stopped_at_its_timeout(capsys):
   start = time.perf_counter()
   status, _, timed_out = tool._run_streamed(sleeper, timeout=1)
   assert timed_out and status != 0 and time.perf_counter() - start < 20
+
+
+def test_a_train_steps_bytes_are_listed_by_source():
+  report = {
+    'kind': 'train',
+    'name': 'train step (model stage)',
+    'traffic': [
+      {'what': 'decoder/layers_*/attention', 'bytes': 3.2e9, 'instructions': 9},
+      {'what': 'loss', 'bytes': 1.15e9, 'instructions': 2},
+    ],
+  }
+  (line,) = tpu_plan_markdown._traffic([report, {'kind': 'decode'}])
+  assert line.endswith('decoder/layers_*/attention 3.2 GB; loss 1.15 GB')

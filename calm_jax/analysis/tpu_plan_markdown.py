@@ -100,6 +100,22 @@ def _copied(lines) -> str:
   )
 
 
+def _traffic(reports) -> list[str]:
+  """Where each train step's bytes go: its largest sources."""
+  out = []
+  for r in reports:
+    if r['kind'] != 'train' or not r.get('traffic'):
+      continue
+    sources = '; '.join(
+      f'{t["what"]} {t["bytes"] / 1e9:.3g} GB' for t in r['traffic']
+    )
+    out.append(
+      f'- {r["name"]}, bytes by source (a loop body once, as the cost '
+      f'analysis counts it): {sources}'
+    )
+  return out
+
+
 def _token_rows(costs: Mapping[str, Any]) -> list[str]:
   rows = [
     '| batch | program | GFLOP | MB accessed | bound us |',
@@ -304,7 +320,7 @@ def render(results: Mapping[str, Mapping[str, Any]]) -> str:
     ]
     if reports:
       lines += _program_rows(reports) + ['']
-      lines += _checks(reports) + ['']
+      lines += _checks(reports) + _traffic(reports) + ['']
     if plan['token_costs']:
       lines.append('One decode position (compiled one-step programs):\n')
       lines += _token_rows(plan['token_costs']) + ['']
