@@ -183,6 +183,19 @@ def test_traffic_is_attributed_to_sources_with_layers_folded():
     hlo.Traffic('fusion', 1024, 1),
     hlo.Traffic('compare', 9, 1),
   }
+  # An asynchronous copy counts the bytes it moves once, under MOVES; its
+  # done op not at all.
+  moving = SYNTHETIC.replace(
+    '  %i = s32[] get-tuple-element(%t), index=0\n',
+    '  %i = s32[] get-tuple-element(%t), index=0\n'
+    '  %s = (f32[2,8,2,4]{3,2,1,0}, f32[2,8,2,4]{3,2,1,0:S(1)}, u32[]) '
+    'copy-start(%c)\n'
+    '  %d = f32[2,8,2,4]{3,2,1,0:S(1)} copy-done(%s)\n',
+    1,  # in the loop body only
+  )
+  assert hlo.Traffic(hlo.MOVES, 512, 1) in hlo.traffic_by_source(
+    hlo.parse(moving)
+  )
 
 
 # --- one decode position -----------------------------------------------------

@@ -241,15 +241,19 @@ class Traffic:
 # Passes through (a loop, a branch, a call): its body's instructions count.
 _CONTROL = ('while', 'conditional', 'call', 'async-start', 'async-done')
 _LAYER_NUMBER = re.compile(r'(layers?)_\d+')
+# The source name of asynchronous copies and slices (XLA names none).
+MOVES = 'asynchronous copies and slices (copy-start, slice-start)'
 
 
 def traffic_by_source(module: Module, count: int = 8) -> list[Traffic]:
   """Bytes each source's materialised instructions read and write (each
   one's operands and result, a loop's body once, as the cost analysis
   counts them), summed over the source paths with layer numbers folded
-  (`layers_3` -> `layers_*`), largest first. An attribution of the cost
-  analysis's "bytes accessed", not the compiler's own: operands in on-chip
-  memory count as HBM traffic here."""
+  (`layers_3` -> `layers_*`), largest first; asynchronous copies and
+  slices (the compiler's moves between HBM and on-chip memory, with no
+  source path) under `MOVES`, by the bytes they read. An attribution of
+  the cost analysis's "bytes accessed", not the compiler's own: operands
+  in on-chip memory count as HBM traffic here."""
   fused = module.fusion_bodies()
   totals: dict[str, list[int]] = {}
   for computation, instructions in module.computations.items():
@@ -257,12 +261,18 @@ def traffic_by_source(module: Module, count: int = 8) -> list[Traffic]:
       continue
     local = {i.name: i for i in instructions}
     for i in instructions:
-      if i.opcode in _NOT_MATERIALISED or i.opcode in _CONTROL:
+      skipped = _NOT_MATERIALISED + _CONTROL
+      if i.opcode in skipped or i.opcode.endswith('-done'):
         continue
       read = sum(local[o].bytes for o in i.operands if o in local)
       what = _LAYER_NUMBER.sub(r'\1_*', _short_source(i.op_name, i.opcode))
+      written = i.bytes
+      if i.opcode.endswith('-start'):
+        # An asynchronous copy or slice between memory spaces: its result
+        # holds source and destination, so count the bytes it reads, once.
+        what, written = MOVES, 0
       total = totals.setdefault(what, [0, 0])
-      total[0] += read + i.bytes
+      total[0] += read + written
       total[1] += 1
   ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:count]
   return [Traffic(what, b, n) for what, (b, n) in ranked]
