@@ -97,6 +97,16 @@ def test_the_fit_table_shows_fits_refusals_and_what_was_not_compiled():
     '| 3.00 of 16.00 GiB, MFU <= 40% |'
   )
   assert rows['t5_xxl'] == '| t5_xxl | - | needs 40.1 GiB | - | - |'
+  results['e']['error'] = (
+    'train step does not fit v5e:2x4 (8 devices): ran out of memory on HBM, '
+    'the total memory required for HLO temporaries (22.05G) exceeds '
+    'available HBM (15.75G)'
+  )
+  rows = {
+    line.split(' | ')[0][2:]: line
+    for line in tpu_plan_markdown._fit_table(results)[4:-1]
+  }
+  assert rows['t5_xxl'] == '| t5_xxl | - | needs 22.05 GiB | - | - |'
 
 
 def test_the_decode_table_shows_the_bound_and_the_predicted_range():

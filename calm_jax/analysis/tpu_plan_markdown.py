@@ -182,8 +182,11 @@ def _train_settings(plan: Mapping[str, Any]) -> str:
 
 
 # What a refusal says a program needs per device: the planner's own line
-# ('it needs 20.1 GiB per device') or the compiler's ('Used 20.1G of ...').
-_NEEDS = re.compile(r'it needs ([\d.]+) GiB|[Uu]sed ([\d.]+)G of')
+# ('it needs 20.1 GiB per device') or the compiler's ('Used 20.1G of ...',
+# 'required for HLO temporaries (20.1G) exceeds').
+_NEEDS = re.compile(
+  r'it needs ([\d.]+) GiB|[Uu]sed ([\d.]+)G of|\(([\d.]+)G\) exceeds'
+)
 
 
 def _devices(topology: str) -> int:
@@ -210,7 +213,7 @@ def _matrix(results, kind: str) -> dict:
 def _refused_cell(plan) -> str:
   needs = _NEEDS.search(plan['error'])
   if needs:
-    return f'needs {needs.group(1) or needs.group(2)} GiB'
+    return f'needs {next(g for g in needs.groups() if g)} GiB'
   if 'not finished' in plan['error']:
     return 'not compiled in time'
   return 'refused'
@@ -238,7 +241,8 @@ def _fit_table(results) -> list[str]:
     'minimal remat, 2D parameter sharding, tried on v5e slices from the '
     'smallest up; a slice above the first that fits is not compiled (-) '
     'except v5e-256. A cell is the memory per device against the HBM and '
-    'the roofline MFU bound, or what a refused step needs. Details in the '
+    'the roofline MFU bound, or what a refused step needs (for a step the '
+    'compiler ran out of memory on, its temporaries alone). Details in the '
     'sections below.\n',
     '| size | ' + ' | '.join(topologies) + ' |',
     '|---|' + '---|' * len(topologies),
