@@ -30,6 +30,7 @@ RUNS = ROOT / 'runs' / 'tpu_plan'
 sys.path.insert(0, str(ROOT))
 
 from calm_jax.analysis import tpu_plan_markdown  # noqa: E402
+from calm_jax.planning import chips  # noqa: E402
 from calm_jax.storage import files  # noqa: E402
 
 TRAIN_ONLY = [
@@ -40,6 +41,14 @@ TRAIN_ONLY = [
 DECODE_ONLY = ['--gin.calm_jax.plan.stages=()']
 # As t5x's step that the issue measured: unpacked batches.
 YARDSTICK = [*TRAIN_ONLY, '--gin.PACK=False']
+# t5x's T5 1.1 gin files train at DROPOUT_RATE = 0.0.
+NO_DROPOUT = '--gin.calm_jax.T5Config.dropout_rate=0.0'
+
+
+def _yardstick(*extra: str) -> list[str]:
+  """The yardstick's settings (batch 32, mesh (2, 2), unpacked) and
+  `extra`."""
+  return ['--gin.BATCH_SIZE=32', '--gin.MESH_SHAPE=(2, 2)', *extra, *YARDSTICK]
 
 
 def _case(model, topology, extra, note):
@@ -51,7 +60,7 @@ CASES = {
   't5_small_train_b32': _case(
     'calm_t5_1_1_small',
     'v5e:2x2',
-    ['--gin.BATCH_SIZE=32', '--gin.MESH_SHAPE=(2, 2)', *YARDSTICK],
+    _yardstick(),
     "t5x's plain step at these dims: temp 1.09 GiB, 1.24 TFLOP, 21.2 GB. "
     "Before the streamed loss (every exit's logits at once, 7e708b0): "
     'temp 5.39 GiB, 1.73 TFLOP, 48.7 GB',
@@ -59,7 +68,7 @@ CASES = {
   't5_base_train_b32': _case(
     'calm_t5_1_1_base',
     'v5e:2x2',
-    ['--gin.BATCH_SIZE=32', '--gin.MESH_SHAPE=(2, 2)', *YARDSTICK],
+    _yardstick(),
     'Before the streamed loss (7e708b0): temp 15.00 GiB, 5.55 TFLOP, 136 GB '
     '(the table shows the run kept in docs/tpu_plan.json: re-run the case '
     'if it shows these figures)',
@@ -94,84 +103,47 @@ CASES = {
   't5_small_train_b32_minimal_remat': _case(
     'calm_t5_1_1_small',
     'v5e:2x2',
-    [
-      '--gin.BATCH_SIZE=32',
-      '--gin.MESH_SHAPE=(2, 2)',
-      "--gin.REMAT_POLICY='minimal'",
-      *YARDSTICK,
-    ],
+    _yardstick("--gin.REMAT_POLICY='minimal'"),
     "the yardstick case with minimal remat (each layer's matmul outputs "
     'kept, the rest recomputed)',
   ),
   't5_small_train_b32_2d': _case(
     'calm_t5_1_1_small',
     'v5e:2x2',
-    [
-      '--gin.BATCH_SIZE=32',
-      '--gin.MESH_SHAPE=(2, 2)',
-      '--gin.PARAMETER_PARTITIONING_DIMS=2',
-      *YARDSTICK,
-    ],
+    _yardstick('--gin.PARAMETER_PARTITIONING_DIMS=2'),
     "the yardstick case with 2D parameter sharding: the parameters' and "
     "optimizer state's bytes split over 'data' too",
   ),
   't5_small_train_b32_scan': _case(
     'calm_t5_1_1_small',
     'v5e:2x2',
-    [
-      '--gin.BATCH_SIZE=32',
-      '--gin.MESH_SHAPE=(2, 2)',
-      '--gin.SCAN_LAYERS=True',
-      *YARDSTICK,
-    ],
+    _yardstick('--gin.SCAN_LAYERS=True'),
     'the yardstick case with the layers scanned (SCAN_LAYERS)',
   ),
   't5_small_train_b32_scan_minimal_remat': _case(
     'calm_t5_1_1_small',
     'v5e:2x2',
-    [
-      '--gin.BATCH_SIZE=32',
-      '--gin.MESH_SHAPE=(2, 2)',
-      '--gin.SCAN_LAYERS=True',
-      "--gin.REMAT_POLICY='minimal'",
-      *YARDSTICK,
-    ],
+    _yardstick('--gin.SCAN_LAYERS=True', "--gin.REMAT_POLICY='minimal'"),
     "the yardstick case as t5x's scalable T5 runs: layers scanned, minimal "
     'remat',
   ),
   't5_base_train_b32_scan_minimal_remat': _case(
     'calm_t5_1_1_base',
     'v5e:2x2',
-    [
-      '--gin.BATCH_SIZE=32',
-      '--gin.MESH_SHAPE=(2, 2)',
-      '--gin.SCAN_LAYERS=True',
-      "--gin.REMAT_POLICY='minimal'",
-      *YARDSTICK,
-    ],
+    _yardstick('--gin.SCAN_LAYERS=True', "--gin.REMAT_POLICY='minimal'"),
     "the base yardstick case as t5x's scalable T5 runs: layers scanned, "
     'minimal remat',
   ),
   't5_base_train_b32_scan': _case(
     'calm_t5_1_1_base',
     'v5e:2x2',
-    [
-      '--gin.BATCH_SIZE=32',
-      '--gin.MESH_SHAPE=(2, 2)',
-      '--gin.SCAN_LAYERS=True',
-      *YARDSTICK,
-    ],
+    _yardstick('--gin.SCAN_LAYERS=True'),
     'the base yardstick case with the layers scanned (SCAN_LAYERS)',
   ),
   't5_small_train_b32_no_dropout': _case(
     'calm_t5_1_1_small',
     'v5e:2x2',
-    [
-      '--gin.BATCH_SIZE=32',
-      '--gin.MESH_SHAPE=(2, 2)',
-      '--gin.calm_jax.T5Config.dropout_rate=0.0',
-      *YARDSTICK,
-    ],
+    _yardstick(NO_DROPOUT),
     "the yardstick case without dropout (t5x's T5 1.1 gin files default "
     'to DROPOUT_RATE = 0.0; calm_t5_1_1_small.gin fine-tunes at 0.1, whose '
     'masks over attention weights and activations are drawn, written and '
@@ -182,39 +154,24 @@ CASES = {
   't5_small_train_b32_one_exit_no_dropout': _case(
     'calm_t5_1_1_small',
     'v5e:2x2',
-    [
-      '--gin.BATCH_SIZE=32',
-      '--gin.MESH_SHAPE=(2, 2)',
-      '--gin.calm_jax.T5Config.dropout_rate=0.0',
-      '--gin.calm_jax.T5Config.first_exit=8',
-      *YARDSTICK,
-    ],
+    _yardstick(NO_DROPOUT, '--gin.calm_jax.T5Config.first_exit=8'),
     'the yardstick network with one exit (the top layer) and no dropout: '
     "calm_jax's plain step, to set beside t5x's",
   ),
   't5_small_24_train_b32_no_dropout': _case(
     'calm_t5_1_1_small',
     'v5e:2x2',
-    [
-      '--gin.BATCH_SIZE=32',
-      '--gin.MESH_SHAPE=(2, 2)',
-      '--gin.calm_jax.T5Config.dropout_rate=0.0',
-      '--gin.calm_jax.T5Config.num_decoder_layers=24',
-      *YARDSTICK,
-    ],
+    _yardstick(NO_DROPOUT, '--gin.calm_jax.T5Config.num_decoder_layers=24'),
     'the yardstick case at 24 decoder layers (24 exits), no dropout',
   ),
   't5_small_24_train_b32_one_exit_no_dropout': _case(
     'calm_t5_1_1_small',
     'v5e:2x2',
-    [
-      '--gin.BATCH_SIZE=32',
-      '--gin.MESH_SHAPE=(2, 2)',
-      '--gin.calm_jax.T5Config.dropout_rate=0.0',
+    _yardstick(
+      NO_DROPOUT,
       '--gin.calm_jax.T5Config.num_decoder_layers=24',
       '--gin.calm_jax.T5Config.first_exit=24',
-      *YARDSTICK,
-    ],
+    ),
     'the 24-decoder-layer network with one exit (the top layer), no '
     'dropout: the plain step at that depth',
   ),
@@ -301,11 +258,7 @@ DECODER_LAYERS = {
 
 
 def num_devices(topology: str) -> int:
-  """Chips of a CHIP:AxB[xC] topology."""
-  count = 1
-  for n in topology.split(':')[1].split('x'):
-    count *= int(n)
-  return count
+  return chips.parse_topology(topology).num_chips
 
 
 def _tag(topology: str) -> str:

@@ -4,6 +4,8 @@ import re
 from typing import Any
 from typing import Mapping
 
+from calm_jax.planning import chips
+
 GIB = float(1 << 30)
 
 HEADER = """# TPU plan
@@ -190,10 +192,7 @@ _NEEDS = re.compile(
 
 
 def _devices(topology: str) -> int:
-  count = 1
-  for n in topology.split(':')[1].split('x'):
-    count *= int(n)
-  return count
+  return chips.parse_topology(topology).num_chips
 
 
 def _matrix(results, kind: str) -> dict:

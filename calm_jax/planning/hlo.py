@@ -240,6 +240,7 @@ class Traffic:
 
 # Passes through (a loop, a branch, a call): its body's instructions count.
 _CONTROL = ('while', 'conditional', 'call', 'async-start', 'async-done')
+_PASSED_OVER = _NOT_MATERIALISED + _CONTROL
 _LAYER_NUMBER = re.compile(r'(layers?)_\d+')
 # The source name of asynchronous copies and slices (XLA names none).
 MOVES = 'asynchronous copies and slices (copy-start, slice-start)'
@@ -261,8 +262,7 @@ def traffic_by_source(module: Module, count: int = 8) -> list[Traffic]:
       continue
     local = {i.name: i for i in instructions}
     for i in instructions:
-      skipped = _NOT_MATERIALISED + _CONTROL
-      if i.opcode in skipped or i.opcode.endswith('-done'):
+      if i.opcode in _PASSED_OVER or i.opcode.endswith('-done'):
         continue
       read = sum(local[o].bytes for o in i.operands if o in local)
       what = _LAYER_NUMBER.sub(r'\1_*', _short_source(i.op_name, i.opcode))
