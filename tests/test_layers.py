@@ -1,9 +1,13 @@
 """layers.py against NumPy references."""
 
+import contextlib
+import io
 import math
+import re
 
 import flax.linen as nn
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -116,3 +120,56 @@ def test_relative_position_bias_looks_up_buckets():
     for j in range(6):
       bucket = _bucket_reference(j - i, False, 32, 128)
       np.testing.assert_allclose(bias[0, :, i, j], table[:, bucket])
+
+
+@pytest.mark.parametrize('policy', ['minimal', 'none'])
+def test_a_bf16_layer_saves_its_matmul_outputs_in_bf16(policy):
+  """What the backward pass keeps of a bfloat16 MLP and attention: every
+  projection's output (what 'minimal' saves; 'none' keeps them too) is
+  bfloat16, not the float32 of the accumulator. A
+  float32 one doubles the memory the remat policy stacks over the layers."""
+  b, q, e, f = 2, 3, 8, 40
+  mlp = layers.GatedMLP(embed_dim=e, mlp_dim=f, dtype=jnp.bfloat16)
+  attention = layers.MultiHeadAttention(
+    num_heads=2, head_dim=4, embed_dim=e, dtype=jnp.bfloat16
+  )
+  x = jnp.ones((b, q, e), jnp.bfloat16)
+
+  def saved(module, call):
+    if policy != 'none':
+      call = layers.rematerialised(call, policy)
+
+    class Wrapped(nn.Module):
+      inner: nn.Module
+
+      @nn.compact
+      def __call__(self, x):
+        return call(self.inner, x)
+
+    wrapped = Wrapped(module)
+    params = nn.meta.unbox(wrapped.init(jax.random.PRNGKey(0), x))['params']
+    loss = lambda p, x: wrapped.apply({'params': p}, x).sum()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      jax.ad_checkpoint.print_saved_residuals(loss, params, x)
+    # One line per residual: 'bf16[2,3,40] from ...'; the parameters
+    # ('from the argument p...') are float32 by design.
+    lines = [
+      line for line in printed.getvalue().splitlines() if 'argument' not in line
+    ]
+    shapes = re.findall(r'^(\w+)\[([\d,]*)\]', '\n'.join(lines), re.M)
+    residuals = [(d, tuple(map(int, s.split(',')))) for d, s in shapes if s]
+    return [(d, s) for d, s in residuals if len(s) >= 3 and s[0] == b]
+
+  mlp_saved = saved(mlp, lambda layer, x: layer(x))
+  assert sum(s == (b, q, f) for _, s in mlp_saved) >= 2  # gate and up
+  attention_saved = saved(
+    attention,
+    lambda layer, x: layer(x, x, bias=None, mask=None, deterministic=True),
+  )
+  assert any(s == (b, q, 2, 4) for _, s in attention_saved)  # q, k or v
+  # The projections' outputs (the softmax's own statistics stay float32).
+  projections = {(b, q, f), (b, q, e), (b, q, 2, 4)}
+  for dtype, shape in mlp_saved + attention_saved:
+    if shape in projections:
+      assert dtype == 'bf16', (dtype, shape)

@@ -34,16 +34,23 @@ def constrain(x: Array, axes: tuple[str, ...]) -> Array:
   return nn.with_logical_constraint(x, axes)
 
 
-def dense(spec: str, x: Array, kernel: Array, dtype) -> Array:
+def dense(spec: str, x: Array, kernel: Array, dtype, out_dtype=None) -> Array:
   """einsum of activations and a kernel as t5x runs it: both operands in the
-  activation dtype (bfloat16 on accelerators), accumulated in float32. The
-  float32 result is the caller's to cast; with dtype float32 this is a plain
-  float32 einsum."""
+  activation dtype (bfloat16 on accelerators), accumulated in float32 (the
+  TPU's matrix unit always accumulates in float32), the result in
+  `out_dtype` (default: the activation dtype).
+
+  The result is written in the activation dtype, not in float32, because a
+  remat policy that keeps matmul outputs (`REMAT_POLICIES['minimal']`) saves
+  exactly this array for the backward pass, stacked over the layers: in
+  float32 it doubles the memory of every saved projection. The exit heads
+  ask for float32 logits (the loss and the confidence measures read them in
+  float32). With dtype float32 this is a plain float32 einsum."""
   return jnp.einsum(
     spec,
     x.astype(dtype),
     jnp.asarray(kernel, dtype),
-    preferred_element_type=jnp.float32,
+    preferred_element_type=jnp.dtype(out_dtype or dtype),
   )
 
 
@@ -288,7 +295,7 @@ class MultiHeadAttention(nn.Module):
 
   def project_q(self, x: Array) -> Array:
     """[b, q, e] -> [b, q, h, d]."""
-    q = dense('bqe,ehd->bqhd', x, self.query, self.dtype).astype(self.dtype)
+    q = dense('bqe,ehd->bqhd', x, self.query, self.dtype)
     return constrain(q, ('batch', 'length', 'heads', 'kv'))
 
   def project_kv(self, x: Array) -> tuple[Array, Array]:
@@ -296,7 +303,7 @@ class MultiHeadAttention(nn.Module):
     axes = ('batch', 'length', 'heads', 'kv')
     k = constrain(dense('bke,ehd->bkhd', x, self.key, self.dtype), axes)
     v = constrain(dense('bke,ehd->bkhd', x, self.value, self.dtype), axes)
-    return k.astype(self.dtype), v.astype(self.dtype)
+    return k, v
 
   def attend(
     self,
@@ -331,9 +338,7 @@ class MultiHeadAttention(nn.Module):
       v.astype(self.dtype),
       preferred_element_type=jnp.float32,
     ).reshape(b, length, heads, d)
-    return dense('bqhd,hde->bqe', context, self.out, self.dtype).astype(
-      self.dtype
-    )
+    return dense('bqhd,hde->bqe', context, self.out, self.dtype)
 
   def __call__(
     self,
@@ -400,9 +405,9 @@ class GatedMLP(nn.Module):
     hidden = activation(dense('bqe,ef->bqf', x, gate, self.dtype)) * dense(
       'bqe,ef->bqf', x, up, self.dtype
     )
-    hidden = constrain(hidden.astype(self.dtype), ('batch', 'length', 'mlp'))
+    hidden = constrain(hidden, ('batch', 'length', 'mlp'))
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    return dense('bqf,fe->bqe', hidden, down, self.dtype).astype(self.dtype)
+    return dense('bqf,fe->bqe', hidden, down, self.dtype)
 
 
 class Embed(nn.Module):

@@ -250,8 +250,10 @@ class DecoderOnly(nn.Module):
     normed = self.final_norm(h)
     dtype = self.config.jnp_dtype
     if self.config.tie_embeddings:
-      return layers.dense('...e,ve->...v', normed, self.embedding, dtype)
-    return layers.dense('...e,ev->...v', normed, self.logits_dense, dtype)
+      kernel, spec = self.embedding, '...e,ve->...v'
+    else:
+      kernel, spec = self.logits_dense, '...e,ev->...v'
+    return layers.dense(spec, normed, kernel, dtype, out_dtype=jnp.float32)
 
   def embed(self, tokens: Array) -> Array:
     """Token ids [...] -> [..., e] in the activation dtype."""

@@ -337,6 +337,7 @@ class Decoder(nn.Module):
       self.decoder_norm(h),
       self.logits_dense,
       self.config.jnp_dtype,
+      out_dtype=jnp.float32,
     )
 
   def __call__(
