@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -279,3 +280,31 @@ def test_every_remat_policy_gives_the_same_loss_and_gradients(family):
     jax.eval_shape(
       dataclasses.replace(model, remat_policy='most').loss, params, LOSS_BATCH
     )
+
+
+def test_the_llama_loss_gathers_states_by_position_not_by_element():
+  """The decoder-only loss picks the states that predict the targets
+  [L, b, t, e] out of [L, b, s, e]. Its backward pass is a scatter-add; with
+  one index per element (an index array broadcast over every axis) an 8B
+  step at batch 32 needs more than 2^31 of them, which the TPU compiler
+  refuses. Every scatter-add of embedding-wide rows must take one index per
+  row."""
+  model, params, _, _ = _family('llama', 'float32', 'linear')
+  emb = TINY_LLAMA['emb_dim']
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: model.loss(p, LOSS_BATCH)[0]))(
+    params
+  )
+
+  def scatters(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'scatter-add':
+        yield eqn
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from scatters(sub)
+
+  rows = [e for e in scatters(jaxpr.jaxpr) if e.invars[2].aval.shape[-1] == emb]
+  assert rows  # the gather of the target states, and the embedding's
+  for eqn in rows:
+    indices, updates = eqn.invars[1].aval, eqn.invars[2].aval
+    index_tuples = indices.size // indices.shape[-1]
+    assert index_tuples * emb <= updates.size, (indices, updates)

@@ -107,6 +107,20 @@ def test_the_fit_table_shows_fits_refusals_and_what_was_not_compiled():
     for line in tpu_plan_markdown._fit_table(results)[4:-1]
   }
   assert rows['t5_xxl'] == '| t5_xxl | - | needs 22.05 GiB | - | - |'
+  # A compiler failure is not a refusal: the cell names the failing op.
+  results['e'] |= {
+    'returncode': 1,
+    'error': 'UNIMPLEMENTED: ... metadata={op_name="jit(step)/transpose('
+    'jvp(jit(take_along_axis)))/scatter-add" stack_frame_id=29}.',
+  }
+  rows = {
+    line.split(' | ')[0][2:]: line
+    for line in tpu_plan_markdown._fit_table(results)[4:-1]
+  }
+  assert rows['t5_xxl'] == (
+    '| t5_xxl | - | compiler error: transpose(jvp(jit(take_along_axis)))'
+    '/scatter-add | - | - |'
+  )
 
 
 def test_the_decode_table_shows_the_bound_and_the_predicted_range():

@@ -404,6 +404,7 @@ def run_case(name: str, case: dict, timeout: int) -> dict:
     'case': name,
     **case,
     'error': lines[-1][7:] if lines else stderr[-500:],
+    'returncode': returncode,  # 2: the planner's refusal; else a failure
     'seconds': time.perf_counter() - start,
   }
   if returncode == 2:  # a refusal: kept, as a finished case

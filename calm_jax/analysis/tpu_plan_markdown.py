@@ -209,12 +209,23 @@ def _matrix(results, kind: str) -> dict:
   return out
 
 
+# The op a compiler error names ('op_name="jit(step)/.../scatter-add"').
+_FAILED_OP = re.compile(r'op_name="([^"]+)"')
+
+
 def _refused_cell(plan) -> str:
+  """What stopped a case: the memory a refused program needs, a timeout,
+  the op the compiler failed on (a case that ended neither in a plan nor
+  in the planner's refusal, exit status 2), or the planner's refusal."""
   needs = _NEEDS.search(plan['error'])
   if needs:
     return f'needs {next(g for g in needs.groups() if g)} GiB'
   if 'not finished' in plan['error']:
     return 'not compiled in time'
+  if plan.get('returncode', 2) != 2:
+    failed = _FAILED_OP.search(plan['error'])
+    op = failed.group(1).rsplit('/', 2)[-2:] if failed else ['see below']
+    return 'compiler error: ' + '/'.join(op)
   return 'refused'
 
 

@@ -481,11 +481,11 @@ def _target_states(
     positions=lm['positions'],
     mask=llama_network.segment_causal_mask(lm['segments']),
   )
-  index = jnp.broadcast_to(
-    lm['predict'][None, :, :, None],
-    hidden.shape[:2] + lm['predict'].shape[1:] + hidden.shape[-1:],
-  )
-  return jnp.take_along_axis(hidden, index, axis=2)
+  # One index per (row, target), broadcast over the layers and the embedding
+  # (size-1 axes are whole slices): an index array broadcast to [L, b, t, e]
+  # would be one index per element, and its backward a scatter-add with
+  # more than 2^31 indices at 8B dims, which the TPU compiler refuses.
+  return jnp.take_along_axis(hidden, lm['predict'][None, :, :, None], axis=2)
 
 
 def calm_lm_loss(
