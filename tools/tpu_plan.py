@@ -381,6 +381,16 @@ def _run_streamed(command, timeout: int) -> tuple[int, str, bool]:
   return process.returncode, ''.join(tail), bool(stopped)
 
 
+def _commit() -> str:
+  """The checkout a case is planned at (its short hash, '+' if the tree
+  has changes), so that the report tells results of different code apart."""
+  git = lambda *a: subprocess.run(
+    ['git', *a], cwd=ROOT, capture_output=True, text=True, check=False
+  ).stdout.strip()
+  head = git('rev-parse', '--short', 'HEAD') or 'unknown'
+  return head + ('+' if git('status', '--porcelain', '--', 'calm_jax') else '')
+
+
 def run_case(name: str, case: dict, timeout: int) -> dict:
   output = RUNS / f'{name}.json'
   if output.exists():
@@ -402,13 +412,16 @@ def run_case(name: str, case: dict, timeout: int) -> dict:
   if timed_out:
     return {'case': name, **case, 'error': f'not finished in {timeout} s'}
   if returncode == 0:
-    return json.loads(output.read_text())
+    result = json.loads(output.read_text()) | {'commit': _commit()}
+    files.atomic_write_json(output, result)
+    return result
   lines = [l for l in stderr.splitlines() if l.startswith('error: ')]
   record = {
     'case': name,
     **case,
     'error': lines[-1][7:] if lines else stderr[-500:],
     'returncode': returncode,  # 2: the planner's refusal; else a failure
+    'commit': _commit(),
     'seconds': time.perf_counter() - start,
   }
   if returncode == 2:  # a refusal: kept, as a finished case

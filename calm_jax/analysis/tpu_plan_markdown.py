@@ -317,6 +317,12 @@ def render(results: Mapping[str, Mapping[str, Any]]) -> str:
     )
     if plan.get('note'):
       lines.append(f'{plan["note"]}.\n')
+    lines.append(
+      f'Planned at commit {plan["commit"]}.\n'
+      if plan.get('commit')
+      else 'Planned before the report recorded commits (before the '
+      'projections wrote bfloat16).\n'
+    )
     if 'error' in plan:
       lines.append(f'Refused: {plan["error"]}\n')
       continue
