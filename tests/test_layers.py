@@ -173,3 +173,38 @@ def test_a_bf16_layer_saves_its_matmul_outputs_in_bf16(policy):
   for dtype, shape in mlp_saved + attention_saved:
     if shape in projections:
       assert dtype == 'bf16', (dtype, shape)
+
+
+def test_attention_scores_in_the_activation_dtype_when_asked():
+  """float32_logits=False (t5x's T5 default) computes the scores and their
+  softmax in bfloat16: the softmax's exp runs on bf16, not f32, and the
+  output stays within bfloat16 rounding of the float32-scores one."""
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.randn(2, 5, 16), jnp.bfloat16)
+  bias = jnp.asarray(rng.randn(1, 4, 5, 5), jnp.float32)
+  outputs, exps = {}, {}
+  for float32_logits in (True, False):
+    module = layers.MultiHeadAttention(
+      embed_dim=16,
+      num_heads=4,
+      head_dim=8,
+      dtype=jnp.bfloat16,
+      float32_logits=float32_logits,
+    )
+    call = lambda p, x, m=module: m.apply(
+      {'params': p}, x, x, bias=bias, mask=None, deterministic=True
+    )
+    params = nn.meta.unbox(
+      module.init(
+        jax.random.PRNGKey(0), x, x, bias=bias, mask=None, deterministic=True
+      )
+    )['params']
+    outputs[float32_logits] = np.asarray(call(params, x), np.float32)
+    exps[float32_logits] = {
+      str(e.outvars[0].aval.dtype)
+      for e in jax.make_jaxpr(call)(params, x).jaxpr.eqns
+      if e.primitive.name == 'exp'
+    }
+  assert exps == {True: {'float32'}, False: {'bfloat16'}}
+  np.testing.assert_allclose(outputs[False], outputs[True], atol=0.05)
+  assert not np.array_equal(outputs[False], outputs[True])

@@ -43,6 +43,7 @@ DECODE_ONLY = ['--gin.calm_jax.plan.stages=()']
 YARDSTICK = [*TRAIN_ONLY, '--gin.PACK=False']
 # t5x's T5 1.1 gin files train at DROPOUT_RATE = 0.0.
 NO_DROPOUT = '--gin.calm_jax.T5Config.dropout_rate=0.0'
+BF16_SCORES = '--gin.calm_jax.T5Config.float32_attention_logits=False'
 
 
 def _yardstick(*extra: str) -> list[str]:
@@ -157,6 +158,22 @@ CASES = {
     _yardstick(NO_DROPOUT, '--gin.calm_jax.T5Config.first_exit=8'),
     'the yardstick network with one exit (the top layer) and no dropout: '
     "calm_jax's plain step, to set beside t5x's",
+  ),
+  # t5x's T5 1.1 computes attention scores and softmax in bfloat16
+  # (float32_attention_logits=False); calm_jax's default keeps them float32.
+  't5_small_train_b32_no_dropout_bf16_scores': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    _yardstick(NO_DROPOUT, BF16_SCORES),
+    'the yardstick case without dropout, attention scores in bfloat16 as '
+    "t5x's T5 1.1 computes them",
+  ),
+  't5_small_train_b32_one_exit_no_dropout_bf16_scores': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    _yardstick(NO_DROPOUT, BF16_SCORES, '--gin.calm_jax.T5Config.first_exit=8'),
+    "calm_jax's plain step (one exit, no dropout) with attention scores in "
+    "bfloat16: t5x's step, term for term",
   ),
   't5_small_24_train_b32_no_dropout': _case(
     'calm_t5_1_1_small',

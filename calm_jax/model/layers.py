@@ -260,6 +260,10 @@ class MultiHeadAttention(nn.Module):
   scale_logits: bool = False
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  # False: the scores [b, h, q, k] and their softmax in the activation
+  # dtype (t5x's T5 default, float32_attention_logits=False), half the
+  # bytes of the attention's largest arrays; True keeps them float32.
+  float32_logits: bool = True
 
   @property
   def kv_heads(self) -> int:
@@ -321,13 +325,14 @@ class MultiHeadAttention(nn.Module):
     b, length, heads, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, length, kv_heads, heads // kv_heads, d)
+    scores = jnp.float32 if self.float32_logits else self.dtype
     logits = jnp.einsum(
-      'bqngd,bknd->bngqk', q, k, preferred_element_type=jnp.float32
+      'bqngd,bknd->bngqk', q, k, preferred_element_type=scores
     )  # [b, kv heads, group, q, k]
     if self.scale_logits:
-      logits = logits * d**-0.5
+      logits = logits * jnp.asarray(d**-0.5, scores)
     if bias is not None:
-      logits = logits + _by_group(bias, kv_heads)
+      logits = logits + _by_group(bias, kv_heads).astype(scores)
     if mask is not None:
       logits = jnp.where(_by_group(mask, kv_heads), logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)

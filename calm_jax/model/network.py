@@ -61,6 +61,9 @@ class T5Config:
   # accumulation, while norm statistics, attention softmax, logits and
   # confidences are float32.
   dtype: str = 'float32'
+  # Attention scores and softmax in float32 whatever `dtype` (True), or in
+  # the activation dtype as t5x's T5 1.1 trains (False).
+  float32_attention_logits: bool = True
 
   def __post_init__(self):
     arguments.check(
@@ -91,6 +94,7 @@ def _attention(cfg: T5Config) -> layers.MultiHeadAttention:
     head_dim=cfg.head_dim,
     dropout_rate=cfg.dropout_rate,
     dtype=cfg.jnp_dtype,
+    float32_logits=cfg.float32_attention_logits,
   )
 
 
