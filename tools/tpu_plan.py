@@ -424,12 +424,12 @@ def run_case(name: str, case: dict, timeout: int) -> dict:
     *case['args'],
   ]
   print(f'[{name}] {" ".join(command[2:])}', file=sys.stderr, flush=True)
-  start = time.perf_counter()
+  start, commit = time.perf_counter(), _commit()  # the code the child runs
   returncode, stderr, timed_out = _run_streamed(command, timeout)
   if timed_out:
     return {'case': name, **case, 'error': f'not finished in {timeout} s'}
   if returncode == 0:
-    result = json.loads(output.read_text()) | {'commit': _commit()}
+    result = json.loads(output.read_text()) | {'commit': commit}
     files.atomic_write_json(output, result)
     return result
   lines = [l for l in stderr.splitlines() if l.startswith('error: ')]
@@ -438,7 +438,7 @@ def run_case(name: str, case: dict, timeout: int) -> dict:
     **case,
     'error': lines[-1][7:] if lines else stderr[-500:],
     'returncode': returncode,  # 2: the planner's refusal; else a failure
-    'commit': _commit(),
+    'commit': commit,
     'seconds': time.perf_counter() - start,
   }
   if returncode == 2:  # a refusal: kept, as a finished case
