@@ -97,6 +97,11 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
   assert _steps(model_dir) == [4, 6, 7]
 
 
+# 80 s of subprocess training: in make test-slow. The default run keeps the
+# rule's small cases: test_train_writes_checkpoints_and_resumes (resume) and
+# test_scan_layers' layout checks (a dir keeps its layout and says how to
+# change it).
+@pytest.mark.slow
 def test_a_scanned_run_trains_resumes_and_keeps_its_layout(tmp_path):
   """SCAN_LAYERS=True: stacked parameters and per-layer optimizer state
   are saved and resumed; the dir then refuses the other layout."""
