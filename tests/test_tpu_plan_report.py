@@ -92,13 +92,15 @@ def test_the_fit_table_shows_fits_refusals_and_what_was_not_compiled():
   }
   table = tpu_plan_markdown._fit_table(results)
   header = table[2]
-  assert header == '| size | v5e:2x2 | v5e:2x4 | v5e:4x4 | v5e:16x16 |'
+  assert header == (
+    '| size | v5e:2x2 | v5e:2x4 | v5e:4x4 | v5e:16x16 | planned at |'
+  )
   rows = {line.split(' | ')[0][2:]: line for line in table[4:-1]}
   assert rows['t5_xl'] == (
     '| t5_xl | needs 30.50 GiB | - | 9.00 of 16.00 GiB, MFU <= 40% '
-    '| 3.00 of 16.00 GiB, MFU <= 40% |'
+    '| 3.00 of 16.00 GiB, MFU <= 40% | earlier |'
   )
-  assert rows['t5_xxl'] == '| t5_xxl | - | needs 40.1 GiB | - | - |'
+  assert rows['t5_xxl'] == '| t5_xxl | - | needs 40.1 GiB | - | - | earlier |'
   results['e']['error'] = (
     'train step does not fit v5e:2x4 (8 devices): ran out of memory on HBM, '
     'the total memory required for HLO temporaries (22.05G) exceeds '
@@ -108,9 +110,10 @@ def test_the_fit_table_shows_fits_refusals_and_what_was_not_compiled():
     line.split(' | ')[0][2:]: line
     for line in tpu_plan_markdown._fit_table(results)[4:-1]
   }
-  assert rows['t5_xxl'] == '| t5_xxl | - | needs 22.05 GiB | - | - |'
+  assert rows['t5_xxl'] == '| t5_xxl | - | needs 22.05 GiB | - | - | earlier |'
   # A compiler failure is not a refusal: the cell names the failing op.
   results['e'] |= {
+    'commit': 'abc1234',
     'returncode': 1,
     'error': 'UNIMPLEMENTED: ... metadata={op_name="jit(step)/transpose('
     'jvp(jit(take_along_axis)))/scatter-add" stack_frame_id=29}.',
@@ -121,7 +124,7 @@ def test_the_fit_table_shows_fits_refusals_and_what_was_not_compiled():
   }
   assert rows['t5_xxl'] == (
     '| t5_xxl | - | compiler error: transpose(jvp(jit(take_along_axis)))'
-    '/scatter-add | - | - |'
+    '/scatter-add | - | - | abc1234 |'
   )
 
 

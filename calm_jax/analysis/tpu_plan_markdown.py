@@ -254,13 +254,19 @@ def _fit_table(results) -> list[str]:
     'the roofline MFU bound, or what a refused step needs (for a step the '
     'compiler ran out of memory on, its temporaries alone). Details in the '
     'sections below.\n',
-    '| size | ' + ' | '.join(topologies) + ' |',
-    '|---|' + '---|' * len(topologies),
+    '| size | ' + ' | '.join(topologies) + ' | planned at |',
+    '|---|' + '---|' * (len(topologies) + 1),
   ]
   for size, row in matrix.items():
     cells = [_fit_cell(row[t]) if t in row else '-' for t in topologies]
-    lines.append(f'| {size} | ' + ' | '.join(cells) + ' |')
+    lines.append(f'| {size} | ' + ' | '.join([*cells, _commits(row)]) + ' |')
   return lines + ['']
+
+
+def _commits(row) -> str:
+  """The commits a row's cases were planned at ('earlier': before the
+  report recorded them)."""
+  return ', '.join(sorted({p.get('commit') or 'earlier' for p in row.values()}))
 
 
 def _decode_cell(plan) -> str:
