@@ -147,10 +147,12 @@ def test_the_decode_table_shows_the_bound_and_the_predicted_range():
     'error': 'token does not fit v5e:2x2: it needs 70.00 GiB per device',
   }
   table = tpu_plan_markdown._decode_table({'a': plan, 'b': refused})
-  assert table[2] == '| size | v5e:2x2 batch 1 | v5e:2x2 batch 256 |'
+  assert table[2] == (
+    '| size | v5e:2x2 batch 1 | v5e:2x2 batch 256 | planned at |'
+  )
   assert table[4] == (
     '| t5_xxl | 2 ms, CALM x1.50-2.50, exact breaks even at 1.20-2.00 '
-    '| needs 70.00 GiB |'
+    '| needs 70.00 GiB | earlier |'
   )
 
 

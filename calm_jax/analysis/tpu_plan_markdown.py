@@ -305,12 +305,14 @@ def _decode_table(results) -> list[str]:
     'histograms (their range), and the tokens an exact-mode round (gamma '
     'drafts and one verify pass) must emit per verify pass to break '
     'even; or what a refused program needs. Bounds, not timings.\n',
-    '| size | ' + ' | '.join(f'{t} batch {b}' for t, b in columns) + ' |',
-    '|---|' + '---|' * len(columns),
+    '| size | '
+    + ' | '.join(f'{t} batch {b}' for t, b in columns)
+    + ' | planned at |',
+    '|---|' + '---|' * (len(columns) + 1),
   ]
   for size, row in matrix.items():
     cells = [_decode_cell(row[c]) if c in row else '-' for c in columns]
-    lines.append(f'| {size} | ' + ' | '.join(cells) + ' |')
+    lines.append(f'| {size} | ' + ' | '.join([*cells, _commits(row)]) + ' |')
   return lines + ['']
 
 
