@@ -200,3 +200,20 @@ def test_a_train_steps_bytes_are_listed_by_source():
   }
   (line,) = tpu_plan_markdown._traffic([report, {'kind': 'decode'}])
   assert line.endswith('decoder/layers_*/attention 3.2 GB; loss 1.15 GB')
+
+
+def test_render_drops_an_old_search_of_a_size_searched_again():
+  tool = _tool()
+  report = {
+    'fit_t5_xl_v5e_4x8': {'old': True},  # the old first fit
+    'fit_t5_xl_v5e_16x16': {'old': True},
+    'fit_t5_xxl_v5e_8x8': {'old': True},  # a size not searched again
+    'demo_decode': {'old': True},
+  }
+  fresh = {'fit_t5_xl_v5e_4x4': {}, 'fit_t5_xl_v5e_16x16': {}}
+  tool.drop_stale_searches(report, fresh)
+  assert set(report) == {
+    'fit_t5_xl_v5e_16x16',
+    'fit_t5_xxl_v5e_8x8',
+    'demo_decode',
+  }

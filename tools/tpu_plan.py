@@ -363,6 +363,18 @@ def fit_search(size: str, run, results: dict) -> None:
     results[names[-1]] = run(names[-1])
 
 
+def drop_stale_searches(results: dict, fresh: dict) -> None:
+  """Drops from `results` (the committed report) the fit cases of every
+  size that `fresh` (runs/) searched again: a new search stops where that
+  size fits now, so the report's cases beyond it are an old search's."""
+  train = lambda name: CASES.get(name, {}).get('matrix', {}).get('kind')
+  searched = {CASES[n]['matrix']['size'] for n in fresh if train(n) == 'train'}
+  for name in list(results):
+    if train(name) == 'train' and name not in fresh:
+      if CASES[name]['matrix']['size'] in searched:
+        del results[name]
+
+
 def matrix_names(size: str) -> list[str]:
   """The decode cases of a size, in the order they run."""
   return [
@@ -470,10 +482,13 @@ def main() -> None:
   report = ROOT / 'docs' / 'tpu_plan.json'
   results = json.loads(report.read_text()) if report.exists() else {}
   if args.render:
-    for name in CASES:
-      output = RUNS / f'{name}.json'
-      if output.exists():
-        results[name] = json.loads(output.read_text())
+    fresh = {
+      name: json.loads((RUNS / f'{name}.json').read_text())
+      for name in CASES
+      if (RUNS / f'{name}.json').exists()
+    }
+    drop_stale_searches(results, fresh)
+    results.update(fresh)
   else:
     run = lambda name: run_case(name, CASES[name], args.timeout)
     for name in filter(None, args.cases.split(',')):
