@@ -369,10 +369,15 @@ def drop_stale_searches(results: dict, fresh: dict) -> None:
   size fits now, so the report's cases beyond it are an old search's."""
   train = lambda name: CASES.get(name, {}).get('matrix', {}).get('kind')
   searched = {CASES[n]['matrix']['size'] for n in fresh if train(n) == 'train'}
-  for name in list(results):
-    if train(name) == 'train' and name not in fresh:
-      if CASES[name]['matrix']['size'] in searched:
-        del results[name]
+  stale = [
+    name
+    for name in results
+    if name not in fresh
+    and train(name) == 'train'
+    and CASES[name]['matrix']['size'] in searched
+  ]
+  for name in stale:
+    del results[name]
 
 
 def matrix_names(size: str) -> list[str]:
