@@ -34,6 +34,10 @@ REMAT_POLICIES = ('none', 'minimal', 'full')
 # 1: parameters split over 'model'; 2: over 'data' too (t5x's name).
 PARAMETER_PARTITIONING_DIMS = (1, 2)
 LOSS_WEIGHTINGS = ('linear', 'uniform', 'geometric')
+# How the train step computes the exits' cross-entropy (model/fused_loss.py):
+# 'fused' in TPU kernels with no logits in memory, 'streamed' one exit's
+# logits at a time, 'auto' fused when compiling for TPU.
+EXIT_LOSSES = ('auto', 'fused', 'streamed')
 # 'early_exit': CALM at a certified threshold; 'exact': the full model's
 # output, drafted by the early exits and verified (self-speculative).
 DECODE_MODES = ('early_exit', 'exact')
@@ -216,6 +220,7 @@ RULES: dict[str, Rule] = {
   'max_bad_steps': _int(0),
   'weighting': _choice(LOSS_WEIGHTINGS),  # of the per-exit losses
   'remat_policy': _choice(REMAT_POLICIES),
+  'exit_loss': _choice(EXIT_LOSSES),
   'parameter_partitioning_dims': _choice(PARAMETER_PARTITIONING_DIMS),
   'z_loss': _real(0.0),
   'period': _int(1),

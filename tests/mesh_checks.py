@@ -11,6 +11,9 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from calm_jax.decoding import loops
@@ -18,6 +21,7 @@ from calm_jax.decoding import speculative
 from calm_jax.inference import decoder as decoder_lib
 from calm_jax.inference import loaded as loaded_lib
 from calm_jax.inference import modes
+from calm_jax.model import fused_loss
 from calm_jax.model import model_files
 from calm_jax.model import models
 from calm_jax.model import network
@@ -292,6 +296,48 @@ def exact_checks(params, meshes):
   return out
 
 
+def fused_loss_checks():
+  """The fused exit loss (Pallas's interpreter) with its vocabulary split
+  over 'model' and its tokens over 'data', against one device: the largest
+  differences of the per-token outputs and of both gradients."""
+  rng = np.random.default_rng(3)
+  # 300 = not a multiple of the vocabulary block; (8 x 6) tokens per exit.
+  states = rng.normal(size=(3, 8, 6, 16)).astype(np.float32)
+  kernel = (0.3 * rng.normal(size=(16, 300))).astype(np.float32)
+  targets = rng.integers(0, 300, (8, 6)).astype(np.int32)
+  # Half the rows' targets are the first exit's argmax (some correct).
+  targets[:4] = np.argmax(states[0, :4] @ kernel, axis=-1)
+  cotangent = rng.normal(size=(2, 3, 8, 6)).astype(np.float32)
+
+  def run(states, kernel):
+    def weighted(states, kernel):
+      ce, z, correct = fused_loss.token_losses(states, kernel, targets, 0.01)
+      return jnp.sum(cotangent[0] * ce + cotangent[1] * z), (ce, z, correct)
+
+    return jax.jit(jax.grad(weighted, (0, 1), has_aux=True))(states, kernel)
+
+  want = run(states, kernel)
+  out = {}
+  for shape, dims in (((4, 2), 1), ((2, 4), 1), ((4, 2), 2)):
+    mesh = partitioning.make_mesh(shape)
+    rules = partitioning.rules_for(dims)
+    with partitioning.activation_rules(mesh, rules):
+      layout = fused_loss.current_layout()
+      got = run(
+        jax.device_put(states, NamedSharding(mesh, P(None, 'data'))),
+        jax.device_put(
+          kernel, NamedSharding(mesh, P('data' if dims == 2 else None, 'model'))
+        ),
+      )
+    out[f'{shape} {dims}D'] = {
+      'layout': [layout.batch, layout.vocab],
+      'gradients_difference': max_difference(got[0], want[0]),
+      'outputs_difference': max_difference(got[1], want[1]),
+      'correct': int(np.sum(np.asarray(want[1][2]))),
+    }
+  return out
+
+
 def main(argv):
   """argv: the training meshes as DATAxMODEL (default: all of MESHES);
   (4, 2) is always among them (the restore checks start from it)."""
@@ -307,6 +353,7 @@ def main(argv):
     [(4, 2)] if meshes == [(4, 2)] else [(2, 1), (1, 2), (4, 2)],
   )
   results['constraints'] = constraint_checks(jax.device_get(reference.params))
+  results['fused_loss'] = fused_loss_checks()
   print(json.dumps(results))
 
 

@@ -205,6 +205,19 @@ def test_the_exact_mode_on_each_mesh_equals_one_device(all_mesh_results):
   _same_exact_mode(all_mesh_results['exact'], ['(2, 1)', '(1, 2)', '(4, 2)'])
 
 
+def test_the_fused_exit_loss_on_a_mesh_equals_one_device(mesh_results):
+  """Vocabulary split over 'model' (log-sum-exp, target logit and argmax
+  combined across devices), tokens over 'data' (the output layer's
+  gradient summed across them), 1D and 2D rules."""
+  runs = mesh_results['fused_loss']
+  assert set(runs) == {'(4, 2) 1D', '(2, 4) 1D', '(4, 2) 2D'}
+  for name, run in runs.items():
+    assert run['layout'] == ['data', 'model'], name
+    assert run['outputs_difference'] < 1e-5, name
+    assert run['gradients_difference'] < 1e-5, name
+    assert run['correct'] > 0, name  # the argmax check is not vacuous
+
+
 def test_optimizer_state_follows_the_parameters():
   cfg = network.T5Config(
     vocab_size=64,

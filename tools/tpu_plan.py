@@ -44,6 +44,7 @@ YARDSTICK = [*TRAIN_ONLY, '--gin.PACK=False']
 # t5x's T5 1.1 gin files train at DROPOUT_RATE = 0.0.
 NO_DROPOUT = '--gin.calm_jax.T5Config.dropout_rate=0.0'
 BF16_SCORES = '--gin.calm_jax.T5Config.float32_attention_logits=False'
+STREAMED = "--gin.EXIT_LOSS='streamed'"
 
 
 def _yardstick(*extra: str) -> list[str]:
@@ -65,6 +66,21 @@ CASES = {
     "t5x's plain step at these dims: temp 1.09 GiB, 1.24 TFLOP, 21.2 GB. "
     "Before the streamed loss (every exit's logits at once, 7e708b0): "
     'temp 5.39 GiB, 1.73 TFLOP, 48.7 GB',
+  ),
+  # The same step with the exits' head and cross-entropy unfused (one
+  # exit's logits at a time, in a rematerialised scan): what the fused
+  # kernels ('auto' on TPU) replace.
+  't5_small_train_b32_streamed': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    _yardstick(STREAMED),
+    'the yardstick case with the streamed (unfused) exit loss',
+  ),
+  't5_small_train_b32_no_dropout_bf16_scores_streamed': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    _yardstick(NO_DROPOUT, BF16_SCORES, STREAMED),
+    "t5x's numerics (no dropout, bfloat16 scores) with the streamed exit loss",
   ),
   't5_base_train_b32': _case(
     'calm_t5_1_1_base',

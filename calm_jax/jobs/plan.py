@@ -56,6 +56,7 @@ def plan(
   gamma: int = 4,
   decode_model_parallelism: int = 1,
   remat_policy: str = 'none',
+  exit_loss: str = 'auto',
   scan_layers: bool = False,
   parameter_partitioning_dims: int = 1,
   pack: bool = False,
@@ -68,12 +69,16 @@ def plan(
 ) -> Optional[dict]:
   """Compiles the run's programs for `topology` and writes `output` (JSON).
 
+  `exit_loss` is the train step's (`LossSettings.exit_loss`: 'auto' fuses
+  the exits' head and cross-entropy on TPU; 'streamed' plans the unfused).
   `histograms`: 'reproduction' or 'real_model' predicts the early exit's
   and the exact mode's speed-up at that measured exit histogram.
   """
   if model_config is None:
     raise errors.SettingError('plan needs a model config (gin/models/*.gin)')
-  arguments.check(mesh_shape=mesh_shape, remat_policy=remat_policy)
+  arguments.check(
+    mesh_shape=mesh_shape, remat_policy=remat_policy, exit_loss=exit_loss
+  )
   if histograms is not None:
     arguments.choice('histograms', histograms, ('reproduction', 'real_model'))
   settings = plan_lib.PlanSettings(
@@ -101,7 +106,9 @@ def plan(
     return None
   tpu.start(topology)
   model_config = dataclasses.replace(model_config, scan_layers=scan_layers)
-  model = model_files.model_for(model_config, remat_policy=remat_policy)
+  model = model_files.model_for(
+    model_config, remat_policy=remat_policy, exit_loss=exit_loss
+  )
   optimizer = dataclasses.replace(
     optim.make_optimizer(name='adafactor', learning_rate=1e-3),
     per_layer=scan_layers,
@@ -114,6 +121,7 @@ def plan(
   result['name'] = name
   result['config'] = dataclasses.asdict(model_config)
   result['remat_policy'] = remat_policy
+  result['exit_loss'] = exit_loss
   if histograms and token_costs:
     result['predictions'] = predictions(result, model_config, histograms)
   if output:

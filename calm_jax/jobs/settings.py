@@ -228,14 +228,21 @@ class LogSettings:
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
   """CALM's training objective: the per-exit weighting ('linear': w_i
-  proportional to i, the paper's; 'uniform'; 'geometric') and the z-loss."""
+  proportional to i, the paper's; 'uniform'; 'geometric'), the z-loss, and
+  how the exits' cross-entropy is computed (`exit_loss`: 'fused', the output
+  layer and the loss in TPU kernels with no logits in memory; 'streamed',
+  one exit's logits at a time; 'auto', fused when compiling for TPU)."""
 
   weighting: str = 'linear'
   z_loss: float = 1e-4
+  exit_loss: str = 'auto'
 
   def check(self) -> 'LossSettings':
     arguments.check(
-      prefix='LossSettings.', weighting=self.weighting, z_loss=self.z_loss
+      prefix='LossSettings.',
+      weighting=self.weighting,
+      z_loss=self.z_loss,
+      exit_loss=self.exit_loss,
     )
     return self
 

@@ -266,6 +266,7 @@ def _model_stage(
     model_config,
     loss_weighting=loss.weighting,
     z_loss=loss.z_loss,
+    exit_loss=loss.exit_loss,
     remat_policy=remat_policy,
   )
   objective = trainer.model_objective(model)

@@ -173,6 +173,7 @@ class CalmLlama:
   loss_weighting: str = 'linear'
   z_loss: float = 1e-4
   remat_policy: str = 'none'  # the train step's (`layers.REMAT_POLICIES`)
+  exit_loss: str = 'auto'  # `fused_loss.EXIT_LOSS_MODES`
 
   @property
   def module(self) -> DecoderOnly:
@@ -270,6 +271,14 @@ class CalmLlama:
     bias = bias.reshape(bias.shape[:1] + (1,) * (hidden.ndim - 2) + (-1,))
     out = jnp.einsum('l...e,lef->l...f', hidden.astype(jnp.float32), kernel)
     return (out + bias).astype(hidden.dtype)
+
+  def head_operands(self, params: Params, states: Array) -> tuple[Array, Array]:
+    """The exit head before its matmul (see `models.CalmModel`)."""
+    return self.module.apply(
+      {'params': network_params(params)},
+      states,
+      method=DecoderOnly.head_operands,
+    )
 
   def head(self, params: Params, states: Array) -> Array:
     """The exit head (final norm, output layer) on states [..., e]."""
@@ -495,14 +504,5 @@ def calm_lm_loss(
   of an encoder-decoder batch (prompt = input, continuation = target)."""
   states = _target_states(model, params, batch, model.remat_policy)
   exits = jnp.asarray(model.config.exit_layers) - 1  # states: [L, b, t, e]
-  weights = models.exit_loss_weights(
-    model.config.exit_layers, model.loss_weighting
-  )
-  return models.streamed_calm_loss(
-    functools.partial(model.head, params),
-    model.exit_states(params, states)[exits],
-    batch['decoder_target_tokens'],
-    batch['decoder_loss_weights'],
-    weights,
-    model.z_loss,
-  )
+  exit_states = model.exit_states(params, states)[exits]
+  return models.exits_loss(model, params, exit_states, batch)

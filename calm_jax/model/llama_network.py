@@ -255,6 +255,15 @@ class DecoderOnly(nn.Module):
       kernel, spec = self.logits_dense, '...e,ev->...v'
     return layers.dense(spec, normed, kernel, dtype, out_dtype=jnp.float32)
 
+  def head_operands(self, h: Array) -> tuple[Array, Array]:
+    """`logits` before its matmul: (normed states [..., e], output layer
+    [e, v]; the embedding transposed when tied), in the activation dtype."""
+    dtype = self.config.jnp_dtype
+    kernel = (
+      self.embedding.T if self.config.tie_embeddings else self.logits_dense
+    )
+    return self.final_norm(h).astype(dtype), jnp.asarray(kernel, dtype)
+
   def embed(self, tokens: Array) -> Array:
     """Token ids [...] -> [..., e] in the activation dtype."""
     return jnp.take(self.embedding, tokens, axis=0).astype(

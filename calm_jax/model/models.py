@@ -19,6 +19,7 @@ from calm_jax import arguments
 from calm_jax.decoding import confidence
 from calm_jax.decoding import loops
 from calm_jax.decoding import speculative
+from calm_jax.model import fused_loss
 from calm_jax.model import network
 
 Array = jax.Array
@@ -140,6 +141,50 @@ def streamed_calm_loss(
     lambda c, h: (c, one_exit(h)), None, exit_hidden, unroll=unroll
   )
   return _weighted_loss(sums, weights, jnp.maximum(mask.sum(), 1.0))
+
+
+def fused_calm_loss(
+  head_operands: Callable[[Array], tuple[Array, Array]],
+  exit_hidden: Array,
+  targets: Array,
+  loss_mask: Array,
+  weights: Array,
+  z_loss: float = 1e-4,
+) -> tuple[Array, dict[str, Array]]:
+  """`streamed_calm_loss` with the output layer and the cross-entropy fused
+  (`fused_loss.token_losses`): every exit in one call, no logits in memory.
+
+  Args:
+    head_operands: hidden [..., e] -> (normed states [..., e], output layer
+      [e, v]), both in the matmul dtype: the head before its matmul.
+    exit_hidden, targets, loss_mask, weights, z_loss: as in
+      `streamed_calm_loss`.
+  """
+  mask = loss_mask.astype(jnp.float32)
+  normed, kernel = head_operands(exit_hidden)
+  per_token = fused_loss.token_losses(normed, kernel, targets, z_loss)
+  sums = tuple((t * mask).sum(axis=(-2, -1)) for t in per_token)
+  return _weighted_loss(sums, weights, jnp.maximum(mask.sum(), 1.0))
+
+
+def exits_loss(
+  model, params: Params, exit_hidden: Array, batch: Mapping[str, Array]
+) -> tuple[Array, dict[str, Array]]:
+  """CALM's loss of a model's exits reading exit_hidden [x, b, l, e], the
+  way `model.exit_loss` asks (fused kernels or the streamed head); either
+  family's model (`head`, `head_operands`, `exit_weights`, `z_loss`)."""
+  args = (
+    exit_hidden,
+    batch['decoder_target_tokens'],
+    batch['decoder_loss_weights'],
+    model.exit_weights(),
+    model.z_loss,
+  )
+  if fused_loss.use_fused(model.exit_loss):
+    return fused_calm_loss(
+      functools.partial(model.head_operands, params), *args
+    )
+  return streamed_calm_loss(functools.partial(model.head, params), *args)
 
 
 SEGMENT_KEYS = ('encoder_segment_ids', 'decoder_segment_ids')
@@ -277,6 +322,7 @@ class CalmModel:
   loss_weighting: str = 'linear'
   z_loss: float = 1e-4
   remat_policy: str = 'none'  # the train step's (`layers.REMAT_POLICIES`)
+  exit_loss: str = 'auto'  # `fused_loss.EXIT_LOSS_MODES`
 
   @property
   def module(self) -> network.EncoderDecoder:
@@ -322,19 +368,19 @@ class CalmModel:
       **segment_ids(batch),
     )  # [L, b, l, e]
     exits = jnp.asarray(self.config.exit_layers) - 1
-    return streamed_calm_loss(
-      functools.partial(self.head, params),
-      hidden[exits],
-      batch['decoder_target_tokens'],
-      batch['decoder_loss_weights'],
-      self.exit_weights(),
-      self.z_loss,
-    )
+    return exits_loss(self, params, hidden[exits], batch)
 
   def head(self, params: Params, states: Array) -> Array:
     """The exit head (final norm, output layer) on states [..., e]."""
     return self.module.apply(
       {'params': params}, states, method=network.EncoderDecoder.head
+    )
+
+  def head_operands(self, params: Params, states: Array) -> tuple[Array, Array]:
+    """The exit head before its matmul: (normed states, output layer
+    [e, v]) in the matmul dtype (what the fused loss multiplies)."""
+    return self.module.apply(
+      {'params': params}, states, method=network.EncoderDecoder.head_operands
     )
 
   def classifier_loss(

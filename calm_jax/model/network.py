@@ -344,6 +344,14 @@ class Decoder(nn.Module):
       out_dtype=jnp.float32,
     )
 
+  def head_operands(self, h: Array) -> tuple[Array, Array]:
+    """`logits` before its matmul: (normed states [..., e], output layer
+    [e, v]), both in the activation dtype."""
+    dtype = self.config.jnp_dtype
+    return self.decoder_norm(h).astype(dtype), jnp.asarray(
+      self.logits_dense, dtype
+    )
+
   def __call__(
     self,
     encoded: Array,
@@ -512,6 +520,9 @@ class EncoderDecoder(nn.Module):
   def head(self, h: Array) -> Array:
     """The exit head on raw states [..., e] -> float32 logits [..., v]."""
     return self.decoder.logits(h)
+
+  def head_operands(self, h: Array) -> tuple[Array, Array]:
+    return self.decoder.head_operands(h)
 
   def exit_logits(
     self, hidden: Array, exit_layers: Sequence[int] | None = None

@@ -16,6 +16,7 @@ import numpy as np
 
 from calm_jax import arguments
 from calm_jax import errors
+from calm_jax.model import fused_loss
 from calm_jax.parallel import partitioning
 from calm_jax.planning import chips
 from calm_jax.planning import compiled as compiled_lib
@@ -186,7 +187,11 @@ def _with_exit_loop(model, stage, mesh, settings, budget, report):
   """The step's FLOPs and bytes with every iteration of its loop over the
   exits (the cost analysis counted one): the model stage's streamed loss
   runs len(exits) iterations, the classifier stage's labels len(exits)
-  + 1 (its exits and the top). One iteration is compiled alone."""
+  + 1 (its exits and the top). One iteration is compiled alone. The fused
+  loss has no such loop (every exit in one kernel call)."""
+  platform = mesh.devices.flat[0].platform
+  if stage == 'model' and fused_loss.use_fused(model.exit_loss, platform):
+    return report
   trips = (
     len(model.config.exit_layers)
     if stage == 'model'

@@ -1,0 +1,553 @@
+"""The exits' cross-entropy with no logits in memory: the output layer and
+the loss fused in TPU kernels (Pallas) that keep vocabulary blocks on chip.
+
+CALM trains every exit, and each exit's head writes [tokens, vocab] float32
+logits to HBM, reads them back for the log-sum-exp, and does the same again
+for their gradient. The kernels here compute, block by block of tokens and
+vocabulary, only what the loss needs of the logits:
+  forward   per token: log-sum-exp, the target's logit, the argmax;
+  backward  d states = dlogits @ W^T and d W = states^T @ dlogits, with
+            dlogits = softmax * a - onehot(target) * c recomputed per block.
+So the program's traffic is the states and the output layer, read once per
+block of the other operand, instead of several passes over [tokens, vocab].
+
+`token_losses` is the entry point: every exit's states in one call, under a
+custom VJP whose residuals are the states and one float per token (the
+log-sum-exp). On a mesh the vocabulary stays split as the rules split it:
+each device runs the kernels on its slice of the output layer, and the
+partial log-sum-exps, target logits, argmaxes and gradients are combined with
+explicit collectives (shard_map), the same sums the automatic partitioner
+inserts for the unfused head.
+
+The kernels compile for TPU. Elsewhere they run in Pallas's interpreter
+(tests check them against the unfused loss on the CPU this way); a CPU job
+keeps the unfused loss (`use_fused`).
+
+Einsum letters: n tokens (exits x batch x length, flattened), e embed,
+v vocabulary (this device's slice).
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+Array = jax.Array
+
+# What a kernel's blocks may take of the on-chip memory (VMEM). TPU
+# compilers grant a kernel 16 MiB by default on v5e (32 on v6e); inputs and
+# outputs are double-buffered, so the block sizes are chosen to stay well
+# under the default.
+VMEM_BUDGET_BYTES = 12 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Block sizes of one kernel: `tokens` rows of states, `vocab` columns of
+  the output layer (multiples of 8 and 128: the TPU's tile)."""
+
+  tokens: int
+  vocab: int
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _vmem_bytes(tokens, vocab, embed, itemsize, out_block_elements) -> int:
+  """On-chip bytes a kernel's step holds: double-buffered input blocks and
+  output block, and about three float32 [tokens, vocab] temporaries."""
+  inputs = 2 * (tokens * embed + embed * vocab) * itemsize
+  return inputs + 2 * out_block_elements * 4 + 3 * tokens * vocab * 4
+
+
+def choose_blocks(num_tokens: int, vocab: int, embed: int, itemsize: int):
+  """Block sizes (forward and d states; d kernel) within `VMEM_BUDGET_BYTES`.
+
+  The forward and d-states kernels sweep the vocabulary for each block of
+  tokens, so the output layer is read once per token block: their token
+  block is as large as fits. The d-kernel kernel sweeps the tokens for each
+  vocabulary block, reading the states once per vocabulary block: its
+  vocabulary block is as large as fits."""
+  rows_cap = _round_up(num_tokens, 8)
+  cols_cap = _round_up(vocab, 128)
+
+  def fits(t, v, out_elements):
+    return _vmem_bytes(t, v, embed, itemsize, out_elements) <= VMEM_BUDGET_BYTES
+
+  by_rows = Blocks(8, 128)
+  for t in (2048, 1024, 512, 256, 128, 64, 32, 16, 8):
+    t = min(t, rows_cap)
+    v = min(256, cols_cap)
+    if fits(t, v, t * embed):
+      by_rows = Blocks(t, v)
+      break
+  by_cols = Blocks(8, 128)
+  for v in (2048, 1024, 512, 256, 128):
+    v = min(v, cols_cap)
+    t = min(256, rows_cap)
+    if fits(t, v, embed * v):
+      by_cols = Blocks(t, v)
+      break
+  return by_rows, by_cols
+
+
+def _columns(shape, block_index, block_cols):
+  """Global vocabulary ids [rows, cols] of a logits block (float32: exact
+  below 2**24, and float reductions lower everywhere)."""
+  local = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  return (local + block_index * block_cols).astype(jnp.float32)
+
+
+def _block_logits(h_ref, w_ref, vocab_size, block_index):
+  """One block's float32 logits [tm, tv], the padding columns at -inf."""
+  s = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32)
+  cols = _columns(s.shape, block_index, w_ref.shape[1])
+  return jnp.where(cols < vocab_size, s, -jnp.inf), cols
+
+
+def _forward_kernel(
+  vocab_size,
+  h_ref,  # [tm, e]
+  w_ref,  # [e, tv]
+  t_ref,  # [tm, 1] float32 target id on this device's slice (-1: elsewhere)
+  lse_ref,  # [tm, 1] outputs, written at the last vocabulary block
+  target_ref,
+  best_ref,
+  best_id_ref,
+  m_sc,  # running max, sum of exp, target logit, best value and id
+  l_sc,
+  t_sc,
+  bv_sc,
+  bi_sc,
+):
+  j = pl.program_id(1)
+
+  @pl.when(j == 0)
+  def _():
+    m_sc[...] = jnp.full_like(m_sc, -jnp.inf)
+    l_sc[...] = jnp.zeros_like(l_sc)
+    t_sc[...] = jnp.zeros_like(t_sc)
+    bv_sc[...] = jnp.full_like(bv_sc, -jnp.inf)
+    bi_sc[...] = jnp.zeros_like(bi_sc)
+
+  s, cols = _block_logits(h_ref, w_ref, vocab_size, j)
+  block_max = jnp.max(s, axis=1, keepdims=True)
+  m_new = jnp.maximum(m_sc[...], block_max)
+  l_sc[...] = l_sc[...] * jnp.exp(m_sc[...] - m_new) + jnp.sum(
+    jnp.exp(s - m_new), axis=1, keepdims=True
+  )
+  m_sc[...] = m_new
+  t_sc[...] += jnp.sum(
+    jnp.where(cols == t_ref[...], s, 0.0), axis=1, keepdims=True
+  )
+  # argmax's first index: the lowest id at the block's max, and a later
+  # block replaces the best only if strictly greater.
+  block_id = jnp.min(
+    jnp.where(s == block_max, cols, jnp.inf), axis=1, keepdims=True
+  )
+  better = block_max > bv_sc[...]
+  bi_sc[...] = jnp.where(better, block_id, bi_sc[...])
+  bv_sc[...] = jnp.where(better, block_max, bv_sc[...])
+
+  @pl.when(j == pl.num_programs(1) - 1)
+  def _():
+    lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
+    target_ref[...] = t_sc[...]
+    best_ref[...] = bv_sc[...]
+    best_id_ref[...] = bi_sc[...]
+
+
+def _dlogits(s, cols, t_ref, lse_ref, a_ref, c_ref, dtype):
+  """softmax * a - onehot(target) * c for one block, in the matmul dtype
+  (the padding columns' softmax is exp(-inf) = 0)."""
+  d = jnp.exp(s - lse_ref[...]) * a_ref[...]
+  d = d - jnp.where(cols == t_ref[...], c_ref[...], 0.0)
+  return d.astype(dtype)
+
+
+def _dstates_kernel(
+  vocab_size, h_ref, w_ref, t_ref, lse_ref, a_ref, c_ref, o_ref
+):
+  j = pl.program_id(1)
+
+  @pl.when(j == 0)
+  def _():
+    o_ref[...] = jnp.zeros_like(o_ref)
+
+  s, cols = _block_logits(h_ref, w_ref, vocab_size, j)
+  d = _dlogits(s, cols, t_ref, lse_ref, a_ref, c_ref, w_ref.dtype)
+  # [tm, tv] x [e, tv] -> [tm, e]
+  o_ref[...] += jax.lax.dot_general(
+    d, w_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+  )
+
+
+def _dkernel_kernel(
+  vocab_size, h_ref, w_ref, t_ref, lse_ref, a_ref, c_ref, o_ref
+):
+  j, i = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(i == 0)
+  def _():
+    o_ref[...] = jnp.zeros_like(o_ref)
+
+  s, cols = _block_logits(h_ref, w_ref, vocab_size, j)
+  d = _dlogits(s, cols, t_ref, lse_ref, a_ref, c_ref, h_ref.dtype)
+  # [tm, e] x [tm, tv] -> [e, tv]
+  o_ref[...] += jax.lax.dot_general(
+    h_ref[...], d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  )
+
+
+def _call(
+  kernel,
+  grid,
+  in_specs,
+  out_specs,
+  out_shape,
+  scratch,
+  semantics,
+  cost,
+  interpret,
+):
+  return pl.pallas_call(
+    kernel,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    scratch_shapes=scratch,
+    compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+    cost_estimate=cost,
+    interpret=interpret,
+  )
+
+
+def _cost(n, e, v, matmuls, itemsize, reads, writes) -> pl.CostEstimate:
+  """What a kernel declares to XLA's cost analysis (which cannot see into
+  it): its matmul FLOPs, one exp per logit, and the HBM bytes its block
+  schedule moves (an operand whose block index does not change between grid
+  steps is fetched once)."""
+  return pl.CostEstimate(
+    flops=int(2 * n * e * v * matmuls),
+    transcendentals=int(n * v),
+    bytes_accessed=int(reads * itemsize + writes),
+  )
+
+
+@functools.partial(
+  jax.jit, static_argnames=('vocab_size', 'blocks', 'interpret')
+)
+def forward(h, w, targets, *, vocab_size, blocks, interpret=False):
+  """Per token of padded h [n, e] against padded w [e, v]: log-sum-exp,
+  target logit (0 when the target is not in this slice), best logit and its
+  id, each [n, 1] float32. `targets` [n, 1] float32 ids on this slice."""
+  n, e = h.shape
+  v = w.shape[1]
+  tm, tv = blocks.tokens, blocks.vocab
+  row = pl.BlockSpec((tm, 1), lambda i, j: (i, 0))
+  vec = jax.ShapeDtypeStruct((n, 1), jnp.float32)
+  cost = _cost(
+    n, e, v, 1, h.dtype.itemsize, n * e + (n // tm) * e * v, 4 * n * 4
+  )
+  return _call(
+    functools.partial(_forward_kernel, vocab_size),
+    (n // tm, v // tv),
+    [
+      pl.BlockSpec((tm, e), lambda i, j: (i, 0)),
+      pl.BlockSpec((e, tv), lambda i, j: (0, j)),
+      row,
+    ],
+    [row] * 4,
+    [vec] * 4,
+    [pltpu.VMEM((tm, 1), jnp.float32)] * 5,
+    ('parallel', 'arbitrary'),
+    cost,
+    interpret,
+  )(h, w, targets)
+
+
+@functools.partial(
+  jax.jit, static_argnames=('vocab_size', 'blocks', 'interpret')
+)
+def backward(h, w, targets, lse, a, c, *, vocab_size, blocks, interpret=False):
+  """d h [n, e] and d w [e, v] (float32) for dlogits = softmax * a -
+  onehot * c, each per-token vector [n, 1]; `blocks` as `choose_blocks`
+  returns them (forward and d states, d kernel)."""
+  n, e = h.shape
+  v = w.shape[1]
+  itemsize = h.dtype.itemsize
+  by_rows, by_cols = blocks
+  tm, tv = by_rows.tokens, by_rows.vocab
+  row = pl.BlockSpec((tm, 1), lambda i, j: (i, 0))
+  dh = _call(
+    functools.partial(_dstates_kernel, vocab_size),
+    (n // tm, v // tv),
+    [
+      pl.BlockSpec((tm, e), lambda i, j: (i, 0)),
+      pl.BlockSpec((e, tv), lambda i, j: (0, j)),
+      *[row] * 4,
+    ],
+    pl.BlockSpec((tm, e), lambda i, j: (i, 0)),
+    jax.ShapeDtypeStruct((n, e), jnp.float32),
+    [],
+    ('parallel', 'arbitrary'),
+    _cost(
+      n, e, v, 2, itemsize, n * e + (n // tm) * e * v, 4 * n * 4 + 4 * n * e
+    ),
+    interpret,
+  )(h, w, targets, lse, a, c)
+  tm, tv = by_cols.tokens, by_cols.vocab
+  row = pl.BlockSpec((tm, 1), lambda j, i: (i, 0))
+  dw = _call(
+    functools.partial(_dkernel_kernel, vocab_size),
+    (v // tv, n // tm),
+    [
+      pl.BlockSpec((tm, e), lambda j, i: (i, 0)),
+      pl.BlockSpec((e, tv), lambda j, i: (0, j)),
+      *[row] * 4,
+    ],
+    pl.BlockSpec((e, tv), lambda j, i: (0, j)),
+    jax.ShapeDtypeStruct((e, v), jnp.float32),
+    [],
+    ('parallel', 'arbitrary'),
+    _cost(
+      n,
+      e,
+      v,
+      2,
+      itemsize,
+      (v // tv) * n * e + e * v,
+      (v // tv) * 4 * n * 4 + 4 * e * v,
+    ),
+    interpret,
+  )(h, w, targets, lse, a, c)
+  return dh, dw
+
+
+# Where the exits' states and the output layer live, and which mode runs.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The mesh axes that split the tokens' batch and the vocabulary (None:
+  not split), as the activation rules in force at trace time map them."""
+
+  batch: str | None = None
+  vocab: str | None = None
+
+
+def _first_rule(rules, logical: str) -> str | None:
+  for name, mesh_axis in rules:
+    if name == logical:
+      return mesh_axis if isinstance(mesh_axis, str) else None
+  return None
+
+
+def current_layout() -> Layout:
+  """The layout under `partitioning.activation_rules` (a mesh and logical
+  rules), or an unsplit one outside it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return Layout()
+  rules = nn.get_logical_axis_rules()
+  names = set(mesh.axis_names)
+  axes = [_first_rule(rules, a) for a in ('batch', 'vocab')]
+  return Layout(*[a if a in names else None for a in axes])
+
+
+def target_platform() -> str:
+  """The platform being compiled for: the mesh's at trace time (the TPU
+  planner traces for a TPU topology on a CPU host), else the default."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+EXIT_LOSS_MODES = ('auto', 'fused', 'streamed')
+
+
+def use_fused(mode: str, platform: str | None = None) -> bool:
+  """'fused': these kernels (interpreted off TPU, for tests); 'streamed':
+  the unfused head in a rematerialised scan; 'auto': fused on TPU (the
+  `platform` compiled for; default: `target_platform()`)."""
+  if mode not in EXIT_LOSS_MODES:
+    raise ValueError(
+      f'unknown exit_loss {mode!r}; valid: {", ".join(EXIT_LOSS_MODES)}'
+    )
+  platform = platform or target_platform()
+  return mode == 'fused' or (mode == 'auto' and platform == 'tpu')
+
+
+# One device's slice: padding, the kernels, the cross-device combination.
+
+
+def _padded(x: Array, axis: int, multiple: int) -> Array:
+  pad = _round_up(x.shape[axis], multiple) - x.shape[axis]
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _plan(n: int, e: int, v: int, itemsize: int):
+  """Blocks and the padded sizes every kernel's grid divides."""
+  by_rows, by_cols = choose_blocks(n, v, e, itemsize)
+  rows = int(np.lcm(by_rows.tokens, by_cols.tokens))
+  cols = int(np.lcm(by_rows.vocab, by_cols.vocab))
+  return (by_rows, by_cols), rows, cols
+
+
+def _local_targets(
+  targets: Array, v: int, layout: Layout
+) -> tuple[Array, Array]:
+  """Target ids as this vocabulary slice numbers them (-1 when the target
+  is on another device's slice), float32 [n, 1]; and the slice's first id."""
+  offset = jax.lax.axis_index(layout.vocab) * v if layout.vocab else 0
+  local = targets - offset
+  local = jnp.where((local >= 0) & (local < v), local, -1)
+  return local.astype(jnp.float32)[:, None], offset
+
+
+def _shard_forward(states, kernel, targets, *, layout, interpret):
+  """-> (log-sum-exp, target logit, argmax) [x, b, l] of this device's
+  tokens over the whole vocabulary."""
+  x, b, l, e = states.shape
+  v = kernel.shape[1]
+  n = x * b * l
+  blocks, rows, cols = _plan(n, e, v, states.dtype.itemsize)
+  ids = jnp.broadcast_to(targets, (x, b, l)).reshape(n)
+  local, offset = _local_targets(ids, v, layout)
+  lse, target, best, best_id = forward(
+    _padded(states.reshape(n, e), 0, rows),
+    _padded(kernel, 1, cols),
+    _padded(local, 0, rows),
+    vocab_size=v,
+    blocks=blocks[0],
+    interpret=interpret,
+  )
+  lse, target, best, best_id = (t[:n, 0] for t in (lse, target, best, best_id))
+  best_id = best_id + offset
+  if layout.vocab:
+    top = jax.lax.stop_gradient(jax.lax.pmax(lse, layout.vocab))
+    lse = top + jnp.log(jax.lax.psum(jnp.exp(lse - top), layout.vocab))
+    target = jax.lax.psum(target, layout.vocab)
+    overall = jax.lax.pmax(best, layout.vocab)
+    candidate = jnp.where(best == overall, best_id, jnp.inf)
+    best_id = jax.lax.pmin(candidate, layout.vocab)
+  correct = (best_id == ids.astype(jnp.float32)).astype(jnp.float32)
+  return tuple(t.reshape(x, b, l) for t in (lse, target, correct))
+
+
+def _shard_backward(states, kernel, targets, lse, a, c, *, layout, interpret):
+  """d states [x, b, l, e] and d kernel [e, v] for dlogits = softmax * a -
+  onehot * c, summed over the devices that share them."""
+  x, b, l, e = states.shape
+  v = kernel.shape[1]
+  n = x * b * l
+  blocks, rows, cols = _plan(n, e, v, states.dtype.itemsize)
+  ids = jnp.broadcast_to(targets, (x, b, l)).reshape(n)
+  local, _ = _local_targets(ids, v, layout)
+  per_token = [_padded(t.reshape(n, 1), 0, rows) for t in (lse, a, c)]
+  dh, dw = backward(
+    _padded(states.reshape(n, e), 0, rows),
+    _padded(kernel, 1, cols),
+    _padded(local, 0, rows),
+    *per_token,
+    vocab_size=v,
+    blocks=blocks,
+    interpret=interpret,
+  )
+  dh, dw = dh[:n], dw[:, :v]
+  if layout.vocab:  # each device saw part of every token's vocabulary
+    dh = jax.lax.psum(dh, layout.vocab)
+  if layout.batch:  # and part of the tokens for its vocabulary slice
+    dw = jax.lax.psum(dw, layout.batch)
+  return dh.reshape(x, b, l, e).astype(states.dtype), dw.astype(kernel.dtype)
+
+
+def _on_mesh(fn, layout: Layout, in_specs, out_specs):
+  if not (layout.batch or layout.vocab):
+    return fn
+  return jax.shard_map(
+    fn,
+    mesh=jax.sharding.get_abstract_mesh(),
+    in_specs=in_specs,
+    out_specs=out_specs,
+    check_vma=False,
+  )
+
+
+def _specs(layout: Layout):
+  states = P(None, layout.batch, None, None)
+  kernel = P(None, layout.vocab)
+  targets = P(layout.batch, None)
+  token = P(None, layout.batch, None)
+  return states, kernel, targets, token
+
+
+def _sharded_forward(states, kernel, targets, layout, interpret):
+  s, k, t, token = _specs(layout)
+  fn = functools.partial(_shard_forward, layout=layout, interpret=interpret)
+  return _on_mesh(fn, layout, (s, k, t), (token,) * 3)(states, kernel, targets)
+
+
+def _sharded_backward(states, kernel, targets, lse, a, c, layout, interpret):
+  s, k, t, token = _specs(layout)
+  fn = functools.partial(_shard_backward, layout=layout, interpret=interpret)
+  in_specs = (s, k, t, token, token, token)
+  return _on_mesh(fn, layout, in_specs, (s, k))(
+    states, kernel, targets, lse, a, c
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _token_losses(states, kernel, targets, z_loss, layout, interpret):
+  lse, target, correct = _sharded_forward(
+    states, kernel, targets, layout, interpret
+  )
+  return lse - target, z_loss * jnp.square(lse), correct
+
+
+def _token_losses_fwd(states, kernel, targets, z_loss, layout, interpret):
+  lse, target, correct = _sharded_forward(
+    states, kernel, targets, layout, interpret
+  )
+  outputs = (lse - target, z_loss * jnp.square(lse), correct)
+  return outputs, (states, kernel, targets, lse)
+
+
+def _token_losses_bwd(z_loss, layout, interpret, residuals, cotangents):
+  states, kernel, targets, lse = residuals
+  g_ce, g_z, _ = cotangents
+  # d ce / d logits = softmax - onehot; d z / d logits = 2 z_loss lse softmax
+  a = g_ce + 2.0 * z_loss * lse * g_z
+  dstates, dkernel = _sharded_backward(
+    states, kernel, targets, lse, a, g_ce, layout, interpret
+  )
+  return dstates, dkernel, None
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
+
+
+def token_losses(
+  states: Array, kernel: Array, targets: Array, z_loss: float
+) -> tuple[Array, Array, Array]:
+  """Cross-entropy, z-loss and correct-argmax [x, b, l] of the logits
+  `states @ kernel` (states [x, b, l, e] after the head's norm, kernel
+  [e, v], both in the matmul dtype; targets [b, l]) without forming them:
+  what `models.exit_sums` computes from float32 logits, before the mask.
+  Differentiable in states and kernel."""
+  interpret = target_platform() != 'tpu'
+  return _token_losses(
+    states, kernel, targets, float(z_loss), current_layout(), interpret
+  )
