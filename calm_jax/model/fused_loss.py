@@ -49,8 +49,9 @@ VMEM_BUDGET_BYTES = 12 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """Block sizes of one kernel: `tokens` rows of states, `vocab` columns of
-  the output layer (multiples of 8 and 128: the TPU's tile)."""
+  """Block sizes of one kernel: `tokens` rows of states and `vocab` columns
+  of the output layer, both multiples of 128 (the TPU's lane width: tokens
+  lie along lanes in the logits blocks and the per-token vectors)."""
 
   tokens: int
   vocab: int
@@ -62,66 +63,76 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _vmem_bytes(tokens, vocab, embed, itemsize, out_block_elements) -> int:
   """On-chip bytes a kernel's step holds: double-buffered input blocks and
-  output block, and about three float32 [tokens, vocab] temporaries."""
+  output block, and about three float32 [vocab, tokens] temporaries."""
   inputs = 2 * (tokens * embed + embed * vocab) * itemsize
   return inputs + 2 * out_block_elements * 4 + 3 * tokens * vocab * 4
 
 
 def choose_blocks(num_tokens: int, vocab: int, embed: int, itemsize: int):
-  """Block sizes (forward and d states; d kernel) within `VMEM_BUDGET_BYTES`.
+  """Block sizes of the forward, d-states and d-kernel kernels, each within
+  `VMEM_BUDGET_BYTES`.
 
   The forward and d-states kernels sweep the vocabulary for each block of
   tokens, so the output layer is read once per token block: their token
   block is as large as fits. The d-kernel kernel sweeps the tokens for each
   vocabulary block, reading the states once per vocabulary block: its
   vocabulary block is as large as fits."""
-  rows_cap = _round_up(num_tokens, 8)
-  cols_cap = _round_up(vocab, 128)
+  tokens_cap = _round_up(num_tokens, 128)
+  vocab_cap = _round_up(vocab, 128)
+  sizes = (2048, 1024, 512, 256, 128)
 
-  def fits(t, v, out_elements):
-    return _vmem_bytes(t, v, embed, itemsize, out_elements) <= VMEM_BUDGET_BYTES
+  def largest(make, out_elements):
+    for size in sizes:
+      blocks = make(size)
+      needed = _vmem_bytes(
+        blocks.tokens, blocks.vocab, embed, itemsize, out_elements(blocks)
+      )
+      if needed <= VMEM_BUDGET_BYTES:
+        return blocks
+    return Blocks(128, 128)
 
-  by_rows = Blocks(8, 128)
-  for t in (2048, 1024, 512, 256, 128, 64, 32, 16, 8):
-    t = min(t, rows_cap)
-    v = min(256, cols_cap)
-    if fits(t, v, t * embed):
-      by_rows = Blocks(t, v)
-      break
-  by_cols = Blocks(8, 128)
-  for v in (2048, 1024, 512, 256, 128):
-    v = min(v, cols_cap)
-    t = min(256, rows_cap)
-    if fits(t, v, embed * v):
-      by_cols = Blocks(t, v)
-      break
-  return by_rows, by_cols
+  by_tokens = lambda t: Blocks(min(t, tokens_cap), min(256, vocab_cap))
+  by_vocab = lambda v: Blocks(min(256, tokens_cap), min(v, vocab_cap))
+  forward_blocks = largest(by_tokens, lambda b: 5 * b.tokens)
+  dstates_blocks = largest(by_tokens, lambda b: b.tokens * embed)
+  dkernel_blocks = largest(by_vocab, lambda b: embed * b.vocab)
+  return forward_blocks, dstates_blocks, dkernel_blocks
 
 
-def _columns(shape, block_index, block_cols):
-  """Global vocabulary ids [rows, cols] of a logits block (float32: exact
-  below 2**24, and float reductions lower everywhere)."""
-  local = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  return (local + block_index * block_cols).astype(jnp.float32)
+# The kernels hold logits blocks transposed, [tv, tm] (vocabulary along
+# sublanes, tokens along lanes), so that every per-token vector is a
+# lane-dense [1, tm] row: in HBM a [n] vector stored [n, 1] would take a
+# 128-lane tile per token.
 
 
 def _block_logits(h_ref, w_ref, vocab_size, block_index):
-  """One block's float32 logits [tm, tv], the padding columns at -inf."""
-  s = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32)
-  cols = _columns(s.shape, block_index, w_ref.shape[1])
-  return jnp.where(cols < vocab_size, s, -jnp.inf), cols
+  """One block's float32 logits [tv, tm] (= (h @ w)^T) with the padding
+  vocabulary at -inf, and the block's vocabulary ids [tv, tm] (float32:
+  exact below 2**24)."""
+  # [e, tv] x [tm, e] -> [tv, tm]
+  s = jax.lax.dot_general(
+    w_ref[...],
+    h_ref[...],
+    (((0,), (1,)), ((), ())),
+    preferred_element_type=jnp.float32,
+  )
+  ids = (
+    jax.lax.broadcasted_iota(jnp.int32, s.shape, 0) + block_index * s.shape[0]
+  )
+  ids = ids.astype(jnp.float32)
+  return jnp.where(ids < vocab_size, s, -jnp.inf), ids
 
 
 def _forward_kernel(
   vocab_size,
   h_ref,  # [tm, e]
   w_ref,  # [e, tv]
-  t_ref,  # [tm, 1] float32 target id on this device's slice (-1: elsewhere)
-  lse_ref,  # [tm, 1] outputs, written at the last vocabulary block
+  t_ref,  # [1, tm] float32 target id on this device's slice (-1: elsewhere)
+  lse_ref,  # [1, tm] outputs, written at the last vocabulary block
   target_ref,
   best_ref,
   best_id_ref,
-  m_sc,  # running max, sum of exp, target logit, best value and id
+  m_sc,  # [1, tm] running max, sum of exp, target logit, best value and id
   l_sc,
   t_sc,
   bv_sc,
@@ -137,20 +148,20 @@ def _forward_kernel(
     bv_sc[...] = jnp.full_like(bv_sc, -jnp.inf)
     bi_sc[...] = jnp.zeros_like(bi_sc)
 
-  s, cols = _block_logits(h_ref, w_ref, vocab_size, j)
-  block_max = jnp.max(s, axis=1, keepdims=True)
+  s, ids = _block_logits(h_ref, w_ref, vocab_size, j)
+  block_max = jnp.max(s, axis=0, keepdims=True)
   m_new = jnp.maximum(m_sc[...], block_max)
   l_sc[...] = l_sc[...] * jnp.exp(m_sc[...] - m_new) + jnp.sum(
-    jnp.exp(s - m_new), axis=1, keepdims=True
+    jnp.exp(s - m_new), axis=0, keepdims=True
   )
   m_sc[...] = m_new
   t_sc[...] += jnp.sum(
-    jnp.where(cols == t_ref[...], s, 0.0), axis=1, keepdims=True
+    jnp.where(ids == t_ref[...], s, 0.0), axis=0, keepdims=True
   )
   # argmax's first index: the lowest id at the block's max, and a later
   # block replaces the best only if strictly greater.
   block_id = jnp.min(
-    jnp.where(s == block_max, cols, jnp.inf), axis=1, keepdims=True
+    jnp.where(s == block_max, ids, jnp.inf), axis=0, keepdims=True
   )
   better = block_max > bv_sc[...]
   bi_sc[...] = jnp.where(better, block_id, bi_sc[...])
@@ -164,11 +175,11 @@ def _forward_kernel(
     best_id_ref[...] = bi_sc[...]
 
 
-def _dlogits(s, cols, t_ref, lse_ref, a_ref, c_ref, dtype):
-  """softmax * a - onehot(target) * c for one block, in the matmul dtype
-  (the padding columns' softmax is exp(-inf) = 0)."""
+def _dlogits(s, ids, t_ref, lse_ref, a_ref, c_ref, dtype):
+  """(softmax * a - onehot(target) * c)^T for one block [tv, tm], in the
+  matmul dtype (the padding vocabulary's softmax is exp(-inf) = 0)."""
   d = jnp.exp(s - lse_ref[...]) * a_ref[...]
-  d = d - jnp.where(cols == t_ref[...], c_ref[...], 0.0)
+  d = d - jnp.where(ids == t_ref[...], c_ref[...], 0.0)
   return d.astype(dtype)
 
 
@@ -181,11 +192,11 @@ def _dstates_kernel(
   def _():
     o_ref[...] = jnp.zeros_like(o_ref)
 
-  s, cols = _block_logits(h_ref, w_ref, vocab_size, j)
-  d = _dlogits(s, cols, t_ref, lse_ref, a_ref, c_ref, w_ref.dtype)
-  # [tm, tv] x [e, tv] -> [tm, e]
+  s, ids = _block_logits(h_ref, w_ref, vocab_size, j)
+  d = _dlogits(s, ids, t_ref, lse_ref, a_ref, c_ref, w_ref.dtype)
+  # [tv, tm] x [e, tv] -> [tm, e]
   o_ref[...] += jax.lax.dot_general(
-    d, w_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    d, w_ref[...], (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32
   )
 
 
@@ -198,11 +209,11 @@ def _dkernel_kernel(
   def _():
     o_ref[...] = jnp.zeros_like(o_ref)
 
-  s, cols = _block_logits(h_ref, w_ref, vocab_size, j)
-  d = _dlogits(s, cols, t_ref, lse_ref, a_ref, c_ref, h_ref.dtype)
-  # [tm, e] x [tm, tv] -> [e, tv]
+  s, ids = _block_logits(h_ref, w_ref, vocab_size, j)
+  d = _dlogits(s, ids, t_ref, lse_ref, a_ref, c_ref, h_ref.dtype)
+  # [tm, e] x [tv, tm] -> [e, tv]
   o_ref[...] += jax.lax.dot_general(
-    h_ref[...], d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    h_ref[...], d, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32
   )
 
 
@@ -234,7 +245,8 @@ def _cost(n, e, v, matmuls, itemsize, reads, writes) -> pl.CostEstimate:
   """What a kernel declares to XLA's cost analysis (which cannot see into
   it): its matmul FLOPs, one exp per logit, and the HBM bytes its block
   schedule moves (an operand whose block index does not change between grid
-  steps is fetched once)."""
+  steps is fetched once; `reads` in elements of the matmul dtype, `writes`
+  and per-token vectors in float32 bytes)."""
   return pl.CostEstimate(
     flops=int(2 * n * e * v * matmuls),
     transcendentals=int(n * v),
@@ -248,28 +260,26 @@ def _cost(n, e, v, matmuls, itemsize, reads, writes) -> pl.CostEstimate:
 def forward(h, w, targets, *, vocab_size, blocks, interpret=False):
   """Per token of padded h [n, e] against padded w [e, v]: log-sum-exp,
   target logit (0 when the target is not in this slice), best logit and its
-  id, each [n, 1] float32. `targets` [n, 1] float32 ids on this slice."""
+  id, each [1, n] float32. `targets` [1, n] float32 ids on this slice."""
   n, e = h.shape
   v = w.shape[1]
   tm, tv = blocks.tokens, blocks.vocab
-  row = pl.BlockSpec((tm, 1), lambda i, j: (i, 0))
-  vec = jax.ShapeDtypeStruct((n, 1), jnp.float32)
-  cost = _cost(
-    n, e, v, 1, h.dtype.itemsize, n * e + (n // tm) * e * v, 4 * n * 4
-  )
+  vector = pl.BlockSpec((1, tm), lambda i, j: (0, i))
+  vec = jax.ShapeDtypeStruct((1, n), jnp.float32)
+  reads = n * e + (n // tm) * e * v
   return _call(
     functools.partial(_forward_kernel, vocab_size),
     (n // tm, v // tv),
     [
       pl.BlockSpec((tm, e), lambda i, j: (i, 0)),
       pl.BlockSpec((e, tv), lambda i, j: (0, j)),
-      row,
+      vector,
     ],
-    [row] * 4,
+    [vector] * 4,
     [vec] * 4,
-    [pltpu.VMEM((tm, 1), jnp.float32)] * 5,
+    [pltpu.VMEM((1, tm), jnp.float32)] * 5,
     ('parallel', 'arbitrary'),
-    cost,
+    _cost(n, e, v, 1, h.dtype.itemsize, reads, 5 * n * 4),
     interpret,
   )(h, w, targets)
 
@@ -279,21 +289,21 @@ def forward(h, w, targets, *, vocab_size, blocks, interpret=False):
 )
 def backward(h, w, targets, lse, a, c, *, vocab_size, blocks, interpret=False):
   """d h [n, e] and d w [e, v] (float32) for dlogits = softmax * a -
-  onehot * c, each per-token vector [n, 1]; `blocks` as `choose_blocks`
-  returns them (forward and d states, d kernel)."""
+  onehot * c, each per-token vector [1, n]; `blocks` the d-states and
+  d-kernel kernels' (`choose_blocks`)."""
   n, e = h.shape
   v = w.shape[1]
   itemsize = h.dtype.itemsize
-  by_rows, by_cols = blocks
-  tm, tv = by_rows.tokens, by_rows.vocab
-  row = pl.BlockSpec((tm, 1), lambda i, j: (i, 0))
+  by_tokens, by_vocab = blocks
+  tm, tv = by_tokens.tokens, by_tokens.vocab
+  vector = pl.BlockSpec((1, tm), lambda i, j: (0, i))
   dh = _call(
     functools.partial(_dstates_kernel, vocab_size),
     (n // tm, v // tv),
     [
       pl.BlockSpec((tm, e), lambda i, j: (i, 0)),
       pl.BlockSpec((e, tv), lambda i, j: (0, j)),
-      *[row] * 4,
+      *[vector] * 4,
     ],
     pl.BlockSpec((tm, e), lambda i, j: (i, 0)),
     jax.ShapeDtypeStruct((n, e), jnp.float32),
@@ -304,15 +314,15 @@ def backward(h, w, targets, lse, a, c, *, vocab_size, blocks, interpret=False):
     ),
     interpret,
   )(h, w, targets, lse, a, c)
-  tm, tv = by_cols.tokens, by_cols.vocab
-  row = pl.BlockSpec((tm, 1), lambda j, i: (i, 0))
+  tm, tv = by_vocab.tokens, by_vocab.vocab
+  vector = pl.BlockSpec((1, tm), lambda j, i: (0, i))
   dw = _call(
     functools.partial(_dkernel_kernel, vocab_size),
     (v // tv, n // tm),
     [
       pl.BlockSpec((tm, e), lambda j, i: (i, 0)),
       pl.BlockSpec((e, tv), lambda j, i: (0, j)),
-      *[row] * 4,
+      *[vector] * 4,
     ],
     pl.BlockSpec((e, tv), lambda j, i: (0, j)),
     jax.ShapeDtypeStruct((e, v), jnp.float32),
@@ -400,21 +410,21 @@ def _padded(x: Array, axis: int, multiple: int) -> Array:
 
 def _plan(n: int, e: int, v: int, itemsize: int):
   """Blocks and the padded sizes every kernel's grid divides."""
-  by_rows, by_cols = choose_blocks(n, v, e, itemsize)
-  rows = int(np.lcm(by_rows.tokens, by_cols.tokens))
-  cols = int(np.lcm(by_rows.vocab, by_cols.vocab))
-  return (by_rows, by_cols), rows, cols
+  blocks = choose_blocks(n, v, e, itemsize)
+  rows = int(np.lcm.reduce([b.tokens for b in blocks]))
+  cols = int(np.lcm.reduce([b.vocab for b in blocks]))
+  return blocks, rows, cols
 
 
 def _local_targets(
   targets: Array, v: int, layout: Layout
 ) -> tuple[Array, Array]:
   """Target ids as this vocabulary slice numbers them (-1 when the target
-  is on another device's slice), float32 [n, 1]; and the slice's first id."""
+  is on another device's slice), float32 [1, n]; and the slice's first id."""
   offset = jax.lax.axis_index(layout.vocab) * v if layout.vocab else 0
   local = targets - offset
   local = jnp.where((local >= 0) & (local < v), local, -1)
-  return local.astype(jnp.float32)[:, None], offset
+  return local.astype(jnp.float32)[None, :], offset
 
 
 def _shard_forward(states, kernel, targets, *, layout, interpret):
@@ -429,12 +439,12 @@ def _shard_forward(states, kernel, targets, *, layout, interpret):
   lse, target, best, best_id = forward(
     _padded(states.reshape(n, e), 0, rows),
     _padded(kernel, 1, cols),
-    _padded(local, 0, rows),
+    _padded(local, 1, rows),
     vocab_size=v,
     blocks=blocks[0],
     interpret=interpret,
   )
-  lse, target, best, best_id = (t[:n, 0] for t in (lse, target, best, best_id))
+  lse, target, best, best_id = (t[0, :n] for t in (lse, target, best, best_id))
   best_id = best_id + offset
   if layout.vocab:
     top = jax.lax.stop_gradient(jax.lax.pmax(lse, layout.vocab))
@@ -456,14 +466,14 @@ def _shard_backward(states, kernel, targets, lse, a, c, *, layout, interpret):
   blocks, rows, cols = _plan(n, e, v, states.dtype.itemsize)
   ids = jnp.broadcast_to(targets, (x, b, l)).reshape(n)
   local, _ = _local_targets(ids, v, layout)
-  per_token = [_padded(t.reshape(n, 1), 0, rows) for t in (lse, a, c)]
+  per_token = [_padded(t.reshape(1, n), 1, rows) for t in (lse, a, c)]
   dh, dw = backward(
     _padded(states.reshape(n, e), 0, rows),
     _padded(kernel, 1, cols),
-    _padded(local, 0, rows),
+    _padded(local, 1, rows),
     *per_token,
     vocab_size=v,
-    blocks=blocks,
+    blocks=blocks[1:],
     interpret=interpret,
   )
   dh, dw = dh[:n], dw[:, :v]
