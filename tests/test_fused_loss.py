@@ -18,6 +18,8 @@ HAS_LIBTPU = tpu._libtpu_folder() is not None  # pylint: disable=protected-acces
 def test_auto_fuses_only_when_compiling_for_tpu():
   assert not fused_loss.use_fused('auto')  # this CPU
   assert fused_loss.use_fused('auto', 'tpu')
+  assert fused_loss.use_fused('auto', 'tpu', embed=2048)
+  assert not fused_loss.use_fused('auto', 'tpu', embed=4096)  # XXL, 8B
   assert fused_loss.use_fused('fused', 'cpu')
   assert not fused_loss.use_fused('streamed', 'tpu')
   with pytest.raises(ValueError, match="unknown exit_loss 'pallas'"):

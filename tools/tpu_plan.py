@@ -208,6 +208,30 @@ CASES = {
     'the 24-decoder-layer network with one exit (the top layer), no '
     'dropout: the plain step at that depth',
   ),
+  # At 24 decoder layers with t5x's numerics: CALM's step (24 exits, fused
+  # loss) and the plain step with t5x's unfused head (one exit, streamed),
+  # which at 8 layers matches t5x's temp and is 1.17x its bytes.
+  't5_small_24_train_b32_no_dropout_bf16_scores': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    _yardstick(
+      NO_DROPOUT, BF16_SCORES, '--gin.calm_jax.T5Config.num_decoder_layers=24'
+    ),
+    "the yardstick case at 24 decoder layers (24 exits) with t5x's numerics",
+  ),
+  't5_small_24_train_b32_one_exit_no_dropout_bf16_scores_streamed': _case(
+    'calm_t5_1_1_small',
+    'v5e:2x2',
+    _yardstick(
+      NO_DROPOUT,
+      BF16_SCORES,
+      STREAMED,
+      '--gin.calm_jax.T5Config.num_decoder_layers=24',
+      '--gin.calm_jax.T5Config.first_exit=24',
+    ),
+    'the 24-decoder-layer plain step (one exit, unfused head as in t5x) '
+    "with t5x's numerics",
+  ),
   't5_xxl_train_v5e256_2d': _case(
     'calm_t5_1_1_xxl',
     'v5e:16x16',

@@ -180,7 +180,7 @@ def exits_loss(
     model.exit_weights(),
     model.z_loss,
   )
-  if fused_loss.use_fused(model.exit_loss):
+  if fused_loss.use_fused(model.exit_loss, embed=exit_hidden.shape[-1]):
     return fused_calm_loss(
       functools.partial(model.head_operands, params), *args
     )

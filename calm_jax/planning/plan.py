@@ -190,7 +190,10 @@ def _with_exit_loop(model, stage, mesh, settings, budget, report):
   + 1 (its exits and the top). One iteration is compiled alone. The fused
   loss has no such loop (every exit in one kernel call)."""
   platform = mesh.devices.flat[0].platform
-  if stage == 'model' and fused_loss.use_fused(model.exit_loss, platform):
+  embed = model.config.emb_dim
+  if stage == 'model' and fused_loss.use_fused(
+    model.exit_loss, platform, embed
+  ):
     return report
   trips = (
     len(model.config.exit_layers)
