@@ -15,8 +15,12 @@ Written by `make tpu-plan` (tools/tpu_plan.py) from runs of the planner
 CPU machine, by the TPU compiler (libtpu). Memory is the compiler's per-device memory
 analysis (arguments + outputs - aliased + temporaries + code) against the
 chip's HBM; FLOPs and bytes are its per-device cost analysis, which
-counts a loop's body once: the iterations of the loss's loop over the
-exits it leaves out are compiled alone and added, and a step with its
+counts a loop's body once: the iterations of the streamed loss's loop
+over the exits it leaves out are compiled alone and added. The fused exit
+loss (`exit_loss` 'auto' on TPU, embeddings up to 2048) has no such loop;
+XLA cannot see into its Pallas kernels, which declare their own FLOPs and
+the HBM bytes of their block schedule (counted from the tiling, not
+measured). A step with its
 layers scanned (`SCAN_LAYERS`) reports the unrolled step's FLOPs and bytes,
 extrapolated from unrolled compiles at depth 1 and 2 of each stack (its
 memory is the scanned program's own).
@@ -169,7 +173,8 @@ def _prediction_rows(predictions) -> list[str]:
 
 def _train_settings(plan: Mapping[str, Any]) -> str:
   """One line: what the train steps were planned at (plans made before a
-  setting existed ran at its default)."""
+  setting existed ran at its default; before the fused exit loss, every
+  step streamed)."""
   settings = plan['settings']
   dims = settings.get('parameter_partitioning_dims', 1)
   return (
@@ -179,7 +184,7 @@ def _train_settings(plan: Mapping[str, Any]) -> str:
     f'{"over model and data (2D)" if dims == 2 else "over model"}, remat '
     f'{plan.get("remat_policy", "none")}, layers '
     f'{"scanned" if plan.get("config", {}).get("scan_layers") else "unrolled"}'
-    '.\n'
+    f', exit loss {plan.get("exit_loss", "streamed")}.\n'
   )
 
 

@@ -17,6 +17,7 @@ import gin
 from calm_jax import arguments
 from calm_jax import console
 from calm_jax import errors
+from calm_jax.model import fused_loss
 from calm_jax.model import model_files
 from calm_jax.planning import plan as plan_lib
 from calm_jax.planning import tpu
@@ -121,7 +122,9 @@ def plan(
   result['name'] = name
   result['config'] = dataclasses.asdict(model_config)
   result['remat_policy'] = remat_policy
-  result['exit_loss'] = exit_loss
+  # What the train step ran: 'auto' resolved for TPU at this embedding.
+  fused = fused_loss.use_fused(exit_loss, 'tpu', model_config.emb_dim)
+  result['exit_loss'] = 'fused' if fused else 'streamed'
   if histograms and token_costs:
     result['predictions'] = predictions(result, model_config, histograms)
   if output:
