@@ -186,9 +186,9 @@ def test_early_exit_decode_on_4x2_equals_one_device(mesh_results):
   assert decode['tokens'] == {'spec': ['data'], 'shard_shape': [4, 10]}
 
 
-def _same_exact_mode(exact: dict, shapes) -> None:
+def _same_exact_mode(exact: dict, shapes, samplings) -> None:
   assert sorted(exact) == sorted(
-    f'{name} {shape}' for name in ('greedy', 'sampled') for shape in shapes
+    f'{name} {shape}' for name in samplings for shape in shapes
   )
   for case, run in exact.items():
     assert run['same_tokens'] and run['same_counts'], case
@@ -196,13 +196,17 @@ def _same_exact_mode(exact: dict, shapes) -> None:
     assert run['accepted'] > 0, case  # drafts were kept: a real draft
 
 
-def test_the_exact_mode_on_4x2_equals_one_device(mesh_results):
-  _same_exact_mode(mesh_results['exact'], ['(4, 2)'])
+def test_the_greedy_exact_mode_on_4x2_equals_one_device(mesh_results):
+  _same_exact_mode(mesh_results['exact'], ['(4, 2)'], ['greedy'])
 
 
-@pytest.mark.slow  # six more exact-mode compiles
+@pytest.mark.slow  # eight more exact-mode compiles
 def test_the_exact_mode_on_each_mesh_equals_one_device(all_mesh_results):
-  _same_exact_mode(all_mesh_results['exact'], ['(2, 1)', '(1, 2)', '(4, 2)'])
+  _same_exact_mode(
+    all_mesh_results['exact'],
+    ['(2, 1)', '(1, 2)', '(4, 2)'],
+    ['greedy', 'sampled'],
+  )
 
 
 def test_the_fused_exit_loss_on_a_mesh_equals_one_device(mesh_results):

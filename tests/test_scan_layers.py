@@ -166,11 +166,16 @@ def test_fingerprint_fields_leave_the_layout_out():
 
 
 def _two_steps(model, optimizer, params):
-  state = optimizer.init(params)
-  for _ in range(2):
+  # One jitted step (run op by op, the optimizer's many small ops dominate).
+  @jax.jit
+  def step(params, state):
     grads = jax.grad(lambda q: model.loss(q, LOSS_BATCH)[0])(params)
     updates, state = optimizer.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+
+  state = optimizer.init(params)
+  for _ in range(2):
+    params, state = step(params, state)
   return params
 
 

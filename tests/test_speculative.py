@@ -85,7 +85,7 @@ def greedy_decoders(request):
 @pytest.mark.parametrize('threshold', [0.0, 0.3])
 def test_greedy_tokens_equal_the_full_model(greedy_decoders, threshold):
   params, static, exact = greedy_decoders
-  for batch, seed in ((1, 1), (4, 2), (16, 3)):
+  for batch, seed in ((1, 1), (16, 3)):  # batch 1 and a batch of rows
     inputs = _inputs(batch, seed)
     out = exact(params, inputs, threshold)
     np.testing.assert_array_equal(out.tokens, static(params, inputs))
