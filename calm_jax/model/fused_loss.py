@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from calm_jax import arguments
+
 Array = jax.Array
 
 # What a kernel's blocks may take of the on-chip memory (VMEM). TPU
@@ -381,7 +383,7 @@ def target_platform() -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
-EXIT_LOSS_MODES = ('auto', 'fused', 'streamed')
+EXIT_LOSS_MODES = arguments.EXIT_LOSSES  # 'auto', 'fused', 'streamed'
 
 # 'auto' fuses up to this embedding. Above it the blocks that fit
 # `VMEM_BUDGET_BYTES` shrink to 128-256 tokens or vocabulary ids, and the
