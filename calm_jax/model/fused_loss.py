@@ -185,37 +185,26 @@ def _dlogits(s, ids, t_ref, lse_ref, a_ref, c_ref, dtype):
   return d.astype(dtype)
 
 
-def _dstates_kernel(
-  vocab_size, h_ref, w_ref, t_ref, lse_ref, a_ref, c_ref, o_ref
+def _gradient_kernel(
+  vocab_size, wrt, h_ref, w_ref, t_ref, lse_ref, a_ref, c_ref, o_ref
 ):
-  j = pl.program_id(1)
+  """One block's share of d states ('states': grid (tokens, vocabulary))
+  or d kernel ('kernel': grid (vocabulary, tokens)), summed over the grid's
+  inner axis in the output block."""
+  vocab_axis = 1 if wrt == 'states' else 0
 
-  @pl.when(j == 0)
+  @pl.when(pl.program_id(1) == 0)
   def _():
     o_ref[...] = jnp.zeros_like(o_ref)
 
-  s, ids = _block_logits(h_ref, w_ref, vocab_size, j)
-  d = _dlogits(s, ids, t_ref, lse_ref, a_ref, c_ref, w_ref.dtype)
-  # [tv, tm] x [e, tv] -> [tm, e]
-  o_ref[...] += jax.lax.dot_general(
-    d, w_ref[...], (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32
-  )
-
-
-def _dkernel_kernel(
-  vocab_size, h_ref, w_ref, t_ref, lse_ref, a_ref, c_ref, o_ref
-):
-  j, i = pl.program_id(0), pl.program_id(1)
-
-  @pl.when(i == 0)
-  def _():
-    o_ref[...] = jnp.zeros_like(o_ref)
-
-  s, ids = _block_logits(h_ref, w_ref, vocab_size, j)
+  s, ids = _block_logits(h_ref, w_ref, vocab_size, pl.program_id(vocab_axis))
   d = _dlogits(s, ids, t_ref, lse_ref, a_ref, c_ref, h_ref.dtype)
-  # [tm, e] x [tv, tm] -> [e, tv]
+  if wrt == 'states':  # [tv, tm] x [e, tv] -> [tm, e]
+    lhs, rhs = d, w_ref[...]
+  else:  # [tm, e] x [tv, tm] -> [e, tv]
+    lhs, rhs = h_ref[...], d
   o_ref[...] += jax.lax.dot_general(
-    h_ref[...], d, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    lhs, rhs, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32
   )
 
 
@@ -300,7 +289,7 @@ def backward(h, w, targets, lse, a, c, *, vocab_size, blocks, interpret=False):
   tm, tv = by_tokens.tokens, by_tokens.vocab
   vector = pl.BlockSpec((1, tm), lambda i, j: (0, i))
   dh = _call(
-    functools.partial(_dstates_kernel, vocab_size),
+    functools.partial(_gradient_kernel, vocab_size, 'states'),
     (n // tm, v // tv),
     [
       pl.BlockSpec((tm, e), lambda i, j: (i, 0)),
@@ -319,7 +308,7 @@ def backward(h, w, targets, lse, a, c, *, vocab_size, blocks, interpret=False):
   tm, tv = by_vocab.tokens, by_vocab.vocab
   vector = pl.BlockSpec((1, tm), lambda j, i: (0, i))
   dw = _call(
-    functools.partial(_dkernel_kernel, vocab_size),
+    functools.partial(_gradient_kernel, vocab_size, 'kernel'),
     (v // tv, n // tm),
     [
       pl.BlockSpec((tm, e), lambda j, i: (i, 0)),
@@ -441,25 +430,54 @@ def _local_targets(
   return local.astype(jnp.float32)[None, :], offset
 
 
-def _shard_forward(states, kernel, targets, *, layout, interpret):
-  """-> (log-sum-exp, target logit, argmax) [x, b, l] of this device's
-  tokens over the whole vocabulary."""
+@dataclasses.dataclass(frozen=True)
+class _Operands:
+  """One device's operands padded to the kernels' grids: h [rows, e], w
+  [e, cols], local target ids [1, rows]; and what unpads them."""
+
+  h: Array
+  w: Array
+  local: Array
+  ids: Array  # [n] global target ids of the flattened tokens
+  offset: Array | int  # this vocabulary slice's first id
+  blocks: tuple[Blocks, Blocks, Blocks]
+  rows: int
+  vocab: int  # this slice's real vocabulary
+
+
+def _operands(states, kernel, targets, layout) -> _Operands:
   x, b, l, e = states.shape
-  v = kernel.shape[1]
-  n = x * b * l
+  n, v = x * b * l, kernel.shape[1]
   blocks, rows, cols = _plan(n, e, v, states.dtype.itemsize)
   ids = jnp.broadcast_to(targets, (x, b, l)).reshape(n)
   local, offset = _local_targets(ids, v, layout)
-  lse, target, best, best_id = forward(
-    _padded(states.reshape(n, e), 0, rows),
-    _padded(kernel, 1, cols),
-    _padded(local, 1, rows),
-    vocab_size=v,
-    blocks=blocks[0],
+  return _Operands(
+    h=_padded(states.reshape(n, e), 0, rows),
+    w=_padded(kernel, 1, cols),
+    local=_padded(local, 1, rows),
+    ids=ids,
+    offset=offset,
+    blocks=blocks,
+    rows=rows,
+    vocab=v,
+  )
+
+
+def _shard_forward(states, kernel, targets, *, layout, interpret):
+  """-> (log-sum-exp, target logit, argmax) [x, b, l] of this device's
+  tokens over the whole vocabulary."""
+  ops = _operands(states, kernel, targets, layout)
+  n = ops.ids.shape[0]
+  outputs = forward(
+    ops.h,
+    ops.w,
+    ops.local,
+    vocab_size=ops.vocab,
+    blocks=ops.blocks[0],
     interpret=interpret,
   )
-  lse, target, best, best_id = (t[0, :n] for t in (lse, target, best, best_id))
-  best_id = best_id + offset
+  lse, target, best, best_id = (t[0, :n] for t in outputs)
+  best_id = best_id + ops.offset
   if layout.vocab:
     top = jax.lax.stop_gradient(jax.lax.pmax(lse, layout.vocab))
     lse = top + jnp.log(jax.lax.psum(jnp.exp(lse - top), layout.vocab))
@@ -467,35 +485,31 @@ def _shard_forward(states, kernel, targets, *, layout, interpret):
     overall = jax.lax.pmax(best, layout.vocab)
     candidate = jnp.where(best == overall, best_id, jnp.inf)
     best_id = jax.lax.pmin(candidate, layout.vocab)
-  correct = (best_id == ids.astype(jnp.float32)).astype(jnp.float32)
-  return tuple(t.reshape(x, b, l) for t in (lse, target, correct))
+  correct = (best_id == ops.ids.astype(jnp.float32)).astype(jnp.float32)
+  return tuple(t.reshape(states.shape[:3]) for t in (lse, target, correct))
 
 
 def _shard_backward(states, kernel, targets, lse, a, c, *, layout, interpret):
   """d states [x, b, l, e] and d kernel [e, v] for dlogits = softmax * a -
   onehot * c, summed over the devices that share them."""
-  x, b, l, e = states.shape
-  v = kernel.shape[1]
-  n = x * b * l
-  blocks, rows, cols = _plan(n, e, v, states.dtype.itemsize)
-  ids = jnp.broadcast_to(targets, (x, b, l)).reshape(n)
-  local, _ = _local_targets(ids, v, layout)
-  per_token = [_padded(t.reshape(1, n), 1, rows) for t in (lse, a, c)]
+  ops = _operands(states, kernel, targets, layout)
+  n = ops.ids.shape[0]
+  per_token = [_padded(t.reshape(1, n), 1, ops.rows) for t in (lse, a, c)]
   dh, dw = backward(
-    _padded(states.reshape(n, e), 0, rows),
-    _padded(kernel, 1, cols),
-    _padded(local, 1, rows),
+    ops.h,
+    ops.w,
+    ops.local,
     *per_token,
-    vocab_size=v,
-    blocks=blocks[1:],
+    vocab_size=ops.vocab,
+    blocks=ops.blocks[1:],
     interpret=interpret,
   )
-  dh, dw = dh[:n], dw[:, :v]
+  dh, dw = dh[:n], dw[:, : ops.vocab]
   if layout.vocab:  # each device saw part of every token's vocabulary
     dh = jax.lax.psum(dh, layout.vocab)
   if layout.batch:  # and part of the tokens for its vocabulary slice
     dw = jax.lax.psum(dw, layout.batch)
-  return dh.reshape(x, b, l, e).astype(states.dtype), dw.astype(kernel.dtype)
+  return dh.reshape(states.shape).astype(states.dtype), dw.astype(kernel.dtype)
 
 
 def _on_mesh(fn, layout: Layout, in_specs, out_specs):
@@ -535,10 +549,9 @@ def _sharded_backward(states, kernel, targets, lse, a, c, layout, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _token_losses(states, kernel, targets, z_loss, layout, interpret):
-  lse, target, correct = _sharded_forward(
-    states, kernel, targets, layout, interpret
-  )
-  return lse - target, z_loss * jnp.square(lse), correct
+  return _token_losses_fwd(states, kernel, targets, z_loss, layout, interpret)[
+    0
+  ]
 
 
 def _token_losses_fwd(states, kernel, targets, z_loss, layout, interpret):
